@@ -1,0 +1,1 @@
+"""HTTP routes (aiohttp): thin handlers over services; errors translated by one middleware."""

@@ -1,0 +1,77 @@
+"""Admin routes: sync jobs and index statistics (role ``admin``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from imaging_gateway.api.keys import INDEX, PRINCIPAL, SYNC
+from imaging_gateway.errors import InvalidRequest
+from imaging_gateway.security.principals import Principal
+
+routes = web.RouteTableDef()
+
+
+def _admin(request: web.Request) -> Principal:
+    principal: Principal = request[PRINCIPAL]
+    principal.require("admin")
+    return principal
+
+
+def _job_json(request: web.Request, job: Any) -> dict[str, Any]:
+    body: dict[str, Any] = job.as_json()
+    live = request.app[SYNC].progress(job.id)
+    if live is not None and job.status == "running":
+        body.update(live.as_json())
+    return body
+
+
+@routes.post("/admin/sync-jobs")
+async def create_sync_job(request: web.Request) -> web.Response:
+    """Start a sync job: ``{"store": NAME, "mode": "incremental"|"full", "restart": false}``."""
+    _admin(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("store"), str):
+        raise InvalidRequest('body must be {"store": NAME, "mode": "incremental"|"full"}')
+    mode = body.get("mode", "incremental")
+    if mode not in ("incremental", "full"):
+        raise InvalidRequest("mode must be incremental or full")
+    restart = body.get("restart", False)
+    if not isinstance(restart, bool):
+        raise InvalidRequest("restart must be true or false")
+    job = await request.app[SYNC].start(body["store"], mode=mode, restart=restart)
+    return web.json_response(
+        _job_json(request, job), status=202, headers={"Location": f"/admin/sync-jobs/{job.id}"}
+    )
+
+
+@routes.get("/admin/sync-jobs")
+async def list_sync_jobs(request: web.Request) -> web.Response:
+    _admin(request)
+    store = request.query.get("store")
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be between 1 and 1000")
+    jobs = await request.app[INDEX].list_jobs(store=store, limit=limit)
+    return web.json_response([_job_json(request, j) for j in jobs])
+
+
+@routes.get("/admin/sync-jobs/{job_id}")
+async def get_sync_job(request: web.Request) -> web.Response:
+    _admin(request)
+    job = await request.app[INDEX].get_job(request.match_info["job_id"])
+    return web.json_response(_job_json(request, job))
+
+
+@routes.get("/admin/index/stats")
+async def index_stats(request: web.Request) -> web.Response:
+    _admin(request)
+    return web.json_response(await request.app[INDEX].stats())

@@ -1,0 +1,21 @@
+"""Typed application keys for every resource the app holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.principals import Principal
+from imaging_gateway.security.tokens import TokenAuthority
+from imaging_gateway.settings import Settings
+from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.sync.manager import SyncManager
+
+SETTINGS = web.AppKey("settings", Settings)
+INDEX = web.AppKey("index", SqlIndex)
+STORES = web.AppKey("stores", dict[str, ObjectStore])
+TOKENS = web.AppKey("tokens", TokenAuthority)
+SYNC = web.AppKey("sync", SyncManager)
+PRINCIPAL = "principal"  # request-scoped: request[PRINCIPAL] -> Principal
+
+__all__ = ["INDEX", "PRINCIPAL", "SETTINGS", "STORES", "SYNC", "TOKENS", "Principal"]

@@ -1,0 +1,67 @@
+"""create_app(settings): the only place the aiohttp application is built."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from imaging_gateway.api import admin
+from imaging_gateway.api.keys import INDEX, SETTINGS, STORES, SYNC, TOKENS
+from imaging_gateway.api.middlewares import auth_middleware, error_middleware
+from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
+from imaging_gateway.settings import Settings
+from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.storage.factory import open_store
+from imaging_gateway.sync.manager import SyncManager
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness and index reachability; the only route without a token."""
+    await request.app[INDEX].stats()
+    return web.json_response({"status": "ok", "province": request.app[SETTINGS].gateway.province})
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway application; resources open and close with it (cleanup_ctx)."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_tokens_ctx)
+    app.cleanup_ctx.append(_index_ctx)
+    app.cleanup_ctx.append(_stores_ctx)
+    app.cleanup_ctx.append(_sync_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_routes(admin.routes)
+    return app
+
+
+async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    key = load_or_create_signing_key(s.security.token_key_file)
+    app[TOKENS] = TokenAuthority(
+        key, province=s.gateway.province, max_ttl_s=s.security.token_max_ttl_s
+    )
+    yield
+
+
+async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
+    index = await SqlIndex.open(app[SETTINGS].index)
+    app[INDEX] = index
+    yield
+    await index.close()
+
+
+async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    stores: dict[str, ObjectStore] = {s.name: open_store(s) for s in app[SETTINGS].stores}
+    app[STORES] = stores
+    yield
+    for store in stores.values():
+        await store.close()
+
+
+async def _sync_ctx(app: web.Application) -> AsyncIterator[None]:
+    manager = SyncManager(app[SETTINGS], app[INDEX], app[STORES])
+    app[SYNC] = manager
+    yield
+    await manager.close()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the study index, run by ``SqlIndex.open``."""

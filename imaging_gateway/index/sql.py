@@ -1,0 +1,643 @@
+"""SqlIndex: the study index on SQLite (aiosqlite) or PostgreSQL (asyncpg) through SQLAlchemy Core.
+
+One code path serves both databases; the only dialect-specific piece is the
+``INSERT .. ON CONFLICT`` construct, which both dialects spell the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from imaging_gateway.domain.records import ParsedHeader
+from imaging_gateway.errors import IndexUnavailable, NotFound
+from imaging_gateway.index.schema import (
+    conflicts,
+    instances,
+    patients,
+    quarantine,
+    series,
+    studies,
+    sync_jobs,
+    tombstones,
+)
+from imaging_gateway.settings import IndexSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class KnownObject:
+    """What the index holds for one (store, key): an instance or a quarantine entry."""
+
+    etag: str
+    size: int
+    quarantined: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedObject:
+    """One object whose header was read and parsed, ready to upsert."""
+
+    key: str
+    etag: str
+    size: int
+    last_modified: datetime
+    header: ParsedHeader
+    header_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedObject:
+    """One object that could not be indexed, with the reason (no patient data in it)."""
+
+    key: str
+    etag: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncJob:
+    """A sync job row: its checkpoint (``cursor``) and counters."""
+
+    id: str
+    store: str
+    mode: str
+    status: str
+    cursor: str | None
+    counters: dict[str, int]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "store": self.store,
+            "mode": self.mode,
+            "status": self.status,
+            "cursor": self.cursor,
+            "counters": self.counters,
+            "error": self.error,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+JOB_OPEN_STATES = ("running", "interrupted", "failed")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def async_url(url: str, password: str | None) -> URL:
+    """Map the configured URL to the async driver's URL."""
+    u = make_url(url)
+    if u.drivername == "sqlite":
+        u = u.set(drivername="sqlite+aiosqlite")
+    elif u.drivername in {"postgresql", "postgres"}:
+        u = u.set(drivername="postgresql+asyncpg")
+    if password is not None:
+        u = u.set(password=password)
+    return u
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class SqlIndex:
+    """The study index. Open with ``await SqlIndex.open(settings)``; close with ``close()``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    @classmethod
+    async def open(cls, settings: IndexSettings, *, migrate: bool = True) -> SqlIndex:
+        """Connect and bring the schema to the newest migration.
+
+        Raises ``IndexUnavailable`` when the database cannot be reached.
+        """
+        url = async_url(settings.url, settings.password)
+        kwargs: dict[str, Any] = {"echo": settings.echo}
+        if url.drivername.startswith("sqlite"):
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        engine = create_async_engine(url, **kwargs)
+        if url.drivername.startswith("sqlite"):
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        index = cls(engine)
+        try:
+            if migrate:
+                await index.migrate()
+            else:
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            await engine.dispose()
+            where = url.render_as_string(hide_password=True)
+            raise IndexUnavailable(f"index database {where} unreachable: {exc.__class__.__name__}") from exc
+        return index
+
+    async def migrate(self) -> None:
+        """Run Alembic migrations up to head on one connection."""
+
+        def run(sync_conn: Connection) -> None:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(run)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ sync support
+
+    async def known_objects(
+        self, store: str, *, after: str | None, upto: str | None
+    ) -> dict[str, KnownObject]:
+        """Instances and quarantine entries of ``store`` with after < key <= upto (None = open)."""
+        out: dict[str, KnownObject] = {}
+        async with self.engine.connect() as conn:
+            for table, quarantined in ((instances, False), (quarantine, True)):
+                q = sa.select(table.c.key, table.c.etag, table.c.size).where(table.c.store == store)
+                if after is not None:
+                    q = q.where(table.c.key > after)
+                if upto is not None:
+                    q = q.where(table.c.key <= upto)
+                for key, etag, size in (await conn.execute(q)).all():
+                    out[key] = KnownObject(etag=etag, size=size, quarantined=quarantined)
+        return out
+
+    async def count_objects(self, store: str) -> int:
+        """Instances plus quarantined objects of one store (the size of its last listing)."""
+        async with self.engine.connect() as conn:
+            n = 0
+            for table in (instances, quarantine):
+                q = sa.select(sa.func.count()).select_from(table).where(table.c.store == store)
+                n += int((await conn.execute(q)).scalar_one())
+            return n
+
+    async def apply_page(
+        self,
+        *,
+        store: str,
+        province: str,
+        job_id: str,
+        indexed: Sequence[IndexedObject],
+        quarantined: Sequence[QuarantinedObject],
+        deleted: Sequence[str],
+        cursor: str | None,
+        counters: dict[str, int],
+    ) -> int:
+        """Apply one listing page and move the job's checkpoint, in one transaction.
+
+        Either everything of the page lands, with the cursor, or nothing does: a job
+        killed at any point resumes from the last page that landed.
+        Returns the number of SOPInstanceUID conflicts newly recorded.
+        """
+        now = _now()
+        async with self.engine.begin() as conn:
+            touched_series: set[int] = set()
+            gone = [*deleted, *(q.key for q in quarantined)]
+            if gone:
+                touched_series |= await self._remove_instances(
+                    conn, store, gone, tombstone_keys=set(deleted), job_id=job_id, now=now
+                )
+            if quarantined:
+                await self._quarantine(conn, store, quarantined, now)
+            if deleted:
+                await conn.execute(
+                    quarantine.delete().where(
+                        quarantine.c.store == store, quarantine.c.key.in_(list(deleted))
+                    )
+                )
+            new_conflicts = 0
+            if indexed:
+                touched_series |= await self._upsert(conn, store, province, indexed, now)
+                new_conflicts = await self._record_conflicts(conn, store, indexed, now)
+            await self._drop_orphans(conn, touched_series)
+            await conn.execute(
+                sync_jobs.update()
+                .where(sync_jobs.c.id == job_id)
+                .values(cursor=cursor, counters=json.dumps(counters), updated_at=now)
+            )
+        return new_conflicts
+
+    async def _remove_instances(
+        self,
+        conn: AsyncConnection,
+        store: str,
+        keys: list[str],
+        *,
+        tombstone_keys: set[str],
+        job_id: str,
+        now: datetime,
+    ) -> set[int]:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    instances.c.key, instances.c.etag, instances.c.SOPInstanceUID, instances.c.series_id
+                ).where(instances.c.store == store, instances.c.key.in_(keys))
+            )
+        ).all()
+        if not rows:
+            return set()
+        stones = [
+            {"store": store, "key": k, "etag": e, "SOPInstanceUID": sop, "job_id": job_id, "deleted_at": now}
+            for k, e, sop, _ in rows
+            if k in tombstone_keys
+        ]
+        if stones:
+            await conn.execute(tombstones.insert(), stones)
+        found = [r[0] for r in rows]
+        await conn.execute(
+            instances.delete().where(instances.c.store == store, instances.c.key.in_(found))
+        )
+        await self._forget_conflicts(conn, store, found)
+        return {r[3] for r in rows}
+
+    async def _forget_conflicts(self, conn: AsyncConnection, store: str, keys: list[str]) -> None:
+        await conn.execute(
+            conflicts.delete().where(
+                sa.or_(
+                    sa.and_(conflicts.c.store == store, conflicts.c.key.in_(keys)),
+                    sa.and_(conflicts.c.other_store == store, conflicts.c.other_key.in_(keys)),
+                )
+            )
+        )
+
+    async def _quarantine(
+        self, conn: AsyncConnection, store: str, items: Sequence[QuarantinedObject], now: datetime
+    ) -> None:
+        stmt = self._insert(quarantine)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[quarantine.c.store, quarantine.c.key],
+            set_={
+                "etag": stmt.excluded.etag,
+                "size": stmt.excluded.size,
+                "reason": stmt.excluded.reason,
+                "last_seen": stmt.excluded.last_seen,
+            },
+        )
+        await conn.execute(
+            stmt,
+            [
+                {"store": store, "key": q.key, "etag": q.etag, "size": q.size, "reason": q.reason,
+                 "first_seen": now, "last_seen": now}
+                for q in items
+            ],
+        )
+
+    async def _upsert_rows(
+        self,
+        conn: AsyncConnection,
+        table: sa.Table,
+        natural_key: str,
+        rows: dict[str, dict[str, Any]],
+        *,
+        keep: Iterable[str] = (),
+    ) -> dict[str, int]:
+        """Upsert rows by their natural key; newer non-null values win. Returns key -> id."""
+        if not rows:
+            return {}
+        stmt = self._insert(table)
+        cols = [c for c in next(iter(rows.values())) if c != natural_key]
+        set_ = {
+            c: (stmt.excluded[c] if c in keep else sa.func.coalesce(stmt.excluded[c], table.c[c]))
+            for c in cols
+        }
+        stmt = stmt.on_conflict_do_update(index_elements=[table.c[natural_key]], set_=set_)
+        ordered = [rows[k] for k in sorted(rows)]
+        await conn.execute(stmt, ordered)
+        ids: dict[str, int] = {}
+        keys = sorted(rows)
+        for start in range(0, len(keys), 900):
+            chunk = keys[start : start + 900]
+            q = sa.select(table.c[natural_key], table.c.id).where(table.c[natural_key].in_(chunk))
+            ids.update({k: i for k, i in (await conn.execute(q)).all()})
+        return ids
+
+    async def _upsert(
+        self,
+        conn: AsyncConnection,
+        store: str,
+        province: str,
+        items: Sequence[IndexedObject],
+        now: datetime,
+    ) -> set[int]:
+        keys = [o.key for o in items]
+        old_series = {
+            r[0]
+            for r in (
+                await conn.execute(
+                    sa.select(instances.c.series_id).where(
+                        instances.c.store == store, instances.c.key.in_(keys)
+                    )
+                )
+            ).all()
+        }
+        await conn.execute(
+            quarantine.delete().where(quarantine.c.store == store, quarantine.c.key.in_(keys))
+        )
+        # Later objects (in key order) win for attributes that differ: deterministic
+        # whatever the order the header reads completed in, and on resume.
+        pat_rows: dict[str, dict[str, Any]] = {}
+        study_rows: dict[str, dict[str, Any]] = {}
+        series_rows: dict[str, dict[str, Any]] = {}
+        pkey_of: dict[str, str] = {}
+        for o in sorted(items, key=lambda o: o.key):
+            h = o.header
+            p = h.patient
+            scope = p.IssuerOfPatientID or h.study.institution_code or f"store:{store}"
+            pkey = f"{scope}|{p.PatientID}"
+            pkey_of[o.key] = pkey
+            pat_rows[pkey] = {
+                "patient_key": pkey,
+                "PatientID": p.PatientID,
+                "IssuerOfPatientID": p.IssuerOfPatientID,
+                "PatientName": p.PatientName,
+                "PatientBirthDate": p.PatientBirthDate,
+                "PatientSex": p.PatientSex,
+                "national_id": p.national_id,
+            }
+        patient_ids = await self._upsert_rows(conn, patients, "patient_key", pat_rows)
+        for o in sorted(items, key=lambda o: o.key):
+            s = o.header.study
+            study_rows[s.StudyInstanceUID] = {
+                "StudyInstanceUID": s.StudyInstanceUID,
+                "patient_id": patient_ids[pkey_of[o.key]],
+                "StudyDate": s.StudyDate,
+                "StudyTime": s.StudyTime,
+                "AccessionNumber": s.AccessionNumber,
+                "StudyID": s.StudyID,
+                "StudyDescription": s.StudyDescription,
+                "ReferringPhysicianName": s.ReferringPhysicianName,
+                "InstitutionName": s.InstitutionName,
+                "institution_code": s.institution_code,
+                "province": province,
+            }
+        study_ids = await self._upsert_rows(
+            conn, studies, "StudyInstanceUID", study_rows, keep=("patient_id", "province")
+        )
+        for o in sorted(items, key=lambda o: o.key):
+            se = o.header.series
+            series_rows[se.SeriesInstanceUID] = {
+                "SeriesInstanceUID": se.SeriesInstanceUID,
+                "study_id": study_ids[o.header.study.StudyInstanceUID],
+                "Modality": se.Modality,
+                "SeriesNumber": se.SeriesNumber,
+                "SeriesDescription": se.SeriesDescription,
+                "BodyPartExamined": se.BodyPartExamined,
+                "SeriesDate": se.SeriesDate,
+            }
+        series_ids = await self._upsert_rows(
+            conn, series, "SeriesInstanceUID", series_rows, keep=("study_id",)
+        )
+        stmt = self._insert(instances)
+        inst_rows = []
+        for o in sorted(items, key=lambda o: o.key):
+            i = o.header.instance
+            inst_rows.append(
+                {
+                    "SOPInstanceUID": i.SOPInstanceUID,
+                    "series_id": series_ids[o.header.series.SeriesInstanceUID],
+                    "SOPClassUID": i.SOPClassUID,
+                    "InstanceNumber": i.InstanceNumber,
+                    "TransferSyntaxUID": i.TransferSyntaxUID,
+                    "Rows": i.Rows,
+                    "Columns": i.Columns,
+                    "NumberOfFrames": i.NumberOfFrames,
+                    "SpecificCharacterSet": o.header.SpecificCharacterSet,
+                    "store": store,
+                    "key": o.key,
+                    "etag": o.etag,
+                    "size": o.size,
+                    "last_modified": o.last_modified,
+                    "header_sha256": o.header_sha256,
+                    "header_bytes": o.header.header_bytes,
+                    "province": province,
+                    "indexed_at": now,
+                }
+            )
+        update_cols = [c for c in inst_rows[0] if c not in {"store", "key"}]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[instances.c.store, instances.c.key],
+            set_={c: stmt.excluded[c] for c in update_cols},
+        )
+        await conn.execute(stmt, inst_rows)
+        return old_series - set(series_ids.values())
+
+    async def _record_conflicts(
+        self, conn: AsyncConnection, store: str, items: Sequence[IndexedObject], now: datetime
+    ) -> int:
+        """Record pairs of objects that claim one SOPInstanceUID with different content.
+
+        Same content means the same ETag, or the same size and the same header digest
+        (a replica under another key or in another store); anything else is a conflict.
+        Both objects stay indexed; nothing is overwritten.
+        """
+        keys = [o.key for o in items]
+        await self._forget_conflicts(conn, store, keys)
+        sops = sorted({o.header.instance.SOPInstanceUID for o in items})
+        rows = []
+        for start in range(0, len(sops), 900):
+            q = sa.select(
+                instances.c.SOPInstanceUID,
+                instances.c.store,
+                instances.c.key,
+                instances.c.etag,
+                instances.c.size,
+                instances.c.header_sha256,
+            ).where(instances.c.SOPInstanceUID.in_(sops[start : start + 900]))
+            rows.extend((await conn.execute(q)).all())
+        by_sop: dict[str, list[Any]] = {}
+        for r in rows:
+            by_sop.setdefault(r[0], []).append(r)
+        new: list[dict[str, Any]] = []
+        mine = set(keys)
+        for sop, group in by_sop.items():
+            if len(group) < 2:
+                continue
+            group.sort(key=lambda r: (r[1], r[2]))
+            for a_i, a in enumerate(group):
+                for b in group[a_i + 1 :]:
+                    if not ((a[1] == store and a[2] in mine) or (b[1] == store and b[2] in mine)):
+                        continue
+                    if a[3] == b[3] or (a[4] == b[4] and a[5] == b[5]):
+                        continue
+                    reason = "different-size" if a[4] != b[4] else "different-content"
+                    new.append(
+                        {"SOPInstanceUID": sop, "store": a[1], "key": a[2], "other_store": b[1],
+                         "other_key": b[2], "reason": reason, "detected_at": now}
+                    )
+        if new:
+            stmt = self._insert(conflicts).on_conflict_do_nothing()
+            await conn.execute(stmt, new)
+        return len(new)
+
+    async def _drop_orphans(self, conn: AsyncConnection, series_ids: set[int]) -> None:
+        """Remove series, then studies, then patients left without children."""
+        if not series_ids:
+            return
+        ids = sorted(series_ids)
+        study_ids = {
+            r[0]
+            for r in (
+                await conn.execute(sa.select(series.c.study_id).where(series.c.id.in_(ids)))
+            ).all()
+        }
+        has_inst = sa.select(instances.c.id).where(instances.c.series_id == series.c.id).exists()
+        await conn.execute(series.delete().where(series.c.id.in_(ids), ~has_inst))
+        if not study_ids:
+            return
+        patient_ids = {
+            r[0]
+            for r in (
+                await conn.execute(
+                    sa.select(studies.c.patient_id).where(studies.c.id.in_(sorted(study_ids)))
+                )
+            ).all()
+        }
+        has_series = sa.select(series.c.id).where(series.c.study_id == studies.c.id).exists()
+        await conn.execute(studies.delete().where(studies.c.id.in_(sorted(study_ids)), ~has_series))
+        has_study = sa.select(studies.c.id).where(studies.c.patient_id == patients.c.id).exists()
+        await conn.execute(
+            patients.delete().where(patients.c.id.in_(sorted(patient_ids)), ~has_study)
+        )
+
+    # ------------------------------------------------------------------ jobs
+
+    async def create_job(self, store: str, mode: str) -> SyncJob:
+        now = _now()
+        job_id = str(uuid.uuid4())
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sync_jobs.insert().values(
+                    id=job_id, store=store, mode=mode, status="running", cursor=None,
+                    counters="{}", error=None, created_at=now, updated_at=now, finished_at=None,
+                )
+            )
+        return await self.get_job(job_id)
+
+    async def get_job(self, job_id: str) -> SyncJob:
+        """Raises ``NotFound`` for an unknown id."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(sync_jobs).where(sync_jobs.c.id == job_id))).first()
+        if row is None:
+            raise NotFound("no sync job with this id")
+        return self._job(row)
+
+    async def list_jobs(self, *, store: str | None = None, limit: int = 50) -> list[SyncJob]:
+        q = sa.select(sync_jobs).order_by(sync_jobs.c.created_at.desc()).limit(limit)
+        if store is not None:
+            q = q.where(sync_jobs.c.store == store)
+        async with self.engine.connect() as conn:
+            return [self._job(r) for r in (await conn.execute(q)).all()]
+
+    async def open_job(self, store: str) -> SyncJob | None:
+        """The newest unfinished job of ``store`` (running when killed, interrupted or failed)."""
+        q = (
+            sa.select(sync_jobs)
+            .where(sync_jobs.c.store == store, sync_jobs.c.status.in_(JOB_OPEN_STATES))
+            .order_by(sync_jobs.c.created_at.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+        return None if row is None else self._job(row)
+
+    async def set_job_status(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        counters: dict[str, int] | None = None,
+        error: str | None = None,
+        finished: bool = False,
+    ) -> None:
+        now = _now()
+        values: dict[str, Any] = {"status": status, "updated_at": now, "error": error}
+        if counters is not None:
+            values["counters"] = json.dumps(counters)
+        if finished:
+            values["finished_at"] = now
+        async with self.engine.begin() as conn:
+            await conn.execute(sync_jobs.update().where(sync_jobs.c.id == job_id).values(**values))
+
+    @staticmethod
+    def _job(row: Any) -> SyncJob:
+        m = row._mapping
+        created = _aware(m["created_at"])
+        updated = _aware(m["updated_at"])
+        assert created is not None and updated is not None
+        return SyncJob(
+            id=m["id"],
+            store=m["store"],
+            mode=m["mode"],
+            status=m["status"],
+            cursor=m["cursor"],
+            counters={k: int(v) for k, v in json.loads(m["counters"] or "{}").items()},
+            error=m["error"],
+            created_at=created,
+            updated_at=updated,
+            finished_at=_aware(m["finished_at"]),
+        )
+
+    # ------------------------------------------------------------------ stats
+
+    async def stats(self) -> dict[str, int]:
+        """Counts of patients, studies, series, instances, quarantined, tombstones, conflicts."""
+        tables = {
+            "patients": patients,
+            "studies": studies,
+            "series": series,
+            "instances": instances,
+            "quarantined": quarantine,
+            "tombstones": tombstones,
+            "conflicts": conflicts,
+        }
+        out: dict[str, int] = {}
+        async with self.engine.connect() as conn:
+            for name, table in tables.items():
+                out[name] = int(
+                    (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
+                )
+        return out

@@ -1,0 +1,1 @@
+"""Security: principals and tokens (later: consent, the patient-data gate, crypto, audit)."""

@@ -1,0 +1,114 @@
+"""Bearer tokens: Ed25519-signed JWTs issued and verified by this gateway (PyJWT)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from imaging_gateway.errors import ConfigError, InvalidRequest, Unauthenticated
+from imaging_gateway.security.principals import Principal, validate_claims
+
+ALGORITHM = "EdDSA"
+AUDIENCE = "imaging-gateway"
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Load the gateway's token signing key, creating it (mode 0600) on first use.
+
+    Raises ``ConfigError`` if the file exists but is not an Ed25519 private key.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        return key
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError("security.token_key_file", "expected a PEM Ed25519 private key") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ConfigError("security.token_key_file", "expected a PEM Ed25519 private key")
+    return loaded
+
+
+class TokenAuthority:
+    """Issues and verifies this gateway's bearer tokens."""
+
+    def __init__(self, key: Ed25519PrivateKey, *, province: str, max_ttl_s: int) -> None:
+        self._key = key
+        self._public: Ed25519PublicKey = key.public_key()
+        self.province = province
+        self.issuer = f"imaging-gateway:{province}"
+        self.max_ttl_s = max_ttl_s
+
+    def issue(
+        self,
+        *,
+        subject: str,
+        role: str,
+        hospital: str | None = None,
+        ttl_s: int = 24 * 3600,
+        now: datetime | None = None,
+    ) -> str:
+        """A signed token for ``subject`` with ``role``; raises ``InvalidRequest`` on bad claims."""
+        checked = validate_claims(role, hospital)
+        if not 0 < ttl_s <= self.max_ttl_s:
+            raise InvalidRequest(f"ttl must be between 1 s and {self.max_ttl_s} s")
+        if not subject or len(subject) > 200:
+            raise InvalidRequest("subject must be 1-200 characters")
+        issued = now or datetime.now(UTC)
+        claims: dict[str, object] = {
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "sub": subject,
+            "role": checked,
+            "prov": self.province,
+            "iat": issued,
+            "nbf": issued - timedelta(seconds=30),
+            "exp": issued + timedelta(seconds=ttl_s),
+            "jti": str(uuid.uuid4()),
+        }
+        if hospital is not None:
+            claims["hosp"] = hospital
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token stands for; raises ``Unauthenticated`` if it is not valid."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._public,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                issuer=self.issuer,
+                options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
+                leeway=30,
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("invalid token") from None
+        try:
+            role = validate_claims(str(claims.get("role")), claims.get("hosp"))
+        except InvalidRequest:
+            raise Unauthenticated("invalid token") from None
+        return Principal(
+            subject=str(claims["sub"]),
+            role=role,
+            province=str(claims.get("prov", "")),
+            token_id=str(claims["jti"]),
+            hospital=claims.get("hosp"),
+        )

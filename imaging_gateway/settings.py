@@ -1,0 +1,392 @@
+"""Settings: one TOML file plus ``IMAGING_GATEWAY_*`` variables -> frozen, validated Settings.
+
+This is the only module that reads ``os.environ``; everything else receives Settings.
+Every error names the key and what was expected, in one line (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from imaging_gateway.errors import ConfigError
+
+ENV_PREFIX = "IMAGING_GATEWAY_"
+StoreKind = Literal["s3", "minio", "fs"]
+STORE_KINDS: tuple[str, ...] = ("s3", "minio", "fs")
+
+# Keys that would hold a secret in the file itself. The file names environment
+# variables instead (``*_env``), so a leaked config file leaks nothing.
+_SECRET_KEYS = frozenset(
+    {"access_key", "secret_key", "secret", "password", "token", "session_token", "signing_key"}
+)
+# GB/T 2260 province-level codes: two digits of province followed by 0000.
+_PROVINCES = frozenset(
+    {
+        "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36",
+        "37", "41", "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62",
+        "63", "64", "65", "71", "81", "82",
+    }
+)
+_STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HOSPITAL_CODE = re.compile(r"^H\d{11}$")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    province: str
+    name: str
+    listen_host: str
+    listen_port: int
+    data_dir: Path
+    national_id_issuers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSettings:
+    url: str
+    """``sqlite:///path`` or ``postgresql://user@host:port/db`` (no password in the URL)."""
+    password: str | None = field(default=None, repr=False)
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    name: str
+    kind: StoreKind
+    bucket: str = ""
+    prefix: str = ""
+    endpoint: str = ""
+    region: str = "us-east-1"
+    path: Path | None = None
+    """Root directory, for ``kind = "fs"``."""
+    hospital: str | None = None
+    """Institution code of the hospital whose objects this store holds, if only one."""
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    verify_tls: bool = True
+    max_connections: int = 64
+    retries: int = 5
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    page_size: int = 1000
+    concurrency: int = 32
+    header_read_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    token_key_file: Path
+    token_max_ttl_s: int = 90 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    gateway: GatewaySettings
+    index: IndexSettings
+    stores: tuple[StoreSettings, ...]
+    sync: SyncSettings
+    security: SecuritySettings
+
+    def store(self, name: str) -> StoreSettings:
+        """The store called ``name``; ``ConfigError`` naming the known ones otherwise."""
+        for s in self.stores:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.stores) or "none configured"
+        raise ConfigError("stores", f"no store named {name!r} (known: {known})")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_settings(
+    path: Path | None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read ``path`` (or the embedded defaults when None), apply env overrides, validate.
+
+    Raises ``ConfigError`` naming the first wrong or missing key.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any]
+    if path is None:
+        raw = {}
+    else:
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"is not valid TOML ({exc})") from None
+    raw = _apply_env(raw, env)
+    base_dir = path.parent if path is not None else Path.cwd()
+    return _build(raw, env, base_dir)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """``IMAGING_GATEWAY_<SECTION>__<KEY>`` and ``IMAGING_GATEWAY_STORES__<NAME>__<KEY>``."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    stores = [dict(s) if isinstance(s, dict) else s for s in raw.get("stores", [])]
+    if stores:
+        out["stores"] = stores
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] == "stores" and len(parts) == 3:
+            wanted = parts[1].replace("_", "-")
+            for s in stores:
+                if isinstance(s, dict) and str(s.get("name", "")).replace("_", "-") == wanted:
+                    s[parts[2]] = value
+                    break
+            else:
+                raise ConfigError(name, "names a store that is not in the config file")
+        elif len(parts) == 2 and parts[0] in {"gateway", "index", "sync", "security"}:
+            section = out.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(parts[0], "expected a table")
+            section[parts[1]] = value
+        else:
+            raise ConfigError(name, "expected IMAGING_GATEWAY_<SECTION>__<KEY> for a known section")
+    return out
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, where: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(where, "expected a table")
+        self.where = where
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        return self.table.get(key, default)
+
+    def str_(self, key: str, default: str | None = None) -> str:
+        v = self.get(key, default)
+        if v is None:
+            raise ConfigError(self._key(key), "missing; expected a string")
+        if not isinstance(v, str):
+            raise ConfigError(self._key(key), f"expected a string, got {type(v).__name__}")
+        return v
+
+    def opt_str(self, key: str) -> str | None:
+        v = self.get(key, None)
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str):
+            raise ConfigError(self._key(key), f"expected a string, got {type(v).__name__}")
+        return v
+
+    def int_(self, key: str, default: int, *, minimum: int = 0, maximum: int = 1 << 40) -> int:
+        v = self.get(key, default)
+        if isinstance(v, str):
+            try:
+                v = int(v)
+            except ValueError:
+                raise ConfigError(self._key(key), f"expected an integer, got {v!r}") from None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(self._key(key), f"expected an integer, got {type(v).__name__}")
+        if not minimum <= v <= maximum:
+            raise ConfigError(self._key(key), f"expected an integer in [{minimum}, {maximum}]")
+        return v
+
+    def float_(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        v = self.get(key, default)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(self._key(key), f"expected a number, got {v!r}") from None
+        if f < minimum:
+            raise ConfigError(self._key(key), f"expected a number >= {minimum}")
+        return f
+
+    def bool_(self, key: str, default: bool) -> bool:
+        v = self.get(key, default)
+        if isinstance(v, str) and v.lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return v.lower() in {"true", "1", "yes"}
+        if not isinstance(v, bool):
+            raise ConfigError(self._key(key), f"expected true or false, got {v!r}")
+        return v
+
+    def str_list(self, key: str, default: list[str]) -> tuple[str, ...]:
+        v = self.get(key, default)
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(self._key(key), "expected a list of strings")
+        return tuple(v)
+
+    def secret_from_env(self, key: str, env: Mapping[str, str]) -> str | None:
+        """Resolve ``<key>_env``: the *name* of the variable holding the secret."""
+        var = self.opt_str(f"{key}_env")
+        if var is None:
+            return None
+        value = env.get(var)
+        if not value:
+            raise ConfigError(self._key(f"{key}_env"), f"environment variable {var} is not set")
+        return value
+
+    def finish(self) -> None:
+        for key in self.table:
+            if key in _SECRET_KEYS:
+                raise ConfigError(
+                    self._key(key),
+                    f"a literal secret is refused; set {key}_env to the name of an "
+                    "environment variable that holds it",
+                )
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(self._key(unknown[0]), "unknown key")
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
+    unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown section (expected gateway, index, stores, sync, security)")
+
+    g = _Section("gateway", raw.get("gateway", {}))
+    province = g.str_("province", "110000")
+    if not (re.fullmatch(r"\d{6}", province) and province.endswith("0000")
+            and province[:2] in _PROVINCES):
+        raise ConfigError(
+            "gateway.province", "expected a GB/T 2260 province-level code such as 110000"
+        )
+    listen = g.str_("listen", "127.0.0.1:8080")
+    host, _, port_s = listen.rpartition(":")
+    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError("gateway.listen", f"expected host:port, got {listen!r}")
+    data_dir = _path(base, g.str_("data_dir", "data"))
+    gateway = GatewaySettings(
+        province=province,
+        name=g.str_("name", f"imaging-gateway {province}"),
+        listen_host=host.strip("[]"),
+        listen_port=int(port_s),
+        data_dir=data_dir,
+        national_id_issuers=g.str_list("national_id_issuers", ["CN-RESIDENT-ID"]),
+    )
+    g.finish()
+
+    i = _Section("index", raw.get("index", {}))
+    url = i.str_("url", f"sqlite:///{data_dir / 'index.sqlite3'}")
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if not url.startswith("sqlite:///"):
+            raise ConfigError("index.url", "expected sqlite:///PATH")
+        db_path = url[len("sqlite:///") :]
+        if db_path != ":memory:":
+            url = f"sqlite:///{_path(base, db_path)}"
+    elif parts.scheme in {"postgresql", "postgres"}:
+        if parts.password:
+            raise ConfigError(
+                "index.url", "a password in the URL is refused; set index.password_env instead"
+            )
+    else:
+        raise ConfigError("index.url", f"expected sqlite:///... or postgresql://..., got {url!r}")
+    index = IndexSettings(
+        url=url, password=i.secret_from_env("password", env), echo=i.bool_("echo", False)
+    )
+    i.finish()
+
+    stores_raw = raw.get("stores", [])
+    if not isinstance(stores_raw, list):
+        raise ConfigError("stores", "expected an array of tables ([[stores]])")
+    stores: list[StoreSettings] = []
+    for n, table in enumerate(stores_raw):
+        stores.append(_store(f"stores[{n}]", table, env, base))
+    names = [s.name for s in stores]
+    for n, name in enumerate(names):
+        if name in names[:n]:
+            raise ConfigError(f"stores[{n}].name", f"duplicate store name {name!r}")
+
+    y = _Section("sync", raw.get("sync", {}))
+    sync = SyncSettings(
+        page_size=y.int_("page_size", 1000, minimum=1, maximum=1000),
+        concurrency=y.int_("concurrency", 32, minimum=1, maximum=1024),
+        header_read_bytes=y.int_("header_read_bytes", 64 * 1024, minimum=1024),
+        max_header_bytes=y.int_("max_header_bytes", 16 * 1024 * 1024, minimum=1024),
+    )
+    y.finish()
+
+    s = _Section("security", raw.get("security", {}))
+    security = SecuritySettings(
+        token_key_file=_path(
+            base, s.str_("token_key_file", str(data_dir / "keys" / "token-signing.pem"))
+        ),
+        token_max_ttl_s=s.int_("token_max_ttl_s", 90 * 24 * 3600, minimum=60),
+    )
+    s.finish()
+    return Settings(gateway, index, tuple(stores), sync, security)
+
+
+def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreSettings:
+    t = _Section(where, table)
+    name = t.str_("name")
+    if not _STORE_NAME.match(name):
+        raise ConfigError(f"{where}.name", "expected lowercase letters, digits, '-' or '_'")
+    kind = t.str_("kind")
+    if kind not in STORE_KINDS:
+        raise ConfigError(f"{where}.kind", f"expected one of {', '.join(STORE_KINDS)}, got {kind!r}")
+    hospital = t.opt_str("hospital")
+    if hospital is not None and not _HOSPITAL_CODE.match(hospital):
+        raise ConfigError(f"{where}.hospital", "expected an institution code such as H11010800028")
+    prefix = t.str_("prefix", "")
+    if prefix.startswith("/"):
+        raise ConfigError(f"{where}.prefix", "expected a key prefix without a leading '/'")
+    common: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "prefix": prefix,
+        "hospital": hospital,
+        "retries": t.int_("retries", 5, minimum=0, maximum=20),
+        "timeout_s": t.float_("timeout_s", 30.0, minimum=0.1),
+        "max_connections": t.int_("max_connections", 64, minimum=1, maximum=4096),
+    }
+    if kind == "fs":
+        store = StoreSettings(**common, path=_path(base, t.str_("path")))
+    else:
+        endpoint = t.str_("endpoint")
+        ep = urlsplit(endpoint)
+        if ep.scheme not in {"http", "https"} or not ep.hostname:
+            raise ConfigError(f"{where}.endpoint", f"expected http(s)://host[:port], got {endpoint!r}")
+        if ep.username or ep.password:
+            raise ConfigError(f"{where}.endpoint", "credentials in the URL are refused; use *_env keys")
+        bucket = t.str_("bucket")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ConfigError(f"{where}.bucket", "expected an S3 bucket name (3-63 of a-z 0-9 . -)")
+        store = StoreSettings(
+            **common,
+            endpoint=endpoint.rstrip("/"),
+            bucket=bucket,
+            region=t.str_("region", "us-east-1"),
+            verify_tls=t.bool_("verify_tls", True),
+            access_key=t.secret_from_env("access_key", env),
+            secret_key=t.secret_from_env("secret_key", env),
+        )
+        if (store.access_key is None) != (store.secret_key is None):
+            raise ConfigError(f"{where}.secret_key_env", "set both access_key_env and secret_key_env, or neither")
+    t.finish()
+    return store

@@ -1,0 +1,240 @@
+"""SyncRunner: one sync job of one store, resumable from its last committed page."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from imaging_gateway.errors import Conflict, GatewayError, ObjectNotFound
+from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex, SyncJob
+from imaging_gateway.settings import Settings
+from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
+from imaging_gateway.sync.headers import read_header
+
+log = logging.getLogger(__name__)
+
+SyncMode = Literal["incremental", "full"]
+COUNTERS = ("listed", "indexed", "unchanged", "quarantined", "deleted", "conflicts", "bytes_read")
+
+
+@dataclass(slots=True)
+class Progress:
+    """Live progress of a running job, for the CLI bar and the admin API."""
+
+    job_id: str
+    store: str
+    mode: str
+    counters: dict[str, int]
+    expected: int | None
+    """Objects the store held at the last sync (an estimate of the listing's length)."""
+    started: float = field(default_factory=time.monotonic)
+    start_listed: int = 0
+    done: bool = False
+
+    def rate(self) -> float:
+        """Objects listed per second in this run."""
+        elapsed = time.monotonic() - self.started
+        n = self.counters.get("listed", 0) - self.start_listed
+        return n / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        rate = self.rate()
+        if self.expected is None or rate <= 0:
+            return None
+        return max(0.0, (self.expected - self.counters.get("listed", 0)) / rate)
+
+    def as_json(self) -> dict[str, object]:
+        eta = self.eta_s()
+        return {
+            "counters": dict(self.counters),
+            "expected": self.expected,
+            "rate_per_s": round(self.rate(), 1),
+            "eta_s": None if eta is None else round(eta, 1),
+        }
+
+
+class StoreLock:
+    """An exclusive per-store lock file; the OS releases it if the process dies."""
+
+    def __init__(self, data_dir: Path, store: str) -> None:
+        self.path = data_dir / "locks" / f"sync-{store}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises ``Conflict`` when another process or task holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict("a sync job for this store is already running") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class SyncRunner:
+    """Runs sync jobs for one store against one index."""
+
+    def __init__(self, settings: Settings, index: SqlIndex, store: ObjectStore) -> None:
+        self.settings = settings
+        self.index = index
+        self.store = store
+        self.progress: Progress | None = None
+
+    async def start(self, *, mode: SyncMode = "incremental", restart: bool = False) -> SyncJob:
+        """Claim the store and create (or pick up) the job to run; does not run it yet.
+
+        An unfinished job of the store (killed, interrupted or failed) is resumed from its
+        checkpoint unless ``restart``, which abandons it. Raises ``Conflict`` when a
+        job of this store is running now.
+        """
+        self._lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
+        self._lock.acquire()
+        try:
+            job = await self.index.open_job(self.store.name)
+            if job is not None and restart:
+                await self.index.set_job_status(job.id, "abandoned", finished=True)
+                job = None
+            if job is None:
+                job = await self.index.create_job(self.store.name, mode)
+            else:
+                await self.index.set_job_status(job.id, "running")
+            expected = await self.index.count_objects(self.store.name)
+        except BaseException:
+            self._lock.release()
+            raise
+        counters = {k: job.counters.get(k, 0) for k in COUNTERS}
+        self.progress = Progress(
+            job.id, self.store.name, job.mode, counters, expected or None,
+            start_listed=counters["listed"],
+        )
+        self._job = job
+        return job
+
+    async def run(self) -> SyncJob:
+        """Run the started job to the end of the listing.
+
+        Raises ``StoreUnavailable`` (job marked failed, index as of the last checkpoint)
+        and propagates cancellation (job marked interrupted).
+        """
+        job = self._job
+        assert self.progress is not None
+        try:
+            await self._run(job, self.progress)
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self.index.set_job_status(job.id, "interrupted", error="interrupted")
+            )
+            raise
+        except GatewayError as exc:
+            await self.index.set_job_status(job.id, "failed", error=exc.message)
+            raise
+        except Exception as exc:
+            await self.index.set_job_status(
+                job.id, "failed", error=f"internal error: {exc.__class__.__name__}"
+            )
+            raise
+        finally:
+            self.progress.done = True
+            self._lock.release()
+        await self.index.set_job_status(
+            job.id, "succeeded", counters=self.progress.counters, finished=True
+        )
+        return await self.index.get_job(job.id)
+
+    async def _run(self, job: SyncJob, progress: Progress) -> None:
+        cfg = self.settings.sync
+        counters = progress.counters
+        cursor = job.cursor
+        full = job.mode == "full"
+        sem = asyncio.Semaphore(cfg.concurrency)
+        issuers = self.settings.gateway.national_id_issuers
+
+        async def read_one(info: ObjectInfo) -> IndexedObject | QuarantinedObject | None:
+            async with sem:
+                try:
+                    outcome, n = await read_header(
+                        self.store,
+                        info,
+                        first_read=cfg.header_read_bytes,
+                        max_header=cfg.max_header_bytes,
+                        national_id_issuers=issuers,
+                    )
+                except ObjectNotFound:
+                    return None  # deleted between listing and read
+            counters["bytes_read"] += n
+            if isinstance(outcome, QuarantinedObject):
+                counters["quarantined"] += 1
+            else:
+                counters["indexed"] += 1
+            return outcome
+
+        next_page: asyncio.Task[ListPage] | None = asyncio.create_task(
+            self.store.list_page(start_after=cursor, limit=cfg.page_size)
+        )
+        pending_write: asyncio.Task[int] | None = None
+        try:
+            while next_page is not None:
+                page = await next_page
+                last = page.objects[-1].key if page.objects else cursor
+                # Prefetch the next listing page while this one's headers are read.
+                next_page = (
+                    asyncio.create_task(self.store.list_page(start_after=last, limit=cfg.page_size))
+                    if page.is_truncated and page.objects
+                    else None
+                )
+                upto = last if next_page is not None else None
+                known = await self.index.known_objects(self.store.name, after=cursor, upto=upto)
+                listed = {o.key for o in page.objects}
+                deleted = sorted(k for k in known if k not in listed)
+                to_read: list[ObjectInfo] = []
+                for info in page.objects:
+                    k = known.get(info.key)
+                    if not full and k is not None and k.etag == info.etag and k.size == info.size:
+                        counters["unchanged"] += 1
+                    else:
+                        to_read.append(info)
+                counters["listed"] += len(page.objects)
+                outcomes = await asyncio.gather(*(read_one(i) for i in to_read))
+                indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
+                quarantined = [o for o in outcomes if isinstance(o, QuarantinedObject)]
+                vanished = [i.key for i, o in zip(to_read, outcomes, strict=True) if o is None]
+                deleted += [k for k in vanished if k in known]
+                counters["deleted"] += len(deleted)
+                if pending_write is not None:
+                    counters["conflicts"] += await pending_write
+                # The page lands with its checkpoint in one transaction; the next page's
+                # reads overlap with this write.
+                pending_write = asyncio.create_task(
+                    self.index.apply_page(
+                        store=self.store.name,
+                        province=self.settings.gateway.province,
+                        job_id=job.id,
+                        indexed=indexed,
+                        quarantined=quarantined,
+                        deleted=sorted(deleted),
+                        cursor=last,
+                        counters=dict(counters),
+                    )
+                )
+                cursor = last
+            if pending_write is not None:
+                counters["conflicts"] += await pending_write
+                pending_write = None
+        finally:
+            for task in (next_page, pending_write):
+                if task is not None and not task.done():
+                    task.cancel()

@@ -1,0 +1,125 @@
+"""Settings: defaults, env overrides, and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imaging_gateway.errors import ConfigError
+from imaging_gateway.settings import load_settings
+
+GOOD = """
+[gateway]
+province = "440000"
+listen = "0.0.0.0:9000"
+data_dir = "/var/lib/ig"
+
+[index]
+url = "postgresql://ig@db:5432/ig"
+password_env = "IG_DB_PASSWORD"
+
+[[stores]]
+name = "gz-pacs"
+kind = "s3"
+endpoint = "https://oss.example.cn"
+bucket = "dicom-archive"
+prefix = "studies/"
+access_key_env = "GZ_KEY"
+secret_key_env = "GZ_SECRET"
+hospital = "H44010600011"
+
+[[stores]]
+name = "local"
+kind = "fs"
+path = "store"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gateway.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_defaults_need_no_file() -> None:
+    s = load_settings(None, environ={})
+    assert s.gateway.province == "110000"
+    assert s.index.url.startswith("sqlite:///")
+    assert s.stores == ()
+
+
+def test_full_file_with_secrets_from_env(tmp_path: Path) -> None:
+    env = {"IG_DB_PASSWORD": "pw", "GZ_KEY": "AK", "GZ_SECRET": "SK"}
+    s = load_settings(write(tmp_path, GOOD), environ=env)
+    gz = s.store("gz-pacs")
+    assert (gz.access_key, gz.secret_key, gz.prefix, gz.hospital) == (
+        "AK", "SK", "studies/", "H44010600011"
+    )
+    assert s.index.password == "pw"
+    assert s.store("local").path == tmp_path / "store"
+    # Secrets never show in a repr (they would end up in logs).
+    assert "SK" not in repr(s) and "pw" not in repr(s.index)
+
+
+def test_env_overrides_keys(tmp_path: Path) -> None:
+    env = {
+        "IG_DB_PASSWORD": "pw", "GZ_KEY": "AK", "GZ_SECRET": "SK",
+        "IMAGING_GATEWAY_GATEWAY__LISTEN": "127.0.0.1:7000",
+        "IMAGING_GATEWAY_STORES__GZ_PACS__BUCKET": "other-bucket",
+        "IMAGING_GATEWAY_SYNC__CONCURRENCY": "8",
+    }
+    s = load_settings(write(tmp_path, GOOD), environ=env)
+    assert s.gateway.listen_port == 7000
+    assert s.store("gz-pacs").bucket == "other-bucket"
+    assert s.sync.concurrency == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[gateway]\nprovince = "110100"', "gateway.province"),
+        ('[gateway]\nprovince = "990000"', "gateway.province"),
+        ('[gateway]\nlisten = "nowhere"', "gateway.listen"),
+        ('[gateway]\nlsiten = "x:1"', "gateway.lsiten"),
+        ('[index]\nurl = "mysql://x/y"', "index.url"),
+        ('[index]\nurl = "postgresql://u:secret@h/db"', "index.url"),
+        ('[[stores]]\nname = "a"\nkind = "ftp"', "stores[0].kind"),
+        ('[[stores]]\nkind = "fs"\npath = "x"', "stores[0].name"),
+        ('[[stores]]\nname = "a"\nkind = "s3"\nendpoint = "http://h"\nbucket = "b"', "stores[0].bucket"),
+        ('[[stores]]\nname = "a"\nkind = "s3"\nendpoint = "h:9000"\nbucket = "bbb"', "stores[0].endpoint"),
+        ('[[stores]]\nname = "a"\nkind = "s3"\nendpoint = "http://h"\nbucket = "bbb"\nsecret_key = "x"',
+         "stores[0].secret_key"),
+        ('[[stores]]\nname = "a"\nkind = "s3"\nendpoint = "http://h"\nbucket = "bbb"\naccess_key_env = "NOPE_UNSET"\nsecret_key_env = "NOPE2"',
+         "stores[0].access_key_env"),
+        ('[sync]\nconcurrency = 0', "sync.concurrency"),
+        ('[sync]\npage_size = "many"', "sync.page_size"),
+        ("[bogus]\nx = 1", "bogus"),
+        ("not toml [", "gateway.toml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    msg = str(info.value)
+    assert key in msg
+    assert "\n" not in msg
+
+
+def test_literal_secret_is_refused_and_not_echoed(tmp_path: Path) -> None:
+    text = '[[stores]]\nname = "a"\nkind = "fs"\npath = "x"\npassword = "hunter2"'
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    assert "hunter2" not in str(info.value)
+    assert "password_env" in str(info.value)
+
+
+def test_unknown_store_lists_known(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, '[[stores]]\nname = "a"\nkind = "fs"\npath = "x"'), environ={})
+    with pytest.raises(ConfigError, match="known: a"):
+        s.store("b")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})
