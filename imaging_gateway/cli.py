@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Provincial DICOM imaging gateway: study index, DICOMweb, federation.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", type=Path, default=None,
+        help="gateway.toml (default: embedded defaults; IMAGING_GATEWAY_* override keys)",
+    )
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_, description=help_)
-        c.add_argument(
-            "--config", type=Path, default=None,
-            help="gateway.toml (default: embedded defaults; IMAGING_GATEWAY_* override keys)",
-        )
-        return c
+        return sub.add_parser(name, help=help_, description=help_, parents=[config])
 
     cmd("serve", "run the HTTP server")
 
@@ -43,16 +44,18 @@ def _parser() -> argparse.ArgumentParser:
 
     i = cmd("index", "study index maintenance")
     isub = i.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
-    st = isub.add_parser("stats", help="counts of patients, studies, series, instances, ...")
+    st = isub.add_parser("stats", help="counts of patients, studies, series, instances, ...",
+                         parents=[config])
     st.add_argument("--json", action="store_true")
-    isub.add_parser("migrate", help="bring the schema to the newest version")
-    jobs = isub.add_parser("jobs", help="recent sync jobs")
+    isub.add_parser("migrate", help="bring the schema to the newest version", parents=[config])
+    jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config])
     jobs.add_argument("--store", default=None)
     jobs.add_argument("--json", action="store_true")
 
     t = cmd("tokens", "bearer tokens")
     tsub = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
-    ti = tsub.add_parser("issue", help="issue a signed token (printed on stdout)")
+    ti = tsub.add_parser("issue", help="issue a signed token (printed on stdout)",
+                         parents=[config])
     ti.add_argument("--role", required=True, choices=["admin", "hospital", "peer"])
     ti.add_argument("--hospital", default=None, help="institution code, for role hospital")
     ti.add_argument("--subject", default=None, help="who holds it (default: the role)")
@@ -80,13 +83,24 @@ def _ttl_seconds(text: str) -> int:
         raise GatewayError(f"--ttl: expected a number with s, m, h or d, got {text!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``imaging-gateway`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+def configure_logging() -> None:
+    """Log to stderr; keep libraries that echo DICOM values (PHI) or chatter quiet."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # pydicom's warnings quote element values, which can be names or birth dates.
+    import pydicom.config  # sets its logger's level on import: configure after it
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imaging-gateway`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    configure_logging()
     try:
         if args.command == "demo":
             from imaging_gateway.demo import run_demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from imaging_gateway.errors import GatewayError
+from imaging_gateway.errors import GatewayError, InvalidRequest
 from imaging_gateway.index.sql import SqlIndex, SyncJob
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
@@ -26,9 +26,11 @@ class SyncManager:
     async def start(self, store_name: str, *, mode: SyncMode, restart: bool) -> SyncJob:
         """Start (or resume) a job of ``store_name``.
 
-        Raises ``ConfigError`` for an unknown store and ``Conflict`` when one is running.
+        Raises ``InvalidRequest`` for an unknown store and ``Conflict`` when one is running.
         """
-        self.settings.store(store_name)
+        if store_name not in self.stores:
+            known = ", ".join(sorted(self.stores)) or "none configured"
+            raise InvalidRequest(f"no store named {store_name!r} (known: {known})")
         runner = SyncRunner(self.settings, self.index, self.stores[store_name])
         job = await runner.start(mode=mode, restart=restart)
         task = asyncio.create_task(self._run(runner, job.id), name=f"sync-{job.id}")

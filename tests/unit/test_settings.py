@@ -123,3 +123,24 @@ def test_unknown_store_lists_known(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    import dataclasses
+    import re
+
+    from imaging_gateway import settings as mod
+
+    example = Path(__file__).parents[2] / "config" / "gateway.example.toml"
+    env = {"BJ_PACS_ACCESS_KEY": "a", "BJ_PACS_SECRET_KEY": "b"}
+    s = load_settings(example, environ=env)
+    assert [st.kind for st in s.stores] == ["s3", "fs"]
+    text = example.read_text(encoding="utf-8")
+    documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
+    internal = {"listen_host", "listen_port", "access_key", "secret_key", "password"}
+    for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
+                mod.SecuritySettings):
+        for f in dataclasses.fields(cls):
+            if f.name not in internal:
+                assert f.name in documented, f"{cls.__name__}.{f.name} is not in the example"
+    assert {"listen", "access_key_env", "secret_key_env", "password_env"} <= documented

@@ -1,0 +1,118 @@
+"""A real gateway process over HTTP: authentication, roles, sync jobs, stats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
+from tests.support.gateway import GatewayProcess, cli, free_port
+
+CONFIG = """
+[gateway]
+province = "110000"
+listen = "127.0.0.1:{port}"
+data_dir = "data"
+
+[index]
+url = "{index_url}"
+
+[[stores]]
+name = "bj-fs"
+kind = "fs"
+path = "store"
+"""
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
+    store = tmp_path / "store"
+    n = 0
+    for inst in generate_instances(seed=7, patients=3, studies_per_patient=1,
+                                   pixel_mode="small", instances_per_series=2):
+        path = store / inst.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(inst.data)
+        n += 1
+    for key, data, _reason in corrupt_samples():
+        path = store / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
+    gw = GatewayProcess(config, port)
+    gw.expected_instances = n  # type: ignore[attr-defined]
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def token(gw: GatewayProcess, *args: str) -> str:
+    return cli(gw.config, "tokens", "issue", *args).stdout.strip()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.ClientSession) -> None:
+    base = gateway.base
+    admin = {"Authorization": "Bearer " + token(gateway, "--role", "admin")}
+    hospital = {"Authorization": "Bearer " + token(
+        gateway, "--role", "hospital", "--hospital", "H11010800028")}
+
+    async with http.get(f"{base}/healthz") as r:
+        assert r.status == 200 and (await r.json())["province"] == "110000"
+    async with http.get(f"{base}/admin/sync-jobs") as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await r.json())["error"] == "unauthenticated"
+    async with http.get(f"{base}/admin/sync-jobs", headers={"Authorization": "Bearer x.y.z"}) as r:
+        assert r.status == 401
+    async with http.get(f"{base}/admin/sync-jobs", headers=hospital) as r:
+        assert r.status == 403
+    async with http.post(f"{base}/admin/sync-jobs", headers=admin, data=b"{not json") as r:
+        assert r.status == 400
+    async with http.post(f"{base}/admin/sync-jobs", headers=admin, json={"store": "nope"}) as r:
+        assert r.status == 400 and "bj-fs" in (await r.json())["message"]
+
+    async with http.post(f"{base}/admin/sync-jobs", headers=admin, json={"store": "bj-fs"}) as r:
+        assert r.status == 202
+        job = await r.json()
+        assert r.headers["Location"] == f"/admin/sync-jobs/{job['id']}"
+    for _ in range(200):
+        async with http.get(f"{base}/admin/sync-jobs/{job['id']}", headers=admin) as r:
+            job = await r.json()
+        if job["status"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert job["status"] == "succeeded", job
+    c = job["counters"]
+    n_bad = len(corrupt_samples())
+    assert c["indexed"] == gateway.expected_instances  # type: ignore[attr-defined]
+    assert c["quarantined"] == n_bad
+    assert c["listed"] == c["indexed"] + c["quarantined"]
+
+    async with http.get(f"{base}/admin/index/stats", headers=admin) as r:
+        stats = await r.json()
+    assert stats["instances"] == gateway.expected_instances  # type: ignore[attr-defined]
+    assert stats["quarantined"] == n_bad
+    async with http.get(f"{base}/admin/sync-jobs", headers=admin) as r:
+        assert [j["id"] for j in await r.json()] == [job["id"]]
+    async with http.get(f"{base}/admin/sync-jobs/00000000-0000-0000-0000-000000000000",
+                        headers=admin) as r:
+        assert r.status == 404
+    # The access log never carries a token or a query string.
+    async with http.get(f"{base}/admin/sync-jobs?store=PATIENT-SECRET", headers=admin) as r:
+        assert r.status == 200
+    logs = gateway.logs()
+    assert "PATIENT-SECRET" not in logs
+    assert admin["Authorization"].split()[1] not in logs
+    assert "Traceback" not in logs

@@ -1,0 +1,70 @@
+"""Real gateway processes for end-to-end tests: config on disk, `imaging-gateway serve`, HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(config: Path, *args: str, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``imaging-gateway ARGS --config CONFIG`` in a subprocess."""
+    cmd = [sys.executable, "-m", "imaging_gateway", args[0], "--config", str(config), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+class GatewayProcess:
+    """``imaging-gateway serve`` on a free loopback port."""
+
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = config.parent / f"gateway-{port}.log"
+        self._env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imaging_gateway", "serve", "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=self._env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"gateway did not come up: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def logs(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
