@@ -28,12 +28,13 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imaging_gateway.dicom.synthetic import generate_instances  # noqa: E402
-from imaging_gateway.index.sql import SqlIndex  # noqa: E402
-from imaging_gateway.settings import Settings, load_settings  # noqa: E402
-from imaging_gateway.storage.s3 import S3Store  # noqa: E402
-from imaging_gateway.sync.runner import SyncRunner  # noqa: E402
-from tests.support.seaweed import SeaweedServer  # noqa: E402
+from imaging_gateway.dicom.synthetic import generate_instances
+
+from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.settings import Settings, load_settings
+from imaging_gateway.storage.s3 import S3Store
+from imaging_gateway.sync.runner import SyncRunner
+from tests.support.seaweed import SeaweedServer
 
 CONCURRENCY = 32
 
@@ -56,7 +57,9 @@ secret_key_env = "BENCH_SK"
 """
 
 
-def make_settings(weed: SeaweedServer, bucket: str, work: Path, concurrency: int) -> tuple[Settings, Path]:
+def make_settings(
+    weed: SeaweedServer, bucket: str, work: Path, concurrency: int
+) -> tuple[Settings, Path]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "gateway.toml"
     cfg.write_text(config_text(weed, bucket, work / "index.sqlite3", concurrency), encoding="utf-8")
@@ -76,7 +79,9 @@ def instances(n: int, pixel_mode: str) -> Iterator[tuple[str, bytes]]:
         seed += 1
 
 
-async def upload(store: S3Store, items: Iterator[tuple[str, bytes]], concurrency: int = 64) -> list[str]:
+async def upload(
+    store: S3Store, items: Iterator[tuple[str, bytes]], concurrency: int = 64
+) -> list[str]:
     keys: list[str] = []
     sem = asyncio.Semaphore(concurrency)
 
@@ -132,7 +137,9 @@ async def timed_sync(settings: Settings, *, mode: str) -> tuple[float, dict[str,
         await index.close()
 
 
-async def rate_bench(weed: SeaweedServer, n: int, work: Path, concurrency: int) -> dict[str, object]:
+async def rate_bench(
+    weed: SeaweedServer, n: int, work: Path, concurrency: int
+) -> dict[str, object]:
     bucket = weed.make_bucket("bench-rate")
     settings, _ = make_settings(weed, bucket, work / "rate", concurrency)
     store = S3Store(settings.store("bench"))
@@ -172,18 +179,36 @@ def cli_sync(cfg: Path, env: dict[str, str], *extra: str) -> tuple[float, int, d
     )
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", code, "sync", "--config", str(cfg), "--store", "bench", "--json",
-         "--no-progress", *extra],
-        capture_output=True, text=True, env={**os.environ, **env}, check=False,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "sync",
+            "--config",
+            str(cfg),
+            "--store",
+            "bench",
+            "--json",
+            "--no-progress",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
     )
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    rss = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS")))
+    rss = int(
+        next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS"))
+    )
     return elapsed, rss, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-async def scale_bench(weed: SeaweedServer, sizes: list[int], work: Path, concurrency: int) -> dict[str, object]:
+async def scale_bench(
+    weed: SeaweedServer, sizes: list[int], work: Path, concurrency: int
+) -> dict[str, object]:
     out: dict[str, object] = {}
     env = {"BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
     for n in sizes:
@@ -221,8 +246,11 @@ async def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
             work = Path(tmp)
-            result: dict[str, object] = {"bench": "sync", "cpus": os.cpu_count(),
-                                         "concurrency": args.concurrency}
+            result: dict[str, object] = {
+                "bench": "sync",
+                "cpus": os.cpu_count(),
+                "concurrency": args.concurrency,
+            }
             if args.scale:
                 sizes = [int(s) for s in args.scale.split(",")]
                 result["scale"] = await scale_bench(weed, sizes, work, args.concurrency)

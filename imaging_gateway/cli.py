@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from imaging_gateway.errors import GatewayError
 from imaging_gateway.settings import Settings, load_settings
@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help="gateway.toml (default: embedded defaults; IMAGING_GATEWAY_* override keys)",
     )
 
@@ -44,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     i = cmd("index", "study index maintenance")
     isub = i.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
-    st = isub.add_parser("stats", help="counts of patients, studies, series, instances, ...",
-                         parents=[config])
+    st = isub.add_parser(
+        "stats", help="counts of patients, studies, series, instances, ...", parents=[config]
+    )
     st.add_argument("--json", action="store_true")
     isub.add_parser("migrate", help="bring the schema to the newest version", parents=[config])
     jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config])
@@ -54,8 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = cmd("tokens", "bearer tokens")
     tsub = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
-    ti = tsub.add_parser("issue", help="issue a signed token (printed on stdout)",
-                         parents=[config])
+    ti = tsub.add_parser("issue", help="issue a signed token (printed on stdout)", parents=[config])
     ti.add_argument("--role", required=True, choices=["admin", "hospital", "peer"])
     ti.add_argument("--hospital", default=None, help="institution code, for role hospital")
     ti.add_argument("--subject", default=None, help="who holds it (default: the role)")
@@ -86,12 +88,12 @@ def _ttl_seconds(text: str) -> int:
 def configure_logging() -> None:
     """Log to stderr; keep libraries that echo DICOM values (PHI) or chatter quiet."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom's warnings quote element values, which can be names or birth dates.
-    import pydicom.config  # sets its logger's level on import: configure after it
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
@@ -105,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from imaging_gateway.demo import run_demo
 
-            return run_demo(args.dir, patients=args.patients, listen=args.listen,
-                            serve=not args.no_serve)
+            return run_demo(
+                args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
+            )
         settings = load_settings(args.config)
         if args.command == "serve":
             return _serve(settings)
@@ -117,8 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imaging-gateway: {exc.message}", file=sys.stderr)
         return 2 if exc.code == "config-error" else 1
     except KeyboardInterrupt:
-        print("imaging-gateway: interrupted; run the same command again to resume",
-              file=sys.stderr)
+        print("imaging-gateway: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
@@ -147,8 +149,14 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
     authority = TokenAuthority(
         key, province=settings.gateway.province, max_ttl_s=settings.security.token_max_ttl_s
     )
-    print(authority.issue(subject=args.subject or args.role, role=args.role,
-                          hospital=args.hospital, ttl_s=_ttl_seconds(args.ttl)))
+    print(
+        authority.issue(
+            subject=args.subject or args.role,
+            role=args.role,
+            hospital=args.hospital,
+            ttl_s=_ttl_seconds(args.ttl),
+        )
+    )
     return 0
 
 
@@ -168,8 +176,10 @@ async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
                 print(json.dumps(jobs, ensure_ascii=False, indent=2))
             else:
                 for j in jobs:
-                    print(f"{j['id']}  {j['store']:<16} {j['mode']:<11} {j['status']:<11} "
-                          f"{j['created_at']}  {j['counters']}")
+                    print(
+                        f"{j['id']}  {j['store']:<16} {j['mode']:<11} {j['status']:<11} "
+                        f"{j['created_at']}  {j['counters']}"
+                    )
         # "migrate" needs nothing more: opening the index migrated it.
         return 0
     finally:
@@ -193,16 +203,22 @@ async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int
     store = open_store(settings.store(args.store))
     try:
         runner = SyncRunner(settings, index, store)
-        job = await runner.start(mode="full" if args.full else "incremental",
-                                 restart=args.restart)
+        job = await runner.start(mode="full" if args.full else "incremental", restart=args.restart)
         assert runner.progress is not None
-        show = not args.no_progress and sys.stderr.isatty()
-        async with ProgressBar(runner.progress, enabled=show):
+        mode: Literal["bar", "log", "off"] = (
+            "off" if args.no_progress else "bar" if sys.stderr.isatty() else "log"
+        )
+        async with ProgressBar(runner.progress, mode=mode):
             job = await runner.run()
     finally:
         await store.close()
-    summary = {"job": job.id, "store": job.store, "mode": job.mode, "status": job.status,
-               **job.counters}
+    summary = {
+        "job": job.id,
+        "store": job.store,
+        "mode": job.mode,
+        "status": job.status,
+        **job.counters,
+    }
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:

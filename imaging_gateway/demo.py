@@ -43,7 +43,7 @@ async def populate(settings: Settings, *, patients: int) -> int:
     store = open_store(settings.store("demo"))
     written = 0
     try:
-        existing = set()
+        existing: set[str] = set()
         page = await store.list_page(limit=1000)
         while True:
             existing.update(o.key for o in page.objects)

@@ -29,9 +29,40 @@ _SECRET_KEYS = frozenset(
 # GB/T 2260 province-level codes: two digits of province followed by 0000.
 _PROVINCES = frozenset(
     {
-        "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35", "36",
-        "37", "41", "42", "43", "44", "45", "46", "50", "51", "52", "53", "54", "61", "62",
-        "63", "64", "65", "71", "81", "82",
+        "11",
+        "12",
+        "13",
+        "14",
+        "15",
+        "21",
+        "22",
+        "23",
+        "31",
+        "32",
+        "33",
+        "34",
+        "35",
+        "36",
+        "37",
+        "41",
+        "42",
+        "43",
+        "44",
+        "45",
+        "46",
+        "50",
+        "51",
+        "52",
+        "53",
+        "54",
+        "61",
+        "62",
+        "63",
+        "64",
+        "65",
+        "71",
+        "81",
+        "82",
     }
 )
 _STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -111,9 +142,7 @@ class Settings:
 # Loading
 
 
-def load_settings(
-    path: Path | None, *, environ: Mapping[str, str] | None = None
-) -> Settings:
+def load_settings(path: Path | None, *, environ: Mapping[str, str] | None = None) -> Settings:
     """Read ``path`` (or the embedded defaults when None), apply env overrides, validate.
 
     Raises ``ConfigError`` naming the first wrong or missing key.
@@ -266,12 +295,17 @@ def _path(base: Path, value: str) -> Path:
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected gateway, index, stores, sync, security)")
+        raise ConfigError(
+            unknown[0], "unknown section (expected gateway, index, stores, sync, security)"
+        )
 
     g = _Section("gateway", raw.get("gateway", {}))
     province = g.str_("province", "110000")
-    if not (re.fullmatch(r"\d{6}", province) and province.endswith("0000")
-            and province[:2] in _PROVINCES):
+    if not (
+        re.fullmatch(r"\d{6}", province)
+        and province.endswith("0000")
+        and province[:2] in _PROVINCES
+    ):
         raise ConfigError(
             "gateway.province", "expected a GB/T 2260 province-level code such as 110000"
         )
@@ -349,7 +383,9 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
         raise ConfigError(f"{where}.name", "expected lowercase letters, digits, '-' or '_'")
     kind = t.str_("kind")
     if kind not in STORE_KINDS:
-        raise ConfigError(f"{where}.kind", f"expected one of {', '.join(STORE_KINDS)}, got {kind!r}")
+        raise ConfigError(
+            f"{where}.kind", f"expected one of {', '.join(STORE_KINDS)}, got {kind!r}"
+        )
     hospital = t.opt_str("hospital")
     if hospital is not None and not _HOSPITAL_CODE.match(hospital):
         raise ConfigError(f"{where}.hospital", "expected an institution code such as H11010800028")
@@ -371,9 +407,13 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
         endpoint = t.str_("endpoint")
         ep = urlsplit(endpoint)
         if ep.scheme not in {"http", "https"} or not ep.hostname:
-            raise ConfigError(f"{where}.endpoint", f"expected http(s)://host[:port], got {endpoint!r}")
+            raise ConfigError(
+                f"{where}.endpoint", f"expected http(s)://host[:port], got {endpoint!r}"
+            )
         if ep.username or ep.password:
-            raise ConfigError(f"{where}.endpoint", "credentials in the URL are refused; use *_env keys")
+            raise ConfigError(
+                f"{where}.endpoint", "credentials in the URL are refused; use *_env keys"
+            )
         bucket = t.str_("bucket")
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
             raise ConfigError(f"{where}.bucket", "expected an S3 bucket name (3-63 of a-z 0-9 . -)")
@@ -387,6 +427,8 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
             secret_key=t.secret_from_env("secret_key", env),
         )
         if (store.access_key is None) != (store.secret_key is None):
-            raise ConfigError(f"{where}.secret_key_env", "set both access_key_env and secret_key_env, or neither")
+            raise ConfigError(
+                f"{where}.secret_key_env", "set both access_key_env and secret_key_env, or neither"
+            )
     t.finish()
     return store

@@ -97,9 +97,13 @@ instances = Table(
     Column("header_bytes", Integer, nullable=False),
     Column("province", String(6), nullable=False),
     Column("indexed_at", DateTime(timezone=True), nullable=False),
+    # The last sync job whose listing saw the object; the job's final sweep turns rows
+    # it did not see into tombstones (so any listing order works, as stores differ).
+    Column("seen_job", String(36)),
     UniqueConstraint("store", "key", name="uq_instances_store_key"),
     Index("ix_instances_sop", "SOPInstanceUID"),
     Index("ix_instances_series", "series_id"),
+    Index("ix_instances_store_seen", "store", "seen_job"),
 )
 
 conflicts = Table(
@@ -127,6 +131,7 @@ quarantine = Table(
     Column("reason", String(500), nullable=False),
     Column("first_seen", DateTime(timezone=True), nullable=False),
     Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("seen_job", String(36)),
 )
 
 tombstones = Table(

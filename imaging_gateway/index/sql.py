@@ -170,7 +170,9 @@ class SqlIndex:
         except (OperationalError, DBAPIError, OSError) as exc:
             await engine.dispose()
             where = url.render_as_string(hide_password=True)
-            raise IndexUnavailable(f"index database {where} unreachable: {exc.__class__.__name__}") from exc
+            raise IndexUnavailable(
+                f"index database {where} unreachable: {exc.__class__.__name__}"
+            ) from exc
         return index
 
     async def migrate(self) -> None:
@@ -190,20 +192,18 @@ class SqlIndex:
 
     # ------------------------------------------------------------------ sync support
 
-    async def known_objects(
-        self, store: str, *, after: str | None, upto: str | None
-    ) -> dict[str, KnownObject]:
-        """Instances and quarantine entries of ``store`` with after < key <= upto (None = open)."""
+    async def known_objects(self, store: str, keys: Sequence[str]) -> dict[str, KnownObject]:
+        """What the index holds for these keys of ``store``: instances and quarantine entries."""
         out: dict[str, KnownObject] = {}
         async with self.engine.connect() as conn:
-            for table, quarantined in ((instances, False), (quarantine, True)):
-                q = sa.select(table.c.key, table.c.etag, table.c.size).where(table.c.store == store)
-                if after is not None:
-                    q = q.where(table.c.key > after)
-                if upto is not None:
-                    q = q.where(table.c.key <= upto)
-                for key, etag, size in (await conn.execute(q)).all():
-                    out[key] = KnownObject(etag=etag, size=size, quarantined=quarantined)
+            for start in range(0, len(keys), 900):
+                chunk = list(keys[start : start + 900])
+                for table, quarantined in ((instances, False), (quarantine, True)):
+                    q = sa.select(table.c.key, table.c.etag, table.c.size).where(
+                        table.c.store == store, table.c.key.in_(chunk)
+                    )
+                    for key, etag, size in (await conn.execute(q)).all():
+                        out[key] = KnownObject(etag=etag, size=size, quarantined=quarantined)
         return out
 
     async def count_objects(self, store: str) -> int:
@@ -224,25 +224,28 @@ class SqlIndex:
         indexed: Sequence[IndexedObject],
         quarantined: Sequence[QuarantinedObject],
         deleted: Sequence[str],
+        unchanged: Sequence[str] = (),
         cursor: str | None,
         counters: dict[str, int],
     ) -> int:
         """Apply one listing page and move the job's checkpoint, in one transaction.
 
         Either everything of the page lands, with the cursor, or nothing does: a job
-        killed at any point resumes from the last page that landed.
+        killed at any point resumes from the last page that landed. Every listed key
+        (indexed, quarantined or ``unchanged``) is marked as seen by ``job_id``.
         Returns the number of SOPInstanceUID conflicts newly recorded.
         """
         now = _now()
         async with self.engine.begin() as conn:
             touched_series: set[int] = set()
+            await self._mark_seen(conn, store, job_id, unchanged)
             gone = [*deleted, *(q.key for q in quarantined)]
             if gone:
                 touched_series |= await self._remove_instances(
                     conn, store, gone, tombstone_keys=set(deleted), job_id=job_id, now=now
                 )
             if quarantined:
-                await self._quarantine(conn, store, quarantined, now)
+                await self._quarantine(conn, store, quarantined, job_id, now)
             if deleted:
                 await conn.execute(
                     quarantine.delete().where(
@@ -251,7 +254,7 @@ class SqlIndex:
                 )
             new_conflicts = 0
             if indexed:
-                touched_series |= await self._upsert(conn, store, province, indexed, now)
+                touched_series |= await self._upsert(conn, store, province, job_id, indexed, now)
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
             await self._drop_orphans(conn, touched_series)
             await conn.execute(
@@ -260,6 +263,63 @@ class SqlIndex:
                 .values(cursor=cursor, counters=json.dumps(counters), updated_at=now)
             )
         return new_conflicts
+
+    async def _mark_seen(
+        self, conn: AsyncConnection, store: str, job_id: str, keys: Sequence[str]
+    ) -> None:
+        for start in range(0, len(keys), 900):
+            chunk = list(keys[start : start + 900])
+            for table in (instances, quarantine):
+                await conn.execute(
+                    table.update()
+                    .where(table.c.store == store, table.c.key.in_(chunk))
+                    .values(seen_job=job_id)
+                )
+
+    async def sweep_unseen(self, *, store: str, job_id: str, batch: int = 500) -> list[str]:
+        """After a complete listing: objects of ``store`` the job did not see are deleted.
+
+        Instances become tombstones; quarantine entries are dropped. Runs in batches,
+        each its own transaction; idempotent, so a job killed mid-sweep sweeps again.
+        Returns the deleted keys.
+        """
+        gone: list[str] = []
+        while True:
+            async with self.engine.begin() as conn:
+                keys = [
+                    r[0]
+                    for r in (
+                        await conn.execute(
+                            sa.select(instances.c.key)
+                            .where(
+                                instances.c.store == store,
+                                sa.or_(
+                                    instances.c.seen_job.is_(None), instances.c.seen_job != job_id
+                                ),
+                            )
+                            .limit(batch)
+                        )
+                    ).all()
+                ]
+                if keys:
+                    series_ids = await self._remove_instances(
+                        conn, store, keys, tombstone_keys=set(keys), job_id=job_id, now=_now()
+                    )
+                    await self._drop_orphans(conn, series_ids)
+                else:
+                    result = await conn.execute(
+                        quarantine.delete()
+                        .where(
+                            quarantine.c.store == store,
+                            sa.or_(
+                                quarantine.c.seen_job.is_(None), quarantine.c.seen_job != job_id
+                            ),
+                        )
+                        .returning(quarantine.c.key)
+                    )
+                    gone.extend(r[0] for r in result.all())
+                    return sorted(gone)
+            gone.extend(keys)
 
     async def _remove_instances(
         self,
@@ -274,14 +334,24 @@ class SqlIndex:
         rows = (
             await conn.execute(
                 sa.select(
-                    instances.c.key, instances.c.etag, instances.c.SOPInstanceUID, instances.c.series_id
+                    instances.c.key,
+                    instances.c.etag,
+                    instances.c.SOPInstanceUID,
+                    instances.c.series_id,
                 ).where(instances.c.store == store, instances.c.key.in_(keys))
             )
         ).all()
         if not rows:
             return set()
         stones = [
-            {"store": store, "key": k, "etag": e, "SOPInstanceUID": sop, "job_id": job_id, "deleted_at": now}
+            {
+                "store": store,
+                "key": k,
+                "etag": e,
+                "SOPInstanceUID": sop,
+                "job_id": job_id,
+                "deleted_at": now,
+            }
             for k, e, sop, _ in rows
             if k in tombstone_keys
         ]
@@ -305,7 +375,12 @@ class SqlIndex:
         )
 
     async def _quarantine(
-        self, conn: AsyncConnection, store: str, items: Sequence[QuarantinedObject], now: datetime
+        self,
+        conn: AsyncConnection,
+        store: str,
+        items: Sequence[QuarantinedObject],
+        job_id: str,
+        now: datetime,
     ) -> None:
         stmt = self._insert(quarantine)
         stmt = stmt.on_conflict_do_update(
@@ -315,13 +390,22 @@ class SqlIndex:
                 "size": stmt.excluded.size,
                 "reason": stmt.excluded.reason,
                 "last_seen": stmt.excluded.last_seen,
+                "seen_job": stmt.excluded.seen_job,
             },
         )
         await conn.execute(
             stmt,
             [
-                {"store": store, "key": q.key, "etag": q.etag, "size": q.size, "reason": q.reason,
-                 "first_seen": now, "last_seen": now}
+                {
+                    "store": store,
+                    "key": q.key,
+                    "etag": q.etag,
+                    "size": q.size,
+                    "reason": q.reason,
+                    "first_seen": now,
+                    "last_seen": now,
+                    "seen_job": job_id,
+                }
                 for q in items
             ],
         )
@@ -360,6 +444,7 @@ class SqlIndex:
         conn: AsyncConnection,
         store: str,
         province: str,
+        job_id: str,
         items: Sequence[IndexedObject],
         now: datetime,
     ) -> set[int]:
@@ -455,6 +540,7 @@ class SqlIndex:
                     "header_bytes": o.header.header_bytes,
                     "province": province,
                     "indexed_at": now,
+                    "seen_job": job_id,
                 }
             )
         update_cols = [c for c in inst_rows[0] if c not in {"store", "key"}]
@@ -477,7 +563,7 @@ class SqlIndex:
         keys = [o.key for o in items]
         await self._forget_conflicts(conn, store, keys)
         sops = sorted({o.header.instance.SOPInstanceUID for o in items})
-        rows = []
+        rows: list[Any] = []
         for start in range(0, len(sops), 900):
             q = sa.select(
                 instances.c.SOPInstanceUID,
@@ -505,8 +591,15 @@ class SqlIndex:
                         continue
                     reason = "different-size" if a[4] != b[4] else "different-content"
                     new.append(
-                        {"SOPInstanceUID": sop, "store": a[1], "key": a[2], "other_store": b[1],
-                         "other_key": b[2], "reason": reason, "detected_at": now}
+                        {
+                            "SOPInstanceUID": sop,
+                            "store": a[1],
+                            "key": a[2],
+                            "other_store": b[1],
+                            "other_key": b[2],
+                            "reason": reason,
+                            "detected_at": now,
+                        }
                     )
         if new:
             stmt = self._insert(conflicts).on_conflict_do_nothing()
@@ -551,8 +644,16 @@ class SqlIndex:
         async with self.engine.begin() as conn:
             await conn.execute(
                 sync_jobs.insert().values(
-                    id=job_id, store=store, mode=mode, status="running", cursor=None,
-                    counters="{}", error=None, created_at=now, updated_at=now, finished_at=None,
+                    id=job_id,
+                    store=store,
+                    mode=mode,
+                    status="running",
+                    cursor=None,
+                    counters="{}",
+                    error=None,
+                    created_at=now,
+                    updated_at=now,
+                    finished_at=None,
                 )
             )
         return await self.get_job(job_id)

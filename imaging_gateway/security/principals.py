@@ -40,4 +40,4 @@ def validate_claims(role: str, hospital: str | None) -> Role:
             )
     elif hospital is not None:
         raise InvalidRequest("only hospital tokens carry an institution code")
-    return role  # type: ignore[return-value]
+    return role

@@ -49,9 +49,7 @@ class ObjectStore(Protocol):
 
     name: str
 
-    async def list_page(
-        self, *, start_after: str | None = None, limit: int = 1000
-    ) -> ListPage:
+    async def list_page(self, *, start_after: str | None = None, limit: int = 1000) -> ListPage:
         """List up to ``limit`` objects with keys strictly after ``start_after``, in key order."""
         ...
 
@@ -72,7 +70,7 @@ class ObjectStore(Protocol):
     async def write_stream(
         self, key: str, chunks: AsyncIterable[bytes], *, content_type: str = "application/dicom"
     ) -> ObjectInfo:
-        """Write an object from a stream of chunks, replacing nothing silently is the caller's job."""
+        """Write an object from a stream of chunks (replaces an object under the same key)."""
         ...
 
     async def delete(self, key: str) -> None:

@@ -41,7 +41,9 @@ async def read_header(
         while True:
             complete = len(data) >= total
             try:
-                header = parse_header(data, complete=complete, national_id_issuers=national_id_issuers)
+                header = parse_header(
+                    data, complete=complete, national_id_issuers=national_id_issuers
+                )
             except NotParseable as exc:
                 return QuarantinedObject(info.key, etag, total, exc.reason), bytes_read
             except NeedMoreData as exc:

@@ -1,15 +1,19 @@
-"""The CLI's progress bar (rich): listed / indexed / unchanged / quarantined / deleted, bytes, rate, ETA."""
+"""The CLI progress bar (rich): listed, indexed, unchanged, quarantined, deleted, rate, ETA."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from types import TracebackType
+from typing import Literal
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from imaging_gateway.sync.runner import Progress as JobProgress
+
+log = logging.getLogger(__name__)
 
 
 def _bytes(n: int) -> str:
@@ -32,12 +36,21 @@ def describe(p: JobProgress) -> str:
 
 
 class ProgressBar:
-    """Redraws a job's progress several times a second while the job runs."""
+    """Shows a job's progress while it runs: a live bar on a terminal, else a log line
+    every ``log_every_s`` seconds (``mode="log"``), or nothing (``mode="off"``)."""
 
-    def __init__(self, progress: JobProgress, *, enabled: bool) -> None:
+    def __init__(
+        self,
+        progress: JobProgress,
+        *,
+        mode: Literal["bar", "log", "off"],
+        log_every_s: float = 10.0,
+    ) -> None:
         self.job = progress
-        self.enabled = enabled
+        self.mode = mode
+        self.log_every_s = log_every_s
         self._task: asyncio.Task[None] | None = None
+        self._tid: TaskID | None = None
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -47,27 +60,33 @@ class ProgressBar:
         )
 
     async def __aenter__(self) -> ProgressBar:
-        if self.enabled:
+        if self.mode == "bar":
             self._bar.start()
-            tid = self._bar.add_task(
+            self._tid = self._bar.add_task(
                 f"sync {self.job.store} ({self.job.mode})",
-                total=self.job.expected, detail=describe(self.job),
+                total=self.job.expected,
+                detail=describe(self.job),
             )
-            self._task = asyncio.create_task(self._refresh(tid))
+        if self.mode != "off":
+            self._task = asyncio.create_task(self._refresh())
         return self
 
-    async def _refresh(self, tid: object) -> None:
+    async def _refresh(self) -> None:
         while True:
-            self._update(tid)
-            await asyncio.sleep(0.25)
+            if self.mode == "bar":
+                self._update()
+                await asyncio.sleep(0.25)
+            else:
+                await asyncio.sleep(self.log_every_s)
+                log.info("sync %s: %s", self.job.store, describe(self.job))
 
-    def _update(self, tid: object) -> None:
+    def _update(self) -> None:
+        assert self._tid is not None
         listed = self.job.counters["listed"]
         total = self.job.expected
         if total is not None and listed > total:
             total = None
-        self._bar.update(tid, completed=listed, total=total,  # type: ignore[arg-type]
-                         detail=describe(self.job))
+        self._bar.update(self._tid, completed=listed, total=total, detail=describe(self.job))
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -76,5 +95,6 @@ class ProgressBar:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self._update(self._bar.task_ids[0])
+        if self.mode == "bar":
+            self._update()
             self._bar.stop()

@@ -7,7 +7,6 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -118,7 +117,11 @@ class SyncRunner:
             raise
         counters = {k: job.counters.get(k, 0) for k in COUNTERS}
         self.progress = Progress(
-            job.id, self.store.name, job.mode, counters, expected or None,
+            job.id,
+            self.store.name,
+            job.mode,
+            counters,
+            expected or None,
             start_listed=counters["listed"],
         )
         self._job = job
@@ -196,23 +199,24 @@ class SyncRunner:
                     if page.is_truncated and page.objects
                     else None
                 )
-                upto = last if next_page is not None else None
-                known = await self.index.known_objects(self.store.name, after=cursor, upto=upto)
-                listed = {o.key for o in page.objects}
-                deleted = sorted(k for k in known if k not in listed)
+                known = await self.index.known_objects(
+                    self.store.name, [o.key for o in page.objects]
+                )
+                unchanged: list[str] = []
                 to_read: list[ObjectInfo] = []
                 for info in page.objects:
                     k = known.get(info.key)
                     if not full and k is not None and k.etag == info.etag and k.size == info.size:
-                        counters["unchanged"] += 1
+                        unchanged.append(info.key)
                     else:
                         to_read.append(info)
+                counters["unchanged"] += len(unchanged)
                 counters["listed"] += len(page.objects)
                 outcomes = await asyncio.gather(*(read_one(i) for i in to_read))
                 indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
                 quarantined = [o for o in outcomes if isinstance(o, QuarantinedObject)]
                 vanished = [i.key for i, o in zip(to_read, outcomes, strict=True) if o is None]
-                deleted += [k for k in vanished if k in known]
+                deleted = sorted(k for k in vanished if k in known)
                 counters["deleted"] += len(deleted)
                 if pending_write is not None:
                     counters["conflicts"] += await pending_write
@@ -225,7 +229,8 @@ class SyncRunner:
                         job_id=job.id,
                         indexed=indexed,
                         quarantined=quarantined,
-                        deleted=sorted(deleted),
+                        deleted=deleted,
+                        unchanged=unchanged,
                         cursor=last,
                         counters=dict(counters),
                     )
@@ -234,6 +239,9 @@ class SyncRunner:
             if pending_write is not None:
                 counters["conflicts"] += await pending_write
                 pending_write = None
+            # The listing is complete: whatever it did not show is gone from the store.
+            swept = await self.index.sweep_unseen(store=self.store.name, job_id=job.id)
+            counters["deleted"] += len(swept)
         finally:
             for task in (next_page, pending_write):
                 if task is not None and not task.done():

@@ -66,22 +66,30 @@ async def test_upsert_builds_hierarchy_and_is_idempotent(index: SqlIndex) -> Non
     assert (await index.get_job(job.id)).cursor == "b/1.dcm"
 
 
-async def test_known_objects_ranges_follow_s3_key_order(index: SqlIndex) -> None:
+async def test_known_objects_by_key_with_unicode(index: SqlIndex) -> None:
     job = await index.create_job("s1", "full")
-    keys = ["A.dcm", "a.dcm", "z.dcm", "é.dcm", "医院/1.dcm", "医院 2/1.dcm"]
+    keys = ["A.dcm", "a.dcm", "é.dcm", "医院/1.dcm", "医院 2/1.dcm"]
     await apply(index, job.id, indexed=[obj(k) for k in keys])
     await apply(index, job.id, quarantined=[QuarantinedObject("zz", "q", 0, "empty: zero-byte object")])
-    # S3 lists in UTF-8 byte order, which is Python's code-point order.
-    ordered = sorted([*keys, "zz"])
-    for i in range(len(ordered)):
-        for j in range(i, len(ordered)):
-            after = ordered[i - 1] if i else None
-            got = await index.known_objects("s1", after=after, upto=ordered[j])
-            assert sorted(got) == ordered[i : j + 1]
-    got = await index.known_objects("s1", after="z.dcm", upto=None)
-    assert sorted(got) == ["zz", "é.dcm", "医院 2/1.dcm", "医院/1.dcm"]
-    everything = await index.known_objects("s1", after=None, upto=None)
-    assert everything["zz"].quarantined and not everything["z.dcm"].quarantined
+    got = await index.known_objects("s1", [*keys, "zz", "missing.dcm"])
+    assert sorted(got) == sorted([*keys, "zz"])
+    assert got["zz"].quarantined and not got["医院/1.dcm"].quarantined
+    assert got["a.dcm"].etag == "e1" and got["a.dcm"].size == 1000
+    assert await index.known_objects("other-store", keys) == {}
+
+
+async def test_sweep_turns_unseen_objects_into_tombstones(index: SqlIndex) -> None:
+    first = await index.create_job("s1", "full")
+    await apply(index, first.id, indexed=[obj("a.dcm"), obj("b.dcm", study="1.2.5", series="1.2.5.1")],
+                quarantined=[QuarantinedObject("bad", "q", 0, "empty: zero-byte object")])
+    assert await index.sweep_unseen(store="s1", job_id=first.id) == []
+    second = await index.create_job("s1", "incremental")
+    # The second listing shows a.dcm (unchanged) only.
+    await apply(index, second.id, unchanged=["a.dcm"])
+    assert await index.sweep_unseen(store="s1", job_id=second.id) == ["b.dcm", "bad"]
+    s = await index.stats()
+    assert (s["instances"], s["studies"], s["quarantined"], s["tombstones"]) == (1, 1, 0, 1)
+    assert await index.sweep_unseen(store="s1", job_id=second.id) == []
 
 
 async def test_quarantine_then_repaired_then_deleted(index: SqlIndex) -> None:

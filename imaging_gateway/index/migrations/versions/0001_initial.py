@@ -86,10 +86,14 @@ def upgrade() -> None:
         sa.Column("header_bytes", sa.Integer, nullable=False),
         sa.Column("province", sa.String(6), nullable=False),
         sa.Column("indexed_at", TS, nullable=False),
+        # The last sync job whose listing saw the object; the job's final sweep turns
+        # rows it did not see into tombstones (listing order is the store's own).
+        sa.Column("seen_job", sa.String(36)),
         sa.UniqueConstraint("store", "key", name="uq_instances_store_key"),
     )
     op.create_index("ix_instances_sop", "instances", ["SOPInstanceUID"])
     op.create_index("ix_instances_series", "instances", ["series_id"])
+    op.create_index("ix_instances_store_seen", "instances", ["store", "seen_job"])
 
     op.create_table(
         "conflicts",
@@ -114,6 +118,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(500), nullable=False),
         sa.Column("first_seen", TS, nullable=False),
         sa.Column("last_seen", TS, nullable=False),
+        sa.Column("seen_job", sa.String(36)),
     )
 
     op.create_table(
