@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -195,6 +196,9 @@ def _pixel_data_cut(data: bytes, offset: int, *, implicit: bool, little: bool) -
         return False
     if implicit:
         header, (length,) = 8, struct.unpack_from(f"{order}L", data, offset + 4)
+    elif not (data[offset + 4] in _VR_CHARS and data[offset + 5] in _VR_CHARS):
+        # pydicom reads an element without VR letters as implicit VR; so do we.
+        header, (length,) = 8, struct.unpack_from(f"{order}L", data, offset + 4)
     elif data[offset + 4 : offset + 6] in _LONG_VRS:
         if offset + 12 > len(data):
             return True
@@ -360,14 +364,14 @@ class _Reader:
             self.warnings.append(warning)
 
     def value(self, ds: Dataset, keyword: str) -> Any:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in ds:
+            return None
         try:
-            element = ds.data_element(keyword)
+            return ds[tag].value
         except Exception:
             self.warn(f"unreadable-field: {keyword}")
             return None
-        if element is None:
-            return None
-        return element.value
 
     def text(self, ds: Dataset, keyword: str) -> str | None:
         value = self.value(ds, keyword)
@@ -439,15 +443,15 @@ class _Reader:
 
     def uid(self, ds: Dataset, keyword: str, fallback: tuple[Dataset, str] | None) -> str:
         """A required UID; raises NotParseable if missing or malformed."""
+        tag = tag_for_keyword(keyword)
         try:
-            element = ds.data_element(keyword)
+            value = ds[tag].value if tag in ds else None
         except Exception:
             raise NotParseable(f"invalid-uid: {keyword}") from None
-        if element is None or element.value is None or element.value == "":
+        if value is None or value == "":
             if fallback is None:
                 raise NotParseable(f"missing-uid: {keyword}")
             return self.uid(fallback[0], fallback[1], None)
-        value = element.value
         if isinstance(value, MultiValue | list) or not isinstance(value, str):
             raise NotParseable(f"invalid-uid: {keyword}")
         text = value.strip(" \x00")
