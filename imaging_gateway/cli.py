@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="gateway.toml (default: embedded defaults; IMAGING_GATEWAY_* override keys)",
     )
+    # Also accepted after a sub-subcommand; SUPPRESS keeps it from resetting a value
+    # given before it (`index --config X stats`).
+    config_again = argparse.ArgumentParser(add_help=False)
+    config_again.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="as above")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, parents=[config])
@@ -47,17 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     i = cmd("index", "study index maintenance")
     isub = i.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
     st = isub.add_parser(
-        "stats", help="counts of patients, studies, series, instances, ...", parents=[config]
+        "stats", help="counts of patients, studies, series, instances, ...", parents=[config_again]
     )
     st.add_argument("--json", action="store_true")
-    isub.add_parser("migrate", help="bring the schema to the newest version", parents=[config])
-    jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config])
+    isub.add_parser(
+        "migrate", help="bring the schema to the newest version", parents=[config_again]
+    )
+    jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config_again])
     jobs.add_argument("--store", default=None)
     jobs.add_argument("--json", action="store_true")
 
     t = cmd("tokens", "bearer tokens")
     tsub = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
-    ti = tsub.add_parser("issue", help="issue a signed token (printed on stdout)", parents=[config])
+    ti = tsub.add_parser(
+        "issue", help="issue a signed token (printed on stdout)", parents=[config_again]
+    )
     ti.add_argument("--role", required=True, choices=["admin", "hospital", "peer"])
     ti.add_argument("--hospital", default=None, help="institution code, for role hospital")
     ti.add_argument("--subject", default=None, help="who holds it (default: the role)")

@@ -79,6 +79,9 @@ def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int
     if not config.exists():
         config.write_text(DEMO_CONFIG.format(listen=listen), encoding="utf-8")
     settings = load_settings(config)
+    store_dir = settings.store("demo").path
+    assert store_dir is not None
+    store_dir.mkdir(parents=True, exist_ok=True)
     written = asyncio.run(populate(settings, patients=patients))
     stats = asyncio.run(index_demo(settings))
     authority = TokenAuthority(
@@ -90,9 +93,10 @@ def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int
     base = f"http://{settings.gateway.listen_host}:{settings.gateway.listen_port}"
     print(f"demo: {written} new synthetic instances written to {directory / 'store'}")
     print("demo: index " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    print(f"demo: config {config}; admin token (8 h):\n{admin}\n")
+    print(f"demo: config {config}; an admin token valid 8 h:\n\nexport TOKEN={admin}\n")
     print(f'try:  curl -H "Authorization: Bearer $TOKEN" {base}/admin/index/stats')
     print(f"      imaging-gateway sync --config {config} --store demo")
+    print(f"      imaging-gateway index stats --config {config}")
     if not serve:
         return 0
     from imaging_gateway.cli import _serve

@@ -10,10 +10,10 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -45,6 +45,9 @@ _PREAMBLE_END = 132
 # (0004), identifying (0008). Anything else is not read as DICOM (pydicom's force=True
 # would happily parse a PNG into garbage elements).
 _START_GROUPS = frozenset({0x0002, 0x0004, 0x0008})
+# Granularity of header_bytes for deflated objects.
+_DEFLATE_STEP = 4096
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 # Bytes past a cut that the parser needs at least to see the next element's header.
 _LOOKAHEAD = 12
 # PS3.5 9.1: UIDs are dot-separated digit components, at most 64 characters.
@@ -57,6 +60,20 @@ _TIME_RE = re.compile(r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?")
 # the G1 designation escape (PS3.5 6.1.2.5.3, Annex K.2) in the text: strip it.
 _IR58_ESCAPE = "\x1b$)A"
 _VR_CHARS = range(0x41, 0x5B)
+# pydicom's codec for text without (0008,0005) and for the ASCII-only VRs.
+_DEFAULT_ENCODINGS = ["iso8859"]
+_IR58_ENCODINGS = (["iso_ir_58"], ["iso8859", "iso_ir_58"])
+_KEYWORDS = (
+    "SpecificCharacterSet PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex "
+    "OtherPatientIDsSequence StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID "
+    "StudyDescription ReferringPhysicianName InstitutionName InstitutionCodeSequence CodeValue "
+    "SeriesInstanceUID Modality SeriesNumber SeriesDescription BodyPartExamined SeriesDate "
+    "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
+    "MediaStorageSOPInstanceUID MediaStorageSOPClassUID TransferSyntaxUID"
+).split()
+_TAGS: dict[str, int] = {keyword: int(tag_for_keyword(keyword)) for keyword in _KEYWORDS}
+# Top-level elements the records need; dcmread skips the others' values (seeks past them).
+_TOP_LEVEL_TAGS = [tag for keyword, tag in _TAGS.items() if keyword != "CodeValue"]
 # PS3.5 7.1.2: explicit VRs with a reserved field and a 4-byte length.
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -118,7 +135,7 @@ class _Probe(io.BytesIO):
             position = self.tell() - len(chunk)
             self.need = max(self.need, position + size)
             self.short_reads += 1
-            if chunk or size > 8:
+            if chunk or size > 8 or position != self.size:
                 self.hard_overrun = True
             if self.first_short is None:
                 self.first_short = (position, size, len(chunk))
@@ -159,22 +176,26 @@ def parse_header(
         raise NotParseable("not-dicom: no DICM preamble and no valid dataset start")
 
     probe = _Probe(data, intercept_read_all=True)
+    top = _TopLevel(probe)
     try:
-        ds: Dataset = dcmread(probe, stop_before_pixels=True, force=True)
+        # dcmread(stop_before_pixels=True) is read_partial stopping at pixel data; we pass
+        # our own stop condition to also learn where each top-level element ends.
+        ds: Dataset = read_partial(probe, stop_when=top, force=True, specific_tags=_TOP_LEVEL_TAGS)
     except _DeflatedDataset as deflated:
         return _parse_deflated(data, deflated.offset, complete, national_id_issuers)
     except Exception as exc:
-        _raise_for_cut(probe, data, complete)
+        _raise_for_cut(probe, top, complete, failed=True)
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
-    if probe.short_reads and (not complete or probe.hard_overrun):
-        _raise_for_cut(probe, data, complete)
+    _raise_for_cut(probe, top, complete, failed=False)
     file_meta: Dataset = ds.file_meta
-    if complete and not len(ds) and len(file_meta):
-        raise NotParseable("truncated: object ends after the file meta information")
     header_bytes = min(probe.tell(), size)
     implicit, little = ds.original_encoding
-    cut_pixels = complete and _pixel_data_cut(
-        data, header_bytes, implicit=implicit is not False, little=little is not False
+    cut_pixels = (
+        complete
+        and top.at_pixel_data
+        and _pixel_data_cut(
+            data, header_bytes, implicit=implicit is not False, little=little is not False
+        )
     )
     return _records(
         ds,
@@ -184,6 +205,52 @@ def parse_header(
         issuers=frozenset(national_id_issuers),
         extra_warnings=("truncated-pixel-data",) if cut_pixels else (),
     )
+
+
+class _TopLevel:
+    """pydicom ``stop_when`` hook: stops at pixel data, notes where each top-level value ends.
+
+    pydicom calls it with each top-level element's tag and length once the element header
+    is read (``_is_implicit_vr`` may call it once more for the first element).
+    """
+
+    def __init__(self, probe: _Probe) -> None:
+        self._probe = probe
+        self.tag: int | None = None
+        self.value_end: int | None = None
+        """End offset of the last element's value; None for undefined length."""
+        self.at_pixel_data = False
+
+    def __call__(self, tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            self.at_pixel_data = True
+            return True
+        self.tag = int(tag)
+        self.value_end = None if length == 0xFFFFFFFF else self._probe.tell() + length
+        return False
+
+
+def _raise_for_cut(probe: _Probe, top: _TopLevel, complete: bool, *, failed: bool) -> None:
+    """Raise NeedMoreData / NotParseable(truncated) if the parse reached past the data.
+
+    Without a read past the end, the parse of a prefix is the parse of the whole object.
+    With one, a partial object always needs more; a whole object is only accepted when it
+    ends cleanly where a top-level element would start (all reads past the end were
+    element-header reads of nothing, at the very end, and the last value is whole).
+    """
+    if not probe.short_reads:
+        return
+    if not complete:
+        raise NeedMoreData(max(probe.size + 1, probe.need + _LOOKAHEAD))
+    if top.tag is None:
+        raise NotParseable("truncated: object ends before its dataset")
+    cut_in_value = top.value_end is None or top.value_end > probe.size
+    if not (failed or probe.hard_overrun or cut_in_value):
+        return
+    tag = f"({top.tag >> 16:04X},{top.tag & 0xFFFF:04X})"
+    if cut_in_value or failed:
+        raise NotParseable(f"truncated: object ends inside element {tag}")
+    raise NotParseable(f"truncated: object ends inside an element header after {tag}")
 
 
 def _pixel_data_cut(data: bytes, offset: int, *, implicit: bool, little: bool) -> bool:
@@ -218,58 +285,6 @@ def _plausible_dataset_start(data: bytes) -> bool:
     )
 
 
-def _raise_for_cut(probe: _Probe, data: bytes, complete: bool) -> None:
-    """Raise NeedMoreData / NotParseable(truncated) if the probe saw a read past the end."""
-    if not probe.short_reads:
-        return
-    if not complete:
-        raise NeedMoreData(max(len(data) + 1, probe.need + _LOOKAHEAD))
-    raise NotParseable(f"truncated: {_describe_cut(probe, data)}")
-
-
-def _describe_cut(probe: _Probe, data: bytes) -> str:
-    """Name the element the object ends in, from the element header before the short read."""
-    if probe.first_short is None:  # pragma: no cover - only called after a short read
-        return "object ends inside the header"
-    position, size, got = probe.first_short
-    if size <= 8 and got == 0 and position == len(data):
-        return "object ends inside a sequence before its delimiter"
-    if size <= 8:
-        return "object ends inside an element header"
-    for order in ("<", ">"):
-        tag = _tag_before_value(data, position, size, order)
-        if tag is not None:
-            return f"object ends inside element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-    return f"object ends inside an element value at byte {position}"
-
-
-def _tag_before_value(data: bytes, position: int, length: int, order: str) -> int | None:
-    """The tag of the element whose value of ``length`` bytes starts at ``position``."""
-    # Implicit VR (tag, 4-byte length) or explicit VR with a 4-byte length (tag, VR, 00 00, len).
-    if position >= 8 and struct.unpack_from(f"{order}L", data, position - 4)[0] == length:
-        if (
-            position >= 12
-            and data[position - 8] in _VR_CHARS
-            and data[position - 7] in _VR_CHARS
-            and data[position - 6 : position - 4] == b"\0\0"
-        ):
-            group, element = struct.unpack_from(f"{order}HH", data, position - 12)
-        else:
-            group, element = struct.unpack_from(f"{order}HH", data, position - 8)
-        return int(group) << 16 | int(element)
-    # Explicit VR with a 2-byte length (tag, VR, len).
-    if (
-        position >= 8
-        and length < 0x10000
-        and struct.unpack_from(f"{order}H", data, position - 2)[0] == length
-        and data[position - 4] in _VR_CHARS
-        and data[position - 3] in _VR_CHARS
-    ):
-        group, element = struct.unpack_from(f"{order}HH", data, position - 8)
-        return int(group) << 16 | int(element)
-    return None
-
-
 def _parse_deflated(
     data: bytes,
     meta_end: int,
@@ -281,10 +296,9 @@ def _parse_deflated(
     The dataset after the file meta is one raw deflate stream; a prefix of the stream
     inflates to a prefix of the dataset, which is then checked like any other prefix.
     """
-    meta_probe = _Probe(data[:meta_end], intercept_read_all=False)
     try:
-        file_meta: Dataset = dcmread(meta_probe, force=True).file_meta
-    except Exception as exc:  # pragma: no cover - the meta parsed a moment ago
+        file_meta: Dataset = read_partial(io.BytesIO(data[:meta_end]), force=True).file_meta
+    except Exception as exc:  # pragma: no cover - the same bytes parsed a moment ago
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -293,42 +307,56 @@ def _parse_deflated(
         raise NotParseable("unreadable: invalid deflate stream") from None
     stream_ended = inflater.eof
     probe = _Probe(inflated, intercept_read_all=False)
-
-    def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
-        return tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
-
+    top = _TopLevel(probe)
+    failure: Exception | None = None
     try:
         ds = read_dataset(
-            probe, is_implicit_VR=False, is_little_endian=True, stop_when=at_pixel_data
+            probe,
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=top,
+            specific_tags=_TOP_LEVEL_TAGS,
         )
-        failure: Exception | None = None
     except Exception as exc:
         failure = exc
-    cut = probe.short_reads and (not stream_ended or probe.hard_overrun or failure is not None)
-    if cut:
+    if probe.short_reads and not stream_ended:
         if complete:
-            if not stream_ended:
-                raise NotParseable("truncated: deflate stream ends inside the header")
-            raise NotParseable(f"truncated: {_describe_cut(probe, inflated)}")
+            raise NotParseable("truncated: deflate stream ends inside the header")
+        # Guess the compressed size from the ratio so far; pixel data is deflated too, so
+        # ask generously.
         consumed = len(data) - meta_end - len(inflater.unused_data)
         ratio = consumed / len(inflated) if inflated else 1.0
         estimate = meta_end + int((probe.need + _LOOKAHEAD) * ratio) + 4096
         raise NeedMoreData(max(len(data) + 1, 2 * len(data), estimate))
+    # The stream ended (the inflated dataset is whole) or the header ended before the cut.
+    _raise_for_cut(probe, top, stream_ended, failed=failure is not None)
     if failure is not None:
         raise NotParseable(f"unreadable: {_scrub(failure)}")
-    warnings: tuple[str, ...] = ()
-    if complete and not stream_ended:
-        warnings = ("truncated-pixel-data",)
-    if complete and not len(ds):
-        raise NotParseable("truncated: object ends after the file meta information")
+    cut_pixels = complete and not stream_ended and top.at_pixel_data
     return _records(
         ds,
         file_meta,
         transfer_syntax=_transfer_syntax(file_meta, ds),
-        header_bytes=len(data),
+        header_bytes=meta_end + _deflated_extent(data[meta_end:], probe.tell()),
         issuers=frozenset(issuers),
-        extra_warnings=warnings,
+        extra_warnings=("truncated-pixel-data",) if cut_pixels else (),
     )
+
+
+def _deflated_extent(stream: bytes, inflated_needed: int) -> int:
+    """How much of a deflate stream, in whole steps of _DEFLATE_STEP, inflates to the header.
+
+    A deflated header has no byte extent in the object; this is the same for every prefix
+    that holds the header (the output of each step depends only on the input so far), so
+    the result does not depend on how much was read. It may exceed the object's size.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    produced = 0
+    offset = 0
+    while produced < inflated_needed and offset < len(stream):
+        produced += len(inflater.decompress(stream[offset : offset + _DEFLATE_STEP]))
+        offset += _DEFLATE_STEP
+    return offset
 
 
 def _scrub(exc: BaseException) -> str:
@@ -354,7 +382,12 @@ def _transfer_syntax(file_meta: Dataset, ds: Dataset) -> str:
 
 
 class _Reader:
-    """Reads fields of one dataset, turning malformed optional values into warnings."""
+    """Reads fields of one dataset; malformed optional values become warnings, not errors.
+
+    Values are decoded from the raw element bytes where that is unambiguous (ASCII VRs,
+    and text in a single character set without escape sequences), which is several times
+    faster than pydicom's conversion; everything else goes through pydicom.
+    """
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
@@ -363,45 +396,78 @@ class _Reader:
         if warning not in self.warnings:
             self.warnings.append(warning)
 
-    def value(self, ds: Dataset, keyword: str) -> Any:
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag not in ds:
-            return None
+    def element(self, ds: Dataset, keyword: str) -> Any:
+        """The raw or converted element, or None when absent or unreadable."""
         try:
-            return ds[tag].value
+            return ds.get_item(_TAGS[keyword])
         except Exception:
             self.warn(f"unreadable-field: {keyword}")
             return None
 
-    def text(self, ds: Dataset, keyword: str) -> str | None:
-        value = self.value(ds, keyword)
-        if value is None:
-            return None
-        if isinstance(value, bytes | bytearray):
+    def converted(self, ds: Dataset, keyword: str) -> Any:
+        """The value as pydicom converts it, or None when absent or unreadable."""
+        tag = _TAGS[keyword]
+        try:
+            return ds[tag].value if tag in ds else None
+        except Exception:
             self.warn(f"unreadable-field: {keyword}")
             return None
-        parts = value if isinstance(value, MultiValue | list) else [value]
-        text = "\\".join(str(part) for part in parts).replace(_IR58_ESCAPE, "")
-        text = text.strip(" \x00")
-        if "\ufffd" in text:
-            self.warn(f"undecodable-text: {keyword}")
-        return text or None
 
-    def person_name(self, ds: Dataset, keyword: str) -> str | None:
-        value = self.value(ds, keyword)
-        if value is None:
+    def encodings(self, ds: Dataset, inherited: list[str]) -> list[str]:
+        """Python codecs for the text of ``ds`` (PS3.5 7.5.3: items inherit the parent's)."""
+        values = self.strings(ds, "SpecificCharacterSet", _DEFAULT_ENCODINGS)
+        if values is None:
+            return inherited
+        try:
+            return list(convert_encodings(values if len(values) > 1 else values[0]))
+        except Exception:  # pragma: no cover - pydicom only raises in RAISE mode
+            self.warn("unreadable-field: SpecificCharacterSet")
+            return inherited
+
+    def strings(self, ds: Dataset, keyword: str, encodings: list[str]) -> list[str] | None:
+        """The values of a string element, decoded and stripped; None when absent."""
+        element = self.element(ds, keyword)
+        if element is None:
             return None
+        if not element.is_raw:
+            parts = self._parts(element.value, keyword)
+        elif element.value is None:
+            return None
+        else:
+            text = _decode_raw(element.value, encodings)
+            if text is None:
+                parts = self._parts(self.converted(ds, keyword), keyword)
+            else:
+                parts = text.split("\\")
+        parts = [part.strip(" \x00") for part in parts]
+        if any("\ufffd" in part for part in parts):
+            self.warn(f"undecodable-text: {keyword}")
+        return parts
+
+    def _parts(self, value: Any, keyword: str) -> list[str]:
+        if value is None:
+            return []
         if isinstance(value, bytes | bytearray):
             self.warn(f"unreadable-field: {keyword}")
+            return []
+        if isinstance(value, MultiValue | list | tuple):
+            return [str(part) for part in value]
+        return [str(value)]
+
+    def text(self, ds: Dataset, keyword: str, encodings: list[str]) -> str | None:
+        parts = self.strings(ds, keyword, encodings)
+        if parts is None:
             return None
-        parts = value if isinstance(value, MultiValue | list) else [value]
-        text = "\\".join(_normalize_pn(str(part)) for part in parts).strip("\\")
-        if "\ufffd" in text:
-            self.warn(f"undecodable-text: {keyword}")
-        return text or None
+        return "\\".join(parts).strip("\\") or None
+
+    def person_name(self, ds: Dataset, keyword: str, encodings: list[str]) -> str | None:
+        parts = self.strings(ds, keyword, encodings)
+        if parts is None:
+            return None
+        return "\\".join(_normalize_pn(part) for part in parts).strip("\\") or None
 
     def date(self, ds: Dataset, keyword: str) -> str | None:
-        text = self.text(ds, keyword)
+        text = self.text(ds, keyword, _DEFAULT_ENCODINGS)
         if text is None:
             return None
         if _DATE_RE.fullmatch(text):
@@ -415,7 +481,7 @@ class _Reader:
         return None
 
     def time(self, ds: Dataset, keyword: str) -> str | None:
-        text = self.text(ds, keyword)
+        text = self.text(ds, keyword, _DEFAULT_ENCODINGS)
         if text is None:
             return None
         if _TIME_RE.fullmatch(text):
@@ -423,45 +489,88 @@ class _Reader:
         self.warn(f"invalid-time: {keyword}")
         return None
 
-    def integer(self, ds: Dataset, keyword: str) -> int | None:
-        value = self.value(ds, keyword)
-        if value is None or value == "":
+    def integer_string(self, ds: Dataset, keyword: str) -> int | None:
+        """An IS value (PS3.5 6.2); None with a warning when it is not one integer."""
+        text = self.text(ds, keyword, _DEFAULT_ENCODINGS)
+        if text is None:
             return None
-        if isinstance(value, MultiValue | list):
-            if len(value) != 1:
-                self.warn(f"invalid-int: {keyword}")
-                return None
-            value = value[0]
         try:
-            number = int(value)
-            if isinstance(value, float | str) and float(value) != number:
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            self.warn(f"invalid-int: {keyword}")
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if number.is_integer():
+            return int(number)
+        self.warn(f"invalid-int: {keyword}")
+        return None
+
+    def unsigned_short(self, ds: Dataset, keyword: str) -> int | None:
+        """A US value (PS3.5 6.2); None with a warning unless exactly one value."""
+        element = self.element(ds, keyword)
+        if element is None:
             return None
-        return number
+        if element.is_raw:
+            raw = element.value
+            if not raw:
+                return None
+            if len(raw) == 2:
+                order = "<" if element.is_little_endian else ">"
+                return int(struct.unpack(f"{order}H", raw)[0])
+            value = self.converted(ds, keyword)
+        else:
+            value = element.value
+        if isinstance(value, int):
+            return value
+        self.warn(f"invalid-int: {keyword}")
+        return None
 
     def uid(self, ds: Dataset, keyword: str, fallback: tuple[Dataset, str] | None) -> str:
         """A required UID; raises NotParseable if missing or malformed."""
-        tag = tag_for_keyword(keyword)
-        try:
-            value = ds[tag].value if tag in ds else None
-        except Exception:
-            raise NotParseable(f"invalid-uid: {keyword}") from None
-        if value is None or value == "":
-            if fallback is None:
-                raise NotParseable(f"missing-uid: {keyword}")
-            return self.uid(fallback[0], fallback[1], None)
-        if isinstance(value, MultiValue | list) or not isinstance(value, str):
+        parts = self.strings(ds, keyword, _DEFAULT_ENCODINGS)
+        if parts is None or not any(parts):
+            if fallback is not None:
+                fallback_parts = self.strings(fallback[0], fallback[1], _DEFAULT_ENCODINGS)
+                if fallback_parts is not None and any(fallback_parts):
+                    return self.uid(fallback[0], fallback[1], None)
+            raise NotParseable(f"missing-uid: {keyword}")
+        if len(parts) != 1:
             raise NotParseable(f"invalid-uid: {keyword}")
-        text = value.strip(" \x00")
-        if not text:
-            if fallback is None:
-                raise NotParseable(f"missing-uid: {keyword}")
-            return self.uid(fallback[0], fallback[1], None)
+        text = parts[0]
         if len(text) > _UID_MAX or not _UID_RE.fullmatch(text):
             raise NotParseable(f"invalid-uid: {keyword}")
         return text
+
+    def items(self, ds: Dataset, keyword: str) -> list[Dataset]:
+        value = self.converted(ds, keyword)
+        if value is None:
+            return []
+        try:
+            return [item for item in value if isinstance(item, Dataset)]
+        except TypeError:
+            self.warn(f"unreadable-field: {keyword}")
+            return []
+
+
+def _decode_raw(raw: bytes, encodings: list[str]) -> str | None:
+    """Decode a raw text value where no code extension is involved; None means ask pydicom.
+
+    GB18030, GBK and UTF-8 are decoded before splitting on backslash (a GBK trail byte can
+    be 0x5C). ISO 2022 IR 58 is GB2312 in G1 (PS3.5 K.2), so with ASCII as G0 the value is
+    EUC-CN once the escape sequences are removed; this also reads the common vendor form
+    that omits the escapes, which pydicom decodes as Latin-1.
+    """
+    if encodings in _IR58_ENCODINGS:
+        text = raw.replace(b"\x1b$)A", b"").replace(b"\x1b(B", b"")
+        return text.decode("gb18030", errors="replace")
+    if len(encodings) != 1 or b"\x1b" in raw:
+        return None
+    try:
+        return raw.decode(encodings[0], errors="replace")
+    except LookupError:
+        return None
 
 
 def _normalize_pn(name: str) -> str:
@@ -488,49 +597,51 @@ def _records(
     sop_uid = read.uid(ds, "SOPInstanceUID", (file_meta, "MediaStorageSOPInstanceUID"))
     sop_class = read.uid(ds, "SOPClassUID", (file_meta, "MediaStorageSOPClassUID"))
 
-    patient_id = read.text(ds, "PatientID") or ""
-    issuer = read.text(ds, "IssuerOfPatientID")
+    charset = read.strings(ds, "SpecificCharacterSet", _DEFAULT_ENCODINGS)
+    encodings = read.encodings(ds, _DEFAULT_ENCODINGS)
+    patient_id = read.text(ds, "PatientID", encodings) or ""
+    issuer = read.text(ds, "IssuerOfPatientID", encodings)
     patient = PatientRecord(
         PatientID=patient_id,
         IssuerOfPatientID=issuer,
-        PatientName=read.person_name(ds, "PatientName"),
+        PatientName=read.person_name(ds, "PatientName", encodings),
         PatientBirthDate=read.date(ds, "PatientBirthDate"),
-        PatientSex=read.text(ds, "PatientSex"),
-        national_id=_national_id(read, ds, patient_id, issuer, issuers),
+        PatientSex=read.text(ds, "PatientSex", _DEFAULT_ENCODINGS),
+        national_id=_national_id(read, ds, encodings, patient_id, issuer, issuers),
     )
+    code_items = read.items(ds, "InstitutionCodeSequence")
     study = StudyRecord(
         StudyInstanceUID=study_uid,
         StudyDate=read.date(ds, "StudyDate"),
         StudyTime=read.time(ds, "StudyTime"),
-        AccessionNumber=read.text(ds, "AccessionNumber"),
-        StudyID=read.text(ds, "StudyID"),
-        StudyDescription=read.text(ds, "StudyDescription"),
-        ReferringPhysicianName=read.person_name(ds, "ReferringPhysicianName"),
-        InstitutionName=read.text(ds, "InstitutionName"),
-        institution_code=_institution_code(read, ds),
+        AccessionNumber=read.text(ds, "AccessionNumber", encodings),
+        StudyID=read.text(ds, "StudyID", encodings),
+        StudyDescription=read.text(ds, "StudyDescription", encodings),
+        ReferringPhysicianName=read.person_name(ds, "ReferringPhysicianName", encodings),
+        InstitutionName=read.text(ds, "InstitutionName", encodings),
+        institution_code=(
+            read.text(code_items[0], "CodeValue", read.encodings(code_items[0], encodings))
+            if code_items
+            else None
+        ),
     )
     series = SeriesRecord(
         SeriesInstanceUID=series_uid,
-        Modality=read.text(ds, "Modality"),
-        SeriesNumber=read.integer(ds, "SeriesNumber"),
-        SeriesDescription=read.text(ds, "SeriesDescription"),
-        BodyPartExamined=read.text(ds, "BodyPartExamined"),
+        Modality=read.text(ds, "Modality", _DEFAULT_ENCODINGS),
+        SeriesNumber=read.integer_string(ds, "SeriesNumber"),
+        SeriesDescription=read.text(ds, "SeriesDescription", encodings),
+        BodyPartExamined=read.text(ds, "BodyPartExamined", _DEFAULT_ENCODINGS),
         SeriesDate=read.date(ds, "SeriesDate"),
     )
     instance = InstanceRecord(
         SOPInstanceUID=sop_uid,
         SOPClassUID=sop_class,
-        InstanceNumber=read.integer(ds, "InstanceNumber"),
+        InstanceNumber=read.integer_string(ds, "InstanceNumber"),
         TransferSyntaxUID=transfer_syntax,
-        Rows=read.integer(ds, "Rows"),
-        Columns=read.integer(ds, "Columns"),
-        NumberOfFrames=read.integer(ds, "NumberOfFrames"),
+        Rows=read.unsigned_short(ds, "Rows"),
+        Columns=read.unsigned_short(ds, "Columns"),
+        NumberOfFrames=read.integer_string(ds, "NumberOfFrames"),
     )
-    charset = read.value(ds, "SpecificCharacterSet")
-    if isinstance(charset, MultiValue | list):
-        charset_text: str | None = "\\".join(str(part) for part in charset)
-    else:
-        charset_text = str(charset) if charset is not None else None
     for warning in extra_warnings:
         read.warn(warning)
     return ParsedHeader(
@@ -538,40 +649,26 @@ def _records(
         study=study,
         series=series,
         instance=instance,
-        SpecificCharacterSet=charset_text or None,
+        SpecificCharacterSet="\\".join(charset) if charset and any(charset) else None,
         header_bytes=header_bytes,
         warnings=tuple(read.warnings),
     )
 
 
-def _items(read: _Reader, ds: Dataset, keyword: str) -> list[Dataset]:
-    value = read.value(ds, keyword)
-    if value is None:
-        return []
-    try:
-        return [item for item in value if isinstance(item, Dataset)]
-    except TypeError:
-        read.warn(f"unreadable-field: {keyword}")
-        return []
-
-
-def _institution_code(read: _Reader, ds: Dataset) -> str | None:
-    items = _items(read, ds, "InstitutionCodeSequence")
-    return read.text(items[0], "CodeValue") if items else None
-
-
 def _national_id(
     read: _Reader,
     ds: Dataset,
+    encodings: list[str],
     patient_id: str,
     issuer: str | None,
     issuers: frozenset[str],
 ) -> str | None:
     """The GB 11643 number from OtherPatientIDsSequence (or the PatientID) of a known issuer."""
     candidate: str | None = None
-    for item in _items(read, ds, "OtherPatientIDsSequence"):
-        if read.text(item, "IssuerOfPatientID") in issuers:
-            candidate = read.text(item, "PatientID") or ""
+    for item in read.items(ds, "OtherPatientIDsSequence"):
+        item_encodings = read.encodings(item, encodings)
+        if read.text(item, "IssuerOfPatientID", item_encodings) in issuers:
+            candidate = read.text(item, "PatientID", item_encodings) or ""
             break
     if candidate is None and issuer in issuers:
         candidate = patient_id

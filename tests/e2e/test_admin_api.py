@@ -77,7 +77,7 @@ async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.
     async with http.get(f"{base}/admin/sync-jobs", headers={"Authorization": "Bearer x.y.z"}) as r:
         assert r.status == 401
     async with http.get(f"{base}/admin/sync-jobs", headers=hospital) as r:
-        assert r.status == 403
+        assert r.status == 403, await r.text()
     async with http.post(f"{base}/admin/sync-jobs", headers=admin, data=b"{not json") as r:
         assert r.status == 400
     async with http.post(f"{base}/admin/sync-jobs", headers=admin, json={"store": "nope"}) as r:

@@ -144,3 +144,13 @@ def test_example_config_loads_and_documents_every_key() -> None:
             if f.name not in internal:
                 assert f.name in documented, f"{cls.__name__}.{f.name} is not in the example"
     assert {"listen", "access_key_env", "secret_key_env", "password_env"} <= documented
+
+
+def test_cli_config_before_or_after_subcommand(tmp_path: Path) -> None:
+    from imaging_gateway.cli import _parser
+
+    cfg = tmp_path / "g.toml"
+    for argv in (["index", "--config", str(cfg), "stats"], ["index", "stats", "--config", str(cfg)],
+                 ["tokens", "--config", str(cfg), "issue", "--role", "admin"]):
+        assert _parser().parse_args(argv).config == cfg
+    assert _parser().parse_args(["index", "stats"]).config is None
