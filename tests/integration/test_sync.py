@@ -329,3 +329,50 @@ def test_sigkill_mid_job_then_cli_resume(tmp_path: Path, index_url: str,
 
     asyncio.run(compare())
     assert killed, "the first run finished before it could be killed"
+
+
+class RewritingStore:
+    """A real fs store whose object ``key`` is rewritten right after its first ranged read."""
+
+    def __init__(self, inner: ObjectStore, root: Path, key: str, new: bytes) -> None:
+        self.inner, self.root, self.key, self.new = inner, root, key, new
+        self.name = inner.name
+        self.done = False
+
+    async def read_range(self, key: str, offset: int, length: int) -> RangeRead:
+        got = await self.inner.read_range(key, offset, length)
+        if key == self.key and not self.done:
+            self.done = True
+            (self.root / key).write_bytes(self.new)
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_object_rewritten_while_its_header_is_read(tmp_path: Path, objs: dict[str, bytes]) -> None:
+    import io
+
+    import pydicom
+
+    write_store(tmp_path / "store", objs)
+    config = settings_for(tmp_path, f"sqlite:///{tmp_path / 'i.sqlite3'}")
+    # A first read shorter than the headers forces a second ranged read.
+    from dataclasses import replace
+
+    settings = replace(config, sync=replace(config.sync, header_read_bytes=1024))
+    bad = {k for k, _, _ in corrupt_samples()}
+    key, other = sorted(k for k in objs if k not in bad)[:2]
+    index = await SqlIndex.open(settings.index)
+    real = open_store(settings.store("bj"))
+    try:
+        await sync(settings, index, RewritingStore(real, tmp_path / "store", key, objs[other]))  # type: ignore[arg-type]
+        dump = await dump_index(index)
+        row = next(r for r in dump["instances"] if r[1] == key)
+        new_sop = str(pydicom.dcmread(io.BytesIO(objs[other]), stop_before_pixels=True).SOPInstanceUID)
+        # What is indexed is the new content, with the new version's ETag.
+        assert row[4] == new_sop
+        assert row[2] == (await real.stat(key)).etag
+    finally:
+        await real.close()
+        await index.close()
