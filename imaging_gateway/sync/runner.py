@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from imaging_gateway.errors import Conflict, GatewayError, ObjectNotFound
+from imaging_gateway.errors import Conflict, GatewayError, ObjectNotFound, StorageError
 from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex, SyncJob
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
@@ -192,11 +192,17 @@ class SyncRunner:
         try:
             while next_page is not None:
                 page = await next_page
+                if page.is_truncated and not page.objects:
+                    # Continuing would end the listing early and sweep the rest as deleted.
+                    raise StorageError(
+                        f"store {self.store.name!r}: listing returned an empty page that "
+                        "claims more follow"
+                    )
                 last = page.objects[-1].key if page.objects else cursor
                 # Prefetch the next listing page while this one's headers are read.
                 next_page = (
                     asyncio.create_task(self.store.list_page(start_after=last, limit=cfg.page_size))
-                    if page.is_truncated and page.objects
+                    if page.is_truncated
                     else None
                 )
                 known = await self.index.known_objects(
