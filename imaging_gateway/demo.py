@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 
 from imaging_gateway.dicom.synthetic import generate_instances
@@ -50,7 +51,7 @@ async def populate(settings: Settings, *, patients: int) -> int:
             if not page.is_truncated or not page.objects:
                 break
             page = await store.list_page(start_after=page.objects[-1].key, limit=1000)
-        for inst in generate_instances(seed=2026, patients=patients):
+        for inst in generate_instances(seed=2026, patients=patients, end_date=date.today()):
             if inst.key not in existing:
                 await store.write_stream(inst.key, _one(inst.data))
                 written += 1

@@ -84,7 +84,9 @@ def make_instance_bytes(**kwargs: Any) -> bytes:
     return make_instance(**kwargs).data
 
 
-def valid_resident_id(region: str = "440106", birth: str = "19800229", sequence: str = "123") -> str:
+def valid_resident_id(
+    region: str = "440106", birth: str = "19800229", sequence: str = "123"
+) -> str:
     """A GB 11643 number with the right check character."""
     first17 = f"{region}{birth}{sequence}"
     return first17 + resident_id_check_char(first17)

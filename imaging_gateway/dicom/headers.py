@@ -13,7 +13,7 @@ from typing import Any
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_partial
+from pydicom.filereader import read_dataset, read_partial, read_sequence
 from pydicom.multival import MultiValue
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -71,8 +71,17 @@ _KEYWORDS = (
     "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
     "MediaStorageSOPInstanceUID MediaStorageSOPClassUID TransferSyntaxUID"
 ).split()
-_TAGS: dict[str, int] = {keyword: int(tag_for_keyword(keyword)) for keyword in _KEYWORDS}
-# Top-level elements the records need; dcmread skips the others' values (seeks past them).
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - the keywords above are all in the dictionary
+        raise KeyError(keyword)
+    return int(tag)
+
+
+_TAGS: dict[str, int] = {keyword: _tag(keyword) for keyword in _KEYWORDS}
+# Top-level elements the records need; pydicom seeks past the others' values.
 _TOP_LEVEL_TAGS = [tag for keyword, tag in _TAGS.items() if keyword != "CodeValue"]
 # PS3.5 7.1.2: explicit VRs with a reserved field and a 4-byte length.
 _LONG_VRS = frozenset(
@@ -121,25 +130,26 @@ class _Probe(io.BytesIO):
         self.short_reads = 0
         self.hard_overrun = False
         """A short read that is not a clean stop at the end on an element boundary."""
-        self.first_short: tuple[int, int, int] | None = None
-        """(position, requested size, bytes returned) of the first short read."""
         self._intercept = intercept_read_all
 
     def read(self, size: int | None = -1, /) -> bytes:
+        chunk = _BYTESIO_READ(self, size)
+        if len(chunk) == size:  # the common case, kept cheap: pydicom reads per element
+            return chunk
         if size is None or size < 0:
             if self._intercept:
+                self.seek(-len(chunk), io.SEEK_CUR)
                 raise _DeflatedDataset(self.tell())
-            return super().read()
-        chunk = super().read(size)
-        if len(chunk) < size:
-            position = self.tell() - len(chunk)
-            self.need = max(self.need, position + size)
-            self.short_reads += 1
-            if chunk or size > 8 or position != self.size:
-                self.hard_overrun = True
-            if self.first_short is None:
-                self.first_short = (position, size, len(chunk))
+            return chunk
+        position = self.tell() - len(chunk)
+        self.need = max(self.need, position + size)
+        self.short_reads += 1
+        if chunk or size > 8 or position != self.size:
+            self.hard_overrun = True
         return chunk
+
+
+_BYTESIO_READ = io.BytesIO.read
 
 
 def parse_header(
@@ -152,17 +162,25 @@ def parse_header(
 
     ``data`` is the object's first bytes (e.g. a 64 KiB ranged GET); ``complete`` says
     whether it is the whole object. Reading stops before top-level pixel data
-    ((7FE0,0010), (7FE0,0008), (7FE0,0009)); pixel data is never decoded.
+    ((7FE0,0010), (7FE0,0008), (7FE0,0009)); pixel data is never decoded. A result from a
+    prefix is always identical to the result from the whole object, except that only a
+    whole object can carry the ``truncated-pixel-data`` warning.
+
+    ``header_bytes`` is where the pixel data element starts (or the object's size when it
+    has none). For Deflated Explicit VR Little Endian, where the header has no byte extent,
+    it is the file meta plus the deflate stream up to the header, in whole 4 KiB steps
+    (enough to parse the header; it may exceed the object's size).
 
     Raises:
         NeedMoreData: ``complete`` is False and the header is not wholly inside ``data``
             (including ``data`` ending exactly where an element before pixel data would
-            start). ``at_least`` is a lower bound of the total size to read next; it may
-            exceed the object's size, in which case read the whole object and call again
-            with ``complete=True``.
-        NotParseable: the object cannot be indexed: ``empty``, ``not-dicom``,
-            ``truncated`` (only with ``complete=True``), ``missing-uid``, ``invalid-uid``
-            or ``unreadable``. The reason holds tag numbers and keywords, never values.
+            start). ``at_least`` (> ``len(data)``) is a lower bound of the total size to
+            read next; fetching more at once saves round trips. It may exceed the object's
+            size: then read the whole object and call again with ``complete=True``.
+        NotParseable: the object cannot be indexed. ``reason`` starts with ``empty``,
+            ``not-dicom``, ``truncated`` (only with ``complete=True``), ``missing-uid``,
+            ``invalid-uid`` or ``unreadable``, then ``": "`` and an explanation naming at
+            most tags and keywords, never values.
     """
     size = len(data)
     if size == 0:
@@ -182,11 +200,13 @@ def parse_header(
         # our own stop condition to also learn where each top-level element ends.
         ds: Dataset = read_partial(probe, stop_when=top, force=True, specific_tags=_TOP_LEVEL_TAGS)
     except _DeflatedDataset as deflated:
-        return _parse_deflated(data, deflated.offset, complete, national_id_issuers)
+        return _parse_deflated(
+            data, deflated.offset, complete=complete, issuers=national_id_issuers
+        )
     except Exception as exc:
-        _raise_for_cut(probe, top, complete, failed=True)
+        _raise_for_cut(probe, top, complete=complete, failed=True)
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
-    _raise_for_cut(probe, top, complete, failed=False)
+    _raise_for_cut(probe, top, complete=complete, failed=False)
     file_meta: Dataset = ds.file_meta
     header_bytes = min(probe.tell(), size)
     implicit, little = ds.original_encoding
@@ -230,7 +250,7 @@ class _TopLevel:
         return False
 
 
-def _raise_for_cut(probe: _Probe, top: _TopLevel, complete: bool, *, failed: bool) -> None:
+def _raise_for_cut(probe: _Probe, top: _TopLevel, *, complete: bool, failed: bool) -> None:
     """Raise NeedMoreData / NotParseable(truncated) if the parse reached past the data.
 
     Without a read past the end, the parse of a prefix is the parse of the whole object.
@@ -244,7 +264,9 @@ def _raise_for_cut(probe: _Probe, top: _TopLevel, complete: bool, *, failed: boo
         raise NeedMoreData(max(probe.size + 1, probe.need + _LOOKAHEAD))
     if top.tag is None:
         raise NotParseable("truncated: object ends before its dataset")
-    cut_in_value = top.value_end is None or top.value_end > probe.size
+    # An undefined-length value that is cut makes pydicom fail or read past the end in big
+    # chunks; one that parsed ended with its delimiter.
+    cut_in_value = top.value_end is not None and top.value_end > probe.size
     if not (failed or probe.hard_overrun or cut_in_value):
         return
     tag = f"({top.tag >> 16:04X},{top.tag & 0xFFFF:04X})"
@@ -288,6 +310,7 @@ def _plausible_dataset_start(data: bytes) -> bool:
 def _parse_deflated(
     data: bytes,
     meta_end: int,
+    *,
     complete: bool,
     issuers: frozenset[str] | tuple[str, ...],
 ) -> ParsedHeader:
@@ -329,7 +352,7 @@ def _parse_deflated(
         estimate = meta_end + int((probe.need + _LOOKAHEAD) * ratio) + 4096
         raise NeedMoreData(max(len(data) + 1, 2 * len(data), estimate))
     # The stream ended (the inflated dataset is whole) or the header ended before the cut.
-    _raise_for_cut(probe, top, stream_ended, failed=failure is not None)
+    _raise_for_cut(probe, top, complete=stream_ended, failed=failure is not None)
     if failure is not None:
         raise NotParseable(f"unreadable: {_scrub(failure)}")
     cut_pixels = complete and not stream_ended and top.at_pixel_data
@@ -439,7 +462,7 @@ class _Reader:
                 parts = self._parts(self.converted(ds, keyword), keyword)
             else:
                 parts = text.split("\\")
-        parts = [part.strip(" \x00") for part in parts]
+        parts = [part.replace(_IR58_ESCAPE, "").strip(" \x00") for part in parts]
         if any("\ufffd" in part for part in parts):
             self.warn(f"undecodable-text: {keyword}")
         return parts
@@ -544,12 +567,26 @@ class _Reader:
         return text
 
     def items(self, ds: Dataset, keyword: str) -> list[Dataset]:
-        value = self.converted(ds, keyword)
-        if value is None:
+        """The items of a sequence; [] when absent or unreadable."""
+        element = self.element(ds, keyword)
+        if element is None:
             return []
         try:
+            if element.is_raw:
+                # A defined-length sequence still in bytes: parse it directly (what
+                # pydicom's conversion does, without its bookkeeping).
+                raw = element.value or b""
+                value = read_sequence(
+                    io.BytesIO(raw),
+                    is_implicit_VR=element.is_implicit_VR,
+                    is_little_endian=element.is_little_endian,
+                    bytelength=len(raw),
+                    encoding=_DEFAULT_ENCODINGS,
+                )
+            else:
+                value = element.value
             return [item for item in value if isinstance(item, Dataset)]
-        except TypeError:
+        except Exception:
             self.warn(f"unreadable-field: {keyword}")
             return []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -249,6 +250,10 @@ class SyncRunner:
             swept = await self.index.sweep_unseen(store=self.store.name, job_id=job.id)
             counters["deleted"] += len(swept)
         finally:
-            for task in (next_page, pending_write):
-                if task is not None and not task.done():
-                    task.cancel()
+            if next_page is not None and not next_page.done():
+                next_page.cancel()
+            if pending_write is not None and not pending_write.done():
+                # Let a page transaction in flight end (commit or roll back) rather than
+                # cancel it mid-way, which can leave its connection holding the lock.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({pending_write})

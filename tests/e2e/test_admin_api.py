@@ -8,8 +8,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 
+from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 from tests.support.gateway import GatewayProcess, cli, free_port
 
 CONFIG = """

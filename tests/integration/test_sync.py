@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 
+from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 from imaging_gateway.errors import StoreUnavailable
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.settings import Settings, load_settings

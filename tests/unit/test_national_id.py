@@ -10,6 +10,8 @@ import pytest
 from imaging_gateway.dicom.national_id import is_valid_resident_id, resident_id_check_char
 from tests.factories import valid_resident_id
 
+FULL_WIDTH = "".join(chr(ord(c) + 0xFEE0) for c in "11010519491231002X")
+
 
 @pytest.mark.parametrize(
     ("number", "valid"),
@@ -21,7 +23,7 @@ from tests.factories import valid_resident_id
         ("11010519491231002", False),  # 17 characters
         ("11010519491231002X1", False),  # 19 characters
         ("1101051949123100AX", False),  # letters in the first 17
-        ("１１０１０５１９４９１２３１００２Ｘ", False),  # full-width digits
+        (FULL_WIDTH, False),  # full-width digits
         ("", False),
     ],
 )
