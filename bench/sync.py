@@ -29,7 +29,6 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imaging_gateway.dicom.synthetic import generate_instances
-
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.settings import Settings, load_settings
 from imaging_gateway.storage.s3 import S3Store

@@ -1,1 +1,1 @@
-"""dicom"""
+"""Pure functions on DICOM bytes: headers -> records, synthetic studies. No I/O."""
