@@ -155,6 +155,9 @@ class SqlIndex:
         if url.drivername.startswith("sqlite"):
             if url.database and url.database != ":memory:":
                 Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            # SQLite has one writer; a few connections (each with its page cache and
+            # thread) are all a sync job can use, and they bound memory.
+            kwargs.update(pool_size=3, max_overflow=2)
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         engine = create_async_engine(url, **kwargs)
