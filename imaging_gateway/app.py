@@ -19,7 +19,7 @@ from imaging_gateway.sync.manager import SyncManager
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness and index reachability; the only route without a token."""
-    await request.app[INDEX].stats()
+    await request.app[INDEX].ping()
     return web.json_response({"status": "ok", "province": request.app[SETTINGS].gateway.province})
 
 

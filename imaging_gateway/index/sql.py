@@ -193,6 +193,14 @@ class SqlIndex:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def ping(self) -> None:
+        """Raises ``IndexUnavailable`` when the database does not answer."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise IndexUnavailable(f"index database unreachable: {exc.__class__.__name__}") from exc
+
     # ------------------------------------------------------------------ sync support
 
     async def known_objects(self, store: str, keys: Sequence[str]) -> dict[str, KnownObject]:

@@ -18,7 +18,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from imaging_gateway.errors import ObjectNotFound, StorageError, StoreUnavailable
+from imaging_gateway.errors import StorageError, StoreUnavailable
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, RangeRead
 from imaging_gateway.storage.s3 import (
@@ -27,6 +27,7 @@ from imaging_gateway.storage.s3 import (
     TransientError,
     call_with_retries,
     classify_status,
+    status_error,
 )
 
 T = TypeVar("T")
@@ -135,8 +136,7 @@ class MinioStore:
 
     def __repr__(self) -> str:
         return (
-            f"MinioStore(name={self.name!r}, endpoint={self._endpoint!r}, "
-            f"bucket={self._bucket!r})"
+            f"MinioStore(name={self.name!r}, endpoint={self._endpoint!r}, bucket={self._bucket!r})"
         )
 
     # -- plumbing -----------------------------------------------------------
@@ -166,25 +166,15 @@ class MinioStore:
                 return TransientError(_describe_transport(exc))
             return StorageError(f"store {self.name!r} at {self._endpoint}: {op} failed")
         code_status, code = status
-        what = f"HTTP {code_status}" + (f" {code}" if code else "")
-        outcome = classify_status(code_status, code)
-        if outcome == "retry":
-            return TransientError(what)
-        if outcome == "not_found":
-            if code == "NoSuchBucket" or key is None:
-                return StorageError(
-                    f"store {self.name!r}: bucket {self._bucket!r} does not exist "
-                    f"at {self._endpoint}"
-                )
-            return ObjectNotFound(self.name, key)
-        if outcome == "denied":
-            return StorageError(
-                f"store {self.name!r}: access denied by {self._endpoint} on {op} ({what}); "
-                "check the store's credentials and bucket policy"
-            )
-        if code_status == 412:
-            return StorageError(f"store {self.name!r}: object changed while it was being read")
-        return StorageError(f"store {self.name!r} at {self._endpoint}: {op} failed: {what}")
+        return status_error(
+            store=self.name,
+            endpoint=self._endpoint,
+            bucket=self._bucket,
+            op=op,
+            key=key,
+            status=code_status,
+            code=code,
+        )
 
     async def _call(
         self, op: str, key: str | None, fn: Callable[..., T], *args: Any, **kw: Any
@@ -229,7 +219,8 @@ class MinioStore:
                 last_modified=_aware(obj.last_modified),
             )
             for obj in found[:limit]
-            if obj.object_name and obj.object_name.startswith(self._prefix)
+            if obj.object_name
+            and obj.object_name.startswith(self._prefix)
             and len(obj.object_name) > cut
         ]
         return ListPage(objects=objects, is_truncated=len(found) > limit)
@@ -371,8 +362,13 @@ class MinioStore:
             def put() -> Any:
                 spool.file.seek(0)
                 return self._client.put_object(
-                    self._bucket, full, spool.file, spool.size,
-                    content_type=content_type, part_size=PART_SIZE, num_parallel_uploads=1,
+                    self._bucket,
+                    full,
+                    spool.file,
+                    spool.size,
+                    content_type=content_type,
+                    part_size=PART_SIZE,
+                    num_parallel_uploads=1,
                 )
 
             result = await self._call("write", key, put)

@@ -87,6 +87,42 @@ _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
 )
 
 
+def status_error(
+    *,
+    store: str,
+    endpoint: str,
+    bucket: str,
+    op: str,
+    key: str | None,
+    status: int,
+    code: str | None,
+    message: str = "",
+    retry_after: float | None = None,
+) -> Exception:
+    """The error an unwanted S3 status means, for every S3-speaking adapter.
+
+    ``TransientError`` when retrying may help; otherwise ``ObjectNotFound`` or
+    ``StorageError`` with a message that names the store, never the key or credentials.
+    """
+    outcome = classify_status(status, code)
+    what = f"HTTP {status}" + (f" {code}" if code else "")
+    if outcome == "retry":
+        return TransientError(what, retry_after=retry_after)
+    if outcome == "not_found":
+        if code == "NoSuchBucket" or key is None:
+            return StorageError(f"store {store!r}: bucket {bucket!r} does not exist at {endpoint}")
+        return ObjectNotFound(store, key)
+    if outcome == "denied":
+        return StorageError(
+            f"store {store!r}: access denied by {endpoint} on {op} ({what}); "
+            "check the store's credentials and bucket policy"
+        )
+    if status == 412:
+        return StorageError(f"store {store!r}: object changed while it was being read")
+    detail = f": {message}" if message else ""
+    return StorageError(f"store {store!r} at {endpoint}: {op} failed: {what}{detail}")
+
+
 def is_transient_error(exc: BaseException) -> bool:
     """Whether a transport-level exception is worth another attempt.
 
@@ -252,9 +288,7 @@ def _error_code(body: bytes) -> tuple[str | None, str]:
 
 def _query(params: Mapping[str, str]) -> str:
     """A query string in SigV4 canonical encoding (what the signer and the wire both see)."""
-    return "&".join(
-        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in params.items()
-    )
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in params.items())
 
 
 async def _sha256_hex(data: bytes) -> str:
@@ -370,30 +404,18 @@ class S3Store:
         """Raise the error an unwanted status means (``TransientError`` when retryable)."""
         body = b"" if resp.method == "HEAD" else await resp.read()
         code, message = _error_code(body)
-        outcome = classify_status(resp.status, code)
-        what = f"HTTP {resp.status}" + (f" {code}" if code else "")
-        if outcome == "retry":
-            retry_after: float | None = None
-            header = resp.headers.get("Retry-After")
-            if header and header.isdigit():
-                retry_after = float(header)
-            raise TransientError(what, retry_after=retry_after)
-        if outcome == "not_found":
-            if code == "NoSuchBucket" or key is None:
-                raise StorageError(
-                    f"store {self.name!r}: bucket {self._settings.bucket!r} does not exist "
-                    f"at {self._endpoint}"
-                )
-            raise ObjectNotFound(self.name, key)
-        if outcome == "denied":
-            raise StorageError(
-                f"store {self.name!r}: access denied by {self._endpoint} on {op} ({what}); "
-                "check the store's credentials and bucket policy"
-            )
-        if resp.status == 412:
-            raise StorageError(f"store {self.name!r}: object changed while it was being read")
-        detail = f": {message}" if message else ""
-        raise StorageError(f"store {self.name!r} at {self._endpoint}: {op} failed: {what}{detail}")
+        header = resp.headers.get("Retry-After")
+        raise status_error(
+            store=self.name,
+            endpoint=self._endpoint,
+            bucket=self._settings.bucket,
+            op=op,
+            key=key,
+            status=resp.status,
+            code=code,
+            message=message,
+            retry_after=float(header) if header and header.isdigit() else None,
+        )
 
     async def _send(
         self,
@@ -655,13 +677,23 @@ class S3Store:
             )
 
         return await self._send(
-            "write", "PUT", url, handle, key=key, body=body, payload_sha256=digest,
+            "write",
+            "PUT",
+            url,
+            handle,
+            key=key,
+            body=body,
+            payload_sha256=digest,
             headers={"Content-Type": content_type},
         )
 
     async def _initiate(self, key: str, url: str, content_type: str) -> str:
         body = await self._send(
-            "write (initiate multipart)", "POST", f"{url}?uploads=", _read_body, key=key,
+            "write (initiate multipart)",
+            "POST",
+            f"{url}?uploads=",
+            _read_body,
+            key=key,
             headers={"Content-Type": content_type},
         )
         root, ns = _parse_xml(body)
@@ -680,7 +712,12 @@ class S3Store:
             return _strip_etag(resp.headers.get("ETag"))
 
         return await self._send(
-            "write (upload part)", "PUT", part_url, handle, key=key, body=part,
+            "write (upload part)",
+            "PUT",
+            part_url,
+            handle,
+            key=key,
+            body=part,
             payload_sha256=digest,
         )
 
@@ -688,7 +725,7 @@ class S3Store:
         self, key: str, url: str, upload_id: str, etags: list[str]
     ) -> tuple[str, datetime]:
         parts = "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>\"{etag}\"</ETag></Part>"
+            f'<Part><PartNumber>{n}</PartNumber><ETag>"{etag}"</ETag></Part>'
             for n, etag in enumerate(etags, start=1)
         )
         body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
@@ -706,8 +743,12 @@ class S3Store:
             return etag, _http_date(resp.headers.get("Date"))
 
         return await self._send(
-            "write (complete multipart)", "POST",
-            f"{url}?{_query({'uploadId': upload_id})}", handle, key=key, body=body,
+            "write (complete multipart)",
+            "POST",
+            f"{url}?{_query({'uploadId': upload_id})}",
+            handle,
+            key=key,
+            body=body,
             payload_sha256=hashlib.sha256(body).hexdigest(),
             headers={"Content-Type": "application/xml"},
         )
@@ -715,9 +756,12 @@ class S3Store:
     async def _abort(self, url: str, upload_id: str) -> None:
         try:
             await self._send(
-                "write (abort multipart)", "DELETE",
-                f"{url}?{_query({'uploadId': upload_id})}", _discard,
-                key=None, accept=frozenset({200, 204, 404}),
+                "write (abort multipart)",
+                "DELETE",
+                f"{url}?{_query({'uploadId': upload_id})}",
+                _discard,
+                key=None,
+                accept=frozenset({200, 204, 404}),
             )
         except Exception as exc:  # the original error matters more; leave a trace
             log.warning("store %r: aborting a multipart upload failed: %s", self.name, exc)
@@ -728,7 +772,11 @@ class S3Store:
         Raises ``StorageError``, ``StoreUnavailable``.
         """
         await self._send(
-            "delete", "DELETE", self._object_url(key), _discard, key=key,
+            "delete",
+            "DELETE",
+            self._object_url(key),
+            _discard,
+            key=key,
             accept=frozenset({200, 204, 404}),
         )
 
@@ -758,7 +806,11 @@ class S3Store:
     async def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist. Raises ``StorageError``, ``StoreUnavailable``."""
         exists = await self._send(
-            "ensure_bucket", "HEAD", self._bucket_url, _is_ok, key=None,
+            "ensure_bucket",
+            "HEAD",
+            self._bucket_url,
+            _is_ok,
+            key=None,
             accept=frozenset({200, 404}),
         )
         if exists:
@@ -780,8 +832,14 @@ class S3Store:
                     )
 
         await self._send(
-            "ensure_bucket", "PUT", self._bucket_url, created, key=None, body=body,
-            payload_sha256=hashlib.sha256(body).hexdigest(), accept=frozenset({200, 409}),
+            "ensure_bucket",
+            "PUT",
+            self._bucket_url,
+            created,
+            key=None,
+            body=body,
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            accept=frozenset({200, 409}),
         )
 
 

@@ -21,7 +21,7 @@ class SyncManager:
         self.settings = settings
         self.index = index
         self.stores = stores
-        self._running: dict[str, tuple[SyncRunner, asyncio.Task[SyncJob]]] = {}
+        self._running: dict[str, tuple[SyncRunner, asyncio.Task[SyncJob | None]]] = {}
 
     async def start(self, store_name: str, *, mode: SyncMode, restart: bool) -> SyncJob:
         """Start (or resume) a job of ``store_name``.
@@ -37,14 +37,17 @@ class SyncManager:
         self._running[job.id] = (runner, task)
         return job
 
-    async def _run(self, runner: SyncRunner, job_id: str) -> SyncJob:
+    async def _run(self, runner: SyncRunner, job_id: str) -> SyncJob | None:
+        """Run a job; its outcome is in the index (status, error), so nothing is raised."""
         try:
             return await runner.run()
         except GatewayError as exc:
             log.warning("sync job %s failed: %s", job_id, exc.message)
-            raise
+        except Exception:
+            log.exception("sync job %s failed", job_id)
         finally:
             self._running.pop(job_id, None)
+        return None
 
     def progress(self, job_id: str) -> Progress | None:
         """Live progress of a job running in this process, if it is."""

@@ -93,6 +93,8 @@ class SyncRunner:
         self.index = index
         self.store = store
         self.progress: Progress | None = None
+        self._lock: StoreLock | None = None
+        self._job: SyncJob | None = None
 
     async def start(self, *, mode: SyncMode = "incremental", restart: bool = False) -> SyncJob:
         """Claim the store and create (or pick up) the job to run; does not run it yet.
@@ -101,8 +103,9 @@ class SyncRunner:
         checkpoint unless ``restart``, which abandons it. Raises ``Conflict`` when a
         job of this store is running now.
         """
-        self._lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
-        self._lock.acquire()
+        lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
+        lock.acquire()
+        self._lock = lock
         try:
             job = await self.index.open_job(self.store.name)
             if job is not None and restart:
@@ -114,7 +117,7 @@ class SyncRunner:
                 await self.index.set_job_status(job.id, "running")
             expected = await self.index.count_objects(self.store.name)
         except BaseException:
-            self._lock.release()
+            lock.release()
             raise
         counters = {k: job.counters.get(k, 0) for k in COUNTERS}
         self.progress = Progress(
@@ -134,8 +137,9 @@ class SyncRunner:
         Raises ``StoreUnavailable`` (job marked failed, index as of the last checkpoint)
         and propagates cancellation (job marked interrupted).
         """
-        job = self._job
-        assert self.progress is not None
+        job, lock = self._job, self._lock
+        if job is None or lock is None or self.progress is None:
+            raise RuntimeError("SyncRunner.run() before start()")
         try:
             await self._run(job, self.progress)
         except asyncio.CancelledError:
@@ -153,7 +157,7 @@ class SyncRunner:
             raise
         finally:
             self.progress.done = True
-            self._lock.release()
+            lock.release()
         await self.index.set_job_status(
             job.id, "succeeded", counters=self.progress.counters, finished=True
         )
