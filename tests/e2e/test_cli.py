@@ -1,0 +1,66 @@
+"""The CLI as an admin meets it: one-line errors, exit codes, no tracebacks, JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support.gateway import cli, free_port
+
+
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\nprovince = "123"\n', encoding="utf-8")
+    out = cli(cfg, "index", "stats", check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gateway.province" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_unreachable_store_fails_the_job_with_a_clear_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(
+        f"""
+[gateway]
+data_dir = "data"
+[[stores]]
+name = "dead"
+kind = "s3"
+endpoint = "http://127.0.0.1:{free_port()}"
+bucket = "dicom"
+retries = 1
+timeout_s = 2
+""",
+        encoding="utf-8",
+    )
+    out = cli(cfg, "sync", "--store", "dead", "--no-progress", check=False)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("imaging-gateway: ") and "dead" in last
+    jobs = json.loads(cli(cfg, "index", "jobs", "--json").stdout)
+    assert [j["status"] for j in jobs] == ["failed"]
+    assert jobs[0]["error"]
+
+
+def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
+    from imaging_gateway.dicom.synthetic import generate_instances
+
+    for inst in generate_instances(seed=3, patients=2, studies_per_patient=1,
+                                   pixel_mode="small", instances_per_series=1):
+        p = tmp_path / "store" / inst.key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(inst.data)
+    n = sum(1 for p in (tmp_path / "store").rglob("*") if p.is_file())
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\ndata_dir = "data"\n[[stores]]\nname = "fs"\nkind = "fs"\npath = "store"\n',
+                   encoding="utf-8")
+    summary = json.loads(cli(cfg, "sync", "--store", "fs", "--json").stdout)
+    assert summary["status"] == "succeeded" and summary["indexed"] == n
+    stats = json.loads(cli(cfg, "index", "stats", "--json").stdout)
+    assert stats["instances"] == n and stats["quarantined"] == 0
+    again = json.loads(cli(cfg, "sync", "--store", "fs", "--json").stdout)
+    assert again["unchanged"] == n and again["bytes_read"] == 0
+    unknown = cli(cfg, "sync", "--store", "nope", check=False)
+    assert unknown.returncode == 2 and "known: fs" in unknown.stderr
