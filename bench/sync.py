@@ -169,11 +169,14 @@ async def rate_bench(
 
 def cli_sync(cfg: Path, env: dict[str, str], *extra: str) -> tuple[float, int, dict[str, object]]:
     """Run the CLI sync in its own process; returns seconds, peak RSS (KiB), summary."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child's
+    # figure would start from this (parent) process's size, which grows with the corpus.
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from imaging_gateway.cli import main\n"
         "rc = main(sys.argv[1:])\n"
-        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "print('MAXRSS', hwm.split()[1], file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )
     t0 = time.perf_counter()
