@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import io
 import re
@@ -12,9 +13,11 @@ from typing import Any
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_partial, read_sequence
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -81,6 +84,7 @@ def _tag(keyword: str) -> int:
 
 
 _TAGS: dict[str, int] = {keyword: _tag(keyword) for keyword in _KEYWORDS}
+_BASE_TAGS: dict[str, BaseTag] = {keyword: BaseTag(tag) for keyword, tag in _TAGS.items()}
 # Top-level elements the records need; pydicom seeks past the others' values.
 _TOP_LEVEL_TAGS = [tag for keyword, tag in _TAGS.items() if keyword != "CodeValue"]
 # PS3.5 7.1.2: explicit VRs with a reserved field and a 4-byte length.
@@ -421,8 +425,15 @@ class _Reader:
 
     def element(self, ds: Dataset, keyword: str) -> Any:
         """The raw or converted element, or None when absent or unreadable."""
+        tag = _BASE_TAGS[keyword]
+        # Fast path of Dataset.get_item: a raw element already read, or an absent one.
+        element = ds._dict.get(tag)
+        if element is None:
+            return None
+        if element.__class__ is RawDataElement and element.value is not None:
+            return element
         try:
-            return ds.get_item(_TAGS[keyword])
+            return ds.get_item(tag)
         except Exception:
             self.warn(f"unreadable-field: {keyword}")
             return None
@@ -461,6 +472,15 @@ class _Reader:
             if text is None:
                 parts = self._parts(self.converted(ds, keyword), keyword)
             else:
+                # Fast path: the same result as the general clean-up below.
+                if "\x1b" not in text:
+                    if "\\" in text:
+                        parts = [part.strip(" \x00") for part in text.split("\\")]
+                    else:
+                        parts = [text.strip(" \x00")]
+                    if "\ufffd" in text:
+                        self.warn(f"undecodable-text: {keyword}")
+                    return parts
                 parts = text.split("\\")
         parts = [part.replace(_IR58_ESCAPE, "").strip(" \x00") for part in parts]
         if any("\ufffd" in part for part in parts):
@@ -604,10 +624,30 @@ def _decode_raw(raw: bytes, encodings: list[str]) -> str | None:
         return text.decode("gb18030", errors="replace")
     if len(encodings) != 1 or b"\x1b" in raw:
         return None
-    try:
-        return raw.decode(encodings[0], errors="replace")
-    except LookupError:
+    codec = _codec_name(encodings[0])
+    if codec is None:
         return None
+    try:
+        return raw.decode(codec, errors="replace")
+    except LookupError:  # pragma: no cover - a codec that is not a text encoding
+        return None
+
+
+_CODEC_NAMES: dict[str, str | None] = {}
+
+
+def _codec_name(encoding: str) -> str | None:
+    """The canonical name of a Python codec (cheaper to decode with); None if unknown."""
+    try:
+        return _CODEC_NAMES[encoding]
+    except KeyError:
+        pass
+    try:
+        name: str | None = codecs.lookup(encoding).name
+    except LookupError:
+        name = None
+    _CODEC_NAMES[encoding] = name
+    return name
 
 
 def _normalize_pn(name: str) -> str:
