@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
 from imaging_gateway.sync.headers import read_header
-
-log = logging.getLogger(__name__)
 
 SyncMode = Literal["incremental", "full"]
 COUNTERS = ("listed", "indexed", "unchanged", "quarantined", "deleted", "conflicts", "bytes_read")
@@ -36,7 +33,6 @@ class Progress:
     """Objects the store held at the last sync (an estimate of the listing's length)."""
     started: float = field(default_factory=time.monotonic)
     start_listed: int = 0
-    done: bool = False
 
     def rate(self) -> float:
         """Objects listed per second in this run."""
@@ -156,7 +152,6 @@ class SyncRunner:
             )
             raise
         finally:
-            self.progress.done = True
             lock.release()
         await self.index.set_job_status(
             job.id, "succeeded", counters=self.progress.counters, finished=True

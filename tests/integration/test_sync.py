@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +269,6 @@ async def test_second_job_on_same_store_is_refused(env: tuple[Settings, SqlIndex
         await first.run()
     finally:
         await store.close()
-
-
-@pytest.fixture
-def pid_file(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "pid"
 
 
 def test_sigkill_mid_job_then_cli_resume(tmp_path: Path, index_url: str,
