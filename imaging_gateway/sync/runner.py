@@ -138,6 +138,11 @@ class SyncRunner:
             raise RuntimeError("SyncRunner.run() before start()")
         try:
             await self._run(job, self.progress)
+            # Marked finished while the store lock is still held: no other job can pick
+            # this one up as unfinished in between.
+            await self.index.set_job_status(
+                job.id, "succeeded", counters=self.progress.counters, finished=True
+            )
         except asyncio.CancelledError:
             await asyncio.shield(
                 self.index.set_job_status(job.id, "interrupted", error="interrupted")
@@ -153,9 +158,6 @@ class SyncRunner:
             raise
         finally:
             lock.release()
-        await self.index.set_job_status(
-            job.id, "succeeded", counters=self.progress.counters, finished=True
-        )
         return await self.index.get_job(job.id)
 
     async def _run(self, job: SyncJob, progress: Progress) -> None:
