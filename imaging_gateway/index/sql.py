@@ -104,6 +104,15 @@ class SyncJob:
 JOB_OPEN_STATES = ("running", "interrupted", "failed")
 
 
+# Rows per IN (...) list: well under SQLite's and asyncpg's bound-parameter limits.
+IN_CHUNK = 900
+
+
+def _chunks(values: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(values), IN_CHUNK):
+        yield list(values[start : start + IN_CHUNK])
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -207,8 +216,7 @@ class SqlIndex:
         """What the index holds for these keys of ``store``: instances and quarantine entries."""
         out: dict[str, KnownObject] = {}
         async with self.engine.connect() as conn:
-            for start in range(0, len(keys), 900):
-                chunk = list(keys[start : start + 900])
+            for chunk in _chunks(keys):
                 for table, quarantined in ((instances, False), (quarantine, True)):
                     q = sa.select(table.c.key, table.c.etag, table.c.size).where(
                         table.c.store == store, table.c.key.in_(chunk)
@@ -278,8 +286,7 @@ class SqlIndex:
     async def _mark_seen(
         self, conn: AsyncConnection, store: str, job_id: str, keys: Sequence[str]
     ) -> None:
-        for start in range(0, len(keys), 900):
-            chunk = list(keys[start : start + 900])
+        for chunk in _chunks(keys):
             for table in (instances, quarantine):
                 await conn.execute(
                     table.update()
@@ -440,12 +447,10 @@ class SqlIndex:
             for c in cols
         }
         stmt = stmt.on_conflict_do_update(index_elements=[table.c[natural_key]], set_=set_)
-        ordered = [rows[k] for k in sorted(rows)]
-        await conn.execute(stmt, ordered)
-        ids: dict[str, int] = {}
         keys = sorted(rows)
-        for start in range(0, len(keys), 900):
-            chunk = keys[start : start + 900]
+        await conn.execute(stmt, [rows[k] for k in keys])
+        ids: dict[str, int] = {}
+        for chunk in _chunks(keys):
             q = sa.select(table.c[natural_key], table.c.id).where(table.c[natural_key].in_(chunk))
             ids.update({k: i for k, i in (await conn.execute(q)).all()})
         return ids
@@ -475,11 +480,12 @@ class SqlIndex:
         )
         # Later objects (in key order) win for attributes that differ: deterministic
         # whatever the order the header reads completed in, and on resume.
+        in_key_order = sorted(items, key=lambda o: o.key)
         pat_rows: dict[str, dict[str, Any]] = {}
         study_rows: dict[str, dict[str, Any]] = {}
         series_rows: dict[str, dict[str, Any]] = {}
         pkey_of: dict[str, str] = {}
-        for o in sorted(items, key=lambda o: o.key):
+        for o in in_key_order:
             h = o.header
             p = h.patient
             scope = p.IssuerOfPatientID or h.study.institution_code or f"store:{store}"
@@ -495,7 +501,7 @@ class SqlIndex:
                 "national_id": p.national_id,
             }
         patient_ids = await self._upsert_rows(conn, patients, "patient_key", pat_rows)
-        for o in sorted(items, key=lambda o: o.key):
+        for o in in_key_order:
             s = o.header.study
             study_rows[s.StudyInstanceUID] = {
                 "StudyInstanceUID": s.StudyInstanceUID,
@@ -513,7 +519,7 @@ class SqlIndex:
         study_ids = await self._upsert_rows(
             conn, studies, "StudyInstanceUID", study_rows, keep=("patient_id", "province")
         )
-        for o in sorted(items, key=lambda o: o.key):
+        for o in in_key_order:
             se = o.header.series
             series_rows[se.SeriesInstanceUID] = {
                 "SeriesInstanceUID": se.SeriesInstanceUID,
@@ -529,7 +535,7 @@ class SqlIndex:
         )
         stmt = self._insert(instances)
         inst_rows = []
-        for o in sorted(items, key=lambda o: o.key):
+        for o in in_key_order:
             i = o.header.instance
             inst_rows.append(
                 {
@@ -575,7 +581,7 @@ class SqlIndex:
         await self._forget_conflicts(conn, store, keys)
         sops = sorted({o.header.instance.SOPInstanceUID for o in items})
         rows: list[Any] = []
-        for start in range(0, len(sops), 900):
+        for chunk in _chunks(sops):
             q = sa.select(
                 instances.c.SOPInstanceUID,
                 instances.c.store,
@@ -583,7 +589,7 @@ class SqlIndex:
                 instances.c.etag,
                 instances.c.size,
                 instances.c.header_sha256,
-            ).where(instances.c.SOPInstanceUID.in_(sops[start : start + 900]))
+            ).where(instances.c.SOPInstanceUID.in_(chunk))
             rows.extend((await conn.execute(q)).all())
         by_sop: dict[str, list[Any]] = {}
         for r in rows:
