@@ -62,9 +62,15 @@ async def drive(keys: list[str], fetch: Fetch, concurrency: int, range_bytes: in
 
 def store_settings(weed: SeaweedServer, kind: str, bucket: str, concurrency: int) -> StoreSettings:
     return StoreSettings(
-        name=f"bench-{kind}", kind=kind, bucket=bucket, endpoint=weed.endpoint,  # type: ignore[arg-type]
-        access_key=weed.access_key, secret_key=weed.secret_key, max_connections=concurrency,
-        retries=3, timeout_s=30.0,
+        name=f"bench-{kind}",
+        kind=kind,
+        bucket=bucket,
+        endpoint=weed.endpoint,  # type: ignore[arg-type]
+        access_key=weed.access_key,
+        secret_key=weed.secret_key,
+        max_connections=concurrency,
+        retries=3,
+        timeout_s=30.0,
     )
 
 
@@ -113,10 +119,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         # (c) boto3 in threads
         client = boto3.client(
-            "s3", endpoint_url=weed.endpoint, aws_access_key_id=weed.access_key,
-            aws_secret_access_key=weed.secret_key, region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=conc,
-                          retries={"max_attempts": 3, "mode": "standard"}),
+            "s3",
+            endpoint_url=weed.endpoint,
+            aws_access_key_id=weed.access_key,
+            aws_secret_access_key=weed.secret_key,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                max_pool_connections=conc,
+                retries={"max_attempts": 3, "mode": "standard"},
+            ),
         )
         pool = ThreadPoolExecutor(max_workers=conc)
         loop = asyncio.get_running_loop()

@@ -2,7 +2,8 @@
 
 Prints one JSON line. Default run: N realistic (~0.5 MB) CT/MR/DX instances; measures in
 the same run the bare 64 KiB ranged-GET rate (presigned URLs, plain aiohttp, no SDK) and
-the sync rate (header read + parse + index write), then the incremental re-run.
+the sync rate (header read + parse + index write), alternating the two over several
+rounds and reporting medians, then the incremental re-run.
 ``--scale 10000,100000`` instead builds buckets of small objects and reports, per size,
 full and incremental sync times and the sync process's peak RSS (each sync runs in its
 own process via the CLI).
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,33 +139,45 @@ async def timed_sync(settings: Settings, *, mode: str) -> tuple[float, dict[str,
 
 
 async def rate_bench(
-    weed: SeaweedServer, n: int, work: Path, concurrency: int
+    weed: SeaweedServer, n: int, work: Path, concurrency: int, rounds: int
 ) -> dict[str, object]:
+    """Alternate bare-rate and full-sync rounds (each sync into a new index); medians.
+
+    The store shares the two cores with the client, so both rates drift with whatever
+    else the machine does; interleaving the rounds exposes both to the same drift.
+    """
     bucket = weed.make_bucket("bench-rate")
-    settings, _ = make_settings(weed, bucket, work / "rate", concurrency)
+    settings, _ = make_settings(weed, bucket, work / "upload", concurrency)
     store = S3Store(settings.store("bench"))
+    bares: list[float] = []
+    syncs: list[float] = []
     try:
         t0 = time.perf_counter()
         keys = await upload(store, instances(n, "realistic"))
         upload_s = time.perf_counter() - t0
-        bare = await bare_rate(store, keys, concurrency)
+        for r in range(rounds):
+            bares.append(await bare_rate(store, keys, concurrency))
+            settings, _ = make_settings(weed, bucket, work / f"round{r}", concurrency)
+            full_s, counters = await timed_sync(settings, mode="incremental")
+            assert counters["indexed"] == n, counters
+            syncs.append(n / full_s)
     finally:
         await store.close()
-    full_s, counters = await timed_sync(settings, mode="incremental")
-    assert counters["indexed"] == n, counters
     incr_s, incr = await timed_sync(settings, mode="incremental")
     assert incr["unchanged"] == n, incr
-    sync_rate = n / full_s
+    bare, sync_rate = statistics.median(bares), statistics.median(syncs)
     return {
         "instances": n,
+        "rounds": rounds,
         "upload_s": round(upload_s, 1),
         "bare_ranged_get_per_s": round(bare, 1),
         "sync_inst_per_s": round(sync_rate, 1),
         "ratio": round(sync_rate / bare, 3),
         "goal_ratio": 0.5,
-        "full_sync_s": round(full_s, 2),
+        "round_ratios": [round(s / b, 3) for b, s in zip(bares, syncs, strict=True)],
+        "full_sync_s": round(n / sync_rate, 2),
         "incremental_s": round(incr_s, 2),
-        "incremental_fraction": round(incr_s / full_s, 3),
+        "incremental_fraction": round(incr_s * sync_rate / n, 3),
     }
 
 
@@ -243,6 +257,7 @@ async def main() -> None:
     ap.add_argument("--instances", type=int, default=2000)
     ap.add_argument("--scale", default="", help="comma-separated bucket sizes of small objects")
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    ap.add_argument("--rounds", type=int, default=3, help="bare/sync rounds (medians)")
     args = ap.parse_args()
     weed = SeaweedServer().start()
     try:
@@ -258,7 +273,9 @@ async def main() -> None:
                 result["scale"] = await scale_bench(weed, sizes, work, args.concurrency)
                 result["goal_incremental_fraction"] = 0.15
             else:
-                result.update(await rate_bench(weed, args.instances, work, args.concurrency))
+                result.update(
+                    await rate_bench(weed, args.instances, work, args.concurrency, args.rounds)
+                )
             print(json.dumps(result))
     finally:
         weed.stop()

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Literal
 
 from imaging_gateway.errors import Conflict, GatewayError, ObjectNotFound, StorageError
-from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex, SyncJob
+from imaging_gateway.index.sql import (
+    IndexedObject,
+    KnownObject,
+    QuarantinedObject,
+    SqlIndex,
+    SyncJob,
+)
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
 from imaging_gateway.sync.headers import read_header
@@ -161,14 +167,23 @@ class SyncRunner:
         return await self.index.get_job(job.id)
 
     async def _run(self, job: SyncJob, progress: Progress) -> None:
+        """List, read and write page by page; pages overlap so the store never waits.
+
+        While page N's headers are read, page N+1 is listed, looked up in the index and
+        its reads queued behind N's (the semaphore is first come, first served), and page
+        N-1 is being written. Pages land strictly in order, each with the counters as of
+        its own end, so a resumed job's counters are exact.
+        """
         cfg = self.settings.sync
-        counters = progress.counters
-        cursor = job.cursor
+        live = progress.counters
+        committed = dict(live)  # the counters as of the last page handed to the index
         full = job.mode == "full"
         sem = asyncio.Semaphore(cfg.concurrency)
         issuers = self.settings.gateway.national_id_issuers
 
-        async def read_one(info: ObjectInfo) -> IndexedObject | QuarantinedObject | None:
+        async def read_one(
+            info: ObjectInfo, delta: dict[str, int]
+        ) -> IndexedObject | QuarantinedObject | None:
             async with sem:
                 try:
                     outcome, n = await read_header(
@@ -180,81 +195,127 @@ class SyncRunner:
                     )
                 except ObjectNotFound:
                     return None  # deleted between listing and read
-            counters["bytes_read"] += n
-            if isinstance(outcome, QuarantinedObject):
-                counters["quarantined"] += 1
-            else:
-                counters["indexed"] += 1
+            kind = "quarantined" if isinstance(outcome, QuarantinedObject) else "indexed"
+            for counters in (delta, live):
+                counters["bytes_read"] += n
+                counters[kind] += 1
             return outcome
 
-        next_page: asyncio.Task[ListPage] | None = asyncio.create_task(
+        async def plan(page: ListPage, last: str | None) -> _Page:
+            known = await self.index.known_objects(self.store.name, [o.key for o in page.objects])
+            planned = _Page(last=last, known=known, delta=dict.fromkeys(COUNTERS, 0))
+            for info in page.objects:
+                k = known.get(info.key)
+                if not full and k is not None and k.etag == info.etag and k.size == info.size:
+                    planned.unchanged.append(info.key)
+                else:
+                    planned.to_read.append(info)
+            for counters in (planned.delta, live):
+                counters["listed"] += len(page.objects)
+                counters["unchanged"] += len(planned.unchanged)
+            planned.reads = [
+                asyncio.create_task(read_one(info, planned.delta)) for info in planned.to_read
+            ]
+            return planned
+
+        async def land(done: _Page, pending_write: asyncio.Task[int] | None) -> asyncio.Task[int]:
+            outcomes = await asyncio.gather(*done.reads)
+            vanished = [i.key for i, o in zip(done.to_read, outcomes, strict=True) if o is None]
+            deleted = sorted(k for k in vanished if k in done.known)
+            for counters in (done.delta, live):
+                counters["deleted"] += len(deleted)
+            if pending_write is not None:
+                await self._count_conflicts(pending_write, live, committed)
+            for name, value in done.delta.items():
+                committed[name] += value
+            # The page lands with its checkpoint in one transaction; the next pages' reads
+            # overlap with this write.
+            return asyncio.create_task(
+                self.index.apply_page(
+                    store=self.store.name,
+                    province=self.settings.gateway.province,
+                    job_id=job.id,
+                    indexed=[o for o in outcomes if isinstance(o, IndexedObject)],
+                    quarantined=[o for o in outcomes if isinstance(o, QuarantinedObject)],
+                    deleted=deleted,
+                    unchanged=done.unchanged,
+                    cursor=done.last,
+                    counters=dict(committed),
+                )
+            )
+
+        cursor = job.cursor
+        listing: asyncio.Task[ListPage] | None = asyncio.create_task(
             self.store.list_page(start_after=cursor, limit=cfg.page_size)
         )
+        current: _Page | None = None
+        upcoming: _Page | None = None
         pending_write: asyncio.Task[int] | None = None
         try:
-            while next_page is not None:
-                page = await next_page
-                if page.is_truncated and not page.objects:
-                    # Continuing would end the listing early and sweep the rest as deleted.
-                    raise StorageError(
-                        f"store {self.store.name!r}: listing returned an empty page that "
-                        "claims more follow"
+            while listing is not None or current is not None:
+                upcoming = None
+                if listing is not None:
+                    page = await listing
+                    if page.is_truncated and not page.objects:
+                        # Continuing would end the listing early and sweep the rest as deleted.
+                        raise StorageError(
+                            f"store {self.store.name!r}: listing returned an empty page "
+                            "that claims more follow"
+                        )
+                    cursor = page.objects[-1].key if page.objects else cursor
+                    listing = (
+                        asyncio.create_task(
+                            self.store.list_page(start_after=cursor, limit=cfg.page_size)
+                        )
+                        if page.is_truncated
+                        else None
                     )
-                last = page.objects[-1].key if page.objects else cursor
-                # Prefetch the next listing page while this one's headers are read.
-                next_page = (
-                    asyncio.create_task(self.store.list_page(start_after=last, limit=cfg.page_size))
-                    if page.is_truncated
-                    else None
-                )
-                known = await self.index.known_objects(
-                    self.store.name, [o.key for o in page.objects]
-                )
-                unchanged: list[str] = []
-                to_read: list[ObjectInfo] = []
-                for info in page.objects:
-                    k = known.get(info.key)
-                    if not full and k is not None and k.etag == info.etag and k.size == info.size:
-                        unchanged.append(info.key)
-                    else:
-                        to_read.append(info)
-                counters["unchanged"] += len(unchanged)
-                counters["listed"] += len(page.objects)
-                outcomes = await asyncio.gather(*(read_one(i) for i in to_read))
-                indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
-                quarantined = [o for o in outcomes if isinstance(o, QuarantinedObject)]
-                vanished = [i.key for i, o in zip(to_read, outcomes, strict=True) if o is None]
-                deleted = sorted(k for k in vanished if k in known)
-                counters["deleted"] += len(deleted)
-                if pending_write is not None:
-                    counters["conflicts"] += await pending_write
-                # The page lands with its checkpoint in one transaction; the next page's
-                # reads overlap with this write.
-                pending_write = asyncio.create_task(
-                    self.index.apply_page(
-                        store=self.store.name,
-                        province=self.settings.gateway.province,
-                        job_id=job.id,
-                        indexed=indexed,
-                        quarantined=quarantined,
-                        deleted=deleted,
-                        unchanged=unchanged,
-                        cursor=last,
-                        counters=dict(counters),
-                    )
-                )
-                cursor = last
+                    upcoming = await plan(page, cursor)
+                if current is not None:
+                    pending_write = await land(current, pending_write)
+                current = upcoming
             if pending_write is not None:
-                counters["conflicts"] += await pending_write
+                await self._count_conflicts(pending_write, live, committed)
                 pending_write = None
             # The listing is complete: whatever it did not show is gone from the store.
             swept = await self.index.sweep_unseen(store=self.store.name, job_id=job.id)
-            counters["deleted"] += len(swept)
+            live["deleted"] += len(swept)
         finally:
-            if next_page is not None and not next_page.done():
-                next_page.cancel()
+            # Stop what is still in flight and collect it, so no failure goes unretrieved.
+            leftovers = [t for t in (listing, *_reads(current), *_reads(upcoming)) if t]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
             if pending_write is not None and not pending_write.done():
                 # Let a page transaction in flight end (commit or roll back) rather than
                 # cancel it mid-way, which can leave its connection holding the lock.
                 with contextlib.suppress(BaseException):
                     await asyncio.wait({pending_write})
+
+    @staticmethod
+    async def _count_conflicts(
+        write: asyncio.Task[int], live: dict[str, int], committed: dict[str, int]
+    ) -> None:
+        conflicts = await write
+        live["conflicts"] += conflicts
+        committed["conflicts"] += conflicts
+
+
+@dataclass(slots=True)
+class _Page:
+    """One listing page on its way through the pipeline."""
+
+    last: str | None
+    """The page's last key: the job's checkpoint once the page lands."""
+    known: dict[str, KnownObject]
+    delta: dict[str, int]
+    """What this page adds to the job's counters."""
+    unchanged: list[str] = field(default_factory=list)
+    to_read: list[ObjectInfo] = field(default_factory=list)
+    reads: list[asyncio.Task[IndexedObject | QuarantinedObject | None]] = field(
+        default_factory=list
+    )
+
+
+def _reads(page: _Page | None) -> list[asyncio.Task[IndexedObject | QuarantinedObject | None]]:
+    return page.reads if page is not None else []
