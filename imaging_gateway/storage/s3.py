@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import random
 import xml.etree.ElementTree as ET
@@ -12,11 +11,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import aiohttp
-from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth, S3SigV4QueryAuth
+from botocore.auth import EMPTY_SHA256_HASH, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from yarl import URL
@@ -24,6 +23,7 @@ from yarl import URL
 from imaging_gateway.errors import ObjectNotFound, StorageError, StoreUnavailable
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, RangeRead
+from imaging_gateway.storage.sigv4 import SigV4Signer
 
 log = logging.getLogger(__name__)
 
@@ -206,32 +206,6 @@ async def call_with_retries(
 # Small helpers
 
 
-class _PayloadSigner(S3SigV4Auth):  # type: ignore[misc]
-    """botocore's S3 SigV4 signer, told the payload hash instead of hashing the body itself.
-
-    The adapter hashes large bodies off the event loop and passes the digest in
-    ``request.context["payload_sha256"]``; bodiless requests use the empty-body hash.
-    The derived signing key depends only on the day, so it is kept for the day instead
-    of being re-derived (four HMACs) for every request.
-    """
-
-    _day_key: tuple[str, bytes] = ("", b"")
-
-    def payload(self, request: Any) -> str:
-        digest: str = request.context.get("payload_sha256", EMPTY_SHA256_HASH)
-        return digest
-
-    def signature(self, string_to_sign: str, request: Any) -> str:
-        day: str = request.context["timestamp"][0:8]
-        cached_day, key = self._day_key
-        if cached_day != day:
-            key = self._sign(f"AWS4{self.credentials.secret_key}".encode(), day)
-            for part in (self._region_name, self._service_name, "aws4_request"):
-                key = self._sign(key, part)
-            self._day_key = (day, key)
-        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
 def _host_header(endpoint: str) -> str:
     """The Host header for ``endpoint`` as the signer and aiohttp both write it."""
     parts = urlsplit(endpoint)
@@ -349,10 +323,10 @@ class S3Store:
         self._host = _host_header(self._endpoint)
         self._retry = retry or RetryPolicy(retries=settings.retries)
         self._credentials: Credentials | None = None
-        self._signer: _PayloadSigner | None = None
+        self._signer: SigV4Signer | None = None
         if settings.access_key and settings.secret_key:
             self._credentials = Credentials(settings.access_key, settings.secret_key)
-            self._signer = _PayloadSigner(self._credentials, "s3", settings.region)
+            self._signer = SigV4Signer(settings.access_key, settings.secret_key, settings.region)
         self._http: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -395,10 +369,7 @@ class S3Store:
     ) -> dict[str, str]:
         if self._signer is None:
             return dict(headers)
-        request = AWSRequest(method=method, url=url, headers={"host": self._host, **headers})
-        request.context["payload_sha256"] = payload_sha256
-        self._signer.add_auth(request)
-        return dict(request.headers.items())
+        return self._signer.sign(method, url, headers, payload_sha256, host=self._host)
 
     async def _fail(self, resp: aiohttp.ClientResponse, op: str, key: str | None) -> None:
         """Raise the error an unwanted status means (``TransientError`` when retryable)."""
