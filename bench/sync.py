@@ -30,6 +30,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from imaging_gateway.cli import tune_gc
 from imaging_gateway.dicom.synthetic import generate_instances
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.settings import Settings, load_settings
@@ -259,6 +260,7 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=CONCURRENCY)
     ap.add_argument("--rounds", type=int, default=3, help="bare/sync rounds (medians)")
     args = ap.parse_args()
+    tune_gc()  # as the CLI does; the rate rounds sync in this process
     weed = SeaweedServer().start()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
