@@ -6,10 +6,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from imaging_gateway.api import admin
-from imaging_gateway.api.keys import INDEX, SETTINGS, STORES, SYNC, TOKENS
+from imaging_gateway.api import admin, consent
+from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
 from imaging_gateway.api.middlewares import auth_middleware, error_middleware
 from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
+from imaging_gateway.security.consent import ConsentStore
+from imaging_gateway.security.gate import Gate
+from imaging_gateway.security.keyfiles import load_or_create_secret
+from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
@@ -29,10 +34,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_tokens_ctx)
     app.cleanup_ctx.append(_index_ctx)
+    app.cleanup_ctx.append(_security_ctx)
     app.cleanup_ctx.append(_stores_ctx)
     app.cleanup_ctx.append(_sync_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(consent.routes)
     return app
 
 
@@ -50,6 +57,23 @@ async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
     app[INDEX] = index
     yield
     await index.close()
+
+
+async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS].security
+    engine = app[INDEX].engine
+    audit_key = load_or_create_chain_key(s.audit_key_file)
+    patient_key = load_or_create_secret(
+        s.patient_token_key_file, setting="security.patient_token_key_file"
+    )
+    app[GATE] = Gate(
+        engine,
+        AuditLog(engine, audit_key),
+        PatientTokens(patient_key),
+        break_glass_minutes=s.break_glass_minutes,
+    )
+    app[CONSENTS] = ConsentStore(engine)
+    yield
 
 
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,4 @@
-"""Command line: serve | sync | index | tokens | demo. Thin: parses, calls, reports."""
+"""Command line: serve | sync | index | tokens | audit | demo. Thin: parses, calls, reports."""
 
 from __future__ import annotations
 
@@ -67,10 +67,36 @@ def _parser() -> argparse.ArgumentParser:
     ti = tsub.add_parser(
         "issue", help="issue a signed token (printed on stdout)", parents=[config_again]
     )
-    ti.add_argument("--role", required=True, choices=["admin", "hospital", "peer"])
+    ti.add_argument("--role", required=True, choices=["admin", "hospital", "peer", "patient"])
     ti.add_argument("--hospital", default=None, help="institution code, for role hospital")
+    ti.add_argument(
+        "--national-id", default=None, help="GB 11643 identity number, for role patient"
+    )
     ti.add_argument("--subject", default=None, help="who holds it (default: the role)")
     ti.add_argument("--ttl", default="1d", help="lifetime: 3600, 30m, 12h, 7d (default 1d)")
+
+    a = cmd("audit", "the tamper-evident access log")
+    asub = a.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    av = asub.add_parser(
+        "verify",
+        help="check the hash chain; exit 1 naming the first broken record",
+        parents=[config_again],
+    )
+    av.add_argument("--json", action="store_true")
+    av.add_argument(
+        "--anchor",
+        default=None,
+        metavar="SEQ:HASH",
+        help="a head printed by an earlier verify, kept elsewhere: also fail if it is gone",
+    )
+    ae = asub.add_parser(
+        "export",
+        help="write DICOM PS3.15 A.5 audit messages, one XML document per line",
+        parents=[config_again],
+    )
+    ae.add_argument("--out", type=Path, required=True, help="file to write")
+    ae.add_argument("--since", default=None, help="ISO 8601 time, inclusive (UTC if no offset)")
+    ae.add_argument("--until", default=None, help="ISO 8601 time, exclusive (UTC if no offset)")
 
     d = sub.add_parser(
         "demo",
@@ -175,6 +201,7 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
             subject=args.subject or args.role,
             role=args.role,
             hospital=args.hospital,
+            national_id=args.national_id,
             ttl_s=_ttl_seconds(args.ttl),
         )
     )
@@ -188,6 +215,8 @@ async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.command == "sync":
             return await _sync(settings, index, args)
+        if args.command == "audit":
+            return await _audit(settings, index, args)
         if args.index_command == "stats":
             stats = await index.stats()
             _print(stats, as_json=args.json)
@@ -214,6 +243,54 @@ def _print(data: dict[str, Any], *, as_json: bool) -> None:
         width = max(len(k) for k in data)
         for k, v in data.items():
             print(f"{k:<{width}}  {v}")
+
+
+async def _audit(settings: Settings, index: Any, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from imaging_gateway.security.audit import AuditLog, load_chain_key
+
+    audit = AuditLog(index.engine, load_chain_key(settings.security.audit_key_file))
+    if args.audit_command == "verify":
+        anchor: tuple[int, str] | None = None
+        if args.anchor is not None:
+            seq, _, digest = args.anchor.partition(":")
+            if not seq.isdigit() or len(digest) != 64:
+                raise GatewayError(f"--anchor: expected SEQ:HASH, got {args.anchor!r}")
+            anchor = (int(seq), digest.lower())
+        report = await audit.verify(anchor=anchor)
+        if args.json:
+            print(json.dumps(report.as_json()))
+        elif report.ok:
+            print(f"intact: {report.checked} records; head {report.last_seq}:{report.last_hash}")
+        else:
+            print(
+                f"BROKEN at seq {report.seq}: {report.reason} "
+                f"(records up to seq {report.last_seq} are intact)"
+            )
+        return 0 if report.ok else 1
+
+    def when(flag: str, text: str | None) -> datetime | None:
+        if text is None:
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise GatewayError(f"{flag}: expected an ISO 8601 time, got {text!r}") from None
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+    since, until = when("--since", args.since), when("--until", args.until)
+    province = settings.gateway.province
+    try:
+        out = args.out.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise GatewayError(f"--out: cannot write {args.out}: {exc.strerror}") from None
+    with out:
+        n = await audit.export(
+            out, since=since, until=until, source_id=f"imaging-gateway:{province}", site=province
+        )
+    print(f"{n} audit messages written to {args.out}", file=sys.stderr)
+    return 0
 
 
 async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int:

@@ -119,6 +119,13 @@ class SyncSettings:
 class SecuritySettings:
     token_key_file: Path
     token_max_ttl_s: int = 90 * 24 * 3600
+    patient_token_key_file: Path = Path("data/keys/patient-token.key")
+    """Secret (32 bytes) of the keyed hash that stands for a patient in logs and federation."""
+    audit_key_file: Path = Path("data/keys/audit-chain.key")
+    """Secret (32 bytes) keying the audit log's hash chain; verify needs it."""
+    break_glass_minutes: int = 30
+    consent_max_days: int = 365
+    search_max_results: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +378,15 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
             base, s.str_("token_key_file", str(data_dir / "keys" / "token-signing.pem"))
         ),
         token_max_ttl_s=s.int_("token_max_ttl_s", 90 * 24 * 3600, minimum=60),
+        patient_token_key_file=_path(
+            base, s.str_("patient_token_key_file", str(data_dir / "keys" / "patient-token.key"))
+        ),
+        audit_key_file=_path(
+            base, s.str_("audit_key_file", str(data_dir / "keys" / "audit-chain.key"))
+        ),
+        break_glass_minutes=s.int_("break_glass_minutes", 30, minimum=1, maximum=24 * 60),
+        consent_max_days=s.int_("consent_max_days", 365, minimum=1, maximum=3650),
+        search_max_results=s.int_("search_max_results", 1000, minimum=1, maximum=100_000),
     )
     s.finish()
     return Settings(gateway, index, tuple(stores), sync, security)

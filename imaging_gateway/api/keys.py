@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.consent import ConsentStore
+from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.security.tokens import TokenAuthority
 from imaging_gateway.settings import Settings
@@ -16,6 +18,18 @@ INDEX = web.AppKey("index", SqlIndex)
 STORES = web.AppKey("stores", dict[str, ObjectStore])
 TOKENS = web.AppKey("tokens", TokenAuthority)
 SYNC = web.AppKey("sync", SyncManager)
+GATE = web.AppKey("gate", Gate)
+CONSENTS = web.AppKey("consents", ConsentStore)
 PRINCIPAL = "principal"  # request-scoped: request[PRINCIPAL] -> Principal
 
-__all__ = ["INDEX", "PRINCIPAL", "SETTINGS", "STORES", "SYNC", "TOKENS", "Principal"]
+__all__ = [
+    "CONSENTS",
+    "GATE",
+    "INDEX",
+    "PRINCIPAL",
+    "SETTINGS",
+    "STORES",
+    "SYNC",
+    "TOKENS",
+    "Principal",
+]

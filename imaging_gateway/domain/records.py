@@ -73,3 +73,24 @@ class ParsedHeader:
     """How many bytes of the object the header occupies (up to pixel data or end)."""
     warnings: tuple[str, ...] = field(default_factory=tuple)
     """Non-fatal findings, e.g. ``national-id-checksum-invalid``; never patient data."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLocation:
+    """Where one indexed instance lies and what a retrieve needs to know about it."""
+
+    StudyInstanceUID: str
+    SeriesInstanceUID: str
+    SOPInstanceUID: str
+    SOPClassUID: str
+    TransferSyntaxUID: str | None
+    store: str
+    key: str
+    etag: str
+    size: int
+    header_bytes: int
+    """Bytes of the object up to its pixel data (a ranged read of these holds the header)."""
+    Rows: int | None = None
+    Columns: int | None = None
+    NumberOfFrames: int | None = None
+    InstanceNumber: int | None = None

@@ -35,6 +35,9 @@ patients = Table(
     Column("PatientBirthDate", String(8)),
     Column("PatientSex", String(16)),
     Column("national_id", String(18)),
+    # Search keys for PatientName fuzzy matching (characters, pinyin, initials); see
+    # imaging_gateway.domain.names. Added in 0002.
+    Column("name_search", Text),
     Index("ix_patients_patient_id", "PatientID"),
     Index("ix_patients_national_id", "national_id"),
 )
@@ -54,9 +57,19 @@ studies = Table(
     Column("InstitutionName", Text),
     Column("institution_code", String(32)),
     Column("province", String(6), nullable=False),
+    # The hospital (medical-insurance institution code) that produced the study: from the
+    # store's configured hospital, else the DICOM institution code. Added in 0002.
+    Column("hospital", String(32)),
     Index("ix_studies_patient", "patient_id"),
+    Index("ix_studies_hospital", "hospital"),
     Index("ix_studies_date", "StudyDate"),
     Index("ix_studies_accession", "AccessionNumber"),
+    # QIDO-RS return attributes derived from the study's series and instances (PS3.4
+    # C.3.4), kept up to date by imaging_gateway.index.qido.refresh_derived. Added in
+    # 0003. ModalitiesInStudy: distinct values, sorted, backslash-separated.
+    Column("ModalitiesInStudy", String(200)),
+    Column("NumberOfStudyRelatedSeries", Integer),
+    Column("NumberOfStudyRelatedInstances", Integer),
 )
 
 series = Table(
@@ -72,6 +85,13 @@ series = Table(
     Column("SeriesDate", String(8)),
     Index("ix_series_study", "study_id"),
     Index("ix_series_modality", "Modality"),
+    # Added in 0003 (QIDO-RS): a derived count (see studies above) and the series-level
+    # required matching keys of PS3.18 Table 10.6.1-5.
+    Column("NumberOfSeriesRelatedInstances", Integer),
+    Column("PerformedProcedureStepStartDate", String(8)),
+    Column("PerformedProcedureStepStartTime", String(16)),
+    # ModalitiesInStudy matching: studies.id IN (series.study_id of a modality).
+    Index("ix_series_modality_study", "Modality", "study_id"),
 )
 
 instances = Table(
@@ -163,3 +183,94 @@ sync_jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Index("ix_sync_jobs_store_status", "store", "status"),
 )
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    # The patient, by GB 11643 national identity (the patient token of federation is
+    # derived from it).
+    Column("national_id", String(18), nullable=False),
+    Column("grantee_hospital", String(32), nullable=False),
+    Column("grantee_clinician", String(128)),
+    Column("purpose", String(64), nullable=False),
+    # "all", or a JSON list of StudyInstanceUIDs.
+    Column("scope", Text, nullable=False),
+    Column("valid_from", DateTime(timezone=True), nullable=False),
+    Column("valid_until", DateTime(timezone=True), nullable=False),
+    # How the patient authorized (e.g. a scanned medical-insurance code reference).
+    Column("evidence", Text, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("revoked_by", String(128)),
+    Index("ix_consents_patient", "national_id"),
+    Index("ix_consents_grantee", "grantee_hospital", "national_id"),
+)
+
+break_glass = Table(
+    "break_glass",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("subject", String(128), nullable=False),
+    Column("hospital", String(32), nullable=False),
+    Column("patient_id", Integer, ForeignKey("patients.id"), nullable=False),
+    Column("StudyInstanceUID", UID, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_break_glass_hospital", "hospital", "expires_at"),
+)
+
+# Append-only, hash-chained access log (imaging_gateway.security.audit).
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("hospital", String(32)),
+    Column("patient_token", String(64)),
+    Column("StudyInstanceUID", UID),
+    Column("action", String(32), nullable=False),
+    Column("purpose", String(64)),
+    Column("break_glass_reason", Text),
+    Column("outcome", String(16), nullable=False),
+    Column("source", String(64)),
+    Column("detail", Text),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_patient", "patient_token", "seq"),
+)
+
+# PatientName search keys, one row each (QIDO-RS literal and fuzzy PN matching; see
+# imaging_gateway.domain.names): equality and prefix ranges on ``key`` use its index.
+# "C" collation on PostgreSQL so that ranges compare code points. Added in 0003;
+# maintained by imaging_gateway.index.qido.refresh_derived.
+patient_name_keys = Table(
+    "patient_name_keys",
+    metadata,
+    Column("key", String(128).with_variant(String(128, collation="C"), "postgresql"),
+           primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patients.id", ondelete="CASCADE"),
+           primary_key=True),
+    Index("ix_patient_name_keys_patient", "patient_id"),
+)
+
+# Request Attributes Sequence (0040,0275) items of a series: the sequence-matching keys
+# of PS3.18 Table 10.6.1-5. Added in 0003.
+series_requests = Table(
+    "series_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("ScheduledProcedureStepID", String(64)),
+    Column("RequestedProcedureID", String(64)),
+    Index("ix_series_requests_series", "series_id"),
+)
+
+# Also created by 0003, on PostgreSQL only (LIKE 'prefix%' uses a btree index there only
+# with pattern operators; SQLite's GLOB uses the plain indexes above):
+# ix_patients_patient_id_pattern (PatientID varchar_pattern_ops) and
+# ix_studies_accession_pattern (AccessionNumber varchar_pattern_ops).

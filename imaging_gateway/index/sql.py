@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from imaging_gateway.domain.names import name_search_keys
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import IndexUnavailable, NotFound
 from imaging_gateway.index.schema import (
@@ -246,12 +247,15 @@ class SqlIndex:
         unchanged: Sequence[str] = (),
         cursor: str | None,
         counters: dict[str, int],
+        hospital: str | None = None,
     ) -> int:
         """Apply one listing page and move the job's checkpoint, in one transaction.
 
         Either everything of the page lands, with the cursor, or nothing does: a job
         killed at any point resumes from the last page that landed. Every listed key
         (indexed, quarantined or ``unchanged``) is marked as seen by ``job_id``.
+        ``hospital`` is the store's configured hospital: the producer of its studies
+        (else each study's DICOM institution code is).
         Returns the number of SOPInstanceUID conflicts newly recorded.
         """
         now = _now()
@@ -273,7 +277,9 @@ class SqlIndex:
                 )
             new_conflicts = 0
             if indexed:
-                touched_series |= await self._upsert(conn, store, province, job_id, indexed, now)
+                touched_series |= await self._upsert(
+                    conn, store, province, job_id, indexed, now, hospital=hospital
+                )
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
             await self._drop_orphans(conn, touched_series)
             await conn.execute(
@@ -463,6 +469,8 @@ class SqlIndex:
         job_id: str,
         items: Sequence[IndexedObject],
         now: datetime,
+        *,
+        hospital: str | None,
     ) -> set[int]:
         keys = [o.key for o in items]
         old_series = {
@@ -496,6 +504,7 @@ class SqlIndex:
                 "PatientID": p.PatientID,
                 "IssuerOfPatientID": p.IssuerOfPatientID,
                 "PatientName": p.PatientName,
+                "name_search": name_search_keys(p.PatientName),
                 "PatientBirthDate": p.PatientBirthDate,
                 "PatientSex": p.PatientSex,
                 "national_id": p.national_id,
@@ -515,6 +524,7 @@ class SqlIndex:
                 "InstitutionName": s.InstitutionName,
                 "institution_code": s.institution_code,
                 "province": province,
+                "hospital": hospital or s.institution_code,
             }
         study_ids = await self._upsert_rows(
             conn, studies, "StudyInstanceUID", study_rows, keep=("patient_id", "province")

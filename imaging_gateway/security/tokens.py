@@ -60,15 +60,17 @@ class TokenAuthority:
         subject: str,
         role: str,
         hospital: str | None = None,
+        national_id: str | None = None,
         ttl_s: int = 24 * 3600,
         now: datetime | None = None,
     ) -> str:
         """A signed token for ``subject`` with ``role``; raises ``InvalidRequest`` on bad claims."""
-        checked = validate_claims(role, hospital)
+        checked = validate_claims(role, hospital, national_id)
         if not 0 < ttl_s <= self.max_ttl_s:
             raise InvalidRequest(f"ttl must be between 1 s and {self.max_ttl_s} s")
-        if not subject or len(subject) > 200:
-            raise InvalidRequest("subject must be 1-200 characters")
+        if not subject or len(subject) > 128:
+            # The audit log records the subject of every access in full.
+            raise InvalidRequest("subject must be 1-128 characters")
         issued = now or datetime.now(UTC)
         claims: dict[str, object] = {
             "iss": self.issuer,
@@ -83,6 +85,8 @@ class TokenAuthority:
         }
         if hospital is not None:
             claims["hosp"] = hospital
+        if national_id is not None:
+            claims["nid"] = national_id
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Principal:
@@ -102,7 +106,7 @@ class TokenAuthority:
         except jwt.InvalidTokenError:
             raise Unauthenticated("invalid token") from None
         try:
-            role = validate_claims(str(claims.get("role")), claims.get("hosp"))
+            role = validate_claims(str(claims.get("role")), claims.get("hosp"), claims.get("nid"))
         except InvalidRequest:
             raise Unauthenticated("invalid token") from None
         return Principal(
@@ -111,4 +115,5 @@ class TokenAuthority:
             province=str(claims.get("prov", "")),
             token_id=str(claims["jti"]),
             hospital=claims.get("hosp"),
+            national_id=claims.get("nid"),
         )

@@ -234,6 +234,7 @@ class SyncRunner:
                 self.index.apply_page(
                     store=self.store.name,
                     province=self.settings.gateway.province,
+                    hospital=self.settings.store(self.store.name).hospital,
                     job_id=job.id,
                     indexed=[o for o in outcomes if isinstance(o, IndexedObject)],
                     quarantined=[o for o in outcomes if isinstance(o, QuarantinedObject)],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -54,12 +54,6 @@ def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
 
 def token(gw: GatewayProcess, *args: str) -> str:
     return cli(gw.config, "tokens", "issue", *args).stdout.strip()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.ClientSession) -> None:

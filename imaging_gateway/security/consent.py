@@ -1,0 +1,287 @@
+"""Consent grants: a patient's authorization for one hospital to see their studies."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from imaging_gateway.dicom.national_id import is_valid_resident_id
+from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.index.schema import consents
+from imaging_gateway.security.principals import HOSPITAL_CODE, Principal
+
+PURPOSES = ("treatment", "referral", "second-opinion", "emergency-follow-up", "research")
+MAX_SCOPE_STUDIES = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    """One grant as stored; ``scope`` is ``"all"`` or a tuple of StudyInstanceUIDs."""
+
+    id: str
+    national_id: str
+    grantee_hospital: str
+    grantee_clinician: str | None
+    purpose: str
+    scope: str | tuple[str, ...]
+    valid_from: datetime
+    valid_until: datetime
+    evidence: str
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+    def active(self, now: datetime) -> bool:
+        return self.revoked_at is None and self.valid_from <= now < self.valid_until
+
+    def as_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "patient": {"national_id": self.national_id},
+            "grantee_hospital": self.grantee_hospital,
+            "grantee_clinician": self.grantee_clinician,
+            "purpose": self.purpose,
+            "scope": self.scope if self.scope == "all" else list(self.scope),
+            "valid_from": self.valid_from.isoformat(),
+            "valid_until": self.valid_until.isoformat(),
+            "evidence": self.evidence,
+            "created_by": self.created_by,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "revoked_by": self.revoked_by,
+            "active": self.active(now),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRequest:
+    """A validated ``POST /consents`` body."""
+
+    national_id: str
+    grantee_hospital: str
+    grantee_clinician: str | None
+    purpose: str
+    scope: str | tuple[str, ...]
+    valid_from: datetime
+    valid_until: datetime
+    evidence: str
+
+
+def parse_consent_request(
+    body: Mapping[str, Any], principal: Principal, *, now: datetime, max_days: int
+) -> ConsentRequest:
+    """Validate a consent body against who is asking.
+
+    A hospital records grants to itself (the patient authorizes on site); an admin may
+    record one for any hospital. Raises ``InvalidRequest`` naming the field that is wrong,
+    ``Forbidden`` for a role that may not create grants.
+    """
+    principal.require("hospital", "admin")
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = set(body) - {
+        "national_id",
+        "grantee_hospital",
+        "grantee_clinician",
+        "purpose",
+        "scope",
+        "valid_from",
+        "valid_until",
+        "evidence",
+    }
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    national_id = _text(body, "national_id", 18).upper()
+    if not is_valid_resident_id(national_id):
+        raise InvalidRequest("national_id: not a valid GB 11643 identity number")
+    grantee = body.get("grantee_hospital", principal.hospital)
+    if not isinstance(grantee, str) or not HOSPITAL_CODE.match(grantee):
+        raise InvalidRequest("grantee_hospital: an institution code such as H11010800028")
+    if principal.role == "hospital" and grantee != principal.hospital:
+        raise Forbidden("a hospital records grants to itself only")
+    clinician = body.get("grantee_clinician")
+    if clinician is not None and (not isinstance(clinician, str) or not 0 < len(clinician) <= 128):
+        raise InvalidRequest("grantee_clinician: 1-128 characters")
+    purpose = _text(body, "purpose", 64)
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose: one of {', '.join(PURPOSES)}")
+    scope = _scope(body.get("scope", "all"))
+    valid_from = _time(body, "valid_from", default=now)
+    valid_until = _time(body, "valid_until", default=None)
+    if valid_until <= valid_from:
+        raise InvalidRequest("valid_until must be after valid_from")
+    if valid_until - valid_from > timedelta(days=max_days):
+        raise InvalidRequest(f"a grant may last at most {max_days} days")
+    if valid_until <= now:
+        raise InvalidRequest("valid_until is in the past")
+    evidence = _text(body, "evidence", 2000)
+    return ConsentRequest(
+        national_id=national_id,
+        grantee_hospital=grantee,
+        grantee_clinician=clinician,
+        purpose=purpose,
+        scope=scope,
+        valid_from=valid_from,
+        valid_until=valid_until,
+        evidence=evidence,
+    )
+
+
+def _text(body: Mapping[str, Any], name: str, limit: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"{name}: required, a non-empty string")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name}: at most {limit} characters")
+    return value.strip()
+
+
+def _scope(value: Any) -> str | tuple[str, ...]:
+    if value == "all":
+        return "all"
+    if (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_SCOPE_STUDIES
+        and all(isinstance(v, str) and _valid_uid(v) for v in value)
+    ):
+        return tuple(dict.fromkeys(value))
+    raise InvalidRequest(f'scope: "all" or a list of 1-{MAX_SCOPE_STUDIES} StudyInstanceUIDs')
+
+
+def _valid_uid(value: str) -> bool:
+    parts = value.split(".")
+    return 0 < len(value) <= 64 and all(
+        p.isdigit() and p.isascii() and (p == "0" or not p.startswith("0")) for p in parts
+    )
+
+
+def _time(body: Mapping[str, Any], name: str, *, default: datetime | None) -> datetime:
+    value = body.get(name)
+    if value is None:
+        if default is None:
+            raise InvalidRequest(f"{name}: required (ISO 8601 with a time zone)")
+        return default
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidRequest(f"{name}: not an ISO 8601 date-time") from None
+    if parsed.tzinfo is None:
+        raise InvalidRequest(f"{name}: give a time zone, e.g. +08:00")
+    return parsed.astimezone(UTC)
+
+
+class ConsentStore:
+    """Consent grants in the index database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self, conn: AsyncConnection, request: ConsentRequest, principal: Principal, now: datetime
+    ) -> Consent:
+        """Record a grant within the caller's transaction (with its audit record)."""
+        row = {
+            "id": str(uuid.uuid4()),
+            "national_id": request.national_id,
+            "grantee_hospital": request.grantee_hospital,
+            "grantee_clinician": request.grantee_clinician,
+            "purpose": request.purpose,
+            "scope": "all" if request.scope == "all" else json.dumps(list(request.scope)),
+            "valid_from": request.valid_from,
+            "valid_until": request.valid_until,
+            "evidence": request.evidence,
+            "created_by": principal.subject,
+            "created_at": now,
+            "revoked_at": None,
+            "revoked_by": None,
+        }
+        await conn.execute(consents.insert().values(**row))
+        return _consent(row)
+
+    async def get(self, consent_id: str) -> Consent:
+        """Raises ``NotFound``."""
+        async with self._engine.connect() as conn:
+            row = (
+                (await conn.execute(sa.select(consents).where(consents.c.id == consent_id)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound("no such consent")
+        return _consent(dict(row))
+
+    async def list(
+        self,
+        *,
+        national_id: str | None = None,
+        grantee_hospital: str | None = None,
+        limit: int = 200,
+    ) -> list[Consent]:
+        q = sa.select(consents).order_by(consents.c.created_at.desc()).limit(limit)
+        if national_id is not None:
+            q = q.where(consents.c.national_id == national_id)
+        if grantee_hospital is not None:
+            q = q.where(consents.c.grantee_hospital == grantee_hospital)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [_consent(dict(r)) for r in rows]
+
+    async def revoke(
+        self, conn: AsyncConnection, consent: Consent, principal: Principal, now: datetime
+    ) -> Consent:
+        """Revoke within the caller's transaction; takes effect on the next request."""
+        if consent.revoked_at is not None:
+            return consent
+        await conn.execute(
+            consents.update()
+            .where(consents.c.id == consent.id, consents.c.revoked_at.is_(None))
+            .values(revoked_at=now, revoked_by=principal.subject)
+        )
+        return Consent(**{**_fields(consent), "revoked_at": now, "revoked_by": principal.subject})
+
+
+def may_manage(consent: Consent, principal: Principal) -> bool:
+    """Who may see or revoke a grant: its patient, its grantee hospital, an admin."""
+    if principal.role == "admin":
+        return True
+    if principal.role == "hospital":
+        return consent.grantee_hospital == principal.hospital
+    if principal.role == "patient":
+        return consent.national_id == principal.national_id
+    return False
+
+
+def _fields(consent: Consent) -> dict[str, Any]:
+    return {name: getattr(consent, name) for name in Consent.__slots__}
+
+
+def _consent(row: dict[str, Any]) -> Consent:
+    scope_text = row["scope"]
+    scope: str | tuple[str, ...] = "all" if scope_text == "all" else tuple(json.loads(scope_text))
+    return Consent(
+        id=row["id"],
+        national_id=row["national_id"],
+        grantee_hospital=row["grantee_hospital"],
+        grantee_clinician=row["grantee_clinician"],
+        purpose=row["purpose"],
+        scope=scope,
+        valid_from=_utc(row["valid_from"]),
+        valid_until=_utc(row["valid_until"]),
+        evidence=row["evidence"],
+        created_by=row["created_by"],
+        created_at=_utc(row["created_at"]),
+        revoked_at=_utc(row["revoked_at"]) if row["revoked_at"] else None,
+        revoked_by=row["revoked_by"],
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,0 +1,427 @@
+"""The one exit for patient data: who may see which study, break-glass, and the audit record.
+
+Deny by default. A hospital sees the studies it produced (``studies.hospital``); any other
+study only under an active consent grant for its patient, or a break-glass window its
+clinician opened with a stated reason. A patient sees their own studies. Admins and peers
+see no patient data here (federation answers go through their own checks).
+
+Every decision is written to the audit log in the same transaction as the access, so an
+access whose record cannot be written does not happen. A study that exists but may not be
+seen is answered exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from imaging_gateway.domain.records import InstanceLocation
+from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.index.schema import (
+    break_glass,
+    consents,
+    instances,
+    patients,
+    series,
+    studies,
+)
+from imaging_gateway.security.audit import AuditEvent, AuditLog
+from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.principals import Principal
+
+log = logging.getLogger(__name__)
+
+MAX_REASON = 500
+
+
+@dataclass(frozen=True, slots=True)
+class AccessContext:
+    """One request's caller and circumstances, as the gate and the audit log see them."""
+
+    principal: Principal
+    source: str | None = None
+    """Client address."""
+    purpose: str | None = None
+    break_glass_reason: str | None = None
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def event(self, action: str, outcome: str, **kw: Any) -> AuditEvent:
+        """An audit event of this request; ``kw`` sets or overrides AuditEvent fields."""
+        p = self.principal
+        fields: dict[str, Any] = {
+            "hospital": p.hospital,
+            "purpose": self.purpose,
+            "break_glass_reason": self.break_glass_reason,
+            "source": self.source,
+        }
+        fields.update(kw)
+        return AuditEvent(subject=p.subject, role=p.role, action=action, outcome=outcome, **fields)
+
+
+def parse_break_glass_reason(value: str | None) -> str | None:
+    """The emergency reason from the request header (percent-encoded UTF-8 allowed).
+
+    Raises ``InvalidRequest`` when present but empty or too long.
+    """
+    if value is None:
+        return None
+    from urllib.parse import unquote
+
+    reason = unquote(value).strip()
+    if not reason:
+        raise InvalidRequest("the break-glass reason must not be empty")
+    if len(reason) > MAX_REASON:
+        raise InvalidRequest(f"the break-glass reason is limited to {MAX_REASON} characters")
+    return reason
+
+
+class Gate:
+    """Authorizes, filters and audits every read of patient data."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        audit: AuditLog,
+        tokens: PatientTokens,
+        *,
+        break_glass_minutes: int,
+    ) -> None:
+        self.engine = engine
+        self.audit = audit
+        self.tokens = tokens
+        self.break_glass_window = timedelta(minutes=break_glass_minutes)
+
+    # -- the rule ------------------------------------------------------------------
+
+    def visible(self, principal: Principal, now: datetime) -> ColumnElement[bool]:
+        """A condition on ``studies`` rows true exactly for the studies ``principal`` may see."""
+        if principal.role == "hospital" and principal.hospital:
+            return sa.or_(
+                studies.c.hospital == principal.hospital,
+                self._consented(principal, now),
+                self._broken_glass(principal.hospital, now),
+            )
+        if principal.role == "patient" and principal.national_id:
+            own = (
+                sa.select(patients.c.id)
+                .where(patients.c.national_id == principal.national_id)
+                .scalar_subquery()
+            )
+            return studies.c.patient_id.in_(own)
+        return sa.false()
+
+    @staticmethod
+    def _consented(principal: Principal, now: datetime) -> ColumnElement[bool]:
+        patient = patients.alias("consent_patient")
+        clinician_ok = sa.or_(
+            consents.c.grantee_clinician.is_(None),
+            consents.c.grantee_clinician == principal.subject,
+        )
+        # scope is "all" or a JSON list of UIDs; UIDs hold only digits and dots, so a LIKE
+        # on the quoted UID cannot match anything else.
+        in_scope = sa.or_(
+            consents.c.scope == "all",
+            consents.c.scope.like(sa.literal('%"') + studies.c.StudyInstanceUID + '"%'),
+        )
+        return sa.exists(
+            sa.select(sa.literal(1))
+            .select_from(consents.join(patient, patient.c.national_id == consents.c.national_id))
+            .where(
+                patient.c.id == studies.c.patient_id,
+                consents.c.grantee_hospital == principal.hospital,
+                consents.c.revoked_at.is_(None),
+                consents.c.valid_from <= now,
+                consents.c.valid_until > now,
+                clinician_ok,
+                in_scope,
+            )
+        )
+
+    @staticmethod
+    def _broken_glass(hospital: str, now: datetime) -> ColumnElement[bool]:
+        """An open window for the study's patient: the same patient row, or the same person
+        (national identity) seen under another PatientID."""
+        opened_for = patients.alias("bg_patient")
+        same = patients.alias("bg_same")
+        person = sa.or_(
+            same.c.id == opened_for.c.id,
+            sa.and_(
+                opened_for.c.national_id.is_not(None),
+                same.c.national_id == opened_for.c.national_id,
+            ),
+        )
+        return sa.exists(
+            sa.select(sa.literal(1))
+            .select_from(
+                break_glass.join(opened_for, opened_for.c.id == break_glass.c.patient_id).join(
+                    same, person
+                )
+            )
+            .where(
+                same.c.id == studies.c.patient_id,
+                break_glass.c.hospital == hospital,
+                break_glass.c.expires_at > now,
+            )
+        )
+
+    # -- retrieve --------------------------------------------------------------------
+
+    async def locate(
+        self,
+        ctx: AccessContext,
+        *,
+        action: str,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[InstanceLocation]:
+        """The instances of a study / series / instance the caller may read, audited.
+
+        With a break-glass reason, a hospital clinician opens the study's patient for the
+        configured window first. Raises ``NotFound`` (the same for "does not exist" and
+        "may not be seen", and audited either way).
+        """
+        async with self.engine.begin() as conn:
+            rows = await self._locations(conn, ctx, study_uid, series_uid, sop_uid)
+            if not rows and ctx.break_glass_reason is not None:
+                if await self._open_break_glass(conn, ctx, study_uid):
+                    rows = await self._locations(conn, ctx, study_uid, series_uid, sop_uid)
+            if rows:
+                token = self.tokens.for_patient(rows[0].national_id, rows[0].patient_key)
+                await self.audit.append(
+                    conn,
+                    [
+                        ctx.event(
+                            action,
+                            "ok",
+                            patient_token=token,
+                            StudyInstanceUID=study_uid,
+                            detail=f"instances={len(rows)}",
+                        )
+                    ],
+                    at=ctx.now,
+                )
+                return [r.location for r in rows]
+            exists = await self._study_patient(conn, study_uid)
+            outcome = "denied" if exists is not None else "not-found"
+            hidden = self.tokens.for_patient(*exists) if exists is not None else None
+            await self.audit.append(
+                conn,
+                [ctx.event(action, outcome, patient_token=hidden, StudyInstanceUID=study_uid)],
+                at=ctx.now,
+            )
+        raise NotFound("no such study, series or instance")
+
+    async def _locations(
+        self,
+        conn: AsyncConnection,
+        ctx: AccessContext,
+        study_uid: str,
+        series_uid: str | None,
+        sop_uid: str | None,
+    ) -> list[_Located]:
+        q = (
+            sa.select(
+                instances,
+                series.c.SeriesInstanceUID,
+                series.c.SeriesNumber,
+                studies.c.StudyInstanceUID,
+                patients.c.national_id,
+                patients.c.patient_key,
+            )
+            .select_from(
+                instances.join(series, series.c.id == instances.c.series_id)
+                .join(studies, studies.c.id == series.c.study_id)
+                .join(patients, patients.c.id == studies.c.patient_id)
+            )
+            .where(studies.c.StudyInstanceUID == study_uid, self.visible(ctx.principal, ctx.now))
+            .order_by(
+                series.c.SeriesNumber,
+                series.c.SeriesInstanceUID,
+                instances.c.InstanceNumber,
+                instances.c.SOPInstanceUID,
+                instances.c.id,
+            )
+        )
+        if series_uid is not None:
+            q = q.where(series.c.SeriesInstanceUID == series_uid)
+        if sop_uid is not None:
+            q = q.where(instances.c.SOPInstanceUID == sop_uid)
+        out: list[_Located] = []
+        seen: set[str] = set()
+        for r in (await conn.execute(q)).mappings():
+            # Two objects claiming one SOPInstanceUID (see conflicts): serve the first indexed.
+            if r["SOPInstanceUID"] in seen:
+                continue
+            seen.add(r["SOPInstanceUID"])
+            out.append(
+                _Located(
+                    InstanceLocation(
+                        StudyInstanceUID=r["StudyInstanceUID"],
+                        SeriesInstanceUID=r["SeriesInstanceUID"],
+                        SOPInstanceUID=r["SOPInstanceUID"],
+                        SOPClassUID=r["SOPClassUID"],
+                        TransferSyntaxUID=r["TransferSyntaxUID"],
+                        store=r["store"],
+                        key=r["key"],
+                        etag=r["etag"],
+                        size=r["size"],
+                        header_bytes=r["header_bytes"],
+                        Rows=r["Rows"],
+                        Columns=r["Columns"],
+                        NumberOfFrames=r["NumberOfFrames"],
+                        InstanceNumber=r["InstanceNumber"],
+                    ),
+                    r["national_id"],
+                    r["patient_key"],
+                )
+            )
+        return out
+
+    async def _study_patient(
+        self, conn: AsyncConnection, study_uid: str
+    ) -> tuple[str | None, str] | None:
+        row = (
+            await conn.execute(
+                sa.select(patients.c.national_id, patients.c.patient_key)
+                .select_from(studies.join(patients, patients.c.id == studies.c.patient_id))
+                .where(studies.c.StudyInstanceUID == study_uid)
+            )
+        ).first()
+        return None if row is None else (row[0], row[1])
+
+    async def _open_break_glass(
+        self, conn: AsyncConnection, ctx: AccessContext, study_uid: str
+    ) -> bool:
+        p = ctx.principal
+        if p.role != "hospital" or not p.hospital or ctx.break_glass_reason is None:
+            raise Forbidden("only a hospital clinician can open emergency access")
+        target = (
+            await conn.execute(
+                sa.select(studies.c.patient_id, patients.c.national_id, patients.c.patient_key)
+                .select_from(studies.join(patients, patients.c.id == studies.c.patient_id))
+                .where(studies.c.StudyInstanceUID == study_uid)
+            )
+        ).first()
+        if target is None:
+            return False
+        await conn.execute(
+            break_glass.insert().values(
+                id=str(uuid.uuid4()),
+                subject=p.subject,
+                hospital=p.hospital,
+                patient_id=target[0],
+                StudyInstanceUID=study_uid,
+                reason=ctx.break_glass_reason,
+                opened_at=ctx.now,
+                expires_at=ctx.now + self.break_glass_window,
+            )
+        )
+        await self.audit.append(
+            conn,
+            [
+                ctx.event(
+                    "break-glass",
+                    "ok",
+                    patient_token=self.tokens.for_patient(target[1], target[2]),
+                    StudyInstanceUID=study_uid,
+                    detail=f"window={int(self.break_glass_window.total_seconds())}s",
+                )
+            ],
+            at=ctx.now,
+        )
+        log.warning("break-glass access opened by %s of %s", p.subject, p.hospital)
+        return True
+
+    # -- search ----------------------------------------------------------------------
+
+    async def audit_search(
+        self,
+        ctx: AccessContext,
+        *,
+        level: str,
+        patient_ids: Sequence[int],
+        results: int,
+    ) -> None:
+        """Record a search: one record per patient it returned (one when it returned none)."""
+        distinct = list(dict.fromkeys(patient_ids))
+        async with self.engine.begin() as conn:
+            tokens: Sequence[str | None] = [None]
+            if distinct:
+                rows = (
+                    await conn.execute(
+                        sa.select(patients.c.national_id, patients.c.patient_key).where(
+                            patients.c.id.in_(distinct)
+                        )
+                    )
+                ).all()
+                tokens = sorted({self.tokens.for_patient(r[0], r[1]) for r in rows})
+            await self.audit.append(
+                conn,
+                [
+                    ctx.event(
+                        "search",
+                        "ok",
+                        patient_token=t,
+                        detail=f"level={level} results={results}",
+                    )
+                    for t in tokens
+                ],
+                at=ctx.now,
+            )
+
+    async def break_glass_report(
+        self, *, since: datetime, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Emergency accesses opened since ``since`` (newest first), for the province's review."""
+        q = (
+            sa.select(
+                break_glass.c.id,
+                break_glass.c.subject,
+                break_glass.c.hospital,
+                break_glass.c.StudyInstanceUID,
+                break_glass.c.reason,
+                break_glass.c.opened_at,
+                break_glass.c.expires_at,
+                patients.c.national_id,
+                patients.c.patient_key,
+            )
+            .select_from(break_glass.join(patients, patients.c.id == break_glass.c.patient_id))
+            .where(break_glass.c.opened_at >= since)
+            .order_by(break_glass.c.opened_at.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [
+            {
+                "id": r["id"],
+                "subject": r["subject"],
+                "hospital": r["hospital"],
+                "patient_token": self.tokens.for_patient(r["national_id"], r["patient_key"]),
+                "StudyInstanceUID": r["StudyInstanceUID"],
+                "reason": r["reason"],
+                "opened_at": _iso(r["opened_at"]),
+                "expires_at": _iso(r["expires_at"]),
+            }
+            for r in rows
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Located:
+    location: InstanceLocation
+    national_id: str | None
+    patient_key: str
+
+
+def _iso(value: datetime) -> str:
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()

@@ -1,0 +1,1 @@
+"""Use cases (search, retrieve, store); each returns patient data through security's gate."""

@@ -1,0 +1,86 @@
+"""A province gateway process over a synced local store of synthetic studies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from imaging_gateway.dicom.synthetic import SyntheticInstance
+from tests.factories import make_corpus
+from tests.support.gateway import GatewayProcess, cli, free_port
+
+PROVINCE_CONFIG = """
+[gateway]
+province = "110000"
+listen = "127.0.0.1:{port}"
+data_dir = "data"
+
+[index]
+url = "{index_url}"
+
+[[stores]]
+name = "bj-fs"
+kind = "fs"
+path = "store"
+"""
+
+
+@dataclass
+class Province:
+    gw: GatewayProcess
+    corpus: list[SyntheticInstance]
+
+    def token(self, *args: str) -> str:
+        return cli(self.gw.config, "tokens", "issue", *args).stdout.strip()
+
+    def bearer(self, *args: str) -> dict[str, str]:
+        return {"Authorization": "Bearer " + self.token(*args)}
+
+    def hospital(self, code: str, subject: str = "pacs") -> dict[str, str]:
+        return self.bearer("--role", "hospital", "--hospital", code, "--subject", subject)
+
+    def studies(self, *, hospital: str | None = None, national_id: str | None = None) -> set[str]:
+        return {
+            i.study_uid
+            for i in self.corpus
+            if (hospital is None or i.hospital.code == hospital)
+            and (national_id is None or i.national_id == national_id)
+        }
+
+    def shared_patient(self) -> tuple[str, str, str]:
+        """(national id, a hospital holding their studies, one holding none of them)."""
+        codes = sorted({i.hospital.code for i in self.corpus})
+        for nid in sorted({i.national_id for i in self.corpus if i.national_id}):
+            own = {i.hospital.code for i in self.corpus if i.national_id == nid}
+            others = [c for c in codes if c not in own]
+            if others:
+                return nid, sorted(own)[0], others[0]
+        raise AssertionError("corpus has no patient to share")
+
+
+@pytest.fixture
+def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
+    corpus = make_corpus(seed=11, patients=5, studies_per_patient=3, instances_per_series=2,
+                         series_per_study=2)
+    for inst in corpus:
+        path = tmp_path / "store" / inst.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(inst.data)
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(PROVINCE_CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
+    cli(config, "sync", "--store", "bj-fs", "--no-progress")
+    gw = GatewayProcess(config, port)
+    gw.start()
+    yield Province(gw, corpus)
+    gw.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s

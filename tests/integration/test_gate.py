@@ -1,0 +1,224 @@
+"""The gate on real SQLite and PostgreSQL: ownership, consent, break-glass, patients, audit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.index.schema import audit_log, studies
+from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.audit import AuditLog
+from imaging_gateway.security.consent import ConsentStore, parse_consent_request
+from imaging_gateway.security.gate import AccessContext, Gate, parse_break_glass_reason
+from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.principals import Principal
+from tests.factories import make_corpus
+from tests.support.indexing import index_instances
+
+NOW = datetime.now(UTC)
+
+
+def hospital(code: str, subject: str = "pacs") -> Principal:
+    return Principal(subject=subject, role="hospital", province="110000", token_id="t",
+                     hospital=code)
+
+
+@pytest.fixture
+async def world(index: SqlIndex, tmp_path: Path) -> AsyncIterator[tuple[Gate, ConsentStore, list]]:
+    # Patients are seen first at a home hospital, later ones elsewhere, same national id.
+    corpus = make_corpus(seed=7, patients=6, studies_per_patient=3)
+    await index_instances(index, corpus)
+    gate = Gate(index.engine, AuditLog(index.engine, b"k" * 32), PatientTokens(b"p" * 32),
+                break_glass_minutes=30)
+    yield gate, ConsentStore(index.engine), corpus
+
+
+async def visible_studies(gate: Gate, principal: Principal, now: datetime = NOW) -> set[str]:
+    async with gate.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(studies.c.StudyInstanceUID).where(gate.visible(principal, now))
+        )
+        return {r[0] for r in rows}
+
+
+def studies_of(corpus: list, *, hospital: str | None = None, national_id: str | None = None
+               ) -> set[str]:
+    return {
+        i.study_uid
+        for i in corpus
+        if (hospital is None or i.hospital.code == hospital)
+        and (national_id is None or i.national_id == national_id)
+    }
+
+
+async def grant(gate: Gate, consents: ConsentStore, by: Principal, body: dict) -> str:
+    request = parse_consent_request(body, by, now=NOW, max_days=365)
+    async with gate.engine.begin() as conn:
+        return (await consents.create(conn, request, by, NOW)).id
+
+
+def _a_patient_seen_in_two_hospitals(corpus: list) -> tuple[str, str, str]:
+    """(national id, home hospital, another hospital where the patient has no study)."""
+    codes = sorted({i.hospital.code for i in corpus})
+    for nid in sorted({i.national_id for i in corpus if i.national_id}):
+        own = {i.hospital.code for i in corpus if i.national_id == nid}
+        others = [c for c in codes if c not in own]
+        if others:
+            return nid, sorted(own)[0], others[0]
+    raise AssertionError("corpus has no patient to share")
+
+
+async def test_a_hospital_sees_exactly_what_it_produced(world) -> None:
+    gate, _, corpus = world
+    for code in sorted({i.hospital.code for i in corpus}):
+        assert await visible_studies(gate, hospital(code)) == studies_of(corpus, hospital=code)
+
+
+async def test_admin_and_peer_see_no_patient_data(world) -> None:
+    gate, _, _ = world
+    for role in ("admin", "peer"):
+        p = Principal(subject=role, role=role, province="110000", token_id="t")  # type: ignore[arg-type]
+        assert await visible_studies(gate, p) == set()
+
+
+async def test_consent_opens_the_patients_studies_until_revoked_or_expired(world) -> None:
+    gate, consents, corpus = world
+    nid, _, other = _a_patient_seen_in_two_hospitals(corpus)
+    grantee = hospital(other)
+    before = await visible_studies(gate, grantee)
+    assert not (studies_of(corpus, national_id=nid) & before)
+    cid = await grant(gate, consents, grantee, {
+        "national_id": nid, "purpose": "treatment", "evidence": "insurance code scan #1",
+        "valid_until": (NOW + timedelta(days=7)).isoformat()})
+    after = await visible_studies(gate, grantee)
+    assert after == before | studies_of(corpus, national_id=nid)
+    # Other hospitals gain nothing from it.
+    third = sorted({i.hospital.code for i in corpus} - {other})[0]
+    assert await visible_studies(gate, hospital(third)) == studies_of(corpus, hospital=third)
+    # Expired: invisible again.
+    assert await visible_studies(gate, grantee, NOW + timedelta(days=8)) == before
+    # Not yet valid: invisible.
+    assert await visible_studies(gate, grantee, NOW - timedelta(minutes=5)) == before
+    # Revoked: invisible on the very next check.
+    consent = await consents.get(cid)
+    async with gate.engine.begin() as conn:
+        await consents.revoke(conn, consent, grantee, NOW)
+    assert await visible_studies(gate, grantee) == before
+
+
+async def test_consent_scope_list_and_named_clinician(world) -> None:
+    gate, consents, corpus = world
+    nid, _, other = _a_patient_seen_in_two_hospitals(corpus)
+    chosen = sorted(studies_of(corpus, national_id=nid))[0]
+    await grant(gate, consents, hospital(other), {
+        "national_id": nid, "purpose": "referral", "evidence": "signed form 42",
+        "scope": [chosen], "grantee_clinician": "dr-li",
+        "valid_until": (NOW + timedelta(days=1)).isoformat()})
+    own = studies_of(corpus, hospital=other)
+    assert await visible_studies(gate, hospital(other, "dr-li")) == own | {chosen}
+    assert await visible_studies(gate, hospital(other, "dr-wang")) == own
+
+
+async def test_patient_sees_own_studies_only(world) -> None:
+    gate, _, corpus = world
+    nid = sorted({i.national_id for i in corpus if i.national_id})[0]
+    me = Principal(subject="app", role="patient", province="110000", token_id="t",
+                   national_id=nid)
+    assert await visible_studies(gate, me) == studies_of(corpus, national_id=nid)
+
+
+async def test_locate_refuses_unseen_and_unknown_alike_and_audits(world) -> None:
+    gate, _, corpus = world
+    nid, home, other = _a_patient_seen_in_two_hospitals(corpus)
+    study = sorted(studies_of(corpus, national_id=nid, hospital=home))[0]
+    ctx = AccessContext(hospital(other), source="10.0.0.9")
+    with pytest.raises(NotFound) as hidden:
+        await gate.locate(ctx, action="retrieve", study_uid=study)
+    with pytest.raises(NotFound) as missing:
+        await gate.locate(ctx, action="retrieve", study_uid="1.2.3.4.5.6.7")
+    assert (hidden.value.status, hidden.value.message) == (missing.value.status,
+                                                           missing.value.message)
+    # The owner gets every instance, in a stable order.
+    located = await gate.locate(AccessContext(hospital(home)), action="retrieve", study_uid=study)
+    assert {loc.SOPInstanceUID for loc in located} == {
+        i.sop_uid for i in corpus if i.study_uid == study}
+    async with gate.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))).mappings().all()
+    assert [(r["outcome"], r["StudyInstanceUID"]) for r in rows] == [
+        ("denied", study), ("not-found", "1.2.3.4.5.6.7"), ("ok", study)]
+    assert rows[0]["source"] == "10.0.0.9" and rows[0]["hospital"] == other
+    assert rows[0]["patient_token"] == gate.tokens.for_national_id(nid)
+    assert rows[1]["patient_token"] is None
+    assert (await gate.audit.verify()).ok
+
+
+async def test_break_glass_opens_one_patient_for_a_window(world) -> None:
+    gate, _, corpus = world
+    nid, home, other = _a_patient_seen_in_two_hospitals(corpus)
+    study = sorted(studies_of(corpus, national_id=nid, hospital=home))[0]
+    reason = parse_break_glass_reason("%E6%80%A5%E8%AF%8A%20unconscious")  # 急诊 unconscious
+    ctx = AccessContext(hospital(other, "dr-er"), break_glass_reason=reason)
+    located = await gate.locate(ctx, action="retrieve", study_uid=study)
+    assert located and {loc.StudyInstanceUID for loc in located} == {study}
+    # The window covers all of that person's studies, and nobody else's.
+    opened = await visible_studies(gate, hospital(other))
+    assert opened == studies_of(corpus, hospital=other) | studies_of(corpus, national_id=nid)
+    later = NOW + timedelta(minutes=31)
+    assert await visible_studies(gate, hospital(other), later) == studies_of(corpus,
+                                                                             hospital=other)
+    report = await gate.break_glass_report(since=NOW - timedelta(days=1))
+    assert [(r["hospital"], r["StudyInstanceUID"], r["reason"]) for r in report] == [
+        (other, study, "急诊 unconscious")]
+    async with gate.engine.connect() as conn:
+        actions = [r[0] for r in await conn.execute(
+            sa.select(audit_log.c.action).order_by(audit_log.c.seq))]
+    assert actions == ["break-glass", "retrieve"]
+
+
+async def test_break_glass_needs_a_hospital_and_a_reason(world) -> None:
+    gate, _, corpus = world
+    with pytest.raises(InvalidRequest):
+        parse_break_glass_reason("   ")
+    with pytest.raises(InvalidRequest):
+        parse_break_glass_reason("x" * 501)
+    study = corpus[0].study_uid
+    me = Principal(subject="app", role="patient", province="110000", token_id="t",
+                   national_id="110101199003070000")
+    with pytest.raises(Forbidden):
+        await gate.locate(AccessContext(me, break_glass_reason="help"), action="retrieve",
+                          study_uid=study)
+
+
+async def test_consent_request_validation(world) -> None:
+    nid = sorted({i.national_id for i in world[2] if i.national_id})[0]
+    h = hospital("H11010800028")
+    good = {"national_id": nid, "purpose": "treatment", "evidence": "scan",
+            "valid_until": (NOW + timedelta(days=1)).isoformat()}
+    assert parse_consent_request(good, h, now=NOW, max_days=365).grantee_hospital == h.hospital
+    bad_cases = [
+        ({**good, "national_id": nid[:-1] + ("0" if nid[-1] != "0" else "1")}, "national_id"),
+        ({**good, "purpose": "curiosity"}, "purpose"),
+        ({**good, "evidence": ""}, "evidence"),
+        ({**good, "valid_until": "2026-13-01"}, "valid_until"),
+        ({**good, "valid_until": (NOW + timedelta(days=1)).replace(tzinfo=None).isoformat()},
+         "time zone"),
+        ({**good, "valid_until": (NOW + timedelta(days=400)).isoformat()}, "365 days"),
+        ({**good, "scope": ["not-a-uid"]}, "scope"),
+        ({**good, "surprise": 1}, "unknown field"),
+    ]
+    for body, needle in bad_cases:
+        with pytest.raises(InvalidRequest) as err:
+            parse_consent_request(body, h, now=NOW, max_days=365)
+        assert needle in err.value.message, (needle, err.value.message)
+    with pytest.raises(Forbidden):
+        parse_consent_request({**good, "grantee_hospital": "H44010400011"}, h, now=NOW,
+                              max_days=365)
+    patient = Principal(subject="app", role="patient", province="110000", token_id="t",
+                        national_id=nid)
+    with pytest.raises(Forbidden):
+        parse_consent_request(good, patient, now=NOW, max_days=365)
