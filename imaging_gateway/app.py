@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from imaging_gateway.api import admin, consent
+from imaging_gateway.api import admin, consent, dicomweb
 from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
 from imaging_gateway.api.middlewares import auth_middleware, error_middleware
 from imaging_gateway.index.sql import SqlIndex
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(admin.routes)
     app.router.add_routes(consent.routes)
+    app.router.add_routes(dicomweb.routes)
     return app
 
 

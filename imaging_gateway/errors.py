@@ -63,6 +63,13 @@ class NotFound(GatewayError):
     code = "not-found"
 
 
+class NotAcceptable(GatewayError):
+    """No representation the client accepts can be sent (PS3.18 8.7.3: 406 Not Acceptable)."""
+
+    status = 406
+    code = "not-acceptable"
+
+
 class Conflict(GatewayError):
     """The request conflicts with the current state (e.g. a job already running)."""
 
@@ -115,3 +122,10 @@ class PeerUnavailable(GatewayError):
 
     status = 504
     code = "peer-unavailable"
+
+
+class QueryTooBroad(GatewayError):
+    """A search would take too long to answer; PS3.18 10.6.3.1 answers 413."""
+
+    status = 413
+    code = "query-too-broad"

@@ -23,9 +23,9 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from imaging_gateway.domain.names import name_search_keys
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import IndexUnavailable, NotFound
+from imaging_gateway.index.qido import refresh_derived
 from imaging_gateway.index.schema import (
     conflicts,
     instances,
@@ -276,12 +276,16 @@ class SqlIndex:
                     )
                 )
             new_conflicts = 0
+            touched_studies: set[int] = set()
             if indexed:
-                touched_series |= await self._upsert(
+                gone_series, touched_studies = await self._upsert(
                     conn, store, province, job_id, indexed, now, hospital=hospital
                 )
+                touched_series |= gone_series
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
-            await self._drop_orphans(conn, touched_series)
+            touched_studies |= await self._drop_orphans(conn, touched_series)
+            # Counts, ModalitiesInStudy and name search keys that QIDO-RS matches on.
+            await refresh_derived(conn, touched_studies)
             await conn.execute(
                 sync_jobs.update()
                 .where(sync_jobs.c.id == job_id)
@@ -329,7 +333,7 @@ class SqlIndex:
                     series_ids = await self._remove_instances(
                         conn, store, keys, tombstone_keys=set(keys), job_id=job_id, now=_now()
                     )
-                    await self._drop_orphans(conn, series_ids)
+                    await refresh_derived(conn, await self._drop_orphans(conn, series_ids))
                 else:
                     result = await conn.execute(
                         quarantine.delete()
@@ -471,7 +475,8 @@ class SqlIndex:
         now: datetime,
         *,
         hospital: str | None,
-    ) -> set[int]:
+    ) -> tuple[set[int], set[int]]:
+        """Upsert the page's records; returns (series that may be orphaned, studies touched)."""
         keys = [o.key for o in items]
         old_series = {
             r[0]
@@ -504,7 +509,6 @@ class SqlIndex:
                 "PatientID": p.PatientID,
                 "IssuerOfPatientID": p.IssuerOfPatientID,
                 "PatientName": p.PatientName,
-                "name_search": name_search_keys(p.PatientName),
                 "PatientBirthDate": p.PatientBirthDate,
                 "PatientSex": p.PatientSex,
                 "national_id": p.national_id,
@@ -576,7 +580,7 @@ class SqlIndex:
             set_={c: stmt.excluded[c] for c in update_cols},
         )
         await conn.execute(stmt, inst_rows)
-        return old_series - set(series_ids.values())
+        return old_series - set(series_ids.values()), set(study_ids.values())
 
     async def _record_conflicts(
         self, conn: AsyncConnection, store: str, items: Sequence[IndexedObject], now: datetime
@@ -633,10 +637,13 @@ class SqlIndex:
             await conn.execute(stmt, new)
         return len(new)
 
-    async def _drop_orphans(self, conn: AsyncConnection, series_ids: set[int]) -> None:
-        """Remove series, then studies, then patients left without children."""
+    async def _drop_orphans(self, conn: AsyncConnection, series_ids: set[int]) -> set[int]:
+        """Remove series, then studies, then patients left without children.
+
+        Returns the ids of the studies those series belonged to (some may be gone now).
+        """
         if not series_ids:
-            return
+            return set()
         ids = sorted(series_ids)
         study_ids = {
             r[0]
@@ -647,7 +654,7 @@ class SqlIndex:
         has_inst = sa.select(instances.c.id).where(instances.c.series_id == series.c.id).exists()
         await conn.execute(series.delete().where(series.c.id.in_(ids), ~has_inst))
         if not study_ids:
-            return
+            return study_ids
         patient_ids = {
             r[0]
             for r in (
@@ -662,6 +669,7 @@ class SqlIndex:
         await conn.execute(
             patients.delete().where(patients.c.id.in_(sorted(patient_ids)), ~has_study)
         )
+        return study_ids
 
     # ------------------------------------------------------------------ jobs
 

@@ -23,8 +23,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from imaging_gateway.domain.qido import QidoPage, QidoQuery
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.index import qido
 from imaging_gateway.index.schema import (
     break_glass,
     consents,
@@ -342,6 +344,27 @@ class Gate:
         return True
 
     # -- search ----------------------------------------------------------------------
+
+    async def search(self, ctx: AccessContext, query: QidoQuery, *, max_results: int) -> QidoPage:
+        """A QIDO-RS search over the studies the caller may see, audited.
+
+        Raises ``InvalidQuery`` / ``QueryTooBroad`` from the index search and
+        ``IndexUnavailable`` when the audit record cannot be written (then nothing is
+        returned).
+        """
+        page = await qido.search(
+            self.engine,
+            query,
+            visible=self.visible(ctx.principal, ctx.now),
+            max_results=max_results,
+        )
+        await self.audit_search(
+            ctx,
+            level=query.level,
+            patient_ids=[r.patient_id for r in page.results],
+            results=len(page.results),
+        )
+        return page
 
     async def audit_search(
         self,

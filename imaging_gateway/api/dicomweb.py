@@ -1,0 +1,281 @@
+"""DICOMweb routes under /dicomweb: QIDO-RS search and WADO-RS retrieve (PS3.18), thin.
+
+Every route resolves the caller, asks the gate (which checks ownership, consent or
+break-glass and writes the audit record), then hands the allowed instances to the
+WADO-RS service or renders the QIDO-RS page. A study that may not be seen answers
+exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+
+from aiohttp import web
+
+from imaging_gateway.api.consent import access_context
+from imaging_gateway.api.keys import GATE, SETTINGS, STORES
+from imaging_gateway.dicom.dicomjson import to_dicom_json, to_dicom_xml
+from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
+from imaging_gateway.domain.qido import Level, parse_qido
+from imaging_gateway.domain.records import InstanceLocation
+from imaging_gateway.security.gate import AccessContext, parse_break_glass_reason
+from imaging_gateway.services import wado
+from imaging_gateway.storage.base import ObjectStore
+
+routes = web.RouteTableDef()
+PREFIX = "/dicomweb"
+BREAK_GLASS_HEADER = "X-Break-Glass-Reason"
+
+_SEARCH_JSON = Representation("application/dicom+json")
+_SEARCH_PLAIN_JSON = Representation("application/json")
+_SEARCH_XML = Representation("application/dicom+xml", multipart=True)
+_SEARCH_OFFERS = (_SEARCH_JSON, _SEARCH_PLAIN_JSON, _SEARCH_XML)
+
+_S = "{study:[0-9.]+}"
+_SE = "{series:[0-9.]+}"
+_I = "{instance:[0-9.]+}"
+
+
+def _ctx(request: web.Request) -> AccessContext:
+    return access_context(
+        request,
+        purpose=request.headers.get("X-Purpose-Of-Use"),
+        break_glass_reason=parse_break_glass_reason(request.headers.get(BREAK_GLASS_HEADER)),
+    )
+
+
+def _base(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}{PREFIX}"
+
+
+# -- QIDO-RS -------------------------------------------------------------------------
+
+
+async def _search(request: web.Request, level: Level) -> web.StreamResponse:
+    ctx = _ctx(request)
+    representation = select(request.headers.get("Accept"), _SEARCH_OFFERS, what="search results")
+    query = parse_qido(
+        level,
+        list(request.query.items()),
+        study_uid=request.match_info.get("study"),
+        series_uid=request.match_info.get("series"),
+    )
+    gate = request.app[GATE]
+    page = await gate.search(
+        ctx, query, max_results=request.app[SETTINGS].security.search_max_results
+    )
+    headers = {"Warning": _warnings(request, page.warnings)} if page.warnings else {}
+    if not page.results:
+        # PS3.18 8.3.4.4.1 / 10.6.3.2: no match is 204 with no payload.
+        return web.Response(status=204, headers=headers)
+    include = query.requested
+    if representation is _SEARCH_XML:
+        parts = to_dicom_xml(level, page.rows, includefield=include, retrieve_base=_base(request))
+        xml, content_type = _multipart_related(parts, "application/dicom+xml")
+        return web.Response(body=xml, headers={**headers, "Content-Type": content_type})
+    datasets = to_dicom_json(level, page.rows, includefield=include, retrieve_base=_base(request))
+    return web.Response(
+        text=json.dumps(datasets, ensure_ascii=False),
+        content_type=representation.media_type,
+        charset="utf-8",
+        headers=headers,
+    )
+
+
+def _warnings(request: web.Request, texts: tuple[str, ...]) -> str:
+    agent = request.host or "imaging-gateway"
+    return ", ".join(f'299 {agent} "{t.replace(chr(34), chr(39))}"' for t in texts)
+
+
+def _multipart_related(parts: list[bytes], media_type: str) -> tuple[bytes, str]:
+    """A small multipart/related body (RFC 2387) of ``parts``, each of ``media_type``."""
+    boundary = secrets.token_hex(16)
+    chunks = []
+    for part in parts:
+        chunks.append(f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode())
+        chunks.append(part)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
+
+
+def _stores(request: web.Request) -> dict[str, ObjectStore]:
+    stores: dict[str, ObjectStore] = request.app[STORES]
+    return stores
+
+
+@routes.get(f"{PREFIX}/studies")
+async def search_for_studies(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "study")
+
+
+@routes.get(f"{PREFIX}/series")
+async def search_for_series(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "series")
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series")
+async def search_for_study_series(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "series")
+
+
+@routes.get(f"{PREFIX}/instances")
+async def search_for_instances(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "instance")
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/instances")
+async def search_for_study_instances(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "instance")
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances")
+async def search_for_series_instances(request: web.Request) -> web.StreamResponse:
+    return await _search(request, "instance")
+
+
+# -- WADO-RS -------------------------------------------------------------------------
+
+
+async def _locate(request: web.Request, action: str) -> list[InstanceLocation]:
+    m = request.match_info
+    return await request.app[GATE].locate(
+        _ctx(request),
+        action=action,
+        study_uid=m["study"],
+        series_uid=m.get("series"),
+        sop_uid=m.get("instance"),
+    )
+
+
+def _instance_url(request: web.Request) -> Callable[[InstanceLocation], str]:
+    base = _base(request)
+
+    def url(i: InstanceLocation) -> str:
+        return (
+            f"{base}/studies/{i.StudyInstanceUID}/series/{i.SeriesInstanceUID}"
+            f"/instances/{i.SOPInstanceUID}"
+        )
+
+    return url
+
+
+async def _retrieve(request: web.Request) -> web.StreamResponse:
+    instances = await _locate(request, "retrieve")
+    return await wado.stream_instances(
+        request, instances, _stores(request), accept=request.headers.get("Accept")
+    )
+
+
+async def _metadata(request: web.Request) -> web.StreamResponse:
+    select_metadata(request.headers.get("Accept"))
+    instances = await _locate(request, "metadata")
+    body = await wado.retrieve_metadata(
+        instances, _stores(request), bulkdata_base=_instance_url(request)
+    )
+    return web.Response(
+        text=json.dumps(body, ensure_ascii=False),
+        content_type="application/dicom+json",
+        charset="utf-8",
+    )
+
+
+async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamResponse:
+    q = request.query
+    accept = request.headers.get("Accept")
+    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
+    frames = request.match_info.get("frames")
+    frame = wado.parse_frame_list(frames)[0] if frames else 1
+    viewport = wado.parse_viewport(q["viewport"]) if "viewport" in q else None
+    quality = wado.parse_quality(q["quality"]) if "quality" in q else None
+    if thumbnail or len(instances) > 1:
+        instance = wado.representative_instance(instances)
+    else:
+        instance = instances[0]
+    stores = _stores(request)
+    if thumbnail:
+        body, media_type = await wado.retrieve_thumbnail(
+            instance, stores, accept=accept, viewport=viewport, quality=quality, frame=frame
+        )
+    else:
+        window = wado.parse_window(q["window"]) if "window" in q else None
+        body, media_type = await wado.retrieve_rendered(
+            instance,
+            stores,
+            accept=accept,
+            window=window,
+            quality=quality,
+            viewport=viewport,
+            frame=frame,
+        )
+    return web.Response(body=body, content_type=media_type)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}")
+async def retrieve_study(request: web.Request) -> web.StreamResponse:
+    return await _retrieve(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}")
+async def retrieve_series(request: web.Request) -> web.StreamResponse:
+    return await _retrieve(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}")
+async def retrieve_instance(request: web.Request) -> web.StreamResponse:
+    return await _retrieve(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/metadata")
+async def retrieve_study_metadata(request: web.Request) -> web.StreamResponse:
+    return await _metadata(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/metadata")
+async def retrieve_series_metadata(request: web.Request) -> web.StreamResponse:
+    return await _metadata(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/metadata")
+async def retrieve_instance_metadata(request: web.Request) -> web.StreamResponse:
+    return await _metadata(request)
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/frames/{{frames}}")
+async def retrieve_frames(request: web.Request) -> web.StreamResponse:
+    numbers = wado.parse_frame_list(request.match_info["frames"])
+    instances = await _locate(request, "frames")
+    return await wado.retrieve_frames(
+        request, instances[0], _stores(request), numbers, accept=request.headers.get("Accept")
+    )
+
+
+@routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/bulkdata/{{path:.+}}")
+async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
+    instances = await _locate(request, "bulkdata")
+    return await wado.retrieve_bulkdata(
+        request,
+        instances[0],
+        _stores(request),
+        request.match_info["path"],
+        accept=request.headers.get("Accept"),
+    )
+
+
+for _path in (
+    f"{PREFIX}/studies/{_S}",
+    f"{PREFIX}/studies/{_S}/series/{_SE}",
+    f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}",
+    f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/frames/{{frames}}",
+):
+
+    async def _rendered_route(request: web.Request) -> web.StreamResponse:
+        return await _rendered(request, thumbnail=False)
+
+    async def _thumbnail_route(request: web.Request) -> web.StreamResponse:
+        return await _rendered(request, thumbnail=True)
+
+    routes.get(f"{_path}/rendered")(_rendered_route)
+    routes.get(f"{_path}/thumbnail")(_thumbnail_route)

@@ -1,0 +1,587 @@
+"""QIDO-RS search on the study index (one indexed SQL query a page) and its derived data.
+
+``search`` answers a :class:`~imaging_gateway.domain.qido.QidoQuery` on SQLite and
+PostgreSQL alike: every matching key becomes a condition on an indexed column where the
+standard's matching allows it, the caller's ``visible`` condition on ``studies`` is
+ANDed in at every level, a page is ``limit + 1`` rows (the extra row says whether more
+exist), and a time budget turns a query too broad to answer cheaply into
+``QueryTooBroad`` (413) instead of a long scan.
+
+``refresh_derived`` keeps the data QIDO-RS reads but the sync does not write directly
+up to date: ModalitiesInStudy and the related-series/instance counts of studies and
+series, and the PatientName search keys (``patients.name_search`` and
+``patient_name_keys``).
+
+Matching (PS3.4 C.2.2.2):
+
+- Single value: equality (case-sensitive), except TM (a prefix: ``0830`` matches
+  ``083015``) and PN (below). Wildcards ``*`` ``?``: GLOB on SQLite (case-sensitive,
+  with a prefix range so the index is used), LIKE on PostgreSQL (index-backed by the
+  ``varchar_pattern_ops`` indexes of 0003 for PatientID and AccessionNumber).
+- UID list: ``IN``. Ranges (DA, TM, DT): inclusive, either end open; a partial upper
+  time bound includes everything it prefixes (``-1000`` includes ``100059``).
+- ModalitiesInStudy: the study has a series of (any of) the modalities, checked on the
+  derived studies.ModalitiesInStudy column (a wildcard value checks the series).
+- RequestAttributesSequence items: sequence matching, a series with a matching item.
+- PatientName: literal matching through the group keys of ``patient_name_keys`` (case
+  and group position insensitive, see ``imaging_gateway.domain.names``); with
+  ``fuzzymatching=true`` through its fuzzy tokens (every term a token prefix).
+  ReferringPhysicianName: case-sensitive, a single value equal to one of the stored
+  component groups, wildcards over the whole stored value.
+
+Instance results are one per SOPInstanceUID within a series: of several objects
+claiming one SOPInstanceUID (see the conflicts table) the one indexed first is shown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from imaging_gateway.domain.names import (
+    GROUP_MARK,
+    fuzzy_terms,
+    group_key,
+    group_pattern,
+    name_search_keys,
+    split_keys,
+)
+from imaging_gateway.domain.qido import (
+    AttributeMatch,
+    QidoPage,
+    QidoQuery,
+    QidoResult,
+)
+from imaging_gateway.errors import QueryTooBroad
+from imaging_gateway.index.schema import (
+    instances,
+    patient_name_keys,
+    patients,
+    series,
+    series_requests,
+    studies,
+)
+
+__all__ = ["COUNT_CAP", "TIME_BUDGET", "refresh_derived", "search"]
+
+TIME_BUDGET = 2.0
+"""Seconds a search may take before it is refused as too broad (QueryTooBroad, 413)."""
+COUNT_CAP = 0
+"""Remaining matches are counted up to this many (beyond: "additional results").
+
+Counting evaluates the remaining matches, up to the cap: it can double the cost of a
+broad search, so by default the warning carries no number."""
+_CHUNK = 500
+
+# The search joins patients under an alias, so that a ``visible`` condition may correlate
+# its own subqueries on ``patients`` with ``studies`` alone.
+_patient = patients.alias("patient")
+
+COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    "StudyInstanceUID": studies.c.StudyInstanceUID,
+    "StudyDate": studies.c.StudyDate,
+    "StudyTime": studies.c.StudyTime,
+    "AccessionNumber": studies.c.AccessionNumber,
+    "StudyID": studies.c.StudyID,
+    "StudyDescription": studies.c.StudyDescription,
+    "ReferringPhysicianName": studies.c.ReferringPhysicianName,
+    "InstitutionName": studies.c.InstitutionName,
+    "ModalitiesInStudy": studies.c.ModalitiesInStudy,
+    "NumberOfStudyRelatedSeries": studies.c.NumberOfStudyRelatedSeries,
+    "NumberOfStudyRelatedInstances": studies.c.NumberOfStudyRelatedInstances,
+    "PatientName": _patient.c.PatientName,
+    "PatientID": _patient.c.PatientID,
+    "IssuerOfPatientID": _patient.c.IssuerOfPatientID,
+    "PatientBirthDate": _patient.c.PatientBirthDate,
+    "PatientSex": _patient.c.PatientSex,
+    "SeriesInstanceUID": series.c.SeriesInstanceUID,
+    "Modality": series.c.Modality,
+    "SeriesNumber": series.c.SeriesNumber,
+    "SeriesDescription": series.c.SeriesDescription,
+    "BodyPartExamined": series.c.BodyPartExamined,
+    "SeriesDate": series.c.SeriesDate,
+    "NumberOfSeriesRelatedInstances": series.c.NumberOfSeriesRelatedInstances,
+    "PerformedProcedureStepStartDate": series.c.PerformedProcedureStepStartDate,
+    "PerformedProcedureStepStartTime": series.c.PerformedProcedureStepStartTime,
+    "SOPInstanceUID": instances.c.SOPInstanceUID,
+    "SOPClassUID": instances.c.SOPClassUID,
+    "InstanceNumber": instances.c.InstanceNumber,
+    "Rows": instances.c.Rows,
+    "Columns": instances.c.Columns,
+    "NumberOfFrames": instances.c.NumberOfFrames,
+    "AvailableTransferSyntaxUID": instances.c.TransferSyntaxUID,
+}
+"""Keyword -> the index column that holds it."""
+
+_REQUEST_ITEM_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    "ScheduledProcedureStepID": series_requests.c.ScheduledProcedureStepID,
+    "RequestedProcedureID": series_requests.c.RequestedProcedureID,
+}
+_INTEGER_VRS = frozenset({"IS", "US", "UL", "SS", "SL", "UV", "SV"})
+
+
+# ---------------------------------------------------------------------- matching
+
+
+def _succ(prefix: str) -> str:
+    """The smallest string greater than every string starting with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _literal_prefix(pattern: str) -> str:
+    cut = min((i for i, c in enumerate(pattern) if c in "*?"), default=len(pattern))
+    return pattern[:cut]
+
+
+def _like(pattern: str) -> str:
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _glob(pattern: str) -> str:
+    # GLOB has no escape character: a literal "[" is the set "[[]"; "*" and "?" are
+    # DICOM's wildcards already.
+    return pattern.replace("[", "[[]")
+
+
+class _Matcher:
+    """Turns matching keys into SQL conditions for one dialect."""
+
+    def __init__(self, dialect: str, *, fuzzy: bool) -> None:
+        self.sqlite = dialect == "sqlite"
+        self.fuzzy = fuzzy
+
+    def wildcard(self, column: sa.ColumnElement[Any], pattern: str) -> ColumnElement[bool]:
+        prefix = _literal_prefix(pattern)
+        if self.sqlite:
+            cond: ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_glob(pattern))
+            if prefix:
+                # BINARY collation: the range is exactly the prefix, and uses the index.
+                cond = sa.and_(column >= prefix, column < _succ(prefix), cond)
+            return cond
+        return column.like(_like(pattern), escape="\\")
+
+    def value(self, column: sa.ColumnElement[Any], m: AttributeMatch) -> ColumnElement[bool]:
+        """Single, wildcard, list or range matching of ``m`` on ``column``."""
+        if m.kind == "list":
+            return column.in_(list(m.values))
+        if m.kind == "wildcard":
+            return self.wildcard(column, m.value)
+        if m.kind == "range":
+            conds: list[ColumnElement[bool]] = []
+            if m.low is not None:
+                conds.append(column >= m.low)
+            if m.high is not None:
+                conds.append(column <= m.high if m.vr == "DA" else column < _succ(m.high))
+            return sa.and_(*conds)
+        if m.vr in _INTEGER_VRS:
+            return column == int(m.value)
+        if m.vr in ("TM", "DT"):
+            return sa.and_(column >= m.value, column < _succ(m.value))
+        return column == m.value
+
+    def patient_name(self, m: AttributeMatch) -> ColumnElement[bool] | None:
+        conds: list[ColumnElement[bool]] = []
+        key = patient_name_keys.c.key
+        if self.fuzzy:
+            for term in fuzzy_terms(m.value):
+                conds.append(self._keys(sa.and_(key >= term, key < _succ(term))))
+        else:
+            for group in m.value.split(GROUP_MARK)[:3]:
+                if m.kind == "single":
+                    literal = group_key(group)
+                    if literal is not None:
+                        conds.append(self._keys(key == literal))
+                    continue
+                pattern = group_pattern(group)
+                if pattern is None or pattern.strip("*") == GROUP_MARK:
+                    continue
+                prefix = _literal_prefix(pattern)
+                conds.append(
+                    self._keys(
+                        sa.and_(
+                            key >= prefix,
+                            key < _succ(prefix),
+                            key.like(_like(pattern), escape="\\"),
+                        )
+                    )
+                )
+        return sa.and_(*conds) if conds else None
+
+    def has_value(self, column: sa.ColumnElement[Any], value: str) -> ColumnElement[bool]:
+        """``column`` holds backslash-separated values, one of them ``value`` (exactly)."""
+        wrapped = sa.literal("\\") + column + sa.literal("\\")
+        find = sa.func.instr if self.sqlite else sa.func.strpos
+        return find(wrapped, "\\" + value + "\\") > 0
+
+    @staticmethod
+    def _keys(cond: ColumnElement[bool]) -> ColumnElement[bool]:
+        return studies.c.patient_id.in_(sa.select(patient_name_keys.c.patient_id).where(cond))
+
+    def other_name(self, column: sa.ColumnElement[Any], m: AttributeMatch) -> ColumnElement[bool]:
+        if m.kind == "wildcard":
+            return self.wildcard(column, m.value)
+        v = _like(m.value)
+        return sa.or_(
+            column == m.value,
+            column.like(v + GROUP_MARK + "%", escape="\\"),
+            column.like("%" + GROUP_MARK + v, escape="\\"),
+            column.like("%" + GROUP_MARK + v + GROUP_MARK + "%", escape="\\"),
+        )
+
+    def condition(self, m: AttributeMatch) -> ColumnElement[bool] | None:
+        """The SQL condition of one matching key; None for universal matching."""
+        if m.kind == "universal":
+            return None
+        if m.keyword == "PatientName":
+            return self.patient_name(m)
+        if m.keyword == "ModalitiesInStudy":
+            if m.kind == "wildcard":
+                having = self.wildcard(series.c.Modality, m.value)
+                return studies.c.id.in_(sa.select(series.c.study_id).where(having))
+            # The derived column, checked on the study row itself: no per-study probe
+            # of series, and the study's date index keeps serving the order.
+            return sa.or_(*(self.has_value(studies.c.ModalitiesInStudy, v)
+                            for v in (m.values or (m.value,))))
+        if m.keyword == "RequestAttributesSequence":
+            item = self.value(_REQUEST_ITEM_COLUMNS[m.leaf], m)
+            return series.c.id.in_(sa.select(series_requests.c.series_id).where(item))
+        column = COLUMNS[m.keyword]
+        if m.vr == "PN":
+            return self.other_name(column, m)
+        return self.value(column, m)
+
+
+# ---------------------------------------------------------------------- search
+
+
+def _statement(
+    query: QidoQuery, visible: ColumnElement[bool], dialect: str
+) -> tuple[sa.Select[Any], list[str]]:
+    keywords = [k for k in query.return_keywords if k in COLUMNS]
+    columns: list[sa.ColumnElement[Any]] = [COLUMNS[k].label(k) for k in keywords]
+    columns += [studies.c.patient_id.label("_patient_id"),
+                studies.c.StudyInstanceUID.label("_study_uid")]
+    joined: sa.FromClause = studies.join(_patient, _patient.c.id == studies.c.patient_id)
+    if query.level in ("series", "instance"):
+        columns.append(series.c.id.label("_series_id"))
+        joined = series.join(studies, studies.c.id == series.c.study_id).join(
+            _patient, _patient.c.id == studies.c.patient_id
+        )
+    if query.level == "instance":
+        joined = instances.join(series, series.c.id == instances.c.series_id).join(
+            studies, studies.c.id == series.c.study_id
+        ).join(_patient, _patient.c.id == studies.c.patient_id)
+    where: list[ColumnElement[bool]] = [visible]
+    if query.study_uid is not None:
+        where.append(studies.c.StudyInstanceUID == query.study_uid)
+    if query.series_uid is not None:
+        where.append(series.c.SeriesInstanceUID == query.series_uid)
+    matcher = _Matcher(dialect, fuzzy=query.fuzzymatching)
+    for m in query.matches:
+        cond = matcher.condition(m)
+        if cond is not None:
+            where.append(cond)
+    order: list[sa.ColumnElement[Any]]
+    if query.level == "instance":
+        earlier = instances.alias("earlier")
+        # One result per SOPInstanceUID in a series: the object indexed first.
+        where.append(
+            ~sa.exists(
+                sa.select(sa.literal(1)).where(
+                    earlier.c.SOPInstanceUID == instances.c.SOPInstanceUID,
+                    earlier.c.series_id == instances.c.series_id,
+                    earlier.c.id < instances.c.id,
+                )
+            )
+        )
+        if query.resource == "all-instances":
+            order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id,
+                     instances.c.id]
+        else:
+            order = [sa.nulls_last(series.c.SeriesNumber.asc()), series.c.id,
+                     sa.nulls_last(instances.c.InstanceNumber.asc()), instances.c.id]
+    elif query.level == "series":
+        if query.resource == "all-series":
+            # The studies' order first: the date index serves it, only each study's
+            # few series are sorted.
+            order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id]
+        else:
+            order = [sa.nulls_last(series.c.SeriesNumber.asc()), series.c.id]
+    else:
+        # Newest first; ix_studies_date (with the row id) gives this order without a sort.
+        order = [studies.c.StudyDate.desc(), studies.c.id.desc()]
+    stmt = sa.select(*columns).select_from(joined).where(*where).order_by(*order)
+    return stmt, keywords
+
+
+@asynccontextmanager
+async def _time_budget(conn: AsyncConnection, seconds: float) -> AsyncIterator[None]:
+    """Abort statements running past ``seconds`` (PostgreSQL timeout, SQLite progress handler)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.text(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}"))
+        yield
+        return
+    if conn.dialect.name != "sqlite":  # pragma: no cover - only the two dialects are used
+        yield
+        return
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    deadline = time.monotonic() + seconds
+
+    def expired() -> int:
+        return 1 if time.monotonic() > deadline else 0
+
+    await driver.set_progress_handler(expired, 20_000)
+    try:
+        yield
+    finally:
+        await driver.set_progress_handler(None, 0)
+
+
+def _timed_out(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return (
+        getattr(orig, "sqlstate", None) == "57014"
+        or "interrupted" in str(orig)
+        or "statement timeout" in str(orig)
+    )
+
+
+async def _request_items(
+    conn: AsyncConnection, series_ids: Sequence[int]
+) -> dict[int, list[dict[str, str | None]]]:
+    items: dict[int, list[dict[str, str | None]]] = defaultdict(list)
+    for start in range(0, len(series_ids), _CHUNK):
+        chunk = list(series_ids[start : start + _CHUNK])
+        q = (
+            sa.select(
+                series_requests.c.series_id,
+                series_requests.c.ScheduledProcedureStepID,
+                series_requests.c.RequestedProcedureID,
+            )
+            .where(series_requests.c.series_id.in_(chunk))
+            .order_by(series_requests.c.series_id, series_requests.c.id)
+        )
+        for sid, sps, rp in (await conn.execute(q)).all():
+            items[sid].append({"ScheduledProcedureStepID": sps, "RequestedProcedureID": rp})
+    return items
+
+
+Items = dict[int, list[dict[str, str | None]]]
+"""Series id -> its RequestAttributesSequence items."""
+
+
+def _result(row: Any, query: QidoQuery, items: Items) -> QidoResult:
+    m = row._mapping
+    attributes: dict[str, Any] = {}
+    for keyword in query.return_keywords:
+        if keyword == "ModalitiesInStudy":
+            value = m[keyword]
+            attributes[keyword] = value.split("\\") if value else None
+        elif keyword == "InstanceAvailability":
+            # Every indexed object is in an online object store (PS3.4 C.4.23.1.1).
+            attributes[keyword] = "ONLINE"
+        elif keyword == "RequestAttributesSequence":
+            attributes[keyword] = items.get(m["_series_id"]) or None
+        elif keyword in COLUMNS:
+            attributes[keyword] = m[keyword]
+    return QidoResult(
+        attributes=attributes,
+        patient_id=int(m["_patient_id"]),
+        study_instance_uid=str(m["_study_uid"]),
+    )
+
+
+async def search(
+    engine: AsyncEngine,
+    query: QidoQuery,
+    *,
+    visible: ColumnElement[bool],
+    max_results: int,
+    time_budget: float = TIME_BUDGET,
+    count_cap: int = COUNT_CAP,
+) -> QidoPage:
+    """Answer a QIDO-RS search (PS3.18 10.6) from the index: one page of results.
+
+    ``visible`` is a condition on the ``studies`` table (it may correlate subqueries
+    with ``patients``); it is ANDed into the search at every level, so no result
+    (and no count) comes from a study outside it. At most ``max_results`` results are
+    returned whatever ``limit`` asks; when results were cut, ``more`` is set and a
+    warning says how many remain (counted up to ``count_cap``).
+
+    Raises ``QueryTooBroad`` (413) when a statement runs past ``time_budget`` seconds;
+    other database errors propagate as SQLAlchemy raises them.
+    """
+    page_size = min(query.limit or max_results, max_results)
+    warnings = list(query.warnings)
+    if query.limit is not None and query.limit > max_results:
+        warnings.append(
+            f"The limit {query.limit} exceeds the maximum of {max_results} results per "
+            f"response; at most {max_results} were returned."
+        )
+    stmt, _keywords = _statement(query, visible, engine.dialect.name)
+    page = stmt.limit(page_size + 1).offset(query.offset)
+    remaining: int | None = None
+    try:
+        async with engine.connect() as conn, _time_budget(conn, time_budget):
+            rows = list((await conn.execute(page)).all())
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            items: dict[int, list[dict[str, str | None]]] = {}
+            if rows and "RequestAttributesSequence" in query.return_keywords:
+                items = await _request_items(conn, [r._mapping["_series_id"] for r in rows])
+            if more and count_cap > 0:
+                counted = (
+                    stmt.with_only_columns(sa.literal(1), maintain_column_froms=True)
+                    .order_by(None)
+                    .offset(query.offset + page_size)
+                    .limit(count_cap)
+                    .subquery()
+                )
+                n = int((await conn.execute(
+                    sa.select(sa.func.count()).select_from(counted))).scalar_one())
+                remaining = n if n < count_cap else None
+    except DBAPIError as exc:
+        if _timed_out(exc):
+            raise QueryTooBroad(
+                f"The search could not be answered within {time_budget:g} s; narrow it "
+                "(e.g. PatientID, AccessionNumber, a StudyDate range or a UID)."
+            ) from exc
+        raise
+    if more:
+        warnings.append(
+            f"There are {remaining} additional results that can be requested"
+            if remaining is not None
+            else "There are additional results that can be requested"
+        )
+    return QidoPage(
+        results=[_result(r, query, items) for r in rows],
+        more=more,
+        remaining=remaining,
+        warnings=tuple(warnings),
+    )
+
+
+# ---------------------------------------------------------------------- derived data
+
+
+async def refresh_derived(conn: AsyncConnection, study_ids: Iterable[int]) -> None:
+    """Recompute the derived QIDO-RS data of these studies, their series and patients.
+
+    Sets studies.ModalitiesInStudy / NumberOfStudyRelatedSeries /
+    NumberOfStudyRelatedInstances, series.NumberOfSeriesRelatedInstances (instances
+    counted once per SOPInstanceUID), and for the studies' patients ``name_search`` and
+    their ``patient_name_keys`` rows. Call it in the transaction that changed the studies'
+    series or instances, with every such study's id (ids of studies since deleted are
+    ignored). Idempotent. Raises what SQLAlchemy raises.
+    """
+    ids = sorted(set(study_ids))
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        await _refresh_counts(conn, chunk)
+        await _refresh_names(conn, chunk)
+
+
+async def _refresh_counts(conn: AsyncConnection, study_ids: list[int]) -> None:
+    q = (
+        sa.select(
+            series.c.id,
+            series.c.study_id,
+            series.c.Modality,
+            sa.func.count(sa.distinct(instances.c.SOPInstanceUID)),
+        )
+        .select_from(series.outerjoin(instances, instances.c.series_id == series.c.id))
+        .where(series.c.study_id.in_(study_ids))
+        .group_by(series.c.id, series.c.study_id, series.c.Modality)
+    )
+    per_study: dict[int, tuple[list[int], set[str]]] = {i: ([], set()) for i in study_ids}
+    series_rows = []
+    for series_id, study_id, modality, n in (await conn.execute(q)).all():
+        counts, modalities = per_study[study_id]
+        counts.append(int(n))
+        if modality:
+            modalities.add(modality)
+        series_rows.append({"_id": series_id, "_n": int(n)})
+    if series_rows:
+        await conn.execute(
+            series.update()
+            .where(series.c.id == sa.bindparam("_id"))
+            .values(NumberOfSeriesRelatedInstances=sa.bindparam("_n")),
+            series_rows,
+        )
+    await conn.execute(
+        studies.update()
+        .where(studies.c.id == sa.bindparam("_id"))
+        .values(
+            ModalitiesInStudy=sa.bindparam("_m"),
+            NumberOfStudyRelatedSeries=sa.bindparam("_ns"),
+            NumberOfStudyRelatedInstances=sa.bindparam("_ni"),
+        ),
+        [
+            {
+                "_id": study_id,
+                "_m": "\\".join(sorted(modalities))[:200] or None,
+                "_ns": len(counts),
+                "_ni": sum(counts),
+            }
+            for study_id, (counts, modalities) in per_study.items()
+        ],
+    )
+
+
+async def _refresh_names(conn: AsyncConnection, study_ids: list[int]) -> None:
+    owners = sa.select(studies.c.patient_id).where(studies.c.id.in_(study_ids))
+    people = (
+        await conn.execute(
+            sa.select(patients.c.id, patients.c.PatientName, patients.c.name_search).where(
+                patients.c.id.in_(owners)
+            )
+        )
+    ).all()
+    if not people:
+        return
+    pids = [p[0] for p in people]
+    stored: dict[int, set[str]] = defaultdict(set)
+    for key, pid in (
+        await conn.execute(
+            sa.select(patient_name_keys.c.key, patient_name_keys.c.patient_id).where(
+                patient_name_keys.c.patient_id.in_(pids)
+            )
+        )
+    ).all():
+        stored[pid].add(key)
+    renamed: list[dict[str, Any]] = []
+    gone: list[tuple[int, str]] = []
+    new: list[dict[str, Any]] = []
+    for pid, name, name_search in people:
+        value = name_search_keys(name)
+        if value != name_search:
+            renamed.append({"_id": pid, "_v": value})
+        wanted = set(split_keys(value))
+        have = stored.get(pid, set())
+        gone.extend((pid, k) for k in have - wanted)
+        new.extend({"key": k, "patient_id": pid} for k in sorted(wanted - have))
+    if renamed:
+        await conn.execute(
+            patients.update()
+            .where(patients.c.id == sa.bindparam("_id"))
+            .values(name_search=sa.bindparam("_v")),
+            renamed,
+        )
+    for pid, key in gone:
+        await conn.execute(
+            patient_name_keys.delete().where(
+                patient_name_keys.c.patient_id == pid, patient_name_keys.c.key == key
+            )
+        )
+    if new:
+        await conn.execute(patient_name_keys.insert(), new)

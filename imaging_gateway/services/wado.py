@@ -1,0 +1,1272 @@
+"""WADO-RS retrieve (PS3.18 10.4): instances, metadata, frames, bulkdata, rendered, thumbnail.
+
+The caller (an API handler, after the security gate has checked consent) passes the
+``InstanceLocation``s the request may see; nothing here looks up authorization.
+
+Every object is read from its store with the ETag the index recorded: an object that
+vanished or changed since it was indexed is never served (it may be another patient's
+now). Before the response starts that is an error the middleware turns into JSON; once
+a multipart body has started, the connection is aborted (no closing boundary, no final
+chunk) so the client cannot mistake a cut body for a whole one, and the abort is logged
+without keys, UIDs or patient data.
+
+URIs this module writes into metadata, relative to ``bulkdata_base(instance)`` (the
+instance's Retrieve Instance URL, ``.../studies/{study}/series/{series}/instances/{sop}``):
+
+* ``{base}/bulkdata/{tag path}`` for every binary value longer than 768 bytes (pydicom's
+  ``bulk_data_threshold`` 1024 counts base64 characters). The tag path is the element's
+  tag as 8 upper-case hex digits, preceded for nested elements by each enclosing
+  sequence's tag and the 0-based item index: ``00540016/0/00181072``
+  (:func:`parse_tag_path` reads it back, :func:`retrieve_bulkdata` serves it).
+* ``{base}/bulkdata/7FE00010`` (or 7FE00008 / 7FE00009) for the pixel data. A frame list
+  (``{base}/frames/1,2,...,n``) is also a valid pixel data URI (PS3.18 10.4.1.1.5), but
+  for a cine of thousands of frames it would exceed request-line limits; the bulkdata
+  URI of pixel data is served exactly like frames 1..n, one frame per part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import logging
+import secrets
+import struct
+from collections import deque
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import web
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments, get_frame, parse_basic_offsets
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
+
+from imaging_gateway.dicom.mediatypes import (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    NATIVE_LITTLE_ENDIAN,
+    Representation,
+    select_bulkdata,
+    select_frames,
+    select_instances,
+    select_rendered,
+    select_thumbnail,
+)
+from imaging_gateway.domain.records import InstanceLocation
+from imaging_gateway.errors import (
+    GatewayError,
+    IntegrityError,
+    InvalidRequest,
+    NotAcceptable,
+    NotFound,
+    StorageError,
+)
+from imaging_gateway.storage.base import ObjectStore
+
+__all__ = [
+    "BULK_DATA_THRESHOLD",
+    "CHUNK_SIZE",
+    "STREAM_OUTCOME",
+    "THUMBNAIL_VIEWPORT",
+    "metadata",
+    "parse_frame_list",
+    "parse_quality",
+    "parse_tag_path",
+    "parse_viewport",
+    "parse_window",
+    "rendered",
+    "representative_instance",
+    "retrieve_bulkdata",
+    "retrieve_frames",
+    "retrieve_metadata",
+    "retrieve_rendered",
+    "retrieve_thumbnail",
+    "stream_instances",
+    "thumbnail",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHUNK_SIZE: Final = 1 << 20
+"""Bytes per read from the store and per write to the client while streaming."""
+PREFETCH_INSTANCES: Final = 8
+"""Instances whose first chunk is read ahead while an earlier one streams (memory: x CHUNK)."""
+READ_AHEAD_CHUNKS: Final = 2
+"""Chunks of the streaming instance read ahead of the client."""
+METADATA_CONCURRENCY: Final = 16
+BULK_DATA_THRESHOLD: Final = 1024
+"""pydicom's threshold, in base64 characters: binary values over 768 bytes become URIs."""
+THUMBNAIL_VIEWPORT: Final = (128, 128)
+DEFAULT_JPEG_QUALITY: Final = 90
+STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
+"""Set on every streamed response: ``complete``, ``aborted`` or ``client-gone`` (for audit)."""
+
+_DEFLATED: Final = "1.2.840.10008.1.2.1.99"
+_IMPLICIT: Final = "1.2.840.10008.1.2"
+_PIXEL_TAGS: Final = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: "OW"}
+_EXTENDED_OFFSET_TABLE: Final = 0x7FE00001
+_EXTENDED_OFFSET_TABLE_LENGTHS: Final = 0x7FE00002
+_ITEM: Final = 0xFFFEE000
+_UNDEFINED: Final = 0xFFFFFFFF
+_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+
+# ---------------------------------------------------------------------------
+# Stores and versions
+
+
+def _store(stores: Mapping[str, ObjectStore], instance: InstanceLocation) -> ObjectStore:
+    try:
+        return stores[instance.store]
+    except KeyError:
+        raise StorageError(f"store {instance.store!r} is not configured on this gateway") from None
+
+
+def _changed(instance: InstanceLocation) -> StorageError:
+    return StorageError(
+        f"store {instance.store!r}: an object changed or was replaced since it was indexed; "
+        "it is not served until the store is synced again"
+    )
+
+
+def _check_version(instance: InstanceLocation, etag: str, size: int) -> None:
+    """Raise unless the object is the version the index recorded (ETag and size)."""
+    if (instance.etag and etag != instance.etag) or size != instance.size:
+        raise _changed(instance)
+
+
+async def _read(store: ObjectStore, instance: InstanceLocation, offset: int, length: int) -> bytes:
+    """A ranged read of the indexed version; raises ``StorageError`` if it changed."""
+    read = await store.read_range(instance.key, offset, length)
+    _check_version(instance, read.etag, read.total_size)
+    return read.data
+
+
+async def _close(iterator: AsyncIterator[bytes]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _gather(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run all, results in order; on the first error cancel the rest and raise that error."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Headers and the pixel data element
+
+
+@dataclass(slots=True)
+class _Header:
+    """One instance's header as read from its first bytes, and where its pixel data lies."""
+
+    dataset: Dataset
+    transfer_syntax: str
+    data: bytes
+    """The bytes read from offset 0: the header and possibly what follows it."""
+    whole: bool
+    """``data`` is the whole object."""
+    pixel_tag: int | None = None
+    pixel_vr: str | None = None
+    value_offset: int = 0
+    """Offset in the object of the pixel data value (after the element header)."""
+    value_length: int | None = None
+    """Length of a native pixel data value; None for encapsulated (undefined length)."""
+
+
+async def _read_header_bytes(
+    store: ObjectStore, instance: InstanceLocation, *, extra: int = 0
+) -> tuple[bytes, bool]:
+    """The header, the pixel data element header and ``extra`` bytes after it.
+
+    A deflated object (no byte extent for its header) or one whose header length is
+    unknown is read whole.
+    """
+    want = instance.header_bytes + 12 + extra
+    if (
+        instance.header_bytes <= 0
+        or instance.TransferSyntaxUID == _DEFLATED
+        or want >= instance.size
+    ):
+        return await _read(store, instance, 0, instance.size), True
+    return await _read(store, instance, 0, want), False
+
+
+def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _Header:
+    """Parse header bytes read from the indexed version; ``IntegrityError`` if unreadable."""
+    try:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise IntegrityError(
+            f"store {instance.store!r}: an indexed object's header cannot be read "
+            f"({type(exc).__name__})"
+        ) from None
+    implicit, little = ds.original_encoding
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    transfer_syntax = str(syntax or instance.TransferSyntaxUID or "").strip(" \x00")
+    if not transfer_syntax:
+        if implicit is not False:
+            transfer_syntax = _IMPLICIT
+        else:
+            transfer_syntax = EXPLICIT_VR_LITTLE_ENDIAN if little else EXPLICIT_VR_BIG_ENDIAN
+    header = _Header(ds, transfer_syntax, data, whole)
+    if transfer_syntax == _DEFLATED or instance.header_bytes <= 0:
+        # The pixel data sits inside the deflate stream (or we do not know where it
+        # starts): find it by parsing the whole object when frames are asked for.
+        _locate_pixels_by_parsing(header)
+        return header
+    position = instance.header_bytes
+    if position + 8 > len(data):
+        return header
+    order = "<" if little is not False else ">"
+    group, element = struct.unpack_from(f"{order}HH", data, position)
+    tag = group << 16 | element
+    if tag not in _PIXEL_TAGS:
+        return header
+    vr_bytes = data[position + 4 : position + 6]
+    if implicit is not True and vr_bytes.isalpha() and vr_bytes.isupper():
+        if position + 12 > len(data):
+            return header
+        vr: str | None = vr_bytes.decode("ascii")
+        (length,) = struct.unpack_from(f"{order}L", data, position + 8)
+        value_offset = position + 12
+    else:
+        vr = None
+        (length,) = struct.unpack_from(f"{order}L", data, position + 4)
+        value_offset = position + 8
+    header.pixel_tag = tag
+    header.pixel_vr = vr
+    header.value_offset = value_offset
+    header.value_length = None if length == _UNDEFINED else length
+    return header
+
+
+def _locate_pixels_by_parsing(header: _Header) -> None:
+    """For a whole object read: note the pixel data tag (its bytes come from pydicom)."""
+    if not header.whole:
+        return
+    try:
+        full = dcmread(io.BytesIO(header.data), force=True)
+    except Exception:
+        return
+    for tag in _PIXEL_TAGS:
+        if tag in full:
+            element = full[tag]
+            header.pixel_tag = tag
+            header.pixel_vr = element.VR
+            header.value_length = None if element.is_undefined_length else len(element.value)
+            return
+
+
+async def _load_header(
+    store: ObjectStore, instance: InstanceLocation, *, extra: int = 0
+) -> _Header:
+    data, whole = await _read_header_bytes(store, instance, extra=extra)
+    return await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+
+
+# ---------------------------------------------------------------------------
+# multipart/related bodies (RFC 2387, PS3.18 8.6.1.2)
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    content_type: str
+    length: int | None
+    body: AsyncGenerator[bytes, None]
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it closed the connection."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionError as exc:
+        raise _ClientGone from exc
+
+
+def _abort(request: web.Request) -> None:
+    """Cut the connection: the chunked body never gets its last chunk, so it reads as cut."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _part_head(boundary: str, part: _Part, *, first: bool) -> bytes:
+    lines = [f"--{boundary}", f"Content-Type: {part.content_type}"]
+    if part.length is not None:
+        lines.append(f"Content-Length: {part.length}")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    return (head if first else "\r\n" + head).encode("ascii")
+
+
+async def _send_multipart(
+    request: web.Request, content_type: str, parts: AsyncGenerator[_Part, None]
+) -> web.StreamResponse:
+    """Stream ``parts`` as one chunked ``multipart/related`` response.
+
+    The first part's first chunk is read before anything is sent, so an error there
+    propagates (the middleware answers it). After that, an error aborts the connection;
+    a client that goes away ends the stream quietly. Either way the response is
+    returned with :data:`STREAM_OUTCOME` set.
+    """
+    boundary = secrets.token_hex(16)
+    try:
+        part = await anext(parts, None)
+        if part is None:
+            raise NotFound("nothing to retrieve")
+        pending: bytes | None = await anext(part.body, b"")
+        response = web.StreamResponse(
+            headers={"Content-Type": f"{content_type}; boundary={boundary}"}
+        )
+        response.enable_chunked_encoding()
+        response[STREAM_OUTCOME] = "aborted"
+        await response.prepare(request)
+        index = 0
+        try:
+            while part is not None:
+                try:
+                    await _write(response, _part_head(boundary, part, first=index == 0))
+                    if pending:
+                        await _write(response, pending)
+                    async for chunk in part.body:
+                        await _write(response, chunk)
+                finally:
+                    await part.body.aclose()
+                index += 1
+                part = await anext(parts, None)
+                pending = None
+            await _write(response, f"\r\n--{boundary}--\r\n".encode("ascii"))
+            await response.write_eof()
+        except _ClientGone:
+            response[STREAM_OUTCOME] = "client-gone"
+            log.info("wado: client closed the connection during part %d", index + 1)
+        except Exception as exc:
+            detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+            log.warning("wado: response aborted during part %d: %s", index + 1, detail)
+            # Release the reads first: nothing may suspend between the abort and the
+            # return, or a server that cancels handlers on disconnect cancels this one.
+            await parts.aclose()
+            _abort(request)
+        else:
+            response[STREAM_OUTCOME] = "complete"
+        return response
+    finally:
+        await parts.aclose()
+
+
+async def _single(data: bytes) -> AsyncGenerator[bytes, None]:
+    yield data
+
+
+# ---------------------------------------------------------------------------
+# Retrieve Study / Series / Instance (PS3.18 10.4.1.1.1)
+
+
+async def _read_ahead(source: AsyncIterator[bytes], depth: int) -> AsyncGenerator[bytes, None]:
+    """Iterate ``source`` in a task up to ``depth`` chunks ahead of the consumer."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
+
+    async def pump() -> None:
+        try:
+            async for chunk in source:
+                await queue.put(chunk)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await queue.put(exc)
+            return
+        finally:
+            await _close(source)
+        await queue.put(None)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _instance_body(
+    store: ObjectStore, instance: InstanceLocation, first: bytes, chunk_size: int
+) -> AsyncGenerator[bytes, None]:
+    """The object's bytes: the first chunk (already read and version-checked), then the rest.
+
+    The rest is streamed with ``read_stream`` and checked again when it ends (byte count,
+    then ETag via ``stat``), so bytes of another version never end a part normally.
+    """
+    if first:
+        yield first
+    sent = len(first)
+    if sent >= instance.size:
+        return
+    stream = _read_ahead(
+        store.read_stream(instance.key, offset=sent, chunk_size=chunk_size), READ_AHEAD_CHUNKS
+    )
+    try:
+        async for chunk in stream:
+            sent += len(chunk)
+            if sent > instance.size:
+                raise _changed(instance)
+            yield chunk
+    finally:
+        await stream.aclose()
+    if sent != instance.size:
+        raise _changed(instance)
+    info = await store.stat(instance.key)
+    _check_version(instance, info.etag, info.size)
+
+
+async def _instance_parts(
+    instances: Sequence[InstanceLocation],
+    stores: Mapping[str, ObjectStore],
+    *,
+    chunk_size: int,
+    prefetch: int,
+) -> AsyncGenerator[_Part, None]:
+    """One part per instance, the first chunks of the next ``prefetch`` read concurrently."""
+    window: deque[asyncio.Task[Any]] = deque()
+    scheduled = 0
+    try:
+        for instance in instances:
+            while scheduled < len(instances) and len(window) < prefetch:
+                ahead = instances[scheduled]
+                window.append(
+                    asyncio.ensure_future(
+                        _store(stores, ahead).read_range(ahead.key, 0, chunk_size)
+                    )
+                )
+                scheduled += 1
+            first = await window.popleft()
+            _check_version(instance, first.etag, first.total_size)
+            store = _store(stores, instance)
+            yield _Part(
+                Representation(
+                    "application/dicom", instance.TransferSyntaxUID, multipart=True
+                ).part_content_type,
+                instance.size,
+                _instance_body(store, instance, first.data, chunk_size),
+            )
+    finally:
+        for task in window:
+            task.cancel()
+        await asyncio.gather(*window, return_exceptions=True)
+
+
+async def stream_instances(
+    request: web.Request,
+    instances: Sequence[InstanceLocation],
+    stores: Mapping[str, ObjectStore],
+    *,
+    accept: str | None,
+    chunk_size: int = CHUNK_SIZE,
+) -> web.StreamResponse:
+    """Retrieve Study / Series / Instance: stream ``instances`` as multipart/related.
+
+    The response is ``multipart/related; type="application/dicom"; boundary=<random>``,
+    chunked, one part per instance in the order given, each part
+    ``Content-Type: application/dicom; transfer-syntax=<stored>`` with its
+    ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces; memory
+    holds at most the first chunks of :data:`PREFETCH_INSTANCES` instances plus
+    :data:`READ_AHEAD_CHUNKS` chunks, whatever the study size. Nothing is transcoded.
+
+    Raises, before anything is sent: ``NotFound`` (no instances), ``NotAcceptable``
+    (``accept`` refuses a stored transfer syntax), ``StorageError`` (a store is not
+    configured, or the first object changed since it was indexed), ``ObjectNotFound``
+    and ``StoreUnavailable`` from the first read. Later failures abort the connection
+    and are logged; the returned response then has :data:`STREAM_OUTCOME` ``aborted``.
+    """
+    if not instances:
+        raise NotFound("no instances to retrieve")
+    representation = select_instances(accept, (i.TransferSyntaxUID for i in instances))
+    for instance in instances:
+        _store(stores, instance)
+    parts = _instance_parts(instances, stores, chunk_size=chunk_size, prefetch=PREFETCH_INSTANCES)
+    return await _send_multipart(request, representation.content_type, parts)
+
+
+# ---------------------------------------------------------------------------
+# Retrieve Metadata (PS3.18 10.4.1.1.2, F.2)
+
+
+def _element_paths(ds: Dataset, prefix: str, paths: dict[int, str]) -> None:
+    """Map each element object of ``ds`` (recursively) to its tag path."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:  # noqa: S112 - unreadable; _metadata_json logs and drops it
+            continue
+        path = f"{prefix}{int(tag):08X}"
+        paths[id(element)] = path
+        if element.VR == "SQ" and element.value:
+            for index, item in enumerate(element.value):
+                if isinstance(item, Dataset):
+                    _element_paths(item, f"{path}/{index}/", paths)
+
+
+def _int_value(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+_LAST: Final = float("inf")
+
+
+def _metadata_json(
+    instance: InstanceLocation, header: _Header, base: str
+) -> tuple[tuple[float, str, float, str], dict[str, Any]]:
+    """One instance's DICOM JSON (PS3.18 F.2) with BulkDataURIs, and its sort key."""
+    ds = header.dataset
+    paths: dict[int, str] = {}
+    _element_paths(ds, "", paths)
+
+    def bulk_uri(element: Any) -> str:
+        return f"{base}/bulkdata/{paths.get(id(element), f'{int(element.tag):08X}')}"
+
+    out: dict[str, Any] = {}
+    for tag in sorted(ds.keys()):
+        try:
+            out[f"{int(tag):08X}"] = ds[tag].to_json_dict(bulk_uri, BULK_DATA_THRESHOLD)
+        except Exception as exc:
+            # The tag only: pydicom's messages may quote the value.
+            log.warning(
+                "metadata: element (%04X,%04X) dropped: %s", tag >> 16, tag & 0xFFFF,
+                type(exc).__name__,
+            )  # fmt: skip
+    if header.pixel_tag is not None:
+        encapsulated = header.value_length is None
+        vr = header.pixel_vr or ("OB" if encapsulated else _PIXEL_TAGS[header.pixel_tag])
+        key = f"{header.pixel_tag:08X}"
+        out[key] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{key}"}
+    # The stored transfer syntax, as QIDO-RS reports it (PS3.18 Table 10.6.3-5).
+    out.setdefault("00083002", {"vr": "UI", "Value": [header.transfer_syntax]})
+    series_number = _int_value(ds, "SeriesNumber")
+    instance_number = instance.InstanceNumber
+    if instance_number is None:
+        instance_number = _int_value(ds, "InstanceNumber")
+    key_ = (
+        _LAST if series_number is None else float(series_number),
+        instance.SeriesInstanceUID,
+        _LAST if instance_number is None else float(instance_number),
+        instance.SOPInstanceUID,
+    )
+    return key_, dict(sorted(out.items()))
+
+
+async def retrieve_metadata(
+    instances: Sequence[InstanceLocation],
+    stores: Mapping[str, ObjectStore],
+    *,
+    bulkdata_base: Callable[[InstanceLocation], str],
+) -> list[dict[str, Any]]:
+    """Retrieve Study / Series / Instance Metadata as DICOM JSON objects (PS3.18 F.2).
+
+    For each instance only its header is read (``header_bytes`` plus the pixel data
+    element header, one ranged read; deflated objects whole), at most
+    :data:`METADATA_CONCURRENCY` at a time. Binary values over 768 bytes and the pixel
+    data become ``BulkDataURI``s under ``bulkdata_base(instance)`` (see the module
+    docstring); ``AvailableTransferSyntaxUID`` (0008,3002) gives the stored transfer
+    syntax. Elements after the pixel data are not included. The list is ordered by
+    SeriesNumber, SeriesInstanceUID, InstanceNumber, SOPInstanceUID (missing numbers last).
+    The caller serves it as ``application/dicom+json`` (see ``select_metadata``).
+
+    Raises ``StorageError`` (store not configured, object changed since indexed),
+    ``ObjectNotFound``, ``StoreUnavailable``, ``IntegrityError`` (header unreadable);
+    the first failure cancels the other reads.
+    """
+    for instance in instances:
+        _store(stores, instance)
+    limit = asyncio.Semaphore(METADATA_CONCURRENCY)
+
+    async def one(
+        instance: InstanceLocation,
+    ) -> tuple[tuple[float, str, float, str], dict[str, Any]]:
+        base = bulkdata_base(instance).rstrip("/")
+        async with limit:
+            data, whole = await _read_header_bytes(_store(stores, instance), instance)
+            header = await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+            return await asyncio.to_thread(_metadata_json, instance, header, base)
+
+    results = await _gather([one(instance) for instance in instances])
+    results.sort(key=lambda pair: pair[0])
+    return [document for _, document in results]
+
+
+metadata = retrieve_metadata
+"""Alias of :func:`retrieve_metadata`."""
+
+
+# ---------------------------------------------------------------------------
+# Frames (PS3.18 10.4.1.1.2 "Frames") and pixel data
+
+
+def _frame_length(ds: Dataset) -> int:
+    """Bytes of one native frame (PS3.5 8.1.1, PS3.3 C.7.6.3.1.2 for YBR_FULL_422)."""
+    rows = _int_value(ds, "Rows")
+    columns = _int_value(ds, "Columns")
+    bits = _int_value(ds, "BitsAllocated")
+    samples = _int_value(ds, "SamplesPerPixel") or 1
+    if not rows or not columns or not bits:
+        raise IntegrityError("pixel data without Rows, Columns or BitsAllocated")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "YBR_FULL_422":
+        samples = 2  # two chroma samples shared by each pair of pixels
+    total_bits = rows * columns * samples * bits
+    if total_bits % 8:
+        raise NotAcceptable(
+            "frames of bit-packed pixel data that do not end on a byte boundary "
+            "cannot be sent separately; retrieve the instance"
+        )
+    return total_bits // 8
+
+
+class _FrameSource:
+    """Reads single frames of one instance, touching only the byte ranges they occupy."""
+
+    def __init__(self, store: ObjectStore, instance: InstanceLocation, header: _Header) -> None:
+        self._store = store
+        self._instance = instance
+        self.header = header
+        ds = header.dataset
+        frames = _int_value(ds, "NumberOfFrames")
+        self.number_of_frames = 1 if frames is None else frames
+        self._offsets: list[tuple[int, int]] | None = None
+        """Encapsulated: (offset, length) of each frame's items; None: not located yet."""
+        self._pixel_bytes: bytes | None = None
+        self._frame_length = 0
+        if header.value_length is not None:
+            self._frame_length = _frame_length(ds)
+
+    @classmethod
+    async def open(cls, store: ObjectStore, instance: InstanceLocation) -> _FrameSource:
+        """Read the header (and the offset table); ``NotFound`` without pixel data."""
+        frames = max(instance.NumberOfFrames or 1, 1)
+        encapsulated = (instance.TransferSyntaxUID or _IMPLICIT) not in (
+            NATIVE_LITTLE_ENDIAN | {EXPLICIT_VR_BIG_ENDIAN}
+        )
+        extra = 16 + 4 * frames if encapsulated else 0
+        header = await _load_header(store, instance, extra=extra)
+        if header.pixel_tag is None:
+            raise NotFound("the instance has no pixel data")
+        source = cls(store, instance, header)
+        if header.value_length is not None and not header.whole:
+            needed = source.number_of_frames * source._frame_length
+            if header.value_length < needed:
+                raise IntegrityError("pixel data is shorter than its frames")
+        return source
+
+    @property
+    def transfer_syntax(self) -> str:
+        """The transfer syntax frames are offered in (as stored)."""
+        return self.header.transfer_syntax
+
+    @property
+    def frame_syntax(self) -> str:
+        """The transfer syntax of the bytes :meth:`frame` returns."""
+        ts = self.header.transfer_syntax
+        return EXPLICIT_VR_LITTLE_ENDIAN if ts in NATIVE_LITTLE_ENDIAN else ts
+
+    def check(self, numbers: Sequence[int]) -> None:
+        """``InvalidRequest`` for an empty list or numbers < 1; ``NotFound`` past the last."""
+        if not numbers:
+            raise InvalidRequest("the frame list is empty")
+        for number in numbers:
+            if number < 1:
+                raise InvalidRequest("frame numbers start at 1")
+            if number > self.number_of_frames:
+                raise NotFound(
+                    f"frame {number} does not exist; the instance has "
+                    f"{self.number_of_frames} frame{'s' if self.number_of_frames != 1 else ''}"
+                )
+
+    async def _bytes(self, offset: int, length: int) -> bytes:
+        data = self.header.data
+        if offset + length <= len(data):
+            return data[offset : offset + length]
+        return await _read(self._store, self._instance, offset, length)
+
+    async def _whole_pixel_value(self) -> bytes:
+        """The pixel data value from a full parse (deflated objects, odd layouts)."""
+        if self._pixel_bytes is None:
+            data = self.header.data
+            if not self.header.whole:
+                data = await _read(self._store, self._instance, 0, self._instance.size)
+            full = await asyncio.to_thread(dcmread, io.BytesIO(data), force=True)
+            tag = self.header.pixel_tag
+            if tag is None or tag not in full:  # pragma: no cover - located before
+                raise NotFound("the instance has no pixel data")
+            self._pixel_bytes = bytes(full[tag].value)
+        return self._pixel_bytes
+
+    async def frame(self, number: int) -> bytes:
+        """The bytes of frame ``number`` (1-based, checked): native or one compressed frame.
+
+        Raises ``IntegrityError`` (malformed pixel data), ``StorageError`` (changed),
+        ``ObjectNotFound``, ``StoreUnavailable``.
+        """
+        header = self.header
+        if header.value_length is not None:
+            size = self._frame_length
+            if header.transfer_syntax == _DEFLATED or header.value_offset == 0:
+                value = await self._whole_pixel_value()
+                start = (number - 1) * size
+                if start + size > len(value):
+                    raise IntegrityError("pixel data is shorter than its frames")
+                return value[start : start + size]
+            return await self._bytes(header.value_offset + (number - 1) * size, size)
+        if header.value_offset == 0:
+            value = await self._whole_pixel_value()
+            return await asyncio.to_thread(
+                _frame_from_value, value, number - 1, self.number_of_frames
+            )
+        if self._offsets is None:
+            self._offsets = await self._locate_frames()
+        if not self._offsets:
+            # No usable offset table for several frames: pydicom finds the frames in the
+            # whole encapsulated value (PS3.5 A.4 allows fragments without an index).
+            value = await self._bytes(
+                header.value_offset, self._instance.size - header.value_offset
+            )
+            return await asyncio.to_thread(
+                _frame_from_value, value, number - 1, self.number_of_frames
+            )
+        offset, length = self._offsets[number - 1]
+        items = await self._bytes(offset, length)
+        return _join_fragments(items)
+
+    async def _locate_frames(self) -> list[tuple[int, int]]:
+        """(offset, length) of each frame's fragment items, from EOT or BOT; [] if unknown."""
+        header = self.header
+        ds = header.dataset
+        start = header.value_offset
+        head = await self._bytes(start, 8)
+        group, element, length = struct.unpack("<HHL", head)
+        if (group << 16 | element) != _ITEM or length == _UNDEFINED or length % 4:
+            raise IntegrityError("encapsulated pixel data does not start with an offset table")
+        table = await self._bytes(start, 8 + length)
+        first_item = start + 8 + length
+        end = self._instance.size
+        n = self.number_of_frames
+        if _EXTENDED_OFFSET_TABLE in ds and _EXTENDED_OFFSET_TABLE_LENGTHS in ds:
+            offsets = _uint64s(ds[_EXTENDED_OFFSET_TABLE].value)
+            lengths = _uint64s(ds[_EXTENDED_OFFSET_TABLE_LENGTHS].value)
+            if len(offsets) == n == len(lengths):
+                frames = [(first_item + o, 8 + L) for o, L in zip(offsets, lengths, strict=True)]
+                _check_ranges(frames, end)
+                return frames
+        try:
+            basic = parse_basic_offsets(table)
+        except Exception:
+            raise IntegrityError("encapsulated pixel data has a malformed offset table") from None
+        if basic and len(basic) == n:
+            bounds = [first_item + o for o in basic] + [end]
+            frames = [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+            _check_ranges(frames, end)
+            return frames
+        if n == 1:
+            return [(first_item, end - first_item)]
+        return []
+
+
+def _uint64s(value: Any) -> list[int]:
+    raw = bytes(value or b"")
+    return list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
+
+
+def _check_ranges(frames: Sequence[tuple[int, int]], end: int) -> None:
+    for offset, length in frames:
+        if length <= 0 or offset + length > end:
+            raise IntegrityError("encapsulated pixel data offsets point outside the object")
+
+
+def _join_fragments(items: bytes) -> bytes:
+    """The fragments in a run of encapsulated items (up to a delimiter or the end)."""
+    try:
+        return b"".join(generate_fragments(items))
+    except Exception:
+        raise IntegrityError("encapsulated pixel data has malformed fragment items") from None
+
+
+def _frame_from_value(value: bytes, index: int, number_of_frames: int) -> bytes:
+    try:
+        return bytes(get_frame(value, index, number_of_frames=number_of_frames))
+    except Exception:
+        raise IntegrityError("the frame cannot be found in the encapsulated pixel data") from None
+
+
+async def _frame_parts(
+    source: _FrameSource, numbers: Sequence[int], representation: Representation
+) -> AsyncGenerator[_Part, None]:
+    for number in numbers:
+        data = await source.frame(number)
+        yield _Part(representation.part_content_type, len(data), _single(data))
+
+
+async def retrieve_frames(
+    request: web.Request,
+    instance: InstanceLocation,
+    stores: Mapping[str, ObjectStore],
+    frame_numbers: Sequence[int],
+    *,
+    accept: str | None,
+) -> web.StreamResponse:
+    """Retrieve Frames: the listed frames, one part each, in the order listed.
+
+    Only the frames' byte ranges are read: for native pixel data computed from Rows,
+    Columns, SamplesPerPixel and BitsAllocated; for encapsulated pixel data from the
+    Extended or Basic Offset Table (one frame's items; the last frame up to the end of
+    the object). Without an offset table a multi-frame value is read whole and split by
+    pydicom; deflated objects are read whole. Uncompressed frames are sent as
+    ``application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`` (big endian as
+    stored), compressed ones as stored in their image media type or, if the client asks
+    with ``transfer-syntax=*`` or the stored UID, as ``application/octet-stream``.
+
+    Raises before anything is sent: ``NotAcceptable`` (see ``select_frames``),
+    ``InvalidRequest`` (empty list, number < 1), ``NotFound`` (a frame past the last, no
+    pixel data), ``IntegrityError``, ``StorageError``, ``ObjectNotFound``,
+    ``StoreUnavailable``. A failure after the first part aborts the connection.
+    """
+    store = _store(stores, instance)
+    select_frames(accept, instance.TransferSyntaxUID)  # 406 before any I/O
+    source = await _FrameSource.open(store, instance)
+    representation = select_frames(accept, source.transfer_syntax)
+    source.check(frame_numbers)
+    parts = _frame_parts(source, frame_numbers, representation)
+    return await _send_multipart(request, representation.content_type, parts)
+
+
+# ---------------------------------------------------------------------------
+# Bulkdata (PS3.18 10.4.1.1.5)
+
+
+def parse_tag_path(text: str) -> tuple[int, ...]:
+    """Read a bulkdata tag path: ``TAG`` or ``SEQTAG/ITEM/.../TAG`` (hex tags, 0-based items).
+
+    Returns tags and item indexes alternating (an odd count, ending with a tag). Raises
+    ``InvalidRequest`` for anything else.
+    """
+    segments = text.strip("/").split("/")
+    if len(segments) % 2 == 0:
+        raise InvalidRequest("a bulkdata path is TAG or SEQUENCE-TAG/ITEM-INDEX/.../TAG")
+    out: list[int] = []
+    for position, segment in enumerate(segments):
+        if position % 2 == 0:
+            if len(segment) != 8 or any(c not in "0123456789abcdefABCDEF" for c in segment):
+                raise InvalidRequest("bulkdata tags are 8 hexadecimal digits")
+            out.append(int(segment, 16))
+        else:
+            if not segment.isdigit() or len(segment) > 6:
+                raise InvalidRequest("bulkdata item indexes are decimal numbers from 0")
+            out.append(int(segment))
+    return tuple(out)
+
+
+def _bulk_value(ds: Dataset, path: Sequence[int]) -> bytes:
+    current = ds
+    for position in range(0, len(path) - 1, 2):
+        tag, index = path[position], path[position + 1]
+        if tag not in current:
+            raise NotFound("no bulk data at this path")
+        element = current[tag]
+        if element.VR != "SQ" or index >= len(element.value):
+            raise NotFound("no bulk data at this path")
+        current = element.value[index]
+    tag = path[-1]
+    if tag not in current:
+        raise NotFound("no bulk data at this path")
+    value = current[tag].value
+    if not isinstance(value, bytes | bytearray) or not value:
+        raise NotFound("no bulk data at this path")
+    return bytes(value)
+
+
+async def retrieve_bulkdata(
+    request: web.Request,
+    instance: InstanceLocation,
+    stores: Mapping[str, ObjectStore],
+    tag_path: str,
+    *,
+    accept: str | None,
+) -> web.StreamResponse:
+    """Serve a ``BulkDataURI`` written by :func:`retrieve_metadata`.
+
+    The pixel data path (``7FE00010``, ``7FE00008``, ``7FE00009``) is served as frames
+    1..n exactly like :func:`retrieve_frames`. Any other path gives one
+    ``application/octet-stream`` part with the element's value bytes as stored (little
+    endian unless the object is Explicit VR Big Endian); only elements before the pixel
+    data (the header) are found.
+
+    Raises ``InvalidRequest`` (malformed path), ``NotAcceptable``, ``NotFound`` (no such
+    binary element), ``IntegrityError``, ``StorageError``, ``ObjectNotFound``,
+    ``StoreUnavailable``.
+    """
+    path = parse_tag_path(tag_path)
+    store = _store(stores, instance)
+    if len(path) == 1 and path[0] in _PIXEL_TAGS:
+        select_frames(accept, instance.TransferSyntaxUID)
+        source = await _FrameSource.open(store, instance)
+        if source.header.pixel_tag != path[0]:
+            raise NotFound("no bulk data at this path")
+        representation = select_frames(accept, source.transfer_syntax)
+        numbers = range(1, source.number_of_frames + 1)
+        source.check(numbers)
+        parts = _frame_parts(source, numbers, representation)
+        return await _send_multipart(request, representation.content_type, parts)
+    representation = select_bulkdata(accept)
+    header = await _load_header(store, instance)
+    value = _bulk_value(header.dataset, path)
+
+    async def one() -> AsyncGenerator[_Part, None]:
+        yield _Part(representation.part_content_type, len(value), _single(value))
+
+    return await _send_multipart(request, representation.content_type, one())
+
+
+# ---------------------------------------------------------------------------
+# Rendered and thumbnail (PS3.18 10.4.1.1.3, 10.4.1.1.4, 8.3.5.1)
+
+
+def _first_number(value: Any) -> float | None:
+    """The first of a possibly multi-valued number (WindowCenter may hold several)."""
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _single_frame_dataset(header: Dataset, frame: bytes, syntax: str) -> Dataset:
+    """A copy of the header holding just this frame, for pydicom's decoders."""
+    ds = copy.deepcopy(header)
+    for tag in (_EXTENDED_OFFSET_TABLE, _EXTENDED_OFFSET_TABLE_LENGTHS):
+        if tag in ds:
+            del ds[tag]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    if "NumberOfFrames" in ds:
+        ds.NumberOfFrames = 1
+    if UID(syntax).is_encapsulated:
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = frame
+        ds["PixelData"].VR = "OW" if (_int_value(ds, "BitsAllocated") or 8) > 8 else "OB"
+    return ds
+
+
+def _window_linear(
+    values: npt.NDArray[np.float64], center: float, width: float
+) -> npt.NDArray[np.uint8]:
+    """PS3.3 C.11.2.1.2.1 linear VOI function onto 0..255."""
+    width = max(width, 1.0)
+    scaled = (values - (center - 0.5)) / max(width - 1.0, 1e-9) + 0.5
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _stretch(values: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    out: npt.NDArray[np.uint8] = np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+    return out
+
+
+def _to_8bit(values: npt.NDArray[Any], bits: int) -> npt.NDArray[np.uint8]:
+    if bits > 8:
+        values = np.right_shift(values.astype(np.uint32), bits - 8)
+    out: npt.NDArray[np.uint8] = np.clip(values, 0, 255).astype(np.uint8)
+    return out
+
+
+def _display(
+    pixels: npt.NDArray[Any], ds: Dataset, window: tuple[float, float] | None
+) -> npt.NDArray[np.uint8]:
+    """8-bit grey or RGB for display: Modality LUT, VOI (window), MONOCHROME1 inversion."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, ds)
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        return _to_8bit(rgb, int(descriptor[2]) if int(descriptor[2]) in (8, 16) else 16)
+    if pixels.ndim == 3 or photometric not in _MONOCHROME:
+        bits = _int_value(ds, "BitsStored") or _int_value(ds, "BitsAllocated") or 8
+        return _to_8bit(pixels, bits)
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if window is None:
+        center = _first_number(ds.get("WindowCenter"))
+        width = _first_number(ds.get("WindowWidth"))
+        if center is not None and width is not None and width > 0:
+            window = (center, width)
+    if window is not None:
+        out = _window_linear(values, window[0], window[1])
+    elif "VOILUTSequence" in ds:
+        out = _stretch(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
+    else:
+        out = _stretch(values)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _render(
+    header: Dataset,
+    frame: bytes,
+    syntax: str,
+    *,
+    media_type: str,
+    window: tuple[float, float] | None,
+    quality: int,
+    viewport: tuple[int, int] | None,
+    upscale: bool,
+) -> bytes:
+    ds = _single_frame_dataset(header, frame, syntax)
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise IntegrityError(f"the frame cannot be decoded ({type(exc).__name__})") from None
+    image = Image.fromarray(np.ascontiguousarray(_display(pixels, ds, window)))
+    if viewport is not None:
+        width, height = image.size
+        scale = min(viewport[0] / width, viewport[1] / height)
+        if not upscale:
+            scale = min(scale, 1.0)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if media_type == "image/png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _check_render_parameters(
+    window: tuple[float, float] | None, quality: int | None, viewport: tuple[int, int] | None
+) -> None:
+    if window is not None and not window[1] > 0:
+        raise InvalidRequest("the window width must be greater than 0")
+    if quality is not None and not 1 <= quality <= 100:
+        raise InvalidRequest("quality is 1 to 100")
+    if viewport is not None and (viewport[0] < 1 or viewport[1] < 1):
+        raise InvalidRequest("the viewport is two positive numbers of pixels")
+
+
+async def _render_instance(
+    instance: InstanceLocation,
+    stores: Mapping[str, ObjectStore],
+    representation: Representation,
+    *,
+    window: tuple[float, float] | None,
+    quality: int | None,
+    viewport: tuple[int, int] | None,
+    frame: int,
+    upscale: bool,
+) -> tuple[bytes, str]:
+    _check_render_parameters(window, quality, viewport)
+    store = _store(stores, instance)
+    source = await _FrameSource.open(store, instance)
+    source.check([frame])
+    syntax = source.frame_syntax
+    if UID(syntax).is_encapsulated and not _can_decode(syntax):
+        raise NotAcceptable(
+            f"instances in transfer syntax {syntax} cannot be rendered here "
+            "(no decoder installed); retrieve the frames or the instance"
+        )
+    data = await source.frame(frame)
+    body = await asyncio.to_thread(
+        _render,
+        source.header.dataset,
+        data,
+        syntax,
+        media_type=representation.media_type,
+        window=window,
+        quality=quality or DEFAULT_JPEG_QUALITY,
+        viewport=viewport,
+        upscale=upscale,
+    )
+    return body, representation.media_type
+
+
+def _can_decode(syntax: str) -> bool:
+    """Whether pydicom has a working decoder (a plugin whose package is installed)."""
+    try:
+        return bool(get_decoder(UID(syntax)).is_available)
+    except NotImplementedError:
+        return False
+
+
+async def retrieve_rendered(
+    instance: InstanceLocation,
+    stores: Mapping[str, ObjectStore],
+    *,
+    accept: str | None,
+    window: tuple[float, float] | None = None,
+    quality: int | None = None,
+    viewport: tuple[int, int] | None = None,
+    frame: int = 1,
+) -> tuple[bytes, str]:
+    """Retrieve Rendered Instance / Frame: one frame as JPEG (default) or PNG.
+
+    Reads the header and that frame's bytes only, decodes with pydicom (native, RLE, and
+    JPEG baseline/extended and JPEG 2000 through Pillow), applies the Modality LUT, the
+    window (``window`` = (center, width) in modality units, else the header's first
+    WindowCenter/WindowWidth, else a VOI LUT, else min-max), inverts MONOCHROME1, and
+    passes colour through. ``viewport`` = (width, height) scales the image to fit,
+    keeping its aspect ratio. ``quality`` (1-100, default 90) applies to JPEG. Returns
+    (body, media type).
+
+    Raises ``NotAcceptable`` (Accept refuses JPEG and PNG, or no decoder for the stored
+    syntax: JPEG Lossless, JPEG-LS, HTJ2K, video), ``InvalidRequest`` (parameters),
+    ``NotFound`` (no pixel data, frame past the last), ``IntegrityError`` (undecodable),
+    ``StorageError``, ``ObjectNotFound``, ``StoreUnavailable``.
+    """
+    representation = select_rendered(accept)
+    return await _render_instance(
+        instance, stores, representation,
+        window=window, quality=quality, viewport=viewport, frame=frame, upscale=True,
+    )  # fmt: skip
+
+
+async def retrieve_thumbnail(
+    instance: InstanceLocation,
+    stores: Mapping[str, ObjectStore],
+    *,
+    accept: str | None,
+    viewport: tuple[int, int] | None = None,
+    quality: int | None = None,
+    frame: int = 1,
+) -> tuple[bytes, str]:
+    """Retrieve Thumbnail: like :func:`retrieve_rendered`, shrunk to fit ``viewport``.
+
+    The viewport defaults to :data:`THUMBNAIL_VIEWPORT` (128 x 128) and a thumbnail is
+    never enlarged. For a study or series thumbnail pass
+    :func:`representative_instance` of its instances. Raises what
+    :func:`retrieve_rendered` raises.
+    """
+    representation = select_thumbnail(accept)
+    return await _render_instance(
+        instance, stores, representation,
+        window=None, quality=quality, viewport=viewport or THUMBNAIL_VIEWPORT, frame=frame,
+        upscale=False,
+    )  # fmt: skip
+
+
+rendered = retrieve_rendered
+"""Alias of :func:`retrieve_rendered`."""
+thumbnail = retrieve_thumbnail
+"""Alias of :func:`retrieve_thumbnail`."""
+
+
+def representative_instance(instances: Sequence[InstanceLocation]) -> InstanceLocation:
+    """The image a study or series thumbnail shows: the middle image of its largest series.
+
+    Only instances with Rows (images) count; ties go to the lower SeriesInstanceUID.
+    Raises ``NotFound`` when there is no image.
+    """
+    images = [i for i in instances if i.Rows]
+    if not images:
+        raise NotFound("no image to make a thumbnail from")
+    series: dict[str, list[InstanceLocation]] = {}
+    for image in images:
+        series.setdefault(image.SeriesInstanceUID, []).append(image)
+    uid = min(series, key=lambda s: (-len(series[s]), s))
+    members = sorted(
+        series[uid],
+        key=lambda i: (i.InstanceNumber is None, i.InstanceNumber or 0, i.SOPInstanceUID),
+    )
+    return members[(len(members) - 1) // 2]
+
+
+# ---------------------------------------------------------------------------
+# Request parameters (PS3.18 8.3.3.1 frame lists, 8.3.5.1 rendering parameters)
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``"1,3,5"`` -> [1, 3, 5] (order and repeats kept). ``InvalidRequest`` if malformed."""
+    numbers: list[int] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece.isdigit() or len(piece) > 9:
+            raise InvalidRequest("a frame list is comma-separated frame numbers from 1")
+        number = int(piece)
+        if number < 1:
+            raise InvalidRequest("frame numbers start at 1")
+        numbers.append(number)
+    return numbers
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``"center,width[,linear]"`` -> (center, width). ``InvalidRequest`` if malformed.
+
+    Only the ``linear`` VOI LUT function is supported (``linear-exact`` and ``sigmoid``
+    are refused).
+    """
+    pieces = [p.strip() for p in text.split(",")]
+    if len(pieces) not in (2, 3) or (len(pieces) == 3 and pieces[2].lower() != "linear"):
+        raise InvalidRequest("window is center,width[,linear]")
+    try:
+        center, width = float(pieces[0]), float(pieces[1])
+    except ValueError:
+        raise InvalidRequest("window center and width are numbers") from None
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
+        raise InvalidRequest("the window width must be greater than 0")
+    return center, width
+
+
+def parse_viewport(text: str) -> tuple[int, int]:
+    """``"vw,vh"`` -> (vw, vh). Source regions (sx,sy,sw,sh) are refused: ``InvalidRequest``."""
+    pieces = [p.strip() for p in text.split(",")]
+    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 5 for p in pieces):
+        raise InvalidRequest("viewport is width,height in pixels")
+    width, height = int(pieces[0]), int(pieces[1])
+    if width < 1 or height < 1:
+        raise InvalidRequest("viewport is width,height in pixels")
+    return width, height
+
+
+def parse_quality(text: str) -> int:
+    """``"75"`` -> 75 (1-100). ``InvalidRequest`` otherwise."""
+    text = text.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise InvalidRequest("quality is 1 to 100")
+    return int(text)

@@ -1,0 +1,861 @@
+"""WADO-RS services on real stores (local directory, SeaweedFS S3) behind a small aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import io
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pydicom
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+from pydicom.encaps import encapsulate_extended, generate_frames
+
+from imaging_gateway.api.middlewares import error_middleware
+from imaging_gateway.dicom.headers import parse_header
+from imaging_gateway.dicom.mediatypes import select_metadata
+from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
+from imaging_gateway.domain.records import InstanceLocation
+from imaging_gateway.errors import InvalidRequest, NotFound
+from imaging_gateway.services import wado
+from imaging_gateway.settings import StoreSettings
+from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.storage.factory import open_store
+from tests.factories import pydicom_file
+from tests.support.seaweed import SeaweedServer
+
+# pydicom warns about some of its own test files (odd lengths, retired syntaxes).
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STORES = ["fs", pytest.param("s3", marks=pytest.mark.seaweedfs)]
+DICOM = 'multipart/related; type="application/dicom"'
+OCTET = 'multipart/related; type="application/octet-stream"'
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+PYDICOM_FILES = {
+    "ct": "CT_small.dcm",  # explicit VR LE, trailing (FFFC,FFFC) after the pixel data
+    "mr": "MR_small.dcm",
+    "mr_implicit": "MR_small_implicit.dcm",
+    "mr_big": "MR_small_bigendian.dcm",
+    "mr_rle": "MR_small_RLE.dcm",
+    "j2k": "JPEG2000.dcm",  # 1 frame, empty BOT
+    "rgb_rle": "SC_rgb_rle.dcm",
+    "rgb_rle_2": "SC_rgb_rle_2frame.dcm",  # BOT with 2 entries
+    "rgb_jpeg": "SC_rgb_jpeg_dcmtk.dcm",  # YBR_FULL JPEG baseline
+    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless SV1: no decoder installed
+    "dose": "rtdose.dcm",  # implicit VR LE, 15 frames of 32 bits
+    "dose_rle": "rtdose_rle.dcm",  # 15 RLE frames, empty BOT
+    "deflated": "image_dfl.dcm",
+    "ecg": "waveform_ecg.dcm",  # no pixel data, a large WaveformData in a sequence
+    "overlay": "examples_overlay.dcm",  # OverlayData (6000,3000) in the header
+}
+
+
+# ---------------------------------------------------------------------------
+# Corpus and app
+
+
+def _eot_file() -> bytes:
+    """rtdose_rle re-encapsulated with an Extended Offset Table (PS3.3 C.7.6.3.1.8)."""
+    ds = pydicom.dcmread(io.BytesIO(pydicom_file("rtdose_rle.dcm")))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    data, offsets, lengths = encapsulate_extended(frames)
+    ds.PixelData = data
+    ds["PixelData"].VR = "OB"
+    ds.ExtendedOffsetTable = offsets
+    ds.ExtendedOffsetTableLengths = lengths
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _monochrome1_file() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(pydicom_file("MR_small.dcm")))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _synthetic() -> list[SyntheticInstance]:
+    return list(
+        generate_instances(
+            seed=31,
+            patients=1,
+            studies_per_patient=1,
+            modalities=("CT",),
+            pixel_mode="realistic",
+            charsets=("GB18030",),
+            instances_per_series=3,
+            series_per_study=2,
+        )
+    )
+
+
+SYNTHETIC = _synthetic()
+
+
+def _all_objects() -> dict[str, bytes]:
+    objects = {name: pydicom_file(file) for name, file in PYDICOM_FILES.items()}
+    objects["eot"] = _eot_file()
+    objects["mr_mono1"] = _monochrome1_file()
+    for index, instance in enumerate(SYNTHETIC):
+        objects[f"syn{index}"] = instance.data
+    return objects
+
+
+OBJECTS = _all_objects()
+
+
+@dataclass
+class Corpus:
+    store: ObjectStore
+    prefix: str
+    stores: dict[str, ObjectStore]
+    locations: dict[str, InstanceLocation] = field(default_factory=dict)
+    outcomes: list[str] = field(default_factory=list)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}.dcm"
+
+    async def put(self, name: str, data: bytes) -> InstanceLocation:
+        info = await self.store.write_stream(self.key(name), _chunks(data))
+        header = parse_header(data, complete=True)
+        location = InstanceLocation(
+            StudyInstanceUID=header.study.StudyInstanceUID,
+            SeriesInstanceUID=header.series.SeriesInstanceUID,
+            SOPInstanceUID=header.instance.SOPInstanceUID,
+            SOPClassUID=header.instance.SOPClassUID,
+            TransferSyntaxUID=header.instance.TransferSyntaxUID,
+            store=self.store.name,
+            key=self.key(name),
+            etag=info.etag,
+            size=info.size,
+            header_bytes=header.header_bytes,
+            Rows=header.instance.Rows,
+            Columns=header.instance.Columns,
+            NumberOfFrames=header.instance.NumberOfFrames,
+            InstanceNumber=header.instance.InstanceNumber,
+        )
+        self.locations[name] = location
+        return location
+
+
+async def _chunks(data: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.fixture(scope="session")
+def wado_bucket(seaweedfs: SeaweedServer) -> str:
+    return seaweedfs.make_bucket(f"wado-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=STORES)
+async def corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
+    """Every test object put into a fresh store (a directory, or a prefix of a bucket)."""
+    if request.param == "fs":
+        root = tmp_path / "store"
+        root.mkdir()
+        store = open_store(StoreSettings(name="wado-fs", kind="fs", path=root))
+    else:
+        weed: SeaweedServer = request.getfixturevalue("seaweedfs")
+        store = open_store(
+            StoreSettings(
+                name="wado-s3",
+                kind="s3",
+                bucket=request.getfixturevalue("wado_bucket"),
+                prefix=f"t-{uuid.uuid4().hex[:10]}/",
+                endpoint=weed.endpoint,
+                access_key=weed.access_key,
+                secret_key=weed.secret_key,
+                retries=2,
+                timeout_s=10.0,
+            )
+        )
+    corpus = Corpus(store=store, prefix="studies/", stores={store.name: store})
+    await asyncio.gather(*(corpus.put(name, data) for name, data in OBJECTS.items()))
+    try:
+        yield corpus
+    finally:
+        await store.close()
+
+
+def _names(request: web.Request) -> list[str]:
+    return [n for n in request.query.get("names", "").split(",") if n]
+
+
+def make_app(corpus: Corpus) -> web.Application:
+    """Routes shaped like the real ones; the handlers only call the service functions."""
+    app = web.Application(middlewares=[error_middleware])
+    name_of: Callable[[InstanceLocation], str] = lambda loc: next(  # noqa: E731
+        n for n, v in corpus.locations.items() if v == loc
+    )
+
+    def accept(request: web.Request) -> str | None:
+        return request.headers.get("Accept")
+
+    async def instances(request: web.Request) -> web.StreamResponse:
+        locations = [corpus.locations[n] for n in _names(request)]
+        chunk = int(request.query.get("chunk", str(wado.CHUNK_SIZE)))
+        response = await wado.stream_instances(
+            request, locations, corpus.stores, accept=accept(request), chunk_size=chunk
+        )
+        corpus.outcomes.append(response[wado.STREAM_OUTCOME])
+        return response
+
+    async def metadata(request: web.Request) -> web.StreamResponse:
+        representation = select_metadata(accept(request))
+        origin = str(request.url.origin())
+        documents = await wado.retrieve_metadata(
+            [corpus.locations[n] for n in _names(request)],
+            corpus.stores,
+            bulkdata_base=lambda loc: f"{origin}/inst/{name_of(loc)}",
+        )
+        return web.json_response(documents, content_type=representation.media_type)
+
+    async def frames(request: web.Request) -> web.StreamResponse:
+        return await wado.retrieve_frames(
+            request,
+            corpus.locations[request.match_info["name"]],
+            corpus.stores,
+            wado.parse_frame_list(request.match_info["frames"]),
+            accept=accept(request),
+        )
+
+    async def bulkdata(request: web.Request) -> web.StreamResponse:
+        return await wado.retrieve_bulkdata(
+            request,
+            corpus.locations[request.match_info["name"]],
+            corpus.stores,
+            request.match_info["path"],
+            accept=accept(request),
+        )
+
+    async def rendered(request: web.Request) -> web.StreamResponse:
+        query = request.query
+        body, media_type = await wado.retrieve_rendered(
+            corpus.locations[request.match_info["name"]],
+            corpus.stores,
+            accept=accept(request),
+            window=wado.parse_window(query["window"]) if "window" in query else None,
+            quality=wado.parse_quality(query["quality"]) if "quality" in query else None,
+            viewport=wado.parse_viewport(query["viewport"]) if "viewport" in query else None,
+            frame=int(query.get("frame", "1")),
+        )
+        return web.Response(body=body, content_type=media_type)
+
+    async def thumbnail(request: web.Request) -> web.StreamResponse:
+        body, media_type = await wado.retrieve_thumbnail(
+            corpus.locations[request.match_info["name"]], corpus.stores, accept=accept(request)
+        )
+        return web.Response(body=body, content_type=media_type)
+
+    app.router.add_get("/instances", instances)
+    app.router.add_get("/metadata", metadata)
+    app.router.add_get("/inst/{name}/frames/{frames}", frames)
+    app.router.add_get("/inst/{name}/bulkdata/{path:.+}", bulkdata)
+    app.router.add_get("/inst/{name}/rendered", rendered)
+    app.router.add_get("/inst/{name}/thumbnail", thumbnail)
+    return app
+
+
+@pytest.fixture
+async def client(corpus: Corpus) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(make_app(corpus))) as test_client:
+        yield test_client
+
+
+# ---------------------------------------------------------------------------
+# Multipart parsing, three ways
+
+
+def _boundary(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary":
+            return value.strip('"')
+    raise AssertionError(f"no boundary in {content_type!r}")
+
+
+def split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    """By hand, as dicomweb-client and cornerstone do: split on CRLF--boundary."""
+    opening = f"--{boundary}\r\n".encode()
+    closing = f"\r\n--{boundary}--\r\n".encode()
+    assert body.startswith(opening), "the body must start with the first delimiter"
+    assert body.endswith(closing), "the body must end with the close delimiter"
+    inner = b"\r\n" + body[: -len(closing)]
+    parts = []
+    for piece in inner.split(f"\r\n--{boundary}".encode())[1:]:
+        assert piece.startswith(b"\r\n")
+        head, separator, content = piece[2:].partition(b"\r\n\r\n")
+        assert separator
+        headers = dict(line.split(": ", 1) for line in head.decode("ascii").split("\r\n"))
+        parts.append((headers, content))
+    return parts
+
+
+def email_parts(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """With the standard library's MIME parser."""
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    assert message.get_content_type() == "multipart/related"
+    out = []
+    for part in message.get_payload():
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((part["Content-Type"], payload))
+    return out
+
+
+async def get_parts(
+    client: TestClient[Any, Any], url: str, accept: str | None = None
+) -> tuple[str, list[tuple[dict[str, str], bytes]]]:
+    """GET a multipart resource; parse it with aiohttp, email and by hand, which must agree."""
+    headers = {"Accept": accept} if accept is not None else {}
+    async with client.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        content_type = response.headers["Content-Type"]
+        raw = await response.read()
+    assert response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    boundary = _boundary(content_type)
+    assert len(boundary) >= 32
+    manual = split_multipart(raw, boundary)
+    assert [(h["Content-Type"], c) for h, c in manual] == email_parts(content_type, raw)
+    for headers_, content in manual:
+        if "Content-Length" in headers_:
+            assert int(headers_["Content-Length"]) == len(content)
+    # aiohttp's streaming reader on a second, identical request (it honours Content-Length).
+    via_aiohttp = []
+    async with client.get(url, headers=headers) as response:
+        reader = aiohttp.MultipartReader.from_response(response)
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            via_aiohttp.append((part.headers["Content-Type"], await part.read(decode=False)))
+    assert via_aiohttp == [(h["Content-Type"], c) for h, c in manual]
+    return content_type, manual
+
+
+async def get_once(client: TestClient[Any, Any], url: str) -> list[tuple[dict[str, str], bytes]]:
+    """GET a multipart resource once and split it by hand."""
+    async with client.get(url) as response:
+        assert response.status == 200, await response.text()
+        return split_multipart(await response.read(), _boundary(response.headers["Content-Type"]))
+
+
+def _pixel_frames(data: bytes) -> list[bytes]:
+    """The frames as pydicom sees them: native slices, or encapsulated frames."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return list(generate_frames(ds.PixelData, number_of_frames=count))
+    pixels = bytes(ds.PixelData)
+    size = len(pixels) // count
+    return [pixels[i * size : (i + 1) * size] for i in range(count)]
+
+
+# ---------------------------------------------------------------------------
+# Retrieve Study / Series / Instance
+
+
+async def test_stream_instances_byte_identical(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    names = ["syn0", "ct", "j2k", "rgb_rle", "mr_implicit", "deflated", "ecg", "syn1", "syn5"]
+    content_type, parts = await get_parts(client, f"/instances?names={','.join(names)}")
+    assert content_type.startswith(f"{DICOM}; boundary=")
+    assert [content for _, content in parts] == [OBJECTS[n] for n in names]
+    for name, (headers, _) in zip(names, parts, strict=True):
+        syntax = corpus.locations[name].TransferSyntaxUID
+        assert headers["Content-Type"] == f"application/dicom; transfer-syntax={syntax}"
+    assert corpus.outcomes == ["complete", "complete"]  # get_parts asks twice
+
+
+async def test_stream_instances_small_chunks_and_many_prefetched(
+    client: TestClient[Any, Any],
+) -> None:
+    names = [f"syn{i}" for i in range(6)] * 3  # 18 parts, more than the prefetch window
+    _, parts = await get_parts(client, f"/instances?chunk=4096&names={','.join(names)}")
+    assert [c for _, c in parts] == [OBJECTS[n] for n in names]
+
+
+async def test_stream_instances_boundary_is_random(client: TestClient[Any, Any]) -> None:
+    boundaries = set()
+    for _ in range(3):
+        async with client.get("/instances?names=mr") as response:
+            boundaries.add(_boundary(response.headers["Content-Type"]))
+            await response.read()
+    assert len(boundaries) == 3
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        (f"{DICOM}; transfer-syntax=*", 200),
+        ("application/dicom", 200),
+        ("*/*", 200),
+        (f"{DICOM}; transfer-syntax={EXPLICIT_LE}", 406),  # j2k is not Explicit VR LE
+        ("application/json", 406),
+        (OCTET, 406),
+    ],
+)
+async def test_stream_instances_negotiation(
+    client: TestClient[Any, Any], accept: str, status: int
+) -> None:
+    async with client.get("/instances?names=mr,j2k", headers={"Accept": accept}) as response:
+        assert response.status == status
+        if status == 406:
+            problem = await response.json()
+            assert problem["error"] == "not-acceptable"
+            assert "1.2.840.10008.1.2.4.91" in problem["message"]
+        else:
+            await response.read()
+
+
+async def test_errors_before_the_first_byte_are_json(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    corpus.locations["stale"] = replace(corpus.locations["mr"], etag="0" * 32)
+    corpus.locations["gone"] = replace(corpus.locations["mr"], key="studies/missing.dcm")
+    corpus.locations["elsewhere"] = replace(corpus.locations["mr"], store="other-province")
+    for names, status, code in [
+        ("stale,ct", 502, "storage-error"),
+        ("gone,ct", 404, "object-not-found"),
+        ("elsewhere", 502, "storage-error"),
+        ("", 404, "not-found"),
+    ]:
+        async with client.get(f"/instances?names={names}") as response:
+            assert response.status == status, names
+            problem = await response.json()
+            assert problem["error"] == code
+            assert "studies/" not in problem["message"]  # keys are never shown
+
+
+class GatedStore:
+    """A real store whose ``read_stream`` of one key waits for a gate to open."""
+
+    def __init__(self, inner: ObjectStore, key: str) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.key = key
+        self.waiting = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_stream(
+        self, key: str, *, offset: int = 0, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        if key == self.key:
+            self.waiting.set()
+            await self.gate.wait()
+        async for chunk in self.inner.read_stream(key, offset=offset, chunk_size=chunk_size):
+            yield chunk
+
+
+async def _read_until_cut(response: aiohttp.ClientResponse, into: bytearray) -> None:
+    async for piece in response.content.iter_any():
+        into += piece
+
+
+@pytest.mark.parametrize("change", ["delete", "same-size", "longer", "shorter"])
+async def test_object_changed_mid_stream_aborts(
+    corpus: Corpus, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = corpus.locations["syn1"]
+    gated = GatedStore(corpus.store, target.key)
+    corpus.stores[corpus.store.name] = gated  # type: ignore[assignment]
+    caplog.set_level(logging.INFO)
+    received = bytearray()
+    async with TestClient(TestServer(make_app(corpus))) as test_client:
+        response = await test_client.get("/instances?chunk=65536&names=syn0,syn1,syn2")
+        assert response.status == 200
+        boundary = _boundary(response.headers["Content-Type"]).encode()
+        reader = asyncio.create_task(_read_until_cut(response, received))
+        await asyncio.wait_for(gated.waiting.wait(), 10)
+        original = OBJECTS["syn1"]
+        if change == "delete":
+            await corpus.store.delete(target.key)
+        else:
+            data = {
+                "same-size": original[:-16] + bytes(16),
+                "longer": original + bytes(1000),
+                "shorter": original[:-1000],
+            }[change]
+            await corpus.store.write_stream(target.key, _chunks(data))
+        gated.gate.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(reader, 10)
+        response.close()
+        for _ in range(100):  # the handler returns just after cutting the connection
+            if corpus.outcomes:
+                break
+            await asyncio.sleep(0.02)
+    # What arrived: the whole first part, the start of the second, never its end.
+    delimiter = b"\r\n--" + boundary
+    assert received.startswith(b"--" + boundary + b"\r\n")
+    assert received.count(delimiter) == 1, "the changed part must not look complete"
+    assert b"--" + boundary + b"--" not in received
+    assert corpus.outcomes == ["aborted"]
+    aborts = [r for r in caplog.records if "aborted" in r.getMessage()]
+    assert aborts
+    patient = SYNTHETIC[1]
+    for record in caplog.records:
+        text = record.getMessage()
+        assert patient.patient_id not in text and patient.national_id not in text
+        for part in filter(None, patient.patient_name.replace("=", "^").split("^")):
+            assert part not in text
+        assert target.key not in text
+
+
+# ---------------------------------------------------------------------------
+# Metadata
+
+
+async def test_metadata_round_trips_with_bulkdata_uris(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    names = ["ct", "mr_big", "rgb_jpeg", "dose_rle", "deflated", "ecg", "overlay", "syn3"]
+    async with client.get(
+        f"/metadata?names={','.join(names)}", headers={"Accept": "application/dicom+json"}
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/dicom+json")
+        documents = await response.json()
+    assert len(documents) == len(names)
+    by_sop = {d["00080018"]["Value"][0]: d for d in documents}
+    uris: list[str] = []
+
+    def bulk(tag: str, vr: str, uri: str) -> bytes:
+        uris.append(uri)
+        return b""
+
+    for name in names:
+        original = pydicom.dcmread(io.BytesIO(OBJECTS[name]), stop_before_pixels=True)
+        document = by_sop[original.SOPInstanceUID]
+        dataset = pydicom.Dataset.from_json(document, bulk_data_uri_handler=bulk)
+        assert dataset.SOPInstanceUID == original.SOPInstanceUID
+        assert dataset.StudyInstanceUID == original.StudyInstanceUID
+        assert str(dataset.get("PatientName", "")) == str(original.get("PatientName", ""))
+        stored = corpus.locations[name].TransferSyntaxUID
+        assert document["00083002"] == {"vr": "UI", "Value": [stored]}
+        base = f"/inst/{name}/bulkdata/"
+        if "ecg" != name:
+            pixel = document["7FE00010"]
+            assert pixel["BulkDataURI"].endswith(f"{base}7FE00010")
+            assert pixel["vr"] in ("OB", "OW")
+        assert "0002" not in "".join(document)[:4]  # no file meta in metadata
+    # Binary values above the threshold are URIs, nested ones with their item path.
+    ecg = by_sop[pydicom.dcmread(io.BytesIO(OBJECTS["ecg"])).SOPInstanceUID]
+    waveform = ecg["54000100"]["Value"][0]["54001010"]
+    assert waveform["BulkDataURI"].endswith("/inst/ecg/bulkdata/54000100/0/54001010")
+    overlay = by_sop[pydicom.dcmread(io.BytesIO(OBJECTS["overlay"])).SOPInstanceUID]
+    assert overlay["60003000"]["BulkDataURI"].endswith("/inst/overlay/bulkdata/60003000")
+    assert len(uris) >= len(names) + 1
+
+
+async def test_bulkdata_uris_serve_the_values(client: TestClient[Any, Any]) -> None:
+    ecg = pydicom.dcmread(io.BytesIO(OBJECTS["ecg"]))
+    _, parts = await get_parts(client, "/inst/ecg/bulkdata/54000100/0/54001010")
+    assert [c for _, c in parts] == [ecg.WaveformSequence[0].WaveformData]
+    assert parts[0][0]["Content-Type"].startswith("application/octet-stream")
+    overlay = pydicom.dcmread(io.BytesIO(OBJECTS["overlay"]))
+    _, parts = await get_parts(client, "/inst/overlay/bulkdata/60003000", accept=OCTET)
+    assert [c for _, c in parts] == [overlay[0x60003000].value]
+    # Pixel data bulkdata is served as its frames.
+    _, parts = await get_parts(client, "/inst/dose/bulkdata/7FE00010")
+    assert [c for _, c in parts] == _pixel_frames(OBJECTS["dose"])
+    for path, status in [
+        ("54000100/9/54001010", 404),  # no tenth item
+        ("00100010", 404),  # not binary
+        ("7FE00008", 404),  # no float pixel data
+        ("5400010", 400),
+        ("54000100/x/54001010", 400),
+        ("54000100/0", 400),
+    ]:
+        async with client.get(f"/inst/ecg/bulkdata/{path}") as response:
+            assert response.status == status, path
+
+
+async def test_metadata_order_and_chinese_names(corpus: Corpus) -> None:
+    order = ["syn5", "syn2", "syn0", "syn4", "syn1", "syn3"]
+    documents = await wado.metadata(
+        [corpus.locations[n] for n in order],
+        corpus.stores,
+        bulkdata_base=lambda loc: f"https://gw/{loc.SOPInstanceUID}",
+    )
+    keys = [
+        (d["00200011"]["Value"][0], d["00200013"]["Value"][0], d["00080018"]["Value"][0])
+        for d in documents
+    ]
+    assert keys == sorted(keys)
+    assert [k[0] for k in keys] == [1, 1, 1, 2, 2, 2]
+    name = documents[0]["00100010"]["Value"][0]
+    expected = pydicom.dcmread(io.BytesIO(SYNTHETIC[0].data)).PatientName
+    assert name["Alphabetic"] == expected.components[0]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in "".join(name.values()))
+
+
+async def test_metadata_reads_only_headers(corpus: Corpus) -> None:
+    recorder = RecordingStore(corpus.store)
+    stores = {corpus.store.name: recorder}
+    locations = [corpus.locations[n] for n in ("syn0", "ct", "j2k")]
+    await wado.retrieve_metadata(locations, stores, bulkdata_base=lambda loc: "x")  # type: ignore[arg-type]
+    assert not recorder.streams
+    for location in locations:
+        reads = [r for r in recorder.reads if r[0] == location.key]
+        assert reads == [(location.key, 0, location.header_bytes + 12)]
+
+
+# ---------------------------------------------------------------------------
+# Frames
+
+
+class RecordingStore:
+    """A real store that notes every read."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.reads: list[tuple[str, int, int]] = []
+        self.streams: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_range(self, key: str, offset: int, length: int) -> Any:
+        self.reads.append((key, offset, length))
+        return await self.inner.read_range(key, offset, length)
+
+    def read_stream(self, key: str, **kw: Any) -> AsyncIterator[bytes]:
+        self.streams.append(key)
+        return self.inner.read_stream(key, **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "numbers", "part_type"),
+    [
+        ("dose", [1, 5, 15, 5], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("ct", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("syn2", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("mr_implicit", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("deflated", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("rgb_rle_2", [2, 1], "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"),
+        ("dose_rle", [3, 15], "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"),
+        ("eot", [1, 7, 15], "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"),
+        ("j2k", [1], "image/jp2; transfer-syntax=1.2.840.10008.1.2.4.91"),
+        ("rgb_jpeg", [1], "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"),
+    ],
+)
+async def test_frames_equal_pydicom_frames(
+    client: TestClient[Any, Any], name: str, numbers: list[int], part_type: str
+) -> None:
+    content_type, parts = await get_parts(
+        client, f"/inst/{name}/frames/{','.join(map(str, numbers))}"
+    )
+    expected = _pixel_frames(OBJECTS[name])
+    assert [c for _, c in parts] == [expected[n - 1] for n in numbers]
+    assert all(h["Content-Type"] == part_type for h, _ in parts)
+    assert content_type.startswith(f'multipart/related; type="{part_type.split(";")[0]}"')
+
+
+async def test_native_frames_read_only_their_ranges(corpus: Corpus) -> None:
+    """A frame of a 512x512 CT costs two ranged reads: the header, then the frame."""
+    recorder = RecordingStore(corpus.store)
+    location = corpus.locations["syn4"]
+    frame = _pixel_frames(OBJECTS["syn4"])[0]
+    async with TestClient(TestServer(make_app(replace_stores(corpus, recorder)))) as c:
+        parts = await get_once(c, "/inst/syn4/frames/1")
+    assert parts[0][1] == frame
+    assert recorder.reads == [
+        (location.key, 0, location.header_bytes + 12),
+        (location.key, location.size - len(frame), len(frame)),
+    ]
+    assert not recorder.streams
+
+
+def replace_stores(corpus: Corpus, store: Any) -> Corpus:
+    return Corpus(
+        store=corpus.store,
+        prefix=corpus.prefix,
+        stores={corpus.store.name: store},
+        locations=corpus.locations,
+    )
+
+
+async def test_encapsulated_frames_read_only_their_items(corpus: Corpus) -> None:
+    recorder = RecordingStore(corpus.store)
+    location = corpus.locations["eot"]
+    async with TestClient(TestServer(make_app(replace_stores(corpus, recorder)))) as c:
+        parts = await get_once(c, "/inst/eot/frames/7")
+    frames = _pixel_frames(OBJECTS["eot"])
+    assert parts[0][1] == frames[6]
+    (_, header_offset, header_length), (_, _, length) = recorder.reads
+    assert header_offset == 0 and header_length < location.header_bytes + 200
+    assert length == 8 + len(frames[6]) + (len(frames[6]) % 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "accept", "status"),
+    [
+        ("rgb_jpeg", OCTET, 406),  # compressed, client wants uncompressed only
+        ("rgb_jpeg", f"{OCTET}; transfer-syntax=1.2.840.10008.1.2.4.50", 200),
+        ("rgb_jpeg", "multipart/related; type=application/octet-stream; transfer-syntax=*", 200),
+        ("rgb_jpeg", 'multipart/related; type="image/jp2"', 406),
+        ("mr", 'multipart/related; type="image/jpeg"', 406),
+        ("mr_big", OCTET, 406),  # big endian is not the default syntax
+        ("mr_big", f"{OCTET}; transfer-syntax=*", 200),
+    ],
+)
+async def test_frames_negotiation(
+    client: TestClient[Any, Any], name: str, accept: str, status: int
+) -> None:
+    async with client.get(f"/inst/{name}/frames/1", headers={"Accept": accept}) as response:
+        assert response.status == status, await response.text()
+        if status == 200:
+            part_type = response.headers["Content-Type"].split(";")[1]
+            assert "application/octet-stream" in part_type
+    if status == 200:
+        _, parts = await get_parts(client, f"/inst/{name}/frames/1", accept=accept)
+        assert parts[0][1] == _pixel_frames(OBJECTS[name])[0]
+        syntax = parts[0][0]["Content-Type"].partition("transfer-syntax=")[2]
+        assert syntax == pydicom.dcmread(io.BytesIO(OBJECTS[name])).file_meta.TransferSyntaxUID
+
+
+async def test_frame_numbers_out_of_range(client: TestClient[Any, Any], corpus: Corpus) -> None:
+    for url, status in [
+        ("/inst/dose/frames/16", 404),
+        ("/inst/dose/frames/1,16", 404),
+        ("/inst/mr/frames/2", 404),
+        ("/inst/dose/frames/0", 400),
+        ("/inst/dose/frames/1,,2", 400),
+        ("/inst/ecg/frames/1", 404),  # no pixel data
+    ]:
+        async with client.get(url) as response:
+            assert response.status == status, url
+    with pytest.raises(InvalidRequest):
+        await wado.retrieve_frames(
+            None,  # type: ignore[arg-type]
+            corpus.locations["dose"],
+            corpus.stores,
+            [],
+            accept=None,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Rendered and thumbnail
+
+
+async def _image(client: TestClient[Any, Any], url: str, accept: str | None = None) -> Image.Image:
+    headers = {"Accept": accept} if accept else {}
+    async with client.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        body = await response.read()
+        image = Image.open(io.BytesIO(body))
+        image.load()
+        expected = {"JPEG": "image/jpeg", "PNG": "image/png"}[image.format or ""]
+        assert response.headers["Content-Type"] == expected
+    return image
+
+
+async def test_rendered_ct_window_changes_output(client: TestClient[Any, Any]) -> None:
+    default = await _image(client, "/inst/syn0/rendered")
+    assert default.format == "JPEG" and default.size == (512, 512) and default.mode == "L"
+    soft = np.asarray(await _image(client, "/inst/syn0/rendered?window=40,400", "image/png"))
+    bone = np.asarray(await _image(client, "/inst/syn0/rendered?window=1000,100", "image/png"))
+    assert soft.shape == (512, 512)
+    assert not np.array_equal(soft, bone)
+    # Exactly the linear VOI function on HU (PS3.3 C.11.2.1.2.1).
+    ds = pydicom.dcmread(io.BytesIO(OBJECTS["syn0"]))
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = np.rint(np.clip((hu - 39.5) / 399 + 0.5, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(soft, expected)
+    assert soft[0, 0] == 0 and soft[256, 256] > 100  # air is black, soft tissue grey
+
+
+async def test_rendered_parameters(client: TestClient[Any, Any]) -> None:
+    small = await _image(client, "/inst/syn0/rendered?viewport=128,64&quality=50")
+    assert small.size == (64, 64)
+    tall = await _image(client, "/inst/j2k/rendered?viewport=100,100")
+    assert tall.size == (25, 100)  # 256 x 1024 kept in proportion
+    big = await _image(client, "/inst/mr/rendered?viewport=128,128")
+    assert big.size == (128, 128)  # rendered may enlarge
+    for query in ("window=1,0", "quality=0", "viewport=0,10", "viewport=1,2,3,4", "window=a,b"):
+        async with client.get(f"/inst/mr/rendered?{query}") as response:
+            assert response.status == 400, query
+
+
+async def test_rendered_monochrome1_is_inverted(client: TestClient[Any, Any]) -> None:
+    normal = np.asarray(await _image(client, "/inst/mr/rendered?window=600,1200", "image/png"))
+    inverted = np.asarray(
+        await _image(client, "/inst/mr_mono1/rendered?window=600,1200", "image/png")
+    )
+    assert np.array_equal(inverted, 255 - normal)
+
+
+async def test_rendered_colour_passes_through(client: TestClient[Any, Any]) -> None:
+    for name in ("rgb_rle", "rgb_jpeg"):
+        image = await _image(client, f"/inst/{name}/rendered", "image/png")
+        assert image.mode == "RGB"
+        expected = pydicom.dcmread(io.BytesIO(OBJECTS[name])).pixel_array
+        assert np.array_equal(np.asarray(image), expected)
+
+
+async def test_rendered_other_syntaxes(client: TestClient[Any, Any]) -> None:
+    for name, size in [
+        ("j2k", (256, 1024)),
+        ("mr_big", (64, 64)),
+        ("mr_rle", (64, 64)),
+        ("deflated", (512, 512)),
+        ("eot", (10, 10)),
+        ("ct", (128, 128)),
+    ]:
+        image = await _image(client, f"/inst/{name}/rendered", "image/png")
+        assert image.size == size, name
+        assert np.asarray(image).std() > 0, name
+    # Frames of a multi-frame instance render separately.
+    first = np.asarray(await _image(client, "/inst/dose/rendered?frame=1", "image/png"))
+    last = np.asarray(await _image(client, "/inst/dose/rendered?frame=15", "image/png"))
+    assert first.shape == last.shape == (10, 10)
+    # pydicom decodes big endian and little endian to the same image.
+    little = np.asarray(await _image(client, "/inst/mr/rendered", "image/png"))
+    big = np.asarray(await _image(client, "/inst/mr_big/rendered", "image/png"))
+    assert np.array_equal(little, big)
+
+
+async def test_rendered_refusals(client: TestClient[Any, Any]) -> None:
+    for url, accept, status, code in [
+        ("/inst/jpeg_lossless/rendered", None, 406, "not-acceptable"),
+        ("/inst/mr/rendered", "image/gif", 406, "not-acceptable"),
+        ("/inst/mr/rendered", "application/dicom", 406, "not-acceptable"),
+        ("/inst/ecg/rendered", None, 404, "not-found"),
+        ("/inst/dose/rendered?frame=16", None, 404, "not-found"),
+    ]:
+        headers = {"Accept": accept} if accept else {}
+        async with client.get(url, headers=headers) as response:
+            assert response.status == status, url
+            assert (await response.json())["error"] == code
+
+
+async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
+    image = await _image(client, "/inst/syn0/thumbnail")
+    assert image.format == "JPEG" and image.size == (128, 128)
+    small = await _image(client, "/inst/rgb_rle/thumbnail", "image/png")
+    assert small.size == (100, 100)  # never enlarged
+    tall = await _image(client, "/inst/j2k/thumbnail")
+    assert tall.size == (32, 128)
+    chosen = wado.representative_instance([corpus.locations[f"syn{i}"] for i in range(6)])
+    assert chosen.InstanceNumber == 2
+    with pytest.raises(NotFound):
+        wado.representative_instance([corpus.locations["ecg"]])
