@@ -109,7 +109,7 @@ CHUNK_SIZE: Final = 1 << 20
 PREFETCH_INSTANCES: Final = 8
 """Instances whose first chunk is read ahead while an earlier one streams (memory: x CHUNK)."""
 READ_AHEAD_CHUNKS: Final = 2
-"""Chunks of the streaming instance read ahead of the client."""
+"""Chunks buffered per instance read ahead: memory <= PREFETCH x (READ_AHEAD + 1) x CHUNK."""
 METADATA_CONCURRENCY: Final = 16
 BULK_DATA_THRESHOLD: Final = 1024
 """pydicom's threshold, in base64 characters: binary values over 768 bytes become URIs."""
@@ -390,53 +390,62 @@ async def _single(data: bytes) -> AsyncGenerator[bytes, None]:
 # Retrieve Study / Series / Instance (PS3.18 10.4.1.1.1)
 
 
-async def _read_ahead(source: AsyncIterator[bytes], depth: int) -> AsyncGenerator[bytes, None]:
-    """Iterate ``source`` in a task up to ``depth`` chunks ahead of the consumer."""
-    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=depth)
+class _Pipe:
+    """Runs a chunk source in its own task, at most ``depth`` chunks ahead of the reader.
 
-    async def pump() -> None:
+    Started when created, so the instances of the prefetch window are read (first chunk
+    and the start of the rest) while an earlier instance is still being sent.
+    """
+
+    def __init__(self, source: AsyncGenerator[bytes, None], depth: int) -> None:
+        self._source = source
+        self._queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=depth)
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
         try:
-            async for chunk in source:
-                await queue.put(chunk)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            await queue.put(exc)
+            async for chunk in self._source:
+                await self._queue.put(chunk)
+        except Exception as exc:
+            await self._queue.put(exc)
             return
         finally:
-            await _close(source)
-        await queue.put(None)
+            await self._source.aclose()
+        await self._queue.put(None)
 
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The source's chunks in order; its error is raised here, where it occurred."""
+        try:
+            while (item := await self._queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop reading (cancels the task; the source closes its reads)."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _instance_body(
-    store: ObjectStore, instance: InstanceLocation, first: bytes, chunk_size: int
+async def _instance_chunks(
+    store: ObjectStore, instance: InstanceLocation, chunk_size: int
 ) -> AsyncGenerator[bytes, None]:
-    """The object's bytes: the first chunk (already read and version-checked), then the rest.
+    """The indexed version of one object, chunk by chunk, or an error before its end.
 
-    The rest is streamed with ``read_stream`` and checked again when it ends (byte count,
-    then ETag via ``stat``), so bytes of another version never end a part normally.
+    The first chunk is a ranged read whose ETag and size must be the index's. The rest is
+    streamed with ``read_stream`` and checked again when it ends (byte count, then ETag
+    via ``stat``), so bytes of another version never end a part normally.
     """
-    if first:
-        yield first
-    sent = len(first)
+    first = await store.read_range(instance.key, 0, chunk_size)
+    _check_version(instance, first.etag, first.total_size)
+    if first.data:
+        yield first.data
+    sent = len(first.data)
     if sent >= instance.size:
         return
-    stream = _read_ahead(
-        store.read_stream(instance.key, offset=sent, chunk_size=chunk_size), READ_AHEAD_CHUNKS
-    )
+    stream = store.read_stream(instance.key, offset=sent, chunk_size=chunk_size)
     try:
         async for chunk in stream:
             sent += len(chunk)
@@ -444,7 +453,7 @@ async def _instance_body(
                 raise _changed(instance)
             yield chunk
     finally:
-        await stream.aclose()
+        await _close(stream)
     if sent != instance.size:
         raise _changed(instance)
     info = await store.stat(instance.key)
@@ -458,33 +467,27 @@ async def _instance_parts(
     chunk_size: int,
     prefetch: int,
 ) -> AsyncGenerator[_Part, None]:
-    """One part per instance, the first chunks of the next ``prefetch`` read concurrently."""
-    window: deque[asyncio.Task[Any]] = deque()
+    """One part per instance; the next ``prefetch`` instances are read ahead concurrently."""
+    window: deque[_Pipe] = deque()
     scheduled = 0
     try:
         for instance in instances:
             while scheduled < len(instances) and len(window) < prefetch:
                 ahead = instances[scheduled]
-                window.append(
-                    asyncio.ensure_future(
-                        _store(stores, ahead).read_range(ahead.key, 0, chunk_size)
-                    )
-                )
+                source = _instance_chunks(_store(stores, ahead), ahead, chunk_size)
+                window.append(_Pipe(source, READ_AHEAD_CHUNKS))
                 scheduled += 1
-            first = await window.popleft()
-            _check_version(instance, first.etag, first.total_size)
-            store = _store(stores, instance)
+            pipe = window.popleft()
             yield _Part(
                 Representation(
                     "application/dicom", instance.TransferSyntaxUID, multipart=True
                 ).part_content_type,
                 instance.size,
-                _instance_body(store, instance, first.data, chunk_size),
+                pipe.chunks(),
             )
     finally:
-        for task in window:
-            task.cancel()
-        await asyncio.gather(*window, return_exceptions=True)
+        for pipe in window:
+            await pipe.close()
 
 
 async def stream_instances(
@@ -500,9 +503,10 @@ async def stream_instances(
     The response is ``multipart/related; type="application/dicom"; boundary=<random>``,
     chunked, one part per instance in the order given, each part
     ``Content-Type: application/dicom; transfer-syntax=<stored>`` with its
-    ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces; memory
-    holds at most the first chunks of :data:`PREFETCH_INSTANCES` instances plus
-    :data:`READ_AHEAD_CHUNKS` chunks, whatever the study size. Nothing is transcoded.
+    ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces, the next
+    :data:`PREFETCH_INSTANCES` instances read concurrently while one is sent; memory holds
+    at most about ``PREFETCH_INSTANCES x (READ_AHEAD_CHUNKS + 1) x chunk_size`` (24 MiB),
+    whatever the study size. Nothing is transcoded.
 
     Raises, before anything is sent: ``NotFound`` (no instances), ``NotAcceptable``
     (``accept`` refuses a stored transfer syntax), ``StorageError`` (a store is not
