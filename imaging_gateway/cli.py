@@ -138,11 +138,13 @@ def tune_gc() -> None:
 
     Parsing headers allocates many short-lived containers; at Python's default gen-0
     threshold (700) cycle collection took ~7% of a sync job's CPU (measured with
-    ``gc.callbacks`` over 4,000 objects: 0.28 s; at 20,000: 0.02 s). Memory stays
-    bounded: almost everything is freed by reference counting, not by the collector.
+    ``gc.callbacks`` over 4,000 objects: 0.28 s). At 20,000 it took 0.02 s but the
+    garbage left between collections raised an incremental sync's peak RSS over 100k
+    objects by ~25 MiB; 5,000 keeps most of the gain and the memory flat
+    (``bench/sync.py --scale``).
     """
     gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
+    gc.set_threshold(5_000, 10, 10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
