@@ -9,6 +9,7 @@ from aiohttp import web
 from imaging_gateway.api import admin, consent, dicomweb
 from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
 from imaging_gateway.api.middlewares import auth_middleware, error_middleware
+from imaging_gateway.api.openapi import openapi_json
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
 from imaging_gateway.security.consent import ConsentStore
@@ -38,6 +39,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_stores_ctx)
     app.cleanup_ctx.append(_sync_ctx)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_routes(admin.routes)
     app.router.add_routes(consent.routes)
     app.router.add_routes(dicomweb.routes)

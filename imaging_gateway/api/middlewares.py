@@ -12,7 +12,7 @@ from imaging_gateway.errors import GatewayError, Unauthenticated
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 
 
 def problem(status: int, code: str, message: str) -> web.Response:
