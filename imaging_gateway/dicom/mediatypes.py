@@ -23,8 +23,8 @@ Rules, and where they differ from the letter of PS3.18 8.7.3:
   ``image/jp2``, ...), whatever ``transfer-syntax`` that range names or omits as long as
   it is not another one, and as ``application/octet-stream`` only when the range says
   ``transfer-syntax=*`` or names the stored syntax: ``application/octet-stream`` alone
-  means uncompressed (8.7.3.3.2), which cannot be met without decompressing. Video
-  syntaxes have no frames to offer.
+  means its default, Explicit VR Little Endian (8.7.3), which cannot be met without
+  decompressing. Video syntaxes have no frames to offer.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ _JPX = ("image/jpx",)
 _HTJ2K = ("image/jphc",)
 _JXL = ("image/jxl",)
 COMPRESSED_FRAME_MEDIA_TYPES: Final[Mapping[str, tuple[str, ...]]] = {
-    # PS3.18 8.7.4 (Table 8.7.4-1 / 8.7.3-5): media types of compressed pixel data; the
-    # first is the one sent unless the client asks for another (x- forms are older names).
+    # PS3.18 8.7.4: media types of compressed pixel data; the first is the one sent
+    # unless the client asks for another (x- forms are older names).
     "1.2.840.10008.1.2.4.50": _JPEG,
     "1.2.840.10008.1.2.4.51": _JPEG,
     "1.2.840.10008.1.2.4.57": _JPEG,
@@ -406,13 +406,13 @@ def frame_offers(transfer_syntax: str | None) -> list[Representation]:
         return []
     image_types = COMPRESSED_FRAME_MEDIA_TYPES.get(ts, ())
     offers = [Representation(media_type, ts, multipart=True) for media_type in image_types]
-    # Octet-stream without a transfer-syntax parameter means uncompressed (8.7.3.3.2).
+    # Octet-stream without a transfer-syntax parameter means Explicit VR LE (8.7.3).
     offers.append(Representation(_OCTET_STREAM, ts, multipart=True, implied=False))
     return offers
 
 
 def select_frames(accept: str | None, transfer_syntax: str | None) -> Representation:
-    """Negotiate Retrieve Frames (PS3.18 10.4.1.1.2) or pixel data bulkdata.
+    """Negotiate Retrieve Frames or pixel data (PS3.18 10.4.1.1.6).
 
     Raises ``NotAcceptable`` when the stored frames cannot be sent in an accepted type
     (compressed frames to a client that accepts only uncompressed octet-stream, video).

@@ -39,11 +39,19 @@ but is by ``xiaodong``).
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
 
-from pypinyin import Style, lazy_pinyin, pinyin
+# pypinyin reads these at import: without them it loads (and copies) a phrase dictionary
+# of ~40 MiB into every gateway and sync process. Names are read character by character
+# (surnames with every reading), which the phrase dictionary does not change here
+# (tests/unit/test_names.py).
+os.environ.setdefault("PYPINYIN_NO_PHRASES", "true")
+os.environ.setdefault("PYPINYIN_NO_DICT_COPY", "true")
+
+from pypinyin import Style, lazy_pinyin, pinyin  # noqa: E402
 
 __all__ = [
     "GROUP_MARK",

@@ -18,10 +18,10 @@ instance's Retrieve Instance URL, ``.../studies/{study}/series/{series}/instance
   tag as 8 upper-case hex digits, preceded for nested elements by each enclosing
   sequence's tag and the 0-based item index: ``00540016/0/00181072``
   (:func:`parse_tag_path` reads it back, :func:`retrieve_bulkdata` serves it).
-* ``{base}/bulkdata/7FE00010`` (or 7FE00008 / 7FE00009) for the pixel data. A frame list
-  (``{base}/frames/1,2,...,n``) is also a valid pixel data URI (PS3.18 10.4.1.1.5), but
-  for a cine of thousands of frames it would exceed request-line limits; the bulkdata
-  URI of pixel data is served exactly like frames 1..n, one frame per part.
+* ``{base}/bulkdata/7FE00010`` (or 7FE00008 / 7FE00009) for the pixel data, served
+  exactly like frames 1..n, one frame per part. A frame list URI
+  (``{base}/frames/1,2,...,n``) would name the same bytes, but for a cine of thousands
+  of frames it exceeds request-line limits (aiohttp's included), so it is not used.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ T = TypeVar("T")
 CHUNK_SIZE: Final = 1 << 20
 """Bytes per read from the store and per write to the client while streaming."""
 PREFETCH_INSTANCES: Final = 8
-"""Instances whose first chunk is read ahead while an earlier one streams (memory: x CHUNK)."""
+"""Instances read ahead, concurrently, while an earlier one is being sent."""
 READ_AHEAD_CHUNKS: Final = 2
 """Chunks buffered per instance read ahead: memory <= PREFETCH x (READ_AHEAD + 1) x CHUNK."""
 METADATA_CONCURRENCY: Final = 16
@@ -291,7 +291,7 @@ async def _load_header(
 
 
 # ---------------------------------------------------------------------------
-# multipart/related bodies (RFC 2387, PS3.18 8.6.1.2)
+# multipart/related bodies (RFC 2387, RFC 2046 5.1; PS3.18 8.6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +349,10 @@ async def _send_multipart(
         response.enable_chunked_encoding()
         response[STREAM_OUTCOME] = "aborted"
         await response.prepare(request)
+        if request.method == "HEAD":  # the headers say it all; do not read the study
+            await response.write_eof()
+            response[STREAM_OUTCOME] = "complete"
+            return response
         index = 0
         try:
             while part is not None:
@@ -364,7 +368,10 @@ async def _send_multipart(
                 part = await anext(parts, None)
                 pending = None
             await _write(response, f"\r\n--{boundary}--\r\n".encode("ascii"))
-            await response.write_eof()
+            try:
+                await response.write_eof()
+            except ConnectionError as exc:
+                raise _ClientGone from exc
         except _ClientGone:
             response[STREAM_OUTCOME] = "client-gone"
             log.info("wado: client closed the connection during part %d", index + 1)
@@ -380,6 +387,17 @@ async def _send_multipart(
         return response
     finally:
         await parts.aclose()
+
+
+def _with_syntax(content_type: str, transfer_syntax: str | None) -> str:
+    """Name the parts' transfer syntax on the whole body too, when they all share one.
+
+    Each part carries it anyway; some viewers (older cornerstone WADO-RS loaders) read
+    the response's Content-Type instead of the part's to pick the frame decoder.
+    """
+    if transfer_syntax:
+        return f"{content_type}; transfer-syntax={transfer_syntax}"
+    return content_type
 
 
 async def _single(data: bytes) -> AsyncGenerator[bytes, None]:
@@ -519,8 +537,11 @@ async def stream_instances(
     representation = select_instances(accept, (i.TransferSyntaxUID for i in instances))
     for instance in instances:
         _store(stores, instance)
+    syntaxes = {instance.TransferSyntaxUID for instance in instances}
+    only = syntaxes.pop() if len(syntaxes) == 1 else None
+    content_type = _with_syntax(representation.content_type, only)
     parts = _instance_parts(instances, stores, chunk_size=chunk_size, prefetch=PREFETCH_INSTANCES)
-    return await _send_multipart(request, representation.content_type, parts)
+    return await _send_multipart(request, content_type, parts)
 
 
 # ---------------------------------------------------------------------------
@@ -579,7 +600,7 @@ def _metadata_json(
         vr = header.pixel_vr or ("OB" if encapsulated else _PIXEL_TAGS[header.pixel_tag])
         key = f"{header.pixel_tag:08X}"
         out[key] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{key}"}
-    # The stored transfer syntax, as QIDO-RS reports it (PS3.18 Table 10.6.3-5).
+    # The stored transfer syntax, the attribute QIDO-RS instance results use for it.
     out.setdefault("00083002", {"vr": "UI", "Value": [header.transfer_syntax]})
     series_number = _int_value(ds, "SeriesNumber")
     instance_number = instance.InstanceNumber
@@ -638,7 +659,7 @@ metadata = retrieve_metadata
 
 
 # ---------------------------------------------------------------------------
-# Frames (PS3.18 10.4.1.1.2 "Frames") and pixel data
+# Frames and pixel data (PS3.18 10.4.1.1.6 Pixel Data Resources)
 
 
 def _frame_length(ds: Dataset) -> int:
@@ -690,7 +711,7 @@ class _FrameSource:
         if header.pixel_tag is None:
             raise NotFound("the instance has no pixel data")
         source = cls(store, instance, header)
-        if header.value_length is not None and not header.whole:
+        if header.value_length is not None:
             needed = source.number_of_frames * source._frame_length
             if header.value_length < needed:
                 raise IntegrityError("pixel data is shorter than its frames")
@@ -765,11 +786,12 @@ class _FrameSource:
         if not self._offsets:
             # No usable offset table for several frames: pydicom finds the frames in the
             # whole encapsulated value (PS3.5 A.4 allows fragments without an index).
-            value = await self._bytes(
-                header.value_offset, self._instance.size - header.value_offset
-            )
+            if self._pixel_bytes is None:
+                self._pixel_bytes = await self._bytes(
+                    header.value_offset, self._instance.size - header.value_offset
+                )
             return await asyncio.to_thread(
-                _frame_from_value, value, number - 1, self.number_of_frames
+                _frame_from_value, self._pixel_bytes, number - 1, self.number_of_frames
             )
         offset, length = self._offsets[number - 1]
         items = await self._bytes(offset, length)
@@ -873,7 +895,8 @@ async def retrieve_frames(
     representation = select_frames(accept, source.transfer_syntax)
     source.check(frame_numbers)
     parts = _frame_parts(source, frame_numbers, representation)
-    return await _send_multipart(request, representation.content_type, parts)
+    content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
+    return await _send_multipart(request, content_type, parts)
 
 
 # ---------------------------------------------------------------------------
@@ -952,7 +975,8 @@ async def retrieve_bulkdata(
         numbers = range(1, source.number_of_frames + 1)
         source.check(numbers)
         parts = _frame_parts(source, numbers, representation)
-        return await _send_multipart(request, representation.content_type, parts)
+        content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
+        return await _send_multipart(request, content_type, parts)
     representation = select_bulkdata(accept)
     header = await _load_header(store, instance)
     value = _bulk_value(header.dataset, path)

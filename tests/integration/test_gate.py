@@ -162,7 +162,7 @@ async def test_break_glass_opens_one_patient_for_a_window(world) -> None:
     nid, home, other = _a_patient_seen_in_two_hospitals(corpus)
     study = sorted(studies_of(corpus, national_id=nid, hospital=home))[0]
     reason = parse_break_glass_reason("%E6%80%A5%E8%AF%8A%20unconscious")  # 急诊 unconscious
-    ctx = AccessContext(hospital(other, "dr-er"), break_glass_reason=reason)
+    ctx = AccessContext(hospital(other, "dr-er"), break_glass_reason=reason, now=NOW)
     located = await gate.locate(ctx, action="retrieve", study_uid=study)
     assert located and {loc.StudyInstanceUID for loc in located} == {study}
     # The window covers all of that person's studies, and nobody else's.

@@ -372,7 +372,7 @@ async def test_stream_instances_byte_identical(
 ) -> None:
     names = ["syn0", "ct", "j2k", "rgb_rle", "mr_implicit", "deflated", "ecg", "syn1", "syn5"]
     content_type, parts = await get_parts(client, f"/instances?names={','.join(names)}")
-    assert content_type.startswith(f"{DICOM}; boundary=")
+    assert content_type.startswith(f"{DICOM}; boundary=")  # several syntaxes: none named
     assert [content for _, content in parts] == [OBJECTS[n] for n in names]
     for name, (headers, _) in zip(names, parts, strict=True):
         syntax = corpus.locations[name].TransferSyntaxUID
@@ -386,6 +386,20 @@ async def test_stream_instances_small_chunks_and_many_prefetched(
     names = [f"syn{i}" for i in range(6)] * 3  # 18 parts, more than the prefetch window
     _, parts = await get_parts(client, f"/instances?chunk=4096&names={','.join(names)}")
     assert [c for _, c in parts] == [OBJECTS[n] for n in names]
+
+
+async def test_head_reads_no_study(corpus: Corpus) -> None:
+    recorder = RecordingStore(corpus.store)
+    async with TestClient(TestServer(make_app(replace_stores(corpus, recorder)))) as c:
+        async with c.head("/instances?names=syn0,syn1,syn2") as response:
+            assert response.status == 200
+            # One transfer syntax for every part: named on the whole body too.
+            assert response.headers["Content-Type"].startswith(
+                f"{DICOM}; transfer-syntax={EXPLICIT_LE}; boundary="
+            )
+            assert await response.read() == b""
+    assert not recorder.streams
+    assert len(recorder.reads) <= 3  # at most the prefetched first chunks
 
 
 async def test_stream_instances_boundary_is_random(client: TestClient[Any, Any]) -> None:
@@ -554,7 +568,7 @@ async def test_metadata_round_trips_with_bulkdata_uris(
             pixel = document["7FE00010"]
             assert pixel["BulkDataURI"].endswith(f"{base}7FE00010")
             assert pixel["vr"] in ("OB", "OW")
-        assert "0002" not in "".join(document)[:4]  # no file meta in metadata
+        assert not any(key.startswith("0002") for key in document)  # no file meta
     # Binary values above the threshold are URIs, nested ones with their item path.
     ecg = by_sop[pydicom.dcmread(io.BytesIO(OBJECTS["ecg"])).SOPInstanceUID]
     waveform = ecg["54000100"]["Value"][0]["54001010"]
@@ -666,7 +680,10 @@ async def test_frames_equal_pydicom_frames(
     expected = _pixel_frames(OBJECTS[name])
     assert [c for _, c in parts] == [expected[n - 1] for n in numbers]
     assert all(h["Content-Type"] == part_type for h, _ in parts)
-    assert content_type.startswith(f'multipart/related; type="{part_type.split(";")[0]}"')
+    media_type, syntax = part_type.split("; transfer-syntax=")
+    assert content_type.startswith(
+        f'multipart/related; type="{media_type}"; transfer-syntax={syntax}; boundary='
+    )
 
 
 async def test_native_frames_read_only_their_ranges(corpus: Corpus) -> None:
@@ -859,3 +876,38 @@ async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
     assert chosen.InstanceNumber == 2
     with pytest.raises(NotFound):
         wado.representative_instance([corpus.locations["ecg"]])
+
+
+# ---------------------------------------------------------------------------
+# Request parameters
+
+
+def test_parameter_parsers() -> None:
+    assert wado.parse_frame_list("3,1,3") == [3, 1, 3]
+    assert wado.parse_window("40,400") == (40.0, 400.0)
+    assert wado.parse_window("-600.5, 1500, linear") == (-600.5, 1500.0)
+    assert wado.parse_viewport("512,256") == (512, 256)
+    assert wado.parse_quality("75") == 75
+    assert wado.parse_tag_path("7FE00010") == (0x7FE00010,)
+    assert wado.parse_tag_path("00540016/0/00181072") == (0x00540016, 0, 0x00181072)
+    bad: list[tuple[Callable[[str], object], str]] = [
+        (wado.parse_frame_list, ""),
+        (wado.parse_frame_list, "0"),
+        (wado.parse_frame_list, "1,-2"),
+        (wado.parse_frame_list, "1.5"),
+        (wado.parse_window, "40"),
+        (wado.parse_window, "40,0"),
+        (wado.parse_window, "40,400,sigmoid"),
+        (wado.parse_window, "nan,400"),
+        (wado.parse_viewport, "0,10"),
+        (wado.parse_viewport, "10"),
+        (wado.parse_viewport, "10,10,0,0,5,5"),
+        (wado.parse_quality, "101"),
+        (wado.parse_quality, "high"),
+        (wado.parse_tag_path, "7FE0001"),
+        (wado.parse_tag_path, "00540016/0"),
+        (wado.parse_tag_path, "00540016/a/00181072"),
+    ]
+    for parse, text in bad:
+        with pytest.raises(InvalidRequest):
+            parse(text)
