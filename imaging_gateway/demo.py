@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
 
-from imaging_gateway.dicom.synthetic import generate_instances
+from imaging_gateway.dicom.synthetic import HOSPITALS, generate_instances
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings, load_settings
@@ -91,11 +91,21 @@ def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int
         max_ttl_s=settings.security.token_max_ttl_s,
     )
     admin = authority.issue(subject="demo-admin", role="admin", ttl_s=8 * 3600)
+    # A hospital sees the studies it produced (and others under consent): the demo's
+    # first hospital, as a PACS integration would.
+    hospital = HOSPITALS[0].code
+    pacs = authority.issue(subject="demo-pacs", role="hospital", hospital=hospital, ttl_s=8 * 3600)
     base = f"http://{settings.gateway.listen_host}:{settings.gateway.listen_port}"
     print(f"demo: {written} new synthetic instances written to {directory / 'store'}")
     print("demo: index " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    print(f"demo: config {config}; an admin token valid 8 h:\n\nexport TOKEN={admin}\n")
+    print(f"demo: config {config}; tokens valid 8 h (admin, and the PACS of {hospital}):\n")
+    print(f"export TOKEN={admin}\nexport PACS_TOKEN={pacs}\n")
     print(f'try:  curl -H "Authorization: Bearer $TOKEN" {base}/admin/index/stats')
+    print(f'      curl -H "Authorization: Bearer $PACS_TOKEN" "{base}/dicomweb/studies?limit=5"')
+    print(
+        f'      curl -H "Authorization: Bearer $PACS_TOKEN" '
+        f'"{base}/dicomweb/studies?PatientName=zhang&fuzzymatching=true"'
+    )
     print(f"      imaging-gateway sync --config {config} --store demo")
     print(f"      imaging-gateway index stats --config {config}")
     if not serve:
