@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from imaging_gateway.api import admin, consent, dicomweb
+from imaging_gateway.api.cors import setup_cors
 from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
 from imaging_gateway.api.middlewares import auth_middleware, error_middleware
 from imaging_gateway.api.openapi import openapi_json
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(admin.routes)
     app.router.add_routes(consent.routes)
     app.router.add_routes(dicomweb.routes)
+    setup_cors(app, settings.security.cors_origins)
     return app
 
 

@@ -129,3 +129,17 @@ class QueryTooBroad(GatewayError):
 
     status = 413
     code = "query-too-broad"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The request body is not a media type the resource accepts (415)."""
+
+    status = 415
+    code = "unsupported-media-type"
+
+
+class StoreNotEnabled(GatewayError):
+    """This gateway has no write store, so it cannot store instances (503)."""
+
+    status = 503
+    code = "stow-not-enabled"

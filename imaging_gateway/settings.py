@@ -77,6 +77,8 @@ class GatewaySettings:
     listen_port: int
     data_dir: Path
     national_id_issuers: tuple[str, ...]
+    write_store: str | None = None
+    """Name of the store STOW-RS writes into; None: STOW-RS is not enabled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,8 @@ class SecuritySettings:
     break_glass_minutes: int = 30
     consent_max_days: int = 365
     search_max_results: int = 1000
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins (e.g. a viewer's) allowed to call the API; ``"*"`` for any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +332,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         listen_port=int(port_s),
         data_dir=data_dir,
         national_id_issuers=g.str_list("national_id_issuers", ["CN-RESIDENT-ID"]),
+        write_store=g.opt_str("write_store"),
     )
     g.finish()
 
@@ -362,6 +367,11 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     for n, name in enumerate(names):
         if name in names[:n]:
             raise ConfigError(f"stores[{n}].name", f"duplicate store name {name!r}")
+    if gateway.write_store is not None and gateway.write_store not in names:
+        known = ", ".join(names) or "none configured"
+        raise ConfigError(
+            "gateway.write_store", f"expected the name of a [[stores]] table (known: {known})"
+        )
 
     y = _Section("sync", raw.get("sync", {}))
     sync = SyncSettings(
@@ -387,6 +397,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         break_glass_minutes=s.int_("break_glass_minutes", 30, minimum=1, maximum=24 * 60),
         consent_max_days=s.int_("consent_max_days", 365, minimum=1, maximum=3650),
         search_max_results=s.int_("search_max_results", 1000, minimum=1, maximum=100_000),
+        cors_origins=s.str_list("cors_origins", []),
     )
     s.finish()
     return Settings(gateway, index, tuple(stores), sync, security)

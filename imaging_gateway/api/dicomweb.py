@@ -1,9 +1,10 @@
-"""DICOMweb routes under /dicomweb: QIDO-RS search and WADO-RS retrieve (PS3.18), thin.
+"""DICOMweb routes under /dicomweb: QIDO-RS search, WADO-RS retrieve, STOW-RS store (PS3.18), thin.
 
 Every route resolves the caller, asks the gate (which checks ownership, consent or
 break-glass and writes the audit record), then hands the allowed instances to the
 WADO-RS service or renders the QIDO-RS page. A study that may not be seen answers
-exactly like one that does not exist.
+exactly like one that does not exist. STOW-RS hands the request to the store service,
+which asks the gate about every instance.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from collections.abc import Callable
 from aiohttp import web
 
 from imaging_gateway.api.consent import access_context
-from imaging_gateway.api.keys import GATE, SETTINGS, STORES
+from imaging_gateway.api.keys import GATE, INDEX, SETTINGS, STORES
 from imaging_gateway.dicom.dicomjson import to_dicom_json, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
 from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.security.gate import AccessContext, parse_break_glass_reason
-from imaging_gateway.services import wado
+from imaging_gateway.services import stow, wado
 from imaging_gateway.storage.base import ObjectStore
 
 routes = web.RouteTableDef()
@@ -170,14 +171,14 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
 
 
 async def _metadata(request: web.Request) -> web.StreamResponse:
-    select_metadata(request.headers.get("Accept"))
+    representation = select_metadata(request.headers.get("Accept"))
     instances = await _locate(request, "metadata")
     body = await wado.retrieve_metadata(
         instances, _stores(request), bulkdata_base=_instance_url(request)
     )
     return web.Response(
         text=json.dumps(body, ensure_ascii=False),
-        content_type="application/dicom+json",
+        content_type=representation.media_type,
         charset="utf-8",
     )
 
@@ -279,3 +280,32 @@ for _path in (
 
     routes.get(f"{_path}/rendered")(_rendered_route)
     routes.get(f"{_path}/thumbnail")(_thumbnail_route)
+
+
+# -- STOW-RS -------------------------------------------------------------------------
+
+
+async def _store(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    return await stow.store_instances(
+        request,
+        ctx=_ctx(request),
+        gate=app[GATE],
+        index=app[INDEX],
+        stores=_stores(request),
+        settings=app[SETTINGS],
+        study_uid=request.match_info.get("study"),
+        retrieve_base=_base(request),
+    )
+
+
+@routes.post(f"{PREFIX}/studies")
+async def store_instances(request: web.Request) -> web.StreamResponse:
+    """Store instances (STOW-RS): multipart/related; type="application/dicom" (hospital)."""
+    return await _store(request)
+
+
+@routes.post(f"{PREFIX}/studies/{_S}")
+async def store_study_instances(request: web.Request) -> web.StreamResponse:
+    """Store instances of one study (STOW-RS); an instance of another study fails (A901)."""
+    return await _store(request)

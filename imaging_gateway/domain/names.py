@@ -51,7 +51,7 @@ from collections.abc import Iterable
 os.environ.setdefault("PYPINYIN_NO_PHRASES", "true")
 os.environ.setdefault("PYPINYIN_NO_DICT_COPY", "true")
 
-from pypinyin import Style, lazy_pinyin, pinyin  # noqa: E402
+from pypinyin import Style, lazy_pinyin, pinyin
 
 __all__ = [
     "GROUP_MARK",

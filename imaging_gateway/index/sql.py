@@ -6,9 +6,12 @@ One code path serves both databases; the only dialect-specific piece is the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,6 +121,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def patient_key(header: ParsedHeader, store: str) -> str:
+    """The index's key of the patient of ``header`` read from ``store``.
+
+    A local PatientID is unique only within its issuer, else within the producing
+    institution, else (lacking both) within the store.
+    """
+    p = header.patient
+    scope = p.IssuerOfPatientID or header.study.institution_code or f"store:{store}"
+    return f"{scope}|{p.PatientID}"
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC.
     if value is not None and value.tzinfo is None:
@@ -153,6 +167,7 @@ class SqlIndex:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._key_locks: dict[str, _KeyLock] = {}
 
     @classmethod
     async def open(cls, settings: IndexSettings, *, migrate: bool = True) -> SqlIndex:
@@ -446,14 +461,25 @@ class SqlIndex:
         rows: dict[str, dict[str, Any]],
         *,
         keep: Iterable[str] = (),
+        existing_wins: Iterable[str] = (),
     ) -> dict[str, int]:
-        """Upsert rows by their natural key; newer non-null values win. Returns key -> id."""
+        """Upsert rows by their natural key; newer non-null values win. Returns key -> id.
+
+        Columns in ``keep`` always take the new value (even null); columns in
+        ``existing_wins`` keep a non-null stored value.
+        """
         if not rows:
             return {}
         stmt = self._insert(table)
         cols = [c for c in next(iter(rows.values())) if c != natural_key]
         set_ = {
-            c: (stmt.excluded[c] if c in keep else sa.func.coalesce(stmt.excluded[c], table.c[c]))
+            c: (
+                stmt.excluded[c]
+                if c in keep
+                else sa.func.coalesce(table.c[c], stmt.excluded[c])
+                if c in existing_wins
+                else sa.func.coalesce(stmt.excluded[c], table.c[c])
+            )
             for c in cols
         }
         stmt = stmt.on_conflict_do_update(index_elements=[table.c[natural_key]], set_=set_)
@@ -470,13 +496,18 @@ class SqlIndex:
         conn: AsyncConnection,
         store: str,
         province: str,
-        job_id: str,
+        job_id: str | None,
         items: Sequence[IndexedObject],
         now: datetime,
         *,
         hospital: str | None,
+        owner_wins: bool = False,
     ) -> tuple[set[int], set[int]]:
-        """Upsert the page's records; returns (series that may be orphaned, studies touched)."""
+        """Upsert the page's records; returns (series that may be orphaned, studies touched).
+
+        ``owner_wins`` (STOW-RS) keeps an existing study's producing hospital and an
+        existing series' study, where a sync lets the newest object decide.
+        """
         keys = [o.key for o in items]
         old_series = {
             r[0]
@@ -499,10 +530,8 @@ class SqlIndex:
         series_rows: dict[str, dict[str, Any]] = {}
         pkey_of: dict[str, str] = {}
         for o in in_key_order:
-            h = o.header
-            p = h.patient
-            scope = p.IssuerOfPatientID or h.study.institution_code or f"store:{store}"
-            pkey = f"{scope}|{p.PatientID}"
+            p = o.header.patient
+            pkey = patient_key(o.header, store)
             pkey_of[o.key] = pkey
             pat_rows[pkey] = {
                 "patient_key": pkey,
@@ -531,7 +560,12 @@ class SqlIndex:
                 "hospital": hospital or s.institution_code,
             }
         study_ids = await self._upsert_rows(
-            conn, studies, "StudyInstanceUID", study_rows, keep=("patient_id", "province")
+            conn,
+            studies,
+            "StudyInstanceUID",
+            study_rows,
+            keep=("patient_id", "province"),
+            existing_wins=("hospital",) if owner_wins else (),
         )
         for o in in_key_order:
             se = o.header.series
@@ -545,7 +579,12 @@ class SqlIndex:
                 "SeriesDate": se.SeriesDate,
             }
         series_ids = await self._upsert_rows(
-            conn, series, "SeriesInstanceUID", series_rows, keep=("study_id",)
+            conn,
+            series,
+            "SeriesInstanceUID",
+            series_rows,
+            keep=() if owner_wins else ("study_id",),
+            existing_wins=("study_id",) if owner_wins else (),
         )
         stmt = self._insert(instances)
         inst_rows = []
@@ -575,9 +614,12 @@ class SqlIndex:
                 }
             )
         update_cols = [c for c in inst_rows[0] if c not in {"store", "key"}]
+        set_: dict[str, Any] = {c: stmt.excluded[c] for c in update_cols}
+        if owner_wins:
+            # A sync job that indexed this key meanwhile keeps its mark (see index_stored).
+            set_["seen_job"] = sa.func.coalesce(stmt.excluded.seen_job, instances.c.seen_job)
         stmt = stmt.on_conflict_do_update(
-            index_elements=[instances.c.store, instances.c.key],
-            set_={c: stmt.excluded[c] for c in update_cols},
+            index_elements=[instances.c.store, instances.c.key], set_=set_
         )
         await conn.execute(stmt, inst_rows)
         return old_series - set(series_ids.values()), set(study_ids.values())
@@ -777,3 +819,95 @@ class SqlIndex:
                     (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
                 )
         return out
+
+    # ------------------------------------------------------------------ STOW-RS
+
+    async def index_stored(
+        self,
+        conn: AsyncConnection,
+        *,
+        store: str,
+        province: str,
+        hospital: str | None,
+        items: Sequence[IndexedObject],
+    ) -> int:
+        """Upsert objects a STOW-RS request put into ``store``, in ``conn``'s transaction.
+
+        Like a sync page (same records, conflicts and derived QIDO-RS data) but without
+        a checkpoint, and with ``hospital`` as the producer of new studies while an
+        existing study keeps its producer and an existing series its study (the caller
+        checks ownership after this, in the same transaction).
+
+        ``seen_job`` is set to the store's unfinished sync job, if one exists: that job
+        may already have listed past these keys, and its final sweep turns every object
+        it did not see into a tombstone; marked as seen by it, they survive it. Without
+        an unfinished job it stays null, which is safe: the object was written before
+        this upsert, so any job created later lists it and marks it seen (a resumed job
+        is an unfinished one, above); and a job that listed and indexed the key before
+        this commit keeps its mark (a null never replaces it). Returns the number of
+        conflicts newly recorded.
+        Raises what SQLAlchemy raises.
+        """
+        if not items:
+            return 0
+        now = _now()
+        job = (
+            await conn.execute(
+                sa.select(sync_jobs.c.id)
+                .where(sync_jobs.c.store == store, sync_jobs.c.status.in_(JOB_OPEN_STATES))
+                .order_by(sync_jobs.c.created_at.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        gone_series, touched = await self._upsert(
+            conn, store, province, job, items, now, hospital=hospital, owner_wins=True
+        )
+        new_conflicts = await self._record_conflicts(conn, store, items, now)
+        touched |= await self._drop_orphans(conn, gone_series)
+        await refresh_derived(conn, touched)
+        return new_conflicts
+
+    @contextlib.asynccontextmanager
+    async def object_lock(self, store: str, key: str) -> AsyncIterator[None]:
+        """Hold the writers' lock of one object key of ``store`` (STOW-RS check-then-write).
+
+        In this process always; across gateway processes too on PostgreSQL, by a
+        transaction-level advisory lock on a connection of its own (released when the
+        block ends, or when the connection dies). SQLite deployments are one process.
+        Raises ``IndexUnavailable`` when the database cannot be reached.
+        """
+        name = f"{store}\x00{key}"
+        entry = self._key_locks.get(name)
+        if entry is None:
+            entry = self._key_locks[name] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                if self.dialect != "postgresql":
+                    yield
+                    return
+                digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+                lock_id = int.from_bytes(digest, "big", signed=True)
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        conn = await stack.enter_async_context(self.engine.begin())
+                        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+                    except (OperationalError, DBAPIError, OSError) as exc:
+                        raise IndexUnavailable(
+                            f"index database unreachable: {exc.__class__.__name__}"
+                        ) from exc
+                    yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._key_locks[name]
+
+
+class _KeyLock:
+    """An in-process lock of one object key and how many tasks hold or await it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0

@@ -17,15 +17,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from imaging_gateway.domain.qido import QidoPage, QidoQuery
-from imaging_gateway.domain.records import InstanceLocation
-from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
+from imaging_gateway.errors import Forbidden, IndexUnavailable, InvalidRequest, NotFound
 from imaging_gateway.index import qido
 from imaging_gateway.index.schema import (
     break_glass,
@@ -35,6 +36,7 @@ from imaging_gateway.index.schema import (
     series,
     studies,
 )
+from imaging_gateway.index.sql import IndexedObject, SqlIndex, patient_key
 from imaging_gateway.security.audit import AuditEvent, AuditLog
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
@@ -86,7 +88,7 @@ def parse_break_glass_reason(value: str | None) -> str | None:
 
 
 class Gate:
-    """Authorizes, filters and audits every read of patient data."""
+    """Authorizes, filters and audits every read of patient data, and every store."""
 
     def __init__(
         self,
@@ -438,6 +440,125 @@ class Gate:
             for r in rows
         ]
 
+    # -- store (STOW-RS) ----------------------------------------------------------------
+
+    async def authorize_store(
+        self, ctx: AccessContext, *, store_hospital: str | None, study_uid: str | None
+    ) -> None:
+        """Only a hospital stores (it produces studies); patients, admins and peers do not.
+
+        When the write store has a configured ``hospital``, a sync of that store makes that
+        hospital the producer of everything in it, so only that hospital may store there.
+        Raises ``Forbidden`` (audited as denied) otherwise.
+        """
+        p = ctx.principal
+        if p.role != "hospital" or not p.hospital:
+            message = "storing instances needs a hospital token"
+        elif store_hospital is not None and store_hospital != p.hospital:
+            message = "this gateway's write store holds another hospital's objects only"
+        else:
+            return
+        await self.audit.record(
+            [ctx.event("store", "denied", StudyInstanceUID=study_uid, detail="role")], at=ctx.now
+        )
+        raise Forbidden(message)
+
+    async def check_store(
+        self, ctx: AccessContext, header: ParsedHeader, *, store: str
+    ) -> StoreCheck:
+        """Whether the caller may store ``header``'s instance, before any byte is written.
+
+        A study, series, patient record or SOP Instance of another producer refuses the
+        instance: a hospital neither adds to nor overwrites what it did not produce. Raises
+        ``IndexUnavailable`` when the index cannot be read.
+        """
+        try:
+            async with self.engine.connect() as conn:
+                return await _store_verdict(conn, ctx.principal, header, store=store)
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+
+    async def record_store(
+        self,
+        ctx: AccessContext,
+        index: SqlIndex,
+        *,
+        store: str,
+        province: str,
+        item: IndexedObject,
+        note: str,
+    ) -> StoreVerdict:
+        """Index a stored instance for the caller's hospital and audit it, in one transaction.
+
+        The verdict is checked again after the upsert, in the same transaction, so a study
+        another hospital created meanwhile is not taken over (the upsert keeps an existing
+        study's producer and series' study); anything but ``new`` rolls back and is
+        returned, and nothing is indexed or audited. Returns ``new`` when the instance was
+        indexed. Raises ``IndexUnavailable`` when the index write or the audit record
+        fails; then nothing is indexed either.
+        """
+        p = ctx.principal
+        h = item.header
+        try:
+            async with self.engine.begin() as conn:
+                await index.index_stored(
+                    conn, store=store, province=province, hospital=p.hospital, items=[item]
+                )
+                check = await _store_verdict(conn, p, h, store=store, own=(store, item.key))
+                if check.verdict != "new":
+                    raise _RolledBack(check.verdict)
+                token = self.tokens.for_patient(h.patient.national_id, patient_key(h, store))
+                await self.audit.append(
+                    conn,
+                    [
+                        ctx.event(
+                            "store",
+                            "ok",
+                            patient_token=token,
+                            StudyInstanceUID=h.study.StudyInstanceUID,
+                            detail=f"result={note}",
+                        )
+                    ],
+                    at=ctx.now,
+                )
+        except _RolledBack as rolled_back:
+            return rolled_back.verdict
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        return "new"
+
+    async def audit_store(
+        self, ctx: AccessContext, *, store: str, attempts: Sequence[StoreAttempt]
+    ) -> None:
+        """Record the instances of a store request that were not indexed by it.
+
+        One record per study, patient and outcome, with the count of each label in
+        ``detail`` (e.g. ``A901=2 identical=1``). Raises ``IndexUnavailable`` when the
+        records cannot be written.
+        """
+        groups: dict[tuple[str | None, str | None, str], dict[str, int]] = {}
+        for a in attempts:
+            h = a.header
+            token = (
+                self.tokens.for_patient(h.patient.national_id, patient_key(h, store))
+                if h is not None
+                else None
+            )
+            study = h.study.StudyInstanceUID if h is not None else None
+            counts = groups.setdefault((study, token, a.outcome), {})
+            counts[a.label] = counts.get(a.label, 0) + 1
+        events = [
+            ctx.event(
+                "store",
+                outcome,
+                patient_token=token,
+                StudyInstanceUID=study,
+                detail=" ".join(f"{label}={n}" for label, n in sorted(counts.items())),
+            )
+            for (study, token, outcome), counts in groups.items()
+        ]
+        await self.audit.record(events, at=ctx.now)
+
 
 @dataclass(frozen=True, slots=True)
 class _Located:
@@ -448,3 +569,125 @@ class _Located:
 
 def _iso(value: datetime) -> str:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+# -- store (STOW-RS) -------------------------------------------------------------------
+
+StoreVerdict = Literal["new", "indexed", "refused", "inconsistent"]
+"""What the index says about storing one instance for the caller.
+
+``new``: nothing stands in the way. ``indexed``: the caller's studies already hold this
+SOP Instance (see ``StoreCheck.copies``). ``refused``: the study, series, patient record
+or SOP Instance belongs to a study of another producer (or of none). ``inconsistent``:
+the series belongs to another of the caller's own studies.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCopy:
+    """An indexed object holding a SOP Instance that a store request sends again."""
+
+    store: str
+    key: str
+    etag: str
+    size: int
+    header_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """The gate's answer before an instance is written: the verdict and existing copies."""
+
+    verdict: StoreVerdict
+    copies: tuple[StoredCopy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAttempt:
+    """One instance of a store request that was not stored, or was already there, for audit.
+
+    ``label`` is a short, PHI-free word (``identical``, ``A901``, ...); ``header`` is None
+    when the part could not be read as DICOM.
+    """
+
+    header: ParsedHeader | None
+    outcome: str
+    label: str
+
+
+class _RolledBack(Exception):
+    def __init__(self, verdict: StoreVerdict) -> None:
+        super().__init__(verdict)
+        self.verdict = verdict
+
+
+async def _store_verdict(
+    conn: AsyncConnection,
+    principal: Principal,
+    header: ParsedHeader,
+    *,
+    store: str,
+    own: tuple[str, str] | None = None,
+) -> StoreCheck:
+    """The verdict of storing ``header``'s instance into ``store`` for ``principal``.
+
+    ``own`` is the (store, key) just upserted for this instance, which is not a copy.
+    """
+    me = principal.hospital
+    study_uid = header.study.StudyInstanceUID
+    owner = (
+        await conn.execute(
+            sa.select(studies.c.hospital).where(studies.c.StudyInstanceUID == study_uid)
+        )
+    ).first()
+    if owner is not None and owner[0] != me:
+        return StoreCheck("refused")
+    holder = (
+        await conn.execute(
+            sa.select(studies.c.StudyInstanceUID, studies.c.hospital)
+            .select_from(series.join(studies, studies.c.id == series.c.study_id))
+            .where(series.c.SeriesInstanceUID == header.series.SeriesInstanceUID)
+        )
+    ).first()
+    if holder is not None and holder[0] != study_uid:
+        return StoreCheck("inconsistent" if holder[1] == me else "refused")
+    foreign_patient = (
+        await conn.execute(
+            sa.select(sa.literal(1))
+            .select_from(patients.join(studies, studies.c.patient_id == patients.c.id))
+            .where(
+                patients.c.patient_key == patient_key(header, store),
+                studies.c.hospital.is_distinct_from(me),
+            )
+            .limit(1)
+        )
+    ).first()
+    if foreign_patient is not None:
+        return StoreCheck("refused")
+    rows = (
+        await conn.execute(
+            sa.select(
+                instances.c.store,
+                instances.c.key,
+                instances.c.etag,
+                instances.c.size,
+                instances.c.header_sha256,
+                studies.c.hospital,
+            )
+            .select_from(
+                instances.join(series, series.c.id == instances.c.series_id).join(
+                    studies, studies.c.id == series.c.study_id
+                )
+            )
+            .where(instances.c.SOPInstanceUID == header.instance.SOPInstanceUID)
+            .order_by(instances.c.store, instances.c.key)
+        )
+    ).all()
+    copies: list[StoredCopy] = []
+    for r in rows:
+        if r[5] != me:
+            return StoreCheck("refused")
+        if own is not None and (r[0], r[1]) == own:
+            continue
+        copies.append(StoredCopy(r[0], r[1], r[2], r[3], r[4]))
+    return StoreCheck("indexed" if copies else "new", tuple(copies))
