@@ -20,7 +20,7 @@ TOKENS = web.AppKey("tokens", TokenAuthority)
 SYNC = web.AppKey("sync", SyncManager)
 GATE = web.AppKey("gate", Gate)
 CONSENTS = web.AppKey("consents", ConsentStore)
-PRINCIPAL = "principal"  # request-scoped: request[PRINCIPAL] -> Principal
+PRINCIPAL = web.RequestKey("principal", Principal)  # request-scoped, set by auth_middleware
 
 __all__ = [
     "CONSENTS",
