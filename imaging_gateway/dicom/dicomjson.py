@@ -9,6 +9,7 @@ RetrieveURL (PS3.18 Tables 10.6.3-3..5).
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
@@ -38,13 +39,17 @@ _REQUIRED = frozenset(
 Level = Literal["study", "series", "instance"]
 
 
+@functools.cache
 def _tag(keyword: str) -> int:
+    # Cached: every element of every result looks its keyword up (the keywords are the
+    # few the index returns; an unknown one raises and is not cached).
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(f"not a DICOM keyword: {keyword}")
     return int(tag)
 
 
+@functools.cache
 def _vr(tag: int) -> str:
     vr = str(dictionary_VR(tag))
     # Ambiguous dictionary VRs ("US or SS"): the unsigned form is what the index holds.
@@ -104,7 +109,12 @@ def _dataset(row: Mapping[str, Any], *, keep_empty: Collection[str]) -> dict[str
         element = _element(keyword, value, keep_empty=keyword in keep_empty)
         if element is not None:
             elements[_tag(keyword)] = element
-    return {f"{tag:08X}": elements[tag] for tag in sorted(elements)}
+    return {_tag_hex(tag): elements[tag] for tag in sorted(elements)}
+
+
+@functools.cache
+def _tag_hex(tag: int) -> str:
+    return f"{tag:08X}"
 
 
 def to_dicom_json(

@@ -35,9 +35,10 @@ claiming one SOPInstanceUID (see the conflicts table) the one indexed first is s
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -45,6 +46,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.util.concurrency import await_
 
 from imaging_gateway.domain.names import (
     GROUP_MARK,
@@ -70,7 +72,14 @@ from imaging_gateway.index.schema import (
     studies,
 )
 
-__all__ = ["COUNT_CAP", "TIME_BUDGET", "refresh_derived", "search"]
+__all__ = [
+    "COUNT_CAP",
+    "TIME_BUDGET",
+    "install_time_budget",
+    "refresh_derived",
+    "search",
+    "search_in",
+]
 
 TIME_BUDGET = 2.0
 """Seconds a search may take before it is refused as too broad (QueryTooBroad, 413)."""
@@ -120,6 +129,30 @@ COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "AvailableTransferSyntaxUID": instances.c.TransferSyntaxUID,
 }
 """Keyword -> the index column that holds it."""
+
+# Built once: labels and joins are immutable, and building them per search was a
+# noticeable part of a search's fixed cost.
+_LABELED: dict[str, sa.ColumnElement[Any]] = {k: c.label(k) for k, c in COLUMNS.items()}
+_STUDY_HIDDEN: list[sa.ColumnElement[Any]] = [
+    studies.c.patient_id.label("_patient_id"),
+    studies.c.StudyInstanceUID.label("_study_uid"),
+]
+_HIDDEN: dict[str, list[sa.ColumnElement[Any]]] = {
+    "study": _STUDY_HIDDEN,
+    "series": [*_STUDY_HIDDEN, series.c.id.label("_series_id")],
+    "instance": [*_STUDY_HIDDEN, series.c.id.label("_series_id")],
+}
+_STUDY_JOIN = studies.join(_patient, _patient.c.id == studies.c.patient_id)
+_SERIES_JOIN = series.join(studies, studies.c.id == series.c.study_id).join(
+    _patient, _patient.c.id == studies.c.patient_id
+)
+_JOINED: dict[str, sa.FromClause] = {
+    "study": _STUDY_JOIN,
+    "series": _SERIES_JOIN,
+    "instance": instances.join(series, series.c.id == instances.c.series_id)
+    .join(studies, studies.c.id == series.c.study_id)
+    .join(_patient, _patient.c.id == studies.c.patient_id),
+}
 
 _REQUEST_ITEM_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     "ScheduledProcedureStepID": series_requests.c.ScheduledProcedureStepID,
@@ -267,19 +300,9 @@ def _statement(
     query: QidoQuery, visible: ColumnElement[bool], dialect: str
 ) -> tuple[sa.Select[Any], list[str]]:
     keywords = [k for k in query.return_keywords if k in COLUMNS]
-    columns: list[sa.ColumnElement[Any]] = [COLUMNS[k].label(k) for k in keywords]
-    columns += [studies.c.patient_id.label("_patient_id"),
-                studies.c.StudyInstanceUID.label("_study_uid")]
-    joined: sa.FromClause = studies.join(_patient, _patient.c.id == studies.c.patient_id)
-    if query.level in ("series", "instance"):
-        columns.append(series.c.id.label("_series_id"))
-        joined = series.join(studies, studies.c.id == series.c.study_id).join(
-            _patient, _patient.c.id == studies.c.patient_id
-        )
-    if query.level == "instance":
-        joined = instances.join(series, series.c.id == instances.c.series_id).join(
-            studies, studies.c.id == series.c.study_id
-        ).join(_patient, _patient.c.id == studies.c.patient_id)
+    columns: list[sa.ColumnElement[Any]] = [_LABELED[k] for k in keywords]
+    columns += _HIDDEN[query.level]
+    joined = _JOINED[query.level]
     where: list[ColumnElement[bool]] = [visible]
     if query.study_uid is not None:
         where.append(studies.c.StudyInstanceUID == query.study_uid)
@@ -323,6 +346,40 @@ def _statement(
     return stmt, keywords
 
 
+class _Deadline:
+    """When the statements of a search on one SQLite connection must stop (monotonic s)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = math.inf
+
+
+_DEADLINE = "imaging_gateway.qido.deadline"
+_PROGRESS_STEPS = 20_000
+"""SQLite virtual machine instructions between two checks of the deadline."""
+
+
+def _progress_handler(deadline: _Deadline) -> Callable[[], int]:
+    def expired() -> int:
+        return 1 if time.monotonic() > deadline.at else 0
+
+    return expired
+
+
+def install_time_budget(dbapi_conn: Any, record: Any) -> None:
+    """SQLAlchemy ``connect`` listener of SQLite (aiosqlite) engines: installs the
+    progress handler that enforces the search time budget, once per connection.
+
+    A search then only sets the connection's deadline: no driver call (an aiosqlite
+    thread round trip each) per search.
+    """
+    deadline = _Deadline()
+    await_(record.driver_connection.set_progress_handler(
+        _progress_handler(deadline), _PROGRESS_STEPS))
+    record.info[_DEADLINE] = deadline
+
+
 @asynccontextmanager
 async def _time_budget(conn: AsyncConnection, seconds: float) -> AsyncIterator[None]:
     """Abort statements running past ``seconds`` (PostgreSQL timeout, SQLite progress handler)."""
@@ -333,14 +390,20 @@ async def _time_budget(conn: AsyncConnection, seconds: float) -> AsyncIterator[N
     if conn.dialect.name != "sqlite":  # pragma: no cover - only the two dialects are used
         yield
         return
+    installed = conn.info.get(_DEADLINE)
+    if isinstance(installed, _Deadline):
+        installed.at = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            installed.at = math.inf
+        return
+    # An engine made without ``install_time_budget``: a handler for this search only.
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    deadline = time.monotonic() + seconds
-
-    def expired() -> int:
-        return 1 if time.monotonic() > deadline else 0
-
-    await driver.set_progress_handler(expired, 20_000)
+    deadline = _Deadline()
+    deadline.at = time.monotonic() + seconds
+    await driver.set_progress_handler(_progress_handler(deadline), _PROGRESS_STEPS)
     try:
         yield
     finally:
@@ -406,17 +469,43 @@ async def search(
     query: QidoQuery,
     *,
     visible: ColumnElement[bool],
+    params: Mapping[str, Any] | None = None,
+    max_results: int,
+    time_budget: float = TIME_BUDGET,
+    count_cap: int = COUNT_CAP,
+) -> QidoPage:
+    """``search_in`` on a connection of its own; raises what ``search_in`` raises."""
+    async with engine.connect() as conn:
+        return await search_in(
+            conn,
+            query,
+            visible=visible,
+            params=params,
+            max_results=max_results,
+            time_budget=time_budget,
+            count_cap=count_cap,
+        )
+
+
+async def search_in(
+    conn: AsyncConnection,
+    query: QidoQuery,
+    *,
+    visible: ColumnElement[bool],
+    params: Mapping[str, Any] | None = None,
     max_results: int,
     time_budget: float = TIME_BUDGET,
     count_cap: int = COUNT_CAP,
 ) -> QidoPage:
     """Answer a QIDO-RS search (PS3.18 10.6) from the index: one page of results.
 
-    ``visible`` is a condition on the ``studies`` table (it may correlate subqueries
-    with ``patients``); it is ANDed into the search at every level, so no result
-    (and no count) comes from a study outside it. At most ``max_results`` results are
-    returned whatever ``limit`` asks; when results were cut, ``more`` is set and a
-    warning says how many remain (counted up to ``count_cap``).
+    Runs on ``conn`` (in its transaction, if one is open: the gate appends the audit
+    record to the same one). ``visible`` is a condition on the ``studies`` table (it may
+    correlate subqueries with ``patients``) and ``params`` the values of its bind
+    parameters; it is ANDed into the search at every level, so no result (and no count)
+    comes from a study outside it. At most ``max_results`` results are returned whatever
+    ``limit`` asks; when results were cut, ``more`` is set and a warning says how many
+    remain (counted up to ``count_cap``).
 
     Raises ``QueryTooBroad`` (413) when a statement runs past ``time_budget`` seconds;
     other database errors propagate as SQLAlchemy raises them.
@@ -428,12 +517,13 @@ async def search(
             f"The limit {query.limit} exceeds the maximum of {max_results} results per "
             f"response; at most {max_results} were returned."
         )
-    stmt, _keywords = _statement(query, visible, engine.dialect.name)
+    values = dict(params or {})
+    stmt, _keywords = _statement(query, visible, conn.dialect.name)
     page = stmt.limit(page_size + 1).offset(query.offset)
     remaining: int | None = None
     try:
-        async with engine.connect() as conn, _time_budget(conn, time_budget):
-            rows = list((await conn.execute(page)).all())
+        async with _time_budget(conn, time_budget):
+            rows = list((await conn.execute(page, values)).all())
             more = len(rows) > page_size
             rows = rows[:page_size]
             items: dict[int, list[dict[str, str | None]]] = {}
@@ -448,7 +538,7 @@ async def search(
                     .subquery()
                 )
                 n = int((await conn.execute(
-                    sa.select(sa.func.count()).select_from(counted))).scalar_one())
+                    sa.select(sa.func.count()).select_from(counted), values)).scalar_one())
                 remaining = n if n < count_cap else None
     except DBAPIError as exc:
         if _timed_out(exc):

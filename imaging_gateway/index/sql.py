@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import IndexUnavailable, NotFound
-from imaging_gateway.index.qido import refresh_derived
+from imaging_gateway.index.qido import install_time_budget, refresh_derived
 from imaging_gateway.index.schema import (
     conflicts,
     instances,
@@ -158,6 +158,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+    install_time_budget(dbapi_conn, _record)
 
 
 class SqlIndex:

@@ -6,9 +6,9 @@ The caller (an API handler, after the security gate has checked consent) passes 
 Every object is read from its store with the ETag the index recorded: an object that
 vanished or changed since it was indexed is never served (it may be another patient's
 now). Before the response starts that is an error the middleware turns into JSON; once
-a multipart body has started, the connection is aborted (no closing boundary, no final
-chunk) so the client cannot mistake a cut body for a whole one, and the abort is logged
-without keys, UIDs or patient data.
+a multipart body has started, the connection is aborted (no closing boundary, and fewer
+bytes than the Content-Length or no final chunk) so the client cannot mistake a cut body
+for a whole one, and the abort is logged without keys, UIDs or patient data.
 
 URIs this module writes into metadata, relative to ``bulkdata_base(instance)`` (the
 instance's Retrieve Instance URL, ``.../studies/{study}/series/{series}/instances/{sop}``):
@@ -313,29 +313,48 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
 
 
 def _abort(request: web.Request) -> None:
-    """Cut the connection: the chunked body never gets its last chunk, so it reads as cut."""
+    """Cut the connection: the body ends short of its Content-Length or its last chunk."""
     transport = request.transport
     if transport is not None:
         transport.abort()
 
 
-def _part_head(boundary: str, part: _Part, *, first: bool) -> bytes:
-    lines = [f"--{boundary}", f"Content-Type: {part.content_type}"]
-    if part.length is not None:
-        lines.append(f"Content-Length: {part.length}")
+def _part_head(boundary: str, content_type: str, length: int | None, *, first: bool) -> bytes:
+    lines = [f"--{boundary}", f"Content-Type: {content_type}"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
     head = "\r\n".join(lines) + "\r\n\r\n"
     return (head if first else "\r\n" + head).encode("ascii")
 
 
-async def _send_multipart(
-    request: web.Request, content_type: str, parts: AsyncGenerator[_Part, None]
-) -> web.StreamResponse:
-    """Stream ``parts`` as one chunked ``multipart/related`` response.
+def _closing(boundary: str) -> bytes:
+    return f"\r\n--{boundary}--\r\n".encode("ascii")
 
-    The first part's first chunk is read before anything is sent, so an error there
-    propagates (the middleware answers it). After that, an error aborts the connection;
-    a client that goes away ends the stream quietly. Either way the response is
-    returned with :data:`STREAM_OUTCOME` set.
+
+def _multipart_length(boundary: str, parts: Sequence[tuple[str, int]]) -> int:
+    """Bytes of the whole body :func:`_send_multipart` writes for parts (type, length)."""
+    total = len(_closing(boundary))
+    for index, (content_type, length) in enumerate(parts):
+        total += len(_part_head(boundary, content_type, length, first=index == 0)) + length
+    return total
+
+
+async def _send_multipart(
+    request: web.Request,
+    content_type: str,
+    parts: AsyncGenerator[_Part, None],
+    *,
+    layout: Sequence[tuple[str, int]] | None = None,
+) -> web.StreamResponse:
+    """Stream ``parts`` as one ``multipart/related`` response.
+
+    With ``layout`` (each part's content type and length, known in advance) the body is
+    sent with its ``Content-Length``; otherwise chunked. Either way a cut body reads as
+    cut: fewer bytes than Content-Length, or no last chunk. The first part's first
+    chunk is read before anything is sent, so an error there propagates (the
+    middleware answers it). After that, an error aborts the connection; a client that
+    goes away ends the stream quietly. Either way the response is returned with
+    :data:`STREAM_OUTCOME` set.
     """
     boundary = secrets.token_hex(16)
     try:
@@ -346,7 +365,12 @@ async def _send_multipart(
         response = web.StreamResponse(
             headers={"Content-Type": f"{content_type}; boundary={boundary}"}
         )
-        response.enable_chunked_encoding()
+        if layout is not None:
+            # Known length: aiohttp writes the chunks as they are, where its chunked
+            # writer joins each one with its size line (a copy of every byte).
+            response.content_length = _multipart_length(boundary, layout)
+        else:
+            response.enable_chunked_encoding()
         response[STREAM_OUTCOME] = "aborted"
         await response.prepare(request)
         if request.method == "HEAD":  # the headers say it all; do not read the study
@@ -354,20 +378,31 @@ async def _send_multipart(
             response[STREAM_OUTCOME] = "complete"
             return response
         index = 0
+        total = 0
         try:
             while part is not None:
                 try:
-                    await _write(response, _part_head(boundary, part, first=index == 0))
+                    head = _part_head(boundary, part.content_type, part.length, first=index == 0)
+                    await _write(response, head)
+                    written = 0
                     if pending:
+                        written += len(pending)
                         await _write(response, pending)
                     async for chunk in part.body:
+                        written += len(chunk)
                         await _write(response, chunk)
                 finally:
                     await part.body.aclose()
+                if part.length is not None and written != part.length:
+                    raise IntegrityError(f"part {index + 1} is not the length it announced")
+                total += len(head) + written
                 index += 1
                 part = await anext(parts, None)
                 pending = None
-            await _write(response, f"\r\n--{boundary}--\r\n".encode("ascii"))
+            closing = _closing(boundary)
+            if response.content_length not in (None, total + len(closing)):
+                raise IntegrityError("the body is not the length it announced")
+            await _write(response, closing)
             try:
                 await response.write_eof()
             except ConnectionError as exc:
@@ -452,18 +487,13 @@ async def _instance_chunks(
 ) -> AsyncGenerator[bytes, None]:
     """The indexed version of one object, chunk by chunk, or an error before its end.
 
-    The first chunk is a ranged read whose ETag and size must be the index's. The rest is
-    streamed with ``read_stream`` and checked again when it ends (byte count, then ETag
-    via ``stat``), so bytes of another version never end a part normally.
+    One ``read_stream`` pinned to the indexed ETag (``if_match``): the store refuses
+    another version before the first chunk and keeps any resume on this one. The byte
+    count is checked on the way (more than the indexed size fails before those bytes go
+    out; fewer fails at the end), so bytes of another version never end a part normally.
     """
-    first = await store.read_range(instance.key, 0, chunk_size)
-    _check_version(instance, first.etag, first.total_size)
-    if first.data:
-        yield first.data
-    sent = len(first.data)
-    if sent >= instance.size:
-        return
-    stream = store.read_stream(instance.key, offset=sent, chunk_size=chunk_size)
+    stream = store.read_stream(instance.key, chunk_size=chunk_size, if_match=instance.etag or None)
+    sent = 0
     try:
         async for chunk in stream:
             sent += len(chunk)
@@ -474,8 +504,12 @@ async def _instance_chunks(
         await _close(stream)
     if sent != instance.size:
         raise _changed(instance)
-    info = await store.stat(instance.key)
-    _check_version(instance, info.etag, info.size)
+
+
+def _instance_part_type(instance: InstanceLocation) -> str:
+    return Representation(
+        "application/dicom", instance.TransferSyntaxUID, multipart=True
+    ).part_content_type
 
 
 async def _instance_parts(
@@ -496,13 +530,7 @@ async def _instance_parts(
                 window.append(_Pipe(source, READ_AHEAD_CHUNKS))
                 scheduled += 1
             pipe = window.popleft()
-            yield _Part(
-                Representation(
-                    "application/dicom", instance.TransferSyntaxUID, multipart=True
-                ).part_content_type,
-                instance.size,
-                pipe.chunks(),
-            )
+            yield _Part(_instance_part_type(instance), instance.size, pipe.chunks())
     finally:
         for pipe in window:
             await pipe.close()
@@ -518,8 +546,9 @@ async def stream_instances(
 ) -> web.StreamResponse:
     """Retrieve Study / Series / Instance: stream ``instances`` as multipart/related.
 
-    The response is ``multipart/related; type="application/dicom"; boundary=<random>``,
-    chunked, one part per instance in the order given, each part
+    The response is ``multipart/related; type="application/dicom"; boundary=<random>``
+    with its ``Content-Length`` (from the indexed sizes: a cut body is visibly short),
+    one part per instance in the order given, each part
     ``Content-Type: application/dicom; transfer-syntax=<stored>`` with its
     ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces, the next
     :data:`PREFETCH_INSTANCES` instances read concurrently while one is sent; memory holds
@@ -541,7 +570,8 @@ async def stream_instances(
     only = syntaxes.pop() if len(syntaxes) == 1 else None
     content_type = _with_syntax(representation.content_type, only)
     parts = _instance_parts(instances, stores, chunk_size=chunk_size, prefetch=PREFETCH_INSTANCES)
-    return await _send_multipart(request, content_type, parts)
+    layout = [(_instance_part_type(instance), instance.size) for instance in instances]
+    return await _send_multipart(request, content_type, parts, layout=layout)
 
 
 # ---------------------------------------------------------------------------

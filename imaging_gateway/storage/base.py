@@ -62,9 +62,22 @@ class ObjectStore(Protocol):
         ...
 
     def read_stream(
-        self, key: str, *, offset: int = 0, chunk_size: int = 1 << 20
+        self,
+        key: str,
+        *,
+        offset: int = 0,
+        chunk_size: int = 1 << 20,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
-        """Stream the object (from ``offset``) in chunks, memory bounded by ``chunk_size``."""
+        """Stream the object (from ``offset``) in chunks of at most ``chunk_size`` bytes.
+
+        One read of the object (one GET on S3), resumed where it stopped if the
+        connection drops; every chunk comes from the version the first read found, and a
+        change of version during the stream raises ``StorageError``. With ``if_match``
+        (an ETag, without quotes) the object must be that version: ``StorageError``
+        before the first chunk otherwise, so a caller holding an ETag verifies and
+        streams with one request.
+        """
         ...
 
     async def write_stream(

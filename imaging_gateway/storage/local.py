@@ -271,18 +271,32 @@ class LocalStore:
             raise ValueError("offset and length must be >= 0")
         return await asyncio.to_thread(self._read_range_sync, key, self._path(key), offset, length)
 
+    def _changed(self) -> StorageError:
+        return StorageError(f"store {self.name!r}: object changed while it was being read")
+
     async def read_stream(
-        self, key: str, *, offset: int = 0, chunk_size: int = 1 << 20
+        self,
+        key: str,
+        *,
+        offset: int = 0,
+        chunk_size: int = 1 << 20,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream the file from ``offset`` in ``chunk_size`` pieces, each read in a thread.
 
-        The open file pins the version being read even if the key is overwritten.
-        Raises ``ObjectNotFound``, ``StorageError``.
+        The open file pins the version being read even if the key is replaced; a write
+        in place (size, mtime or inode no longer those seen at open) is caught before
+        the last chunk is yielded. ``if_match`` must be the file's ETag at open. Raises
+        ``ObjectNotFound``, ``StorageError`` (including "object changed while it was
+        being read").
         """
         if offset < 0 or chunk_size <= 0:
             raise ValueError("offset must be >= 0 and chunk_size > 0")
-        fd, _ = await asyncio.to_thread(self._open, key, self._path(key), "read_stream")
+        fd, opened = await asyncio.to_thread(self._open, key, self._path(key), "read_stream")
         try:
+            etag = local_etag(opened)
+            if if_match and if_match != etag:
+                raise self._changed()
             pos = offset
             while True:
                 try:
@@ -290,9 +304,15 @@ class LocalStore:
                 except OSError as exc:
                     raise self._os_error(exc, "read_stream") from None
                 if not chunk:
-                    return
+                    break
                 pos += len(chunk)
+                # Checked before the last chunk goes out, so the caller never receives
+                # the whole of a file that changed in place.
+                if pos >= opened.st_size and local_etag(os.fstat(fd)) != etag:
+                    raise self._changed()
                 yield chunk
+            if local_etag(os.fstat(fd)) != etag:
+                raise self._changed()
         finally:
             os.close(fd)
 

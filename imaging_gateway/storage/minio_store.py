@@ -276,19 +276,26 @@ class MinioStore:
         return result
 
     async def read_stream(
-        self, key: str, *, offset: int = 0, chunk_size: int = 1 << 20
+        self,
+        key: str,
+        *,
+        offset: int = 0,
+        chunk_size: int = 1 << 20,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream from ``offset`` in pieces of at most ``chunk_size``, each read on the pool.
 
-        A connection lost mid-stream resumes at the last byte delivered, pinned to the
-        first ETag (``If-Match``). Raises ``ObjectNotFound``, ``StorageError``,
+        One GET; a connection lost mid-stream resumes at the last byte delivered, pinned
+        to the first ETag (``If-Match``). ``if_match`` pins the first GET too (its ETag is
+        checked as well, in case a server ignores the header). Raises ``ObjectNotFound``,
+        ``StorageError`` (including "object changed while it was being read"),
         ``StoreUnavailable``. Offset past the end yields nothing.
         """
         if offset < 0 or chunk_size <= 0:
             raise ValueError("offset must be >= 0 and chunk_size > 0")
         full = self._full(key)
         pos = offset
-        etag: str | None = None
+        etag: str | None = if_match or None
 
         def open_at(at: int, pinned: str | None) -> Any:
             headers: dict[str, str | list[str] | tuple[str]] | None = (
@@ -310,7 +317,12 @@ class MinioStore:
                 return
             failed: BaseException | None = None
             try:
-                etag = etag or (resp.headers.get("ETag") or "").strip('"') or None
+                got = (resp.headers.get("ETag") or "").strip('"')
+                if etag and got and got != etag:
+                    raise StorageError(
+                        f"store {self.name!r}: object changed while it was being read"
+                    )
+                etag = etag or got or None
                 while True:
                     try:
                         chunk: bytes = await self._run(resp.read, chunk_size)

@@ -31,6 +31,8 @@ T = TypeVar("T")
 
 PART_SIZE = 8 * 1024 * 1024
 """Multipart part size; a body up to this size goes in one PUT."""
+_READ_BUFFER = 256 * 1024
+"""aiohttp's per-connection read buffer (it pauses the socket at twice this)."""
 _HASH_IN_THREAD = 256 * 1024
 """Bodies larger than this are SHA-256 hashed off the event loop (hashlib releases the GIL)."""
 
@@ -282,16 +284,49 @@ async def _fill(it: AsyncIterator[bytes], buf: bytearray, size: int) -> bool:
     return False
 
 
-async def rechunk(source: AsyncIterable[bytes], chunk_size: int) -> AsyncIterator[bytes]:
-    """Re-cut a byte stream into ``chunk_size`` pieces (the last may be shorter)."""
-    buf = bytearray()
-    async for piece in source:
-        buf += piece
-        while len(buf) >= chunk_size:
-            yield bytes(buf[:chunk_size])
-            del buf[:chunk_size]
-    if buf:
-        yield bytes(buf)
+class _Chunker:
+    """Cuts a response body into pieces of ``size`` bytes (the last may be shorter).
+
+    Takes aiohttp's buffered pieces as they arrived (``readchunk`` does not copy) and
+    joins them once per chunk; re-cutting through a bytearray copied every byte three
+    times, ``read(n)`` twice.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, size: int) -> None:
+        self._content = content
+        self._size = size
+        self._carry = b""
+
+    async def next(self) -> bytes:
+        """The next chunk; empty at the end of the body."""
+        pieces: list[bytes] = []
+        got = 0
+        if self._carry:
+            pieces.append(self._carry)
+            got = len(self._carry)
+            self._carry = b""
+        while got < self._size:
+            piece, end_of_http_chunk = await self._content.readchunk()
+            if not piece:
+                if end_of_http_chunk:
+                    continue
+                break
+            pieces.append(piece)
+            got += len(piece)
+        if got > self._size:
+            last = pieces[-1]
+            keep = len(last) - (got - self._size)
+            pieces[-1], self._carry = last[:keep], last[keep:]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+async def _skip(content: aiohttp.StreamReader, count: int) -> None:
+    """Drop the first ``count`` bytes of a body (fewer if it ends first)."""
+    while count > 0:
+        piece = await content.read(min(count, 1 << 16))
+        if not piece:
+            return
+        count -= len(piece)
 
 
 # ---------------------------------------------------------------------------
@@ -354,6 +389,9 @@ class S3Store:
                     total=None, sock_connect=s.timeout_s, sock_read=s.timeout_s
                 ),
                 auto_decompress=False,
+                # Bodies are read in 1 MiB chunks: a 64 KiB buffer (the default) pauses
+                # and resumes the socket sixteen times per chunk.
+                read_bufsize=_READ_BUFFER,
                 skip_auto_headers=("Accept-Encoding",),
                 headers={"User-Agent": "imaging-gateway"},
             )
@@ -544,20 +582,27 @@ class S3Store:
         return read
 
     async def read_stream(
-        self, key: str, *, offset: int = 0, chunk_size: int = 1 << 20
+        self,
+        key: str,
+        *,
+        offset: int = 0,
+        chunk_size: int = 1 << 20,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream the object from ``offset`` in ``chunk_size`` pieces (the last may be shorter).
 
-        A connection lost mid-stream is resumed from the last byte delivered, pinned to
-        the first response's ETag (``If-Match``), within the retry budget. Raises
-        ``ObjectNotFound``, ``StorageError`` (including "object changed while it was being
-        read"), ``StoreUnavailable``. Offset past the end yields nothing.
+        One GET; a connection lost mid-stream is resumed from the last byte delivered,
+        pinned to the first response's ETag (``If-Match``), within the retry budget.
+        ``if_match`` pins the first GET too (and its ETag is checked in case a server
+        ignores the header). Raises ``ObjectNotFound``, ``StorageError`` (including
+        "object changed while it was being read"), ``StoreUnavailable``. Offset past the
+        end yields nothing.
         """
         if offset < 0 or chunk_size <= 0:
             raise ValueError("offset must be >= 0 and chunk_size > 0")
         url = self._object_url(key)
         pos = offset
-        etag: str | None = None
+        etag: str | None = if_match or None
         failures = 0
         while True:
             headers: dict[str, str] = {}
@@ -575,8 +620,16 @@ class S3Store:
                         return
                     if resp.status not in (200, 206):
                         await self._fail(resp, "read_stream", key)
-                    etag = etag or _strip_etag(resp.headers.get("ETag")) or None
-                    async for chunk in rechunk(resp.content.iter_chunked(chunk_size), chunk_size):
+                    got = _strip_etag(resp.headers.get("ETag"))
+                    if etag and got and got != etag:  # If-Match ignored by the server
+                        raise StorageError(
+                            f"store {self.name!r}: object changed while it was being read"
+                        )
+                    etag = etag or got or None
+                    if resp.status == 200 and pos > 0:  # Range ignored: skip what was sent
+                        await _skip(resp.content, pos)
+                    chunker = _Chunker(resp.content, chunk_size)
+                    while chunk := await chunker.next():
                         pos += len(chunk)
                         failures = 0  # progress: the budget is per stall, not per stream
                         yield chunk

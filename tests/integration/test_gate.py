@@ -8,13 +8,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 
-from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
+from imaging_gateway.domain.qido import parse_qido
+from imaging_gateway.errors import Forbidden, IndexUnavailable, InvalidRequest, NotFound
 from imaging_gateway.index.schema import audit_log, studies
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.consent import ConsentStore, parse_consent_request
-from imaging_gateway.security.gate import AccessContext, Gate, parse_break_glass_reason
+from imaging_gateway.security.gate import (
+    AccessContext,
+    Gate,
+    parse_break_glass_reason,
+    visibility,
+)
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
 from tests.factories import make_corpus
@@ -39,11 +46,18 @@ async def world(index: SqlIndex, tmp_path: Path) -> AsyncIterator[tuple[Gate, Co
 
 
 async def visible_studies(gate: Gate, principal: Principal, now: datetime = NOW) -> set[str]:
+    """The studies ``principal`` may see; the rule with bound values (``Gate.visible``) and
+    the shared rule with the values at execution (``visibility``) must agree."""
+    rule, values = visibility(principal, now)
     async with gate.engine.connect() as conn:
         rows = await conn.execute(
             sa.select(studies.c.StudyInstanceUID).where(gate.visible(principal, now))
         )
-        return {r[0] for r in rows}
+        bound = {r[0] for r in rows}
+        shared = {r[0] for r in await conn.execute(
+            sa.select(studies.c.StudyInstanceUID).where(rule), values)}
+    assert shared == bound
+    return bound
 
 
 def studies_of(corpus: list, *, hospital: str | None = None, national_id: str | None = None
@@ -222,3 +236,33 @@ async def test_consent_request_validation(world) -> None:
                         national_id=nid)
     with pytest.raises(Forbidden):
         parse_consent_request(good, patient, now=NOW, max_days=365)
+
+
+async def test_a_search_and_its_audit_record_share_one_transaction(world, monkeypatch) -> None:
+    gate, _, corpus = world
+    code = sorted({i.hospital.code for i in corpus})[0]
+    checkouts: list[int] = []
+
+    def checkout(*_: object) -> None:
+        checkouts.append(1)
+
+    event.listen(gate.engine.sync_engine.pool, "checkout", checkout)
+    try:
+        page = await gate.search(AccessContext(hospital(code)), parse_qido("study", {}),
+                                 max_results=100)
+    finally:
+        event.remove(gate.engine.sync_engine.pool, "checkout", checkout)
+    assert {r.study_instance_uid for r in page.results} == studies_of(corpus, hospital=code)
+    assert checkouts == [1]
+    async with gate.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(audit_log))).mappings().all()
+    assert {r["action"] for r in rows} == {"search"}
+    assert len(rows) == len({r.patient_id for r in page.results})
+
+    # A record that cannot be written: the search answers nothing.
+    async def refuse(*_: object, **__: object) -> None:
+        raise IndexUnavailable("audit record could not be written")
+
+    monkeypatch.setattr(gate.audit, "append", refuse)
+    with pytest.raises(IndexUnavailable):
+        await gate.search(AccessContext(hospital(code)), parse_qido("study", {}), max_results=100)

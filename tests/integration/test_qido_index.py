@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from multidict import MultiDict
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from imaging_gateway.dicom.dicomjson import to_dicom_json
@@ -458,6 +459,19 @@ async def test_too_broad_is_refused_and_the_connection_recovers(index: SqlIndex)
     # The pooled connections carry no leftover deadline.
     for _ in range(4):
         assert len((await run(index, "study", {})).rows) == 8
+
+
+async def test_time_budget_without_the_connect_listener(index: SqlIndex) -> None:
+    """An engine made without ``install_time_budget`` still gets the budget (per search)."""
+    engine = create_async_engine(index.engine.url)
+    try:
+        with pytest.raises(QueryTooBroad):
+            q = parse_qido("study", {})
+            await search(engine, q, visible=SLOW, max_results=100, time_budget=0.2)
+        assert len((await search(engine, parse_qido("study", {}), visible=sa.true(),
+                                 max_results=100)).rows) == 8
+    finally:
+        await engine.dispose()
 
 
 async def test_bad_parameters(index: SqlIndex) -> None:

@@ -342,6 +342,36 @@ async def test_overwrite_changes_the_etag(store: ObjectStore) -> None:
         etags.add(info.etag)
 
 
+async def test_read_stream_if_match_pins_the_version(store: ObjectStore) -> None:
+    """With the ETag the caller holds: that version, or ``StorageError`` before any byte."""
+    data = os.urandom(3_000_000)
+    old = await put(store, "m.dcm", data)
+    assert await read_all(store, "m.dcm", if_match=old.etag, chunk_size=65536) == data
+    assert await read_all(store, "m.dcm", if_match=old.etag, offset=1000) == data[1000:]
+    # A stream already open keeps its version: all of it, or an error, never new bytes.
+    stream = store.read_stream("m.dcm", if_match=old.etag, chunk_size=65536)
+    got = bytearray(await anext(stream))
+    new = await put(store, "m.dcm", data[::-1])
+    assert new.etag != old.etag
+    try:
+        async for chunk in stream:
+            got += chunk
+    except StorageError:
+        assert data.startswith(got)
+    else:
+        assert got == data
+    finally:
+        await stream.aclose()
+    stale = store.read_stream("m.dcm", if_match=old.etag)
+    with pytest.raises(StorageError) as refused:
+        await anext(stale)
+    assert not isinstance(refused.value, ObjectNotFound)
+    await stale.aclose()
+    assert await read_all(store, "m.dcm", if_match=new.etag) == data[::-1]
+    with pytest.raises(ObjectNotFound):
+        await read_all(store, "absent.dcm", if_match=new.etag)
+
+
 async def test_delete(store: ObjectStore) -> None:
     await put(store, "d/1.dcm", b"x")
     await put(store, "d/2.dcm", b"y")
@@ -463,6 +493,26 @@ async def test_local_refuses_unsafe_keys(local_root: Path, key: str) -> None:
     with pytest.raises(StorageError, match="key refused"):
         await store.stat(key)
     assert list(local_root.parent.rglob("*escape*")) == []
+
+
+def _overwrite_in_place(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+async def test_local_stream_refuses_a_file_changed_in_place(local_root: Path) -> None:
+    """Same inode, same size, new content: caught before the last chunk is handed out."""
+    store = open_store(StoreSettings(name="fs", kind="fs", path=local_root))
+    data = os.urandom(100_000)
+    await put(store, "p.dcm", data)
+    stream = store.read_stream("p.dcm", chunk_size=10_000)
+    got = bytearray(await anext(stream))
+    _overwrite_in_place(local_root / "p.dcm", 50_000, b"\0" * 16)
+    with pytest.raises(StorageError, match="changed"):
+        async for chunk in stream:
+            got += chunk
+    assert len(got) < len(data)
 
 
 async def test_local_refuses_symlinks_out_of_the_root(local_root: Path, tmp_path: Path) -> None:
