@@ -8,15 +8,14 @@ import os
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-
-import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.postgres import PG_ADMIN_DSN, create_database
+from tests.support.postgres import drop_database as drop_pg_database
 
 __all__ = [
     "PG_ADMIN_DSN",
@@ -34,28 +33,9 @@ __all__ = [
     "wait_healthy",
 ]
 
-PG_ADMIN_DSN = os.environ.get("IG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
 async def create_pg_database(prefix: str) -> str:
-    """Create an empty PostgreSQL database named ``prefix_<pid>_<random>``; returns its URL."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_pg_database(url: str) -> None:
-    """Drop the database of ``url`` (closing its connections)."""
-    name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    """Create an empty PostgreSQL database named ``<prefix>_<random>``; returns its URL."""
+    return await create_database(f"{prefix}_{os.getpid()}")
 
 
 def start_gateway(config: Path, port: int, env: dict[str, str] | None = None) -> GatewayProcess:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,33 +10,17 @@ import pytest
 
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.settings import IndexSettings
+from tests.support.postgres import PG_ADMIN_DSN, create_database, drop_database
+
 
 # PostgreSQL at 127.0.0.1:5432 (trust auth). A test that needs it and cannot reach it
 # fails; it never skips.
-PG_ADMIN_DSN = os.environ.get("IG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
 async def create_pg_database() -> str:
     """Create an empty database for one test; returns its URL."""
-    name = f"ig_test_{uuid.uuid4().hex[:12]}"
     try:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        return await create_database("ig_test")
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(f"PostgreSQL is required at {PG_ADMIN_DSN}: {exc}")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -49,7 +31,7 @@ async def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         return
     url = await create_pg_database()
     yield url
-    await drop_pg_database(url)
+    await drop_database(url)
 
 
 @pytest.fixture

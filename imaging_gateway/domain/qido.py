@@ -35,6 +35,7 @@ __all__ = [
     "QidoPage",
     "QidoQuery",
     "QidoResult",
+    "is_uid",
     "parse_qido",
     "tag_of",
 ]
@@ -384,8 +385,13 @@ def _attribute_path(name: str, param: str) -> tuple[tuple[str, ...] | None, str]
     return (None if private else tuple(keywords)), vr
 
 
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is a UID as PS3.5 9.1 writes it: digits and dots, no leading zeros."""
+    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
 def _check_uid(value: str, param: str) -> str:
-    if len(value) > 64 or not _UID_RE.fullmatch(value):
+    if not is_uid(value):
         raise InvalidQuery(f"{param}: {value!r} is not a valid UID (digits and dots, at most 64)")
     return value
 

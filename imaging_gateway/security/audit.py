@@ -31,7 +31,7 @@ import ipaddress
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -340,21 +340,7 @@ class AuditLog:
                 seq=seq, reason=reason,
             )
 
-        while True:
-            try:
-                async with self.engine.connect() as conn:
-                    rows = (
-                        await conn.execute(
-                            sa.select(audit_log)
-                            .where(audit_log.c.seq > prev_seq)
-                            .order_by(audit_log.c.seq)
-                            .limit(batch)
-                        )
-                    ).all()
-            except (SQLAlchemyError, OSError) as exc:
-                raise IndexUnavailable(
-                    f"audit log could not be read: {exc.__class__.__name__}"
-                ) from exc
+        async for rows in self._batches(batch=batch):
             for row in rows:
                 m = row._mapping
                 seq = int(m["seq"])
@@ -369,8 +355,6 @@ class AuditLog:
                 if anchor is not None and seq == anchor[0] and m["hash"] != anchor[1]:
                     return broken(seq, ANCHOR_DIFFERS)
                 prev_seq, prev_hash, checked = seq, str(m["hash"]), checked + 1
-            if len(rows) < batch:
-                break
         if anchor is not None and prev_seq < anchor[0]:
             return broken(anchor[0], ANCHOR_MISSING)
         return VerifyReport(ok=True, checked=checked, last_seq=prev_seq, last_hash=prev_hash)
@@ -399,7 +383,27 @@ class AuditLog:
             conditions.append(audit_log.c.at >= _utc(since, "since"))
         if until is not None:
             conditions.append(audit_log.c.at < _utc(until, "until"))
-        after, written = 0, 0
+        written = 0
+        async for rows in self._batches(*conditions, batch=batch):
+            for row in rows:
+                m = row._mapping
+                message = audit_message(
+                    _event(m), _stored_time(m["at"]), source_id=source_id, site=site
+                )
+                out.write(ET.tostring(message, encoding="unicode"))
+                out.write("\n")
+                written += 1
+        return written
+
+    async def _batches(
+        self, *conditions: sa.ColumnElement[bool], batch: int
+    ) -> AsyncIterator[Sequence[sa.Row[Any]]]:
+        """The records matching ``conditions`` in ``seq`` order, ``batch`` rows at a time.
+
+        Each batch is its own short read, so memory stays flat for any log size. Raises
+        ``IndexUnavailable`` if the database fails.
+        """
+        after = 0
         while True:
             try:
                 async with self.engine.connect() as conn:
@@ -415,17 +419,11 @@ class AuditLog:
                 raise IndexUnavailable(
                     f"audit log could not be read: {exc.__class__.__name__}"
                 ) from exc
-            for row in rows:
-                m = row._mapping
-                message = audit_message(
-                    _event(m), _stored_time(m["at"]), source_id=source_id, site=site
-                )
-                out.write(ET.tostring(message, encoding="unicode"))
-                out.write("\n")
-                written += 1
-                after = int(m["seq"])
+            if rows:
+                yield rows
+                after = int(rows[-1]._mapping["seq"])
             if len(rows) < batch:
-                return written
+                return
 
     async def for_patient(
         self, patient_token: str, *, limit: int = 100, before_seq: int | None = None

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.dicom.national_id import is_valid_resident_id
+from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
 from imaging_gateway.index.schema import consents
 from imaging_gateway.security.principals import HOSPITAL_CODE, Principal
@@ -150,17 +151,10 @@ def _scope(value: Any) -> str | tuple[str, ...]:
     if (
         isinstance(value, list)
         and 0 < len(value) <= MAX_SCOPE_STUDIES
-        and all(isinstance(v, str) and _valid_uid(v) for v in value)
+        and all(isinstance(v, str) and is_uid(v) for v in value)
     ):
         return tuple(dict.fromkeys(value))
     raise InvalidRequest(f'scope: "all" or a list of 1-{MAX_SCOPE_STUDIES} StudyInstanceUIDs')
-
-
-def _valid_uid(value: str) -> bool:
-    parts = value.split(".")
-    return 0 < len(value) <= 64 and all(
-        p.isdigit() and p.isascii() and (p == "0" or not p.startswith("0")) for p in parts
-    )
 
 
 def _time(body: Mapping[str, Any], name: str, *, default: datetime | None) -> datetime:

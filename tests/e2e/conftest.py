@@ -62,8 +62,12 @@ class Province:
         raise AssertionError("corpus has no patient to share")
 
 
-@pytest.fixture
-def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
+def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province:
+    """Write the synthetic corpus into ``store/``, sync it and start the gateway.
+
+    ``config_text`` is formatted with ``port`` and ``index_url``; its ``bj-fs`` store must
+    be the ``store/`` directory.
+    """
     corpus = make_corpus(seed=11, patients=5, studies_per_patient=3, instances_per_series=2,
                          series_per_study=2)
     for inst in corpus:
@@ -72,12 +76,18 @@ def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
         path.write_bytes(inst.data)
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(PROVINCE_CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
+    config.write_text(config_text.format(port=port, index_url=index_url), encoding="utf-8")
     cli(config, "sync", "--store", "bj-fs", "--no-progress")
     gw = GatewayProcess(config, port)
     gw.start()
-    yield Province(gw, corpus)
-    gw.stop()
+    return Province(gw, corpus)
+
+
+@pytest.fixture
+def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
+    started = start_province(tmp_path, index_url, PROVINCE_CONFIG)
+    yield started
+    started.gw.stop()
 
 
 @pytest.fixture

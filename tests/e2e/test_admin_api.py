@@ -10,22 +10,8 @@ import aiohttp
 import pytest
 
 from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
+from tests.e2e.conftest import PROVINCE_CONFIG
 from tests.support.gateway import GatewayProcess, cli, free_port
-
-CONFIG = """
-[gateway]
-province = "110000"
-listen = "127.0.0.1:{port}"
-data_dir = "data"
-
-[index]
-url = "{index_url}"
-
-[[stores]]
-name = "bj-fs"
-kind = "fs"
-path = "store"
-"""
 
 
 @pytest.fixture
@@ -44,7 +30,7 @@ def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
         path.write_bytes(data)
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
+    config.write_text(PROVINCE_CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
     gw = GatewayProcess(config, port)
     gw.expected_instances = n  # type: ignore[attr-defined]
     gw.start()

@@ -23,10 +23,10 @@ from imaging_gateway.services.stow import (
     NOT_AUTHORIZED,
     STUDY_UID_MISMATCH,
 )
-from tests.e2e.conftest import Province
+from tests.e2e.conftest import Province, start_province
 from tests.e2e.test_dicomweb import audit_rows, parts
 from tests.factories import make_corpus
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import cli
 
 STOW_CONFIG = """
 [gateway]
@@ -55,21 +55,10 @@ DICOM_JSON = "application/dicom+json"
 @pytest.fixture
 def stow_province(tmp_path: Path, index_url: str) -> Iterator[Province]:
     """The e2e province (a synced local store), plus an empty local write store for STOW."""
-    corpus = make_corpus(seed=11, patients=5, studies_per_patient=3, instances_per_series=2,
-                         series_per_study=2)
-    for inst in corpus:
-        path = tmp_path / "store" / inst.key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(inst.data)
     (tmp_path / "stow-store").mkdir()
-    port = free_port()
-    config = tmp_path / "gateway.toml"
-    config.write_text(STOW_CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
-    cli(config, "sync", "--store", "bj-fs", "--no-progress")
-    gw = GatewayProcess(config, port)
-    gw.start()
-    yield Province(gw, corpus)
-    gw.stop()
+    started = start_province(tmp_path, index_url, STOW_CONFIG)
+    yield started
+    started.gw.stop()
 
 
 def new_study(seed: int = 23, *, instances: int = 3, series: int = 2,
