@@ -76,8 +76,9 @@ def retrieve_url(level: Level, row: Mapping[str, Any], retrieve_base: str) -> st
 
 
 def _person_name(value: str) -> dict[str, str]:
-    return {name: group for name, group in zip(_PN_GROUPS, value.split("=")[:3], strict=False)
-            if group}
+    return {
+        name: group for name, group in zip(_PN_GROUPS, value.split("=")[:3], strict=False) if group
+    }
 
 
 def _number(vr: str, value: Any) -> int | float:

@@ -185,9 +185,7 @@ _DT_RE = re.compile(
 )
 _INT_RE = re.compile(r"[+-]?[0-9]{1,12}")
 _MAX_VALUE = 1024
-_PARAMETERS: Final[frozenset[str]] = frozenset(
-    {"limit", "offset", "fuzzymatching", "includefield"}
-)
+_PARAMETERS: Final[frozenset[str]] = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,9 +283,11 @@ class QidoResult:
     attributes: dict[str, Any]
     """Keyword -> value: str, int, list[str] (multi-valued) or list[dict] (sequences);
     None where the index holds no value."""
-    patient_id: int
-    """The index's internal patient row id."""
     study_instance_uid: str
+    national_id: str | None
+    """The patient's national identity, if the index holds one (never returned)."""
+    patient_key: str
+    """The index's key of the patient (never returned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,8 +469,7 @@ def _parse_match(path: tuple[str, ...], vr: str, raw: str, param: str) -> Attrib
         return AttributeMatch(path, vr, "list", values=values)
     if "\\" in raw:
         raise InvalidQuery(
-            f"{param}: several values (backslash) are only accepted for UIDs and "
-            "ModalitiesInStudy"
+            f"{param}: several values (backslash) are only accepted for UIDs and ModalitiesInStudy"
         )
     if any(c in raw for c in "*?"):
         if vr not in _WILDCARD_VRS:
@@ -579,8 +578,10 @@ def parse_qido(
             continue
         if len(path) == 1 and path[0] in SEQUENCE_ITEMS:
             if raw:
-                raise InvalidQuery(f"{name}: match a sequence through its items, e.g. {name}."
-                                   f"{SEQUENCE_ITEMS[path[0]][0]}")
+                raise InvalidQuery(
+                    f"{name}: match a sequence through its items, e.g. {name}."
+                    f"{SEQUENCE_ITEMS[path[0]][0]}"
+                )
             include[path[0]] = None
             continue
         if path[0] in _NOT_MATCHABLE or spec.computed:

@@ -134,8 +134,10 @@ COLUMNS: dict[str, sa.ColumnElement[Any]] = {
 # noticeable part of a search's fixed cost.
 _LABELED: dict[str, sa.ColumnElement[Any]] = {k: c.label(k) for k, c in COLUMNS.items()}
 _STUDY_HIDDEN: list[sa.ColumnElement[Any]] = [
-    studies.c.patient_id.label("_patient_id"),
     studies.c.StudyInstanceUID.label("_study_uid"),
+    # Whose study it is, for the gate's audit record (its patient token).
+    _patient.c.national_id.label("_national_id"),
+    _patient.c.patient_key.label("_patient_key"),
 ]
 _HIDDEN: dict[str, list[sa.ColumnElement[Any]]] = {
     "study": _STUDY_HIDDEN,
@@ -282,8 +284,9 @@ class _Matcher:
                 return studies.c.id.in_(sa.select(series.c.study_id).where(having))
             # The derived column, checked on the study row itself: no per-study probe
             # of series, and the study's date index keeps serving the order.
-            return sa.or_(*(self.has_value(studies.c.ModalitiesInStudy, v)
-                            for v in (m.values or (m.value,))))
+            return sa.or_(
+                *(self.has_value(studies.c.ModalitiesInStudy, v) for v in (m.values or (m.value,)))
+            )
         if m.keyword == "RequestAttributesSequence":
             item = self.value(_REQUEST_ITEM_COLUMNS[m.leaf], m)
             return series.c.id.in_(sa.select(series_requests.c.series_id).where(item))
@@ -327,11 +330,14 @@ def _statement(
             )
         )
         if query.resource == "all-instances":
-            order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id,
-                     instances.c.id]
+            order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id, instances.c.id]
         else:
-            order = [sa.nulls_last(series.c.SeriesNumber.asc()), series.c.id,
-                     sa.nulls_last(instances.c.InstanceNumber.asc()), instances.c.id]
+            order = [
+                sa.nulls_last(series.c.SeriesNumber.asc()),
+                series.c.id,
+                sa.nulls_last(instances.c.InstanceNumber.asc()),
+                instances.c.id,
+            ]
     elif query.level == "series":
         if query.resource == "all-series":
             # The studies' order first: the date index serves it, only each study's
@@ -375,8 +381,9 @@ def install_time_budget(dbapi_conn: Any, record: Any) -> None:
     thread round trip each) per search.
     """
     deadline = _Deadline()
-    await_(record.driver_connection.set_progress_handler(
-        _progress_handler(deadline), _PROGRESS_STEPS))
+    await_(
+        record.driver_connection.set_progress_handler(_progress_handler(deadline), _PROGRESS_STEPS)
+    )
     record.info[_DEADLINE] = deadline
 
 
@@ -459,8 +466,9 @@ def _result(row: Any, query: QidoQuery, items: Items) -> QidoResult:
             attributes[keyword] = m[keyword]
     return QidoResult(
         attributes=attributes,
-        patient_id=int(m["_patient_id"]),
         study_instance_uid=str(m["_study_uid"]),
+        national_id=m["_national_id"],
+        patient_key=str(m["_patient_key"]),
     )
 
 
@@ -537,8 +545,11 @@ async def search_in(
                     .limit(count_cap)
                     .subquery()
                 )
-                n = int((await conn.execute(
-                    sa.select(sa.func.count()).select_from(counted), values)).scalar_one())
+                n = int(
+                    (
+                        await conn.execute(sa.select(sa.func.count()).select_from(counted), values)
+                    ).scalar_one()
+                )
                 remaining = n if n < count_cap else None
     except DBAPIError as exc:
         if _timed_out(exc):

@@ -251,10 +251,10 @@ audit_log = Table(
 patient_name_keys = Table(
     "patient_name_keys",
     metadata,
-    Column("key", String(128).with_variant(String(128, collation="C"), "postgresql"),
-           primary_key=True),
-    Column("patient_id", Integer, ForeignKey("patients.id", ondelete="CASCADE"),
-           primary_key=True),
+    Column(
+        "key", String(128).with_variant(String(128, collation="C"), "postgresql"), primary_key=True
+    ),
+    Column("patient_id", Integer, ForeignKey("patients.id", ondelete="CASCADE"), primary_key=True),
     Index("ix_patient_name_keys_patient", "patient_id"),
 )
 

@@ -155,9 +155,7 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def record_hash(
-    key: bytes, prev_hash: str, seq: int, at: datetime, values: dict[str, Any]
-) -> str:
+def record_hash(key: bytes, prev_hash: str, seq: int, at: datetime, values: dict[str, Any]) -> str:
     """HMAC-SHA256 (hex) of one record: ``prev_hash`` then the canonical record.
 
     The canonical record is the compact JSON array [version, seq, time as UTC ISO 8601
@@ -287,9 +285,7 @@ class AuditLog:
         else:
             # A write that matches nothing still takes SQLite's write lock (the driver
             # opens the transaction before it), so the head read next cannot go stale.
-            await conn.execute(
-                audit_log.update().where(sa.false()).values(seq=audit_log.c.seq)
-            )
+            await conn.execute(audit_log.update().where(sa.false()).values(seq=audit_log.c.seq))
 
     @staticmethod
     async def _head(conn: AsyncConnection) -> tuple[int, str]:
@@ -336,8 +332,12 @@ class AuditLog:
 
         def broken(seq: int, reason: str) -> VerifyReport:
             return VerifyReport(
-                ok=False, checked=checked, last_seq=prev_seq, last_hash=prev_hash,
-                seq=seq, reason=reason,
+                ok=False,
+                checked=checked,
+                last_seq=prev_seq,
+                last_hash=prev_hash,
+                seq=seq,
+                reason=reason,
             )
 
         async for rows in self._batches(batch=batch):
@@ -533,13 +533,17 @@ def _kind(event: AuditEvent) -> _Kind:
         return _Kind(EV_QUERY, "E", requestor_role=ROLE_SOURCE, gateway_role=ROLE_DESTINATION)
     if action.startswith("retrieve"):
         return _Kind(
-            EV_INSTANCES_TRANSFERRED, "R",
-            requestor_role=ROLE_DESTINATION, gateway_role=ROLE_SOURCE,
+            EV_INSTANCES_TRANSFERRED,
+            "R",
+            requestor_role=ROLE_DESTINATION,
+            gateway_role=ROLE_SOURCE,
         )
     if action.startswith("store"):
         return _Kind(
-            EV_INSTANCES_TRANSFERRED, "C",
-            requestor_role=ROLE_SOURCE, gateway_role=ROLE_DESTINATION,
+            EV_INSTANCES_TRANSFERRED,
+            "C",
+            requestor_role=ROLE_SOURCE,
+            gateway_role=ROLE_DESTINATION,
         )
     return _Kind(EV_INSTANCES_ACCESSED, "R")
 

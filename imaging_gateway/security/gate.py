@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from imaging_gateway.domain.qido import QidoPage, QidoQuery
+from imaging_gateway.domain.qido import QidoPage, QidoQuery, QidoResult
 from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
 from imaging_gateway.errors import Forbidden, IndexUnavailable, InvalidRequest, NotFound
 from imaging_gateway.index import qido
@@ -309,28 +309,8 @@ class Gate:
             page = await qido.search_in(
                 conn, query, visible=visible, params=values, max_results=max_results
             )
-            await self._append_search(
-                conn,
-                ctx,
-                level=query.level,
-                patient_ids=[r.patient_id for r in page.results],
-                results=len(page.results),
-            )
+            await self._append_search(conn, ctx, level=query.level, results=page.results)
         return page
-
-    async def audit_search(
-        self,
-        ctx: AccessContext,
-        *,
-        level: str,
-        patient_ids: Sequence[int],
-        results: int,
-    ) -> None:
-        """Record a search in a transaction of its own (see ``_append_search``)."""
-        async with self.engine.begin() as conn:
-            await self._append_search(
-                conn, ctx, level=level, patient_ids=patient_ids, results=results
-            )
 
     async def _append_search(
         self,
@@ -338,22 +318,13 @@ class Gate:
         ctx: AccessContext,
         *,
         level: str,
-        patient_ids: Sequence[int],
-        results: int,
+        results: Sequence[QidoResult],
     ) -> None:
         """Record a search in ``conn``'s transaction: one record per patient it returned
         (one when it returned none)."""
-        distinct = list(dict.fromkeys(patient_ids))
-        tokens: Sequence[str | None] = [None]
-        if distinct:
-            rows = (
-                await conn.execute(
-                    sa.select(patients.c.national_id, patients.c.patient_key).where(
-                        patients.c.id.in_(distinct)
-                    )
-                )
-            ).all()
-            tokens = sorted({self.tokens.for_patient(r[0], r[1]) for r in rows})
+        tokens: Sequence[str | None] = sorted(
+            {self.tokens.for_patient(r.national_id, r.patient_key) for r in results}
+        ) or [None]
         await self.audit.append(
             conn,
             [
@@ -361,7 +332,7 @@ class Gate:
                     "search",
                     "ok",
                     patient_token=t,
-                    detail=f"level={level} results={results}",
+                    detail=f"level={level} results={len(results)}",
                 )
                 for t in tokens
             ],
@@ -642,7 +613,6 @@ def visibility(principal: Principal, now: datetime) -> tuple[ColumnElement[bool]
     if principal.role == "patient" and principal.national_id:
         return _PATIENT_RULE, {_NATIONAL_ID: principal.national_id}
     return _NOTHING, {}
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,7 +257,8 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
     async with gate.engine.connect() as conn:
         rows = (await conn.execute(sa.select(audit_log))).mappings().all()
     assert {r["action"] for r in rows} == {"search"}
-    assert len(rows) == len({r.patient_id for r in page.results})
+    assert len(rows) == len({gate.tokens.for_patient(r.national_id, r.patient_key)
+                             for r in page.results})
 
     # A record that cannot be written: the search answers nothing.
     async def refuse(*_: object, **__: object) -> None:

@@ -135,11 +135,14 @@ async def test_all_studies_default_attributes_and_counts(index: SqlIndex) -> Non
     assert dates == sorted(dates, reverse=True)
     assert [r["StudyInstanceUID"] for r in (await run(index, "study", {})).rows] == [
         r["StudyInstanceUID"] for r in page.rows]
-    # Audit fields: the internal patient id and the study.
+    # Audit fields: whose study it is (national id and patient key) and which.
     async with index.engine.connect() as conn:
-        owner = dict((await conn.execute(sa.select(studies.c.StudyInstanceUID,
-                                                   studies.c.patient_id))).all())
-    assert all(owner[r.study_instance_uid] == r.patient_id for r in page.results)
+        owner = {uid: (nid, key) for uid, nid, key in (await conn.execute(
+            sa.select(studies.c.StudyInstanceUID, patients.c.national_id,
+                      patients.c.patient_key).join(
+                          patients, patients.c.id == studies.c.patient_id))).all()}
+    assert all(owner[r.study_instance_uid] == (r.national_id, r.patient_key)
+               for r in page.results)
 
 
 async def test_study_required_matching_keys(index: SqlIndex) -> None:
