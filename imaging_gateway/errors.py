@@ -84,6 +84,19 @@ class IntegrityError(GatewayError):
     code = "integrity-error"
 
 
+class KeyNotFound(GatewayError):
+    """A key-encryption key that encrypted data needs (id and version) is not held."""
+
+    status = 500
+    code = "key-not-found"
+
+    def __init__(self, key_id: str, version: int, *, held: str = "") -> None:
+        detail = f" ({held})" if held else ""
+        super().__init__(f"key {key_id!r} version {version} is not in the keyring{detail}")
+        self.key_id = key_id
+        self.version = version
+
+
 class StorageError(GatewayError):
     """An object store failed in a way retrying did not cure."""
 
