@@ -213,6 +213,30 @@ def _event(m: Any) -> AuditEvent:
     return AuditEvent(**{f: m[f] for f in FIELDS})
 
 
+# Built once (SQLAlchemy then reuses their compiled form without rebuilding cache keys).
+_INSERT: Final = audit_log.insert()
+_HEAD: Final = (
+    sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+)
+_SQLITE_WRITE_LOCK: Final = audit_log.update().where(sa.false()).values(seq=audit_log.c.seq)
+_PG_LOCK: Final = sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK))
+_ROW_COLUMNS: Final = ("seq", "at", *FIELDS, "prev_hash", "hash")
+# SQLite: the first record of an append in one statement, written only if the newest
+# record is still (seq - 1, prev_hash) as this process last saw it. The insert takes the
+# database's write lock before its condition is read, so the check cannot go stale.
+_INSERT_ON_HEAD: Final = audit_log.insert().from_select(
+    list(_ROW_COLUMNS),
+    sa.select(*(sa.bindparam(c, type_=audit_log.c[c].type) for c in _ROW_COLUMNS)).where(
+        sa.select(sa.func.max(audit_log.c.seq)).scalar_subquery()
+        == sa.bindparam("head_seq", type_=audit_log.c.seq.type),
+        sa.select(audit_log.c.hash)
+        .where(audit_log.c.seq == sa.bindparam("head_seq"))
+        .scalar_subquery()
+        == sa.bindparam("prev_hash"),
+    ),
+)
+
+
 class AuditLog:
     """The hash-chained ``audit_log`` table of the index database.
 
@@ -232,6 +256,8 @@ class AuditLog:
         self.engine = engine
         self._key = key
         self._postgres = engine.dialect.name == "postgresql"
+        self._known_head: tuple[int, str] | None = None
+        """(seq, hash) of the newest record this process wrote or read; a hint only."""
 
     def __repr__(self) -> str:
         return f"AuditLog({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -254,16 +280,24 @@ class AuditLog:
             check_event(event)
         when = _utc(at, "at") if at is not None else datetime.now(UTC)
         try:
-            await self._lock(conn)
-            seq, prev = await self._head(conn)
-            rows: list[dict[str, Any]] = []
-            for event in events:
-                seq += 1
-                values = {f: getattr(event, f) for f in FIELDS}
-                digest = record_hash(self._key, prev, seq, when, values)
-                rows.append({"seq": seq, "at": when, **values, "prev_hash": prev, "hash": digest})
-                prev = digest
-            await conn.execute(audit_log.insert(), rows)
+            rows = None
+            if not self._postgres and self._known_head is not None:
+                # Fast path: one statement instead of lock, head read and insert.
+                rows = self._chain(*self._known_head, events, when)
+                head_seq = self._known_head[0]
+                written = await conn.execute(_INSERT_ON_HEAD, {**rows[0], "head_seq": head_seq})
+                if written.rowcount == 1:
+                    if len(rows) > 1:
+                        await conn.execute(_INSERT, rows[1:])
+                else:
+                    rows = None  # another writer appended, or our last record rolled back
+            if rows is None:
+                await self._lock(conn)
+                rows = self._chain(*await self._head(conn), events, when)
+                await conn.execute(_INSERT, rows)
+            # Set before commit: should the caller roll back, the next fast path finds
+            # the head moved and takes the slow path.
+            self._known_head = (rows[-1]["seq"], rows[-1]["hash"])
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(
                 f"audit record could not be written: {exc.__class__.__name__}"
@@ -279,23 +313,27 @@ class AuditLog:
                 f"audit record could not be written: {exc.__class__.__name__}"
             ) from exc
 
+    def _chain(
+        self, seq: int, prev: str, events: Sequence[AuditEvent], when: datetime
+    ) -> list[dict[str, Any]]:
+        """The rows of ``events`` chained after the record ``(seq, prev)``."""
+        rows: list[dict[str, Any]] = []
+        for event in events:
+            seq += 1
+            values = {f: getattr(event, f) for f in FIELDS}
+            digest = record_hash(self._key, prev, seq, when, values)
+            rows.append({"seq": seq, "at": when, **values, "prev_hash": prev, "hash": digest})
+            prev = digest
+        return rows
+
     async def _lock(self, conn: AsyncConnection) -> None:
-        if self._postgres:
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK)))
-        else:
-            # A write that matches nothing still takes SQLite's write lock (the driver
-            # opens the transaction before it), so the head read next cannot go stale.
-            await conn.execute(audit_log.update().where(sa.false()).values(seq=audit_log.c.seq))
+        # On SQLite a write that matches nothing still takes the write lock (the driver
+        # opens the transaction before it), so the head read next cannot go stale.
+        await conn.execute(_PG_LOCK if self._postgres else _SQLITE_WRITE_LOCK)
 
     @staticmethod
     async def _head(conn: AsyncConnection) -> tuple[int, str]:
-        row = (
-            await conn.execute(
-                sa.select(audit_log.c.seq, audit_log.c.hash)
-                .order_by(audit_log.c.seq.desc())
-                .limit(1)
-            )
-        ).first()
+        row = (await conn.execute(_HEAD)).first()
         return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
     async def head(self) -> tuple[int, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +18,10 @@ from imaging_gateway.security.principals import Principal, validate_claims
 
 ALGORITHM = "EdDSA"
 AUDIENCE = "imaging-gateway"
+LEEWAY_S = 30
+"""Clock skew allowed on ``nbf`` / ``exp`` / ``iat``."""
+VERIFIED_CACHE_SIZE = 4096
+"""Tokens whose signature and claims were checked, kept to skip the check on reuse."""
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -53,6 +59,11 @@ class TokenAuthority:
         self.province = province
         self.issuer = f"imaging-gateway:{province}"
         self.max_ttl_s = max_ttl_s
+        # token -> (principal, not before, expiry) in epoch seconds, least recent first.
+        # A PACS sends the same token with every request: checking its signature and
+        # claims each time was ~20% of a search's CPU. Keyed by the whole token string,
+        # so a hit is exactly the token that was verified.
+        self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
 
     def issue(
         self,
@@ -91,6 +102,24 @@ class TokenAuthority:
 
     def verify(self, token: str) -> Principal:
         """The principal a token stands for; raises ``Unauthenticated`` if it is not valid."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, not_before, expiry = cached
+            now = time.time()
+            if now > expiry + LEEWAY_S:
+                del self._verified[token]
+                raise Unauthenticated("token expired")
+            if now >= not_before - LEEWAY_S:
+                self._verified.move_to_end(token)
+                return principal
+        principal, not_before, expiry = self._check(token)
+        self._verified[token] = (principal, not_before, expiry)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _check(self, token: str) -> tuple[Principal, float, float]:
+        """Verify signature and claims: the principal, its nbf and exp (epoch seconds)."""
         try:
             claims = jwt.decode(
                 token,
@@ -99,7 +128,7 @@ class TokenAuthority:
                 audience=AUDIENCE,
                 issuer=self.issuer,
                 options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
-                leeway=30,
+                leeway=LEEWAY_S,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired") from None
@@ -109,7 +138,7 @@ class TokenAuthority:
             role = validate_claims(str(claims.get("role")), claims.get("hosp"), claims.get("nid"))
         except InvalidRequest:
             raise Unauthenticated("invalid token") from None
-        return Principal(
+        principal = Principal(
             subject=str(claims["sub"]),
             role=role,
             province=str(claims.get("prov", "")),
@@ -117,3 +146,4 @@ class TokenAuthority:
             hospital=claims.get("hosp"),
             national_id=claims.get("nid"),
         )
+        return principal, float(claims.get("nbf", claims["iat"])), float(claims["exp"])

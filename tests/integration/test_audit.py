@@ -204,6 +204,41 @@ async def test_concurrent_appends_never_fork_the_chain(index: SqlIndex, audit: A
     assert report.ok and report.checked == 100 and report.last_seq == 100
 
 
+async def test_two_writers_and_a_rollback_keep_one_chain(index: SqlIndex) -> None:
+    """Two processes' logs on one database (each with its own idea of the newest record),
+    an append rolled back after it was written: the chain stays whole."""
+    first, second = AuditLog(index.engine, KEY), AuditLog(index.engine, KEY)
+    for i in range(6):
+        writer = first if i % 3 else second
+        await writer.record([ev(i)] if i % 2 else [ev(i), ev(i + 100), ev(i + 200)])
+    with pytest.raises(RuntimeError):
+        async with index.engine.begin() as conn:
+            await first.append(conn, [ev(50)])
+            raise RuntimeError("the access failed after its record was appended")
+    await first.record([ev(51)])
+    await second.record([ev(52), ev(53)])
+    report = await first.verify()
+    assert report.ok and report.checked == 3 * 3 + 3 + 1 + 2 == report.last_seq
+
+
+async def test_an_append_after_a_known_head_is_one_statement(index: SqlIndex) -> None:
+    audit = AuditLog(index.engine, KEY)
+    await audit.record([ev(1)])  # learns the head
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement.split()[0].upper())
+
+    sa.event.listen(index.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        await audit.record([ev(2)])
+    finally:
+        sa.event.remove(index.engine.sync_engine, "before_cursor_execute", note)
+    expected = ["INSERT"] if index.engine.dialect.name == "sqlite" else ["SELECT", "SELECT", "INSERT"]
+    assert statements == expected
+    assert (await audit.verify()).ok
+
+
 # ---------------------------------------------------------------------------
 # Atomic with the access
 

@@ -80,3 +80,35 @@ def test_signing_key_created_private_and_reloaded(tmp_path: Path) -> None:
     a1 = TokenAuthority(k1, province="110000", max_ttl_s=86400)
     a2 = TokenAuthority(k2, province="110000", max_ttl_s=86400)
     assert a2.verify(a1.issue(subject="x", role="peer")).role == "peer"
+
+
+def test_a_verified_token_still_expires_and_forgeries_of_it_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from imaging_gateway.security import tokens
+
+    a = authority()
+    token = a.issue(subject="pacs-1", role="hospital", hospital="H11010800028", ttl_s=600)
+    first = a.verify(token)
+    assert a.verify(token) is first  # the second check is the cached one
+    head, body, sig = token.split(".")
+    with pytest.raises(Unauthenticated):
+        mid = len(sig) // 2
+        a.verify(f"{head}.{body}.{sig[:mid]}{'A' if sig[mid] != 'A' else 'B'}{sig[mid + 1:]}")
+    # Later than exp + leeway: refused although it verified before.
+    later = tokens.time.time() + 600 + tokens.LEEWAY_S + 1
+    monkeypatch.setattr(tokens.time, "time", lambda: later)
+    with pytest.raises(Unauthenticated, match="expired"):
+        a.verify(token)
+    assert token not in a._verified
+
+
+def test_the_verified_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imaging_gateway.security import tokens
+
+    monkeypatch.setattr(tokens, "VERIFIED_CACHE_SIZE", 3)
+    a = authority()
+    issued = [a.issue(subject=f"s{i}", role="admin") for i in range(5)]
+    for token in issued:
+        a.verify(token)
+    assert list(a._verified) == issued[2:]
