@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -187,137 +187,225 @@ def _glob(pattern: str) -> str:
     return pattern.replace("[", "[[]")
 
 
-class _Matcher:
-    """Turns matching keys into SQL conditions for one dialect."""
+class _Plan:
+    """Matching keys as a statement shape (hashable, without values) and its values.
 
-    def __init__(self, dialect: str, *, fuzzy: bool) -> None:
-        self.sqlite = dialect == "sqlite"
+    Every value a condition needs becomes a named bind parameter (``q0``, ``q1``, ... in
+    order) and every decision a value makes about the statement's form (a wildcard with a
+    literal prefix or not, how many fuzzy terms, ...) is written into the shape. Equal
+    shapes therefore build the same statement whatever the values, so a search reuses
+    the statement built for its shape (see ``_statement``) instead of building it and
+    its cache key anew: that was a third of a search's CPU. The SQL comes from the shape
+    only (``_build``), so a plan and its statement cannot disagree.
+    """
+
+    def __init__(self, *, sqlite: bool, fuzzy: bool) -> None:
+        self.sqlite = sqlite
         self.fuzzy = fuzzy
+        self.values: dict[str, Any] = {}
 
-    def wildcard(self, column: sa.ColumnElement[Any], pattern: str) -> ColumnElement[bool]:
+    def bind(self, value: Any) -> str:
+        name = f"q{len(self.values)}"
+        self.values[name] = value
+        return name
+
+    def wildcard(self, column: str, pattern: str) -> _Op:
         prefix = _literal_prefix(pattern)
         if self.sqlite:
-            cond: ColumnElement[bool] = column.op("GLOB", is_comparison=True)(_glob(pattern))
-            if prefix:
-                # BINARY collation: the range is exactly the prefix, and uses the index.
-                cond = sa.and_(column >= prefix, column < _succ(prefix), cond)
-            return cond
-        return column.like(_like(pattern), escape="\\")
+            glob = ("glob", column, self.bind(_glob(pattern)))
+            if not prefix:
+                return glob
+            # BINARY collation: the range is exactly the prefix, and uses the index.
+            return ("and", (("ge", column, self.bind(prefix)),
+                            ("lt", column, self.bind(_succ(prefix))), glob))  # fmt: skip
+        return ("like", column, self.bind(_like(pattern)))
 
-    def value(self, column: sa.ColumnElement[Any], m: AttributeMatch) -> ColumnElement[bool]:
+    def value(self, column: str, m: AttributeMatch) -> _Op:
         """Single, wildcard, list or range matching of ``m`` on ``column``."""
         if m.kind == "list":
-            return column.in_(list(m.values))
+            return ("in", column, self.bind(list(m.values)))
         if m.kind == "wildcard":
             return self.wildcard(column, m.value)
         if m.kind == "range":
-            conds: list[ColumnElement[bool]] = []
+            conds: list[_Op] = []
             if m.low is not None:
-                conds.append(column >= m.low)
+                conds.append(("ge", column, self.bind(m.low)))
             if m.high is not None:
-                conds.append(column <= m.high if m.vr == "DA" else column < _succ(m.high))
-            return sa.and_(*conds)
+                if m.vr == "DA":
+                    conds.append(("le", column, self.bind(m.high)))
+                else:
+                    conds.append(("lt", column, self.bind(_succ(m.high))))
+            return ("and", tuple(conds))
         if m.vr in _INTEGER_VRS:
-            return column == int(m.value)
+            return ("eq", column, self.bind(int(m.value)))
         if m.vr in ("TM", "DT"):
-            return sa.and_(column >= m.value, column < _succ(m.value))
-        return column == m.value
+            return ("and", (("ge", column, self.bind(m.value)),
+                            ("lt", column, self.bind(_succ(m.value)))))  # fmt: skip
+        return ("eq", column, self.bind(m.value))
 
-    def patient_name(self, m: AttributeMatch) -> ColumnElement[bool] | None:
-        conds: list[ColumnElement[bool]] = []
-        key = patient_name_keys.c.key
+    def patient_name(self, m: AttributeMatch) -> _Op | None:
+        conds: list[_Op] = []
         if self.fuzzy:
             for term in fuzzy_terms(m.value):
-                conds.append(self._keys(sa.and_(key >= term, key < _succ(term))))
+                bounds = (("ge", "key", self.bind(term)), ("lt", "key", self.bind(_succ(term))))
+                conds.append(("keys", ("and", bounds)))
         else:
             for group in m.value.split(GROUP_MARK)[:3]:
                 if m.kind == "single":
                     literal = group_key(group)
                     if literal is not None:
-                        conds.append(self._keys(key == literal))
+                        conds.append(("keys", ("eq", "key", self.bind(literal))))
                     continue
                 pattern = group_pattern(group)
                 if pattern is None or pattern.strip("*") == GROUP_MARK:
                     continue
                 prefix = _literal_prefix(pattern)
-                conds.append(
-                    self._keys(
-                        sa.and_(
-                            key >= prefix,
-                            key < _succ(prefix),
-                            key.like(_like(pattern), escape="\\"),
-                        )
-                    )
-                )
-        return sa.and_(*conds) if conds else None
+                conds.append(("keys", ("and", (
+                    ("ge", "key", self.bind(prefix)),
+                    ("lt", "key", self.bind(_succ(prefix))),
+                    ("like", "key", self.bind(_like(pattern))),
+                ))))  # fmt: skip
+        return ("and", tuple(conds)) if conds else None
 
-    def has_value(self, column: sa.ColumnElement[Any], value: str) -> ColumnElement[bool]:
-        """``column`` holds backslash-separated values, one of them ``value`` (exactly)."""
-        wrapped = sa.literal("\\") + column + sa.literal("\\")
-        find = sa.func.instr if self.sqlite else sa.func.strpos
-        return find(wrapped, "\\" + value + "\\") > 0
-
-    @staticmethod
-    def _keys(cond: ColumnElement[bool]) -> ColumnElement[bool]:
-        return studies.c.patient_id.in_(sa.select(patient_name_keys.c.patient_id).where(cond))
-
-    def other_name(self, column: sa.ColumnElement[Any], m: AttributeMatch) -> ColumnElement[bool]:
+    def other_name(self, column: str, m: AttributeMatch) -> _Op:
         if m.kind == "wildcard":
             return self.wildcard(column, m.value)
         v = _like(m.value)
-        return sa.or_(
-            column == m.value,
-            column.like(v + GROUP_MARK + "%", escape="\\"),
-            column.like("%" + GROUP_MARK + v, escape="\\"),
-            column.like("%" + GROUP_MARK + v + GROUP_MARK + "%", escape="\\"),
-        )
+        return ("or", (
+            ("eq", column, self.bind(m.value)),
+            ("like", column, self.bind(v + GROUP_MARK + "%")),
+            ("like", column, self.bind("%" + GROUP_MARK + v)),
+            ("like", column, self.bind("%" + GROUP_MARK + v + GROUP_MARK + "%")),
+        ))  # fmt: skip
 
-    def condition(self, m: AttributeMatch) -> ColumnElement[bool] | None:
-        """The SQL condition of one matching key; None for universal matching."""
+    def condition(self, m: AttributeMatch) -> _Op | None:
+        """The plan of one matching key; None for universal matching."""
         if m.kind == "universal":
             return None
         if m.keyword == "PatientName":
             return self.patient_name(m)
         if m.keyword == "ModalitiesInStudy":
             if m.kind == "wildcard":
-                having = self.wildcard(series.c.Modality, m.value)
-                return studies.c.id.in_(sa.select(series.c.study_id).where(having))
+                return ("study-has-series", self.wildcard("Modality", m.value))
             # The derived column, checked on the study row itself: no per-study probe
             # of series, and the study's date index keeps serving the order.
-            return sa.or_(
-                *(self.has_value(studies.c.ModalitiesInStudy, v) for v in (m.values or (m.value,)))
-            )
+            return ("or", tuple(("has-value", "ModalitiesInStudy", self.bind(f"\\{v}\\"))
+                                for v in (m.values or (m.value,))))  # fmt: skip
         if m.keyword == "RequestAttributesSequence":
-            item = self.value(_REQUEST_ITEM_COLUMNS[m.leaf], m)
-            return series.c.id.in_(sa.select(series_requests.c.series_id).where(item))
-        column = COLUMNS[m.keyword]
+            return ("series-has-request", self.value(f"request:{m.leaf}", m))
         if m.vr == "PN":
-            return self.other_name(column, m)
-        return self.value(column, m)
+            return self.other_name(m.keyword, m)
+        return self.value(m.keyword, m)
+
+
+_Op = tuple[Any, ...]
+"""A plan node: ``(operation, ...)`` with column names and bind parameter names."""
+
+# Columns a plan may name, beyond COLUMNS' keywords.
+_PLAN_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    **COLUMNS,
+    "Modality": series.c.Modality,
+    "key": patient_name_keys.c.key,
+    **{f"request:{k}": c for k, c in _REQUEST_ITEM_COLUMNS.items()},
+}
+
+
+def _build(op: _Op, *, sqlite: bool) -> ColumnElement[bool]:
+    """The SQL condition of a plan node; its values stay bind parameters."""
+    kind = op[0]
+    if kind in ("and", "or"):
+        parts = [_build(o, sqlite=sqlite) for o in op[1]]
+        return sa.and_(*parts) if kind == "and" else sa.or_(*parts)
+    if kind == "keys":
+        keys = sa.select(patient_name_keys.c.patient_id).where(_build(op[1], sqlite=sqlite))
+        return studies.c.patient_id.in_(keys)
+    if kind == "study-has-series":
+        having = sa.select(series.c.study_id).where(_build(op[1], sqlite=sqlite))
+        return studies.c.id.in_(having)
+    if kind == "series-has-request":
+        item = sa.select(series_requests.c.series_id).where(_build(op[1], sqlite=sqlite))
+        return series.c.id.in_(item)
+    column, name = _PLAN_COLUMNS[op[1]], op[2]
+    if kind == "has-value":
+        # ``column`` holds backslash-separated values, one of them exactly the value.
+        wrapped = sa.literal("\\") + column + sa.literal("\\")
+        find = sa.func.instr if sqlite else sa.func.strpos
+        return find(wrapped, sa.bindparam(name, type_=sa.String())) > 0
+    if kind == "in":
+        return column.in_(sa.bindparam(name, expanding=True))
+    param: sa.BindParameter[Any] = sa.bindparam(name)
+    if kind == "glob":
+        return column.op("GLOB", is_comparison=True)(param)
+    if kind == "like":
+        return column.like(param, escape="\\")
+    if kind == "eq":
+        return column == param
+    if kind == "ge":
+        return column >= param
+    if kind == "le":
+        return column <= param
+    if kind == "lt":
+        return column < param
+    raise AssertionError(f"unknown plan node {kind}")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------- search
 
+_STATEMENTS: OrderedDict[tuple[Any, ...], tuple[ColumnElement[bool], sa.Select[Any]]] = (
+    OrderedDict()
+)
+_STATEMENTS_MAX = 512
+
 
 def _statement(
     query: QidoQuery, visible: ColumnElement[bool], dialect: str
-) -> tuple[sa.Select[Any], list[str]]:
-    keywords = [k for k in query.return_keywords if k in COLUMNS]
+) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The page statement of ``query`` (LIMIT ``:page_limit`` OFFSET ``:page_offset``)
+    and the values of its bind parameters, except those of ``visible``."""
+    plan = _Plan(sqlite=dialect == "sqlite", fuzzy=query.fuzzymatching)
+    uids = (
+        None if query.study_uid is None else plan.bind(query.study_uid),
+        None if query.series_uid is None else plan.bind(query.series_uid),
+    )
+    conditions = tuple(c for m in query.matches if (c := plan.condition(m)) is not None)
+    keywords = tuple(k for k in query.return_keywords if k in COLUMNS)
+    shape = (id(visible), dialect, query.level, query.resource, keywords, uids, conditions)
+    cached = _STATEMENTS.get(shape)
+    # The cached statement is used only with the very condition it was built with (an
+    # id can be reused once its object is gone).
+    if cached is not None and cached[0] is visible:
+        _STATEMENTS.move_to_end(shape)
+        stmt = cached[1]
+    else:
+        stmt = _build_statement(query.level, query.resource, keywords, visible, uids,
+                                conditions, sqlite=plan.sqlite)  # fmt: skip
+        _STATEMENTS[shape] = (visible, stmt)
+        if len(_STATEMENTS) > _STATEMENTS_MAX:
+            _STATEMENTS.popitem(last=False)
+    return stmt, plan.values
+
+
+def _build_statement(
+    level: str,
+    resource: str,
+    keywords: tuple[str, ...],
+    visible: ColumnElement[bool],
+    uids: tuple[str | None, str | None],
+    conditions: tuple[_Op, ...],
+    *,
+    sqlite: bool,
+) -> sa.Select[Any]:
     columns: list[sa.ColumnElement[Any]] = [_LABELED[k] for k in keywords]
-    columns += _HIDDEN[query.level]
-    joined = _JOINED[query.level]
+    columns += _HIDDEN[level]
     where: list[ColumnElement[bool]] = [visible]
-    if query.study_uid is not None:
-        where.append(studies.c.StudyInstanceUID == query.study_uid)
-    if query.series_uid is not None:
-        where.append(series.c.SeriesInstanceUID == query.series_uid)
-    matcher = _Matcher(dialect, fuzzy=query.fuzzymatching)
-    for m in query.matches:
-        cond = matcher.condition(m)
-        if cond is not None:
-            where.append(cond)
+    study_uid, series_uid = uids
+    if study_uid is not None:
+        where.append(studies.c.StudyInstanceUID == sa.bindparam(study_uid))
+    if series_uid is not None:
+        where.append(series.c.SeriesInstanceUID == sa.bindparam(series_uid))
+    where += [_build(c, sqlite=sqlite) for c in conditions]
     order: list[sa.ColumnElement[Any]]
-    if query.level == "instance":
+    if level == "instance":
         earlier = instances.alias("earlier")
         # One result per SOPInstanceUID in a series: the object indexed first.
         where.append(
@@ -329,7 +417,7 @@ def _statement(
                 )
             )
         )
-        if query.resource == "all-instances":
+        if resource == "all-instances":
             order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id, instances.c.id]
         else:
             order = [
@@ -338,8 +426,8 @@ def _statement(
                 sa.nulls_last(instances.c.InstanceNumber.asc()),
                 instances.c.id,
             ]
-    elif query.level == "series":
-        if query.resource == "all-series":
+    elif level == "series":
+        if resource == "all-series":
             # The studies' order first: the date index serves it, only each study's
             # few series are sorted.
             order = [studies.c.StudyDate.desc(), studies.c.id.desc(), series.c.id]
@@ -348,8 +436,14 @@ def _statement(
     else:
         # Newest first; ix_studies_date (with the row id) gives this order without a sort.
         order = [studies.c.StudyDate.desc(), studies.c.id.desc()]
-    stmt = sa.select(*columns).select_from(joined).where(*where).order_by(*order)
-    return stmt, keywords
+    return (
+        sa.select(*columns)
+        .select_from(_JOINED[level])
+        .where(*where)
+        .order_by(*order)
+        .limit(sa.bindparam("page_limit", type_=sa.Integer()))
+        .offset(sa.bindparam("page_offset", type_=sa.Integer()))
+    )
 
 
 class _Deadline:
@@ -525,13 +619,13 @@ async def search_in(
             f"The limit {query.limit} exceeds the maximum of {max_results} results per "
             f"response; at most {max_results} were returned."
         )
-    values = dict(params or {})
-    stmt, _keywords = _statement(query, visible, conn.dialect.name)
-    page = stmt.limit(page_size + 1).offset(query.offset)
+    stmt, values = _statement(query, visible, conn.dialect.name)
+    values.update(params or {})
     remaining: int | None = None
     try:
         async with _time_budget(conn, time_budget):
-            rows = list((await conn.execute(page, values)).all())
+            page_values = {**values, "page_limit": page_size + 1, "page_offset": query.offset}
+            rows = list((await conn.execute(stmt, page_values)).all())
             more = len(rows) > page_size
             rows = rows[:page_size]
             items: dict[int, list[dict[str, str | None]]] = {}

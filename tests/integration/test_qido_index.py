@@ -544,3 +544,24 @@ async def test_migration_0003_backfills_and_downgrades(index: SqlIndex) -> None:
     assert await keys_and_counts() == before
     page = await run(index, "study", {"PatientName": "zs", "fuzzymatching": "true"})
     assert uids(page) == study_uids(PatientName=NAMES[0])
+
+
+async def test_one_statement_per_shape_whatever_the_values(index: SqlIndex) -> None:
+    """Searches of one shape reuse one statement and still answer each its own values;
+    another visibility condition never reuses a statement built with the first."""
+    from imaging_gateway.index import qido
+
+    people = list(dict.fromkeys(h.patient.PatientID for h in headers()))
+    statements = set()
+    for pid in people:
+        page = await run(index, "study", {"PatientID": pid})
+        assert uids(page) == study_uids(PatientID=pid)
+        statements.add(id(qido._STATEMENTS[next(reversed(qido._STATEMENTS))][1]))
+    assert len(statements) == 1
+    first_study = sorted(study_uids())[0]
+    only_first = studies.c.StudyInstanceUID == first_study
+    owner = next(h.patient.PatientID for h in headers()
+                 if h.study.StudyInstanceUID == first_study)
+    for pid in people:
+        page = await run(index, "study", {"PatientID": pid}, visible=only_first)
+        assert uids(page) == ({first_study} if pid == owner else set())
