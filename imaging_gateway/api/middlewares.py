@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from imaging_gateway.api.keys import PRINCIPAL, TOKENS
+from imaging_gateway.api.keys import GATE, PRINCIPAL, TOKENS
 from imaging_gateway.errors import GatewayError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("a bearer token is required")
-    request[PRINCIPAL] = request.app[TOKENS].verify(token.strip())
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("a bearer token is required")
+        request[PRINCIPAL] = request.app[TOKENS].verify(token.strip())
+    except Unauthenticated as exc:
+        await request.app[GATE].refused_token(source=request.remote, reason=exc.message)
+        raise
     return await handler(request)

@@ -525,9 +525,11 @@ EV_INSTANCES_ACCESSED: Final[Code] = ("110103", DCM, "DICOM Instances Accessed")
 EV_INSTANCES_TRANSFERRED: Final[Code] = ("110104", DCM, "DICOM Instances Transferred")
 EV_QUERY: Final[Code] = ("110112", DCM, "Query")
 EV_SECURITY_ALERT: Final[Code] = ("110113", DCM, "Security Alert")
+EV_USER_AUTHENTICATION: Final[Code] = ("110114", DCM, "User Authentication")
 # CID 403 Security Alert Type Code.
 ET_EMERGENCY_OVERRIDE: Final[Code] = ("110127", DCM, "Emergency Override Started")
 ET_AUTHORIZATION_DECISION: Final[Code] = ("110144", DCM, "Authorization Decision")
+ET_LOGIN: Final[Code] = ("110122", DCM, "Login")
 # CID 402 Audit Active Participant Role ID Code.
 ROLE_DESTINATION: Final[Code] = ("110152", DCM, "Destination Role ID")
 ROLE_SOURCE: Final[Code] = ("110153", DCM, "Source Role ID")
@@ -560,9 +562,11 @@ def _kind(event: AuditEvent) -> _Kind:
     is a Query (A.5.3.12), retrieve* and store* are DICOM Instances Transferred
     (A.5.3.7; the gateway is the source of a retrieve and the destination of a store),
     anything else (metadata, rendering, viewer links) is DICOM Instances Accessed
-    (A.5.3.5).
+    (A.5.3.5). A refused bearer token is a User Authentication message (Login, failed).
     """
     action = event.action
+    if action == "authenticate":  # a refused bearer token
+        return _Kind(EV_USER_AUTHENTICATION, "E", type_code=ET_LOGIN)
     if event.outcome == "denied":
         return _Kind(EV_SECURITY_ALERT, "E", type_code=ET_AUTHORIZATION_DECISION)
     if event.break_glass_reason is not None:

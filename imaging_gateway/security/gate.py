@@ -13,7 +13,9 @@ seen is answered exactly like one that does not exist.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +46,9 @@ from imaging_gateway.security.principals import Principal
 log = logging.getLogger(__name__)
 
 MAX_REASON = 500
+REFUSAL_WINDOW_S = 60.0
+"""Refused tokens: at most one audit record per client address and reason in this window."""
+_REFUSALS_TRACKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,42 @@ class Gate:
         self.audit = audit
         self.tokens = tokens
         self.break_glass_window = timedelta(minutes=break_glass_minutes)
+        # (source, reason) -> (monotonic time of its last record, refusals since then)
+        self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
+
+    # -- unauthenticated callers ---------------------------------------------------------
+
+    async def refused_token(self, *, source: str | None, reason: str) -> None:
+        """Audit a request refused for its bearer token (missing, invalid, expired).
+
+        At most one record per client address and reason per ``REFUSAL_WINDOW_S`` (the
+        next one counts those in between), so a flood of bad requests cannot flood the
+        log. The caller is answered 401 whatever happens here: a record that cannot be
+        written is logged, not raised.
+        """
+        key = (source, reason)
+        now = time.monotonic()
+        last, since = self._refusals.get(key, (-REFUSAL_WINDOW_S, 0))
+        if now - last < REFUSAL_WINDOW_S:
+            self._refusals[key] = (last, since + 1)
+            return
+        self._refusals[key] = (now, 0)
+        self._refusals.move_to_end(key)
+        if len(self._refusals) > _REFUSALS_TRACKED:
+            self._refusals.popitem(last=False)
+        detail = reason if not since else f"{reason} (and {since} more in the last minute)"
+        event = AuditEvent(
+            subject="unauthenticated",
+            role="none",
+            action="authenticate",
+            outcome="denied",
+            source=source,
+            detail=detail[:200],
+        )
+        try:
+            await self.audit.record([event])
+        except IndexUnavailable:
+            log.warning("a refused token could not be recorded in the audit log")
 
     # -- the rule ------------------------------------------------------------------
 

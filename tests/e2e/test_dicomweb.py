@@ -168,6 +168,13 @@ async def test_nothing_reaches_a_study_without_a_grant(province: Province,
     for path in ("/studies", f"/studies/{foreign}", f"/studies/{foreign}/metadata"):
         async with http.get(base + path) as r:
             assert r.status == 401
+    async with http.get(f"{base}/studies", headers={"Authorization": "Bearer forged"}) as r:
+        assert r.status == 401
+    refused = [(r["action"], r["outcome"], r["source"], r["detail"])
+               for r in await audit_rows(province) if r["role"] == "none"]
+    # One record per client address and reason a minute, however many requests.
+    assert refused == [("authenticate", "denied", "127.0.0.1", "a bearer token is required"),
+                       ("authenticate", "denied", "127.0.0.1", "invalid token")]
     logs = province.gw.logs()
     assert patient_id not in logs and nid not in logs and "Traceback" not in logs
 

@@ -267,3 +267,31 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
     monkeypatch.setattr(gate.audit, "append", refuse)
     with pytest.raises(IndexUnavailable):
         await gate.search(AccessContext(hospital(code)), parse_qido("study", {}), max_results=100)
+
+
+async def test_refused_tokens_are_audited_without_flooding_the_log(
+    index: SqlIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imaging_gateway.security import gate as gate_module
+
+    audit = AuditLog(index.engine, b"k" * 32)
+    gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30)
+    clock = [1000.0]
+    monkeypatch.setattr(gate_module.time, "monotonic", lambda: clock[0])
+    for _ in range(5):
+        await gate.refused_token(source="10.1.2.3", reason="token expired")
+    await gate.refused_token(source="10.1.2.3", reason="invalid token")
+    await gate.refused_token(source="10.9.9.9", reason="token expired")
+    clock[0] += gate_module.REFUSAL_WINDOW_S
+    await gate.refused_token(source="10.1.2.3", reason="token expired")
+    async with index.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))).mappings().all()
+    assert [(r["source"], r["detail"]) for r in rows] == [
+        ("10.1.2.3", "token expired"),
+        ("10.1.2.3", "invalid token"),
+        ("10.9.9.9", "token expired"),
+        ("10.1.2.3", "token expired (and 4 more in the last minute)"),
+    ]
+    assert {(r["subject"], r["role"], r["action"], r["outcome"]) for r in rows} == {
+        ("unauthenticated", "none", "authenticate", "denied")}
+    assert (await audit.verify()).ok

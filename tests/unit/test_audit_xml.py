@@ -237,3 +237,14 @@ def test_record_hash_covers_every_field_and_tells_null_from_empty() -> None:
     assert record_hash(b"j" * 32, "0" * 64, 1, AT, values) != base
     # Same instant, another zone: same record.
     assert record_hash(key, "0" * 64, 1, AT.astimezone(timezone(timedelta(hours=8))), values) == base
+
+
+def test_a_refused_token_is_a_failed_user_authentication() -> None:
+    root = message(subject="unauthenticated", role="none", action="authenticate",
+                   outcome="denied", hospital=None, patient_token=None, StudyInstanceUID=None,
+                   purpose=None, detail="token expired")
+    ident = one(root, "EventIdentification")
+    assert code(ident.find("EventID")) == ("110114", "DCM", "User Authentication")
+    assert code(ident.find("EventTypeCode")) == ("110122", "DCM", "Login")
+    assert ident.get("EventOutcomeIndicator") == "8"
+    assert requestor(root).get("NetworkAccessPointID") == "10.1.2.3"
