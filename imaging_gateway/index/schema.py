@@ -208,6 +208,8 @@ consents = Table(
     Index("ix_consents_grantee", "grantee_hospital", "national_id"),
 )
 
+# StudyInstanceUID: the study whose request opened the window; None when opened from a
+# search (0004).
 break_glass = Table(
     "break_glass",
     metadata,
@@ -215,7 +217,7 @@ break_glass = Table(
     Column("subject", String(128), nullable=False),
     Column("hospital", String(32), nullable=False),
     Column("patient_id", Integer, ForeignKey("patients.id"), nullable=False),
-    Column("StudyInstanceUID", UID, nullable=False),
+    Column("StudyInstanceUID", UID),
     Column("reason", Text, nullable=False),
     Column("opened_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),

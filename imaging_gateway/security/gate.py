@@ -28,7 +28,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from imaging_gateway.domain.qido import QidoPage, QidoQuery, QidoResult
 from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
-from imaging_gateway.errors import Forbidden, IndexUnavailable, InvalidRequest, NotFound
+from imaging_gateway.errors import (
+    Forbidden,
+    IndexUnavailable,
+    InvalidQuery,
+    InvalidRequest,
+    NotFound,
+)
 from imaging_gateway.index import qido
 from imaging_gateway.index.schema import (
     break_glass,
@@ -304,12 +310,20 @@ class Gate:
         ).first()
         if target is None:
             return False
+        await self._open_window(conn, ctx, patient=target, study_uid=study_uid)
+        return True
+
+    async def _open_window(
+        self, conn: AsyncConnection, ctx: AccessContext, *, patient: Any, study_uid: str | None
+    ) -> None:
+        """Record an emergency window for ``patient`` (row id, national id, patient key)."""
+        p = ctx.principal
         await conn.execute(
             break_glass.insert().values(
                 id=str(uuid.uuid4()),
                 subject=p.subject,
                 hospital=p.hospital,
-                patient_id=target[0],
+                patient_id=patient[0],
                 StudyInstanceUID=study_uid,
                 reason=ctx.break_glass_reason,
                 opened_at=ctx.now,
@@ -322,15 +336,15 @@ class Gate:
                 ctx.event(
                     "break-glass",
                     "ok",
-                    patient_token=self.tokens.for_patient(target[1], target[2]),
+                    patient_token=self.tokens.for_patient(patient[1], patient[2]),
                     StudyInstanceUID=study_uid,
-                    detail=f"window={int(self.break_glass_window.total_seconds())}s",
+                    detail=f"window={int(self.break_glass_window.total_seconds())}s"
+                    + ("" if study_uid else " from=search"),
                 )
             ],
             at=ctx.now,
         )
         log.warning("break-glass access opened by %s of %s", p.subject, p.hospital)
-        return True
 
     # -- search ----------------------------------------------------------------------
 
@@ -342,6 +356,8 @@ class Gate:
         from the index search and ``IndexUnavailable`` when the audit record cannot be
         written (then nothing is returned).
         """
+        if ctx.break_glass_reason is not None:
+            await self._open_break_glass_for_search(ctx, query)
         visible, values = visibility(ctx.principal, ctx.now)
         # One connection and one commit for both. On PostgreSQL the search's time budget
         # (SET LOCAL statement_timeout) also bounds the audit append that follows; an
@@ -352,6 +368,51 @@ class Gate:
             )
             await self._append_search(conn, ctx, level=query.level, results=page.results)
         return page
+
+    async def _open_break_glass_for_search(self, ctx: AccessContext, query: QidoQuery) -> None:
+        """Open the emergency window for the one patient a search names by PatientID.
+
+        A radiologist in an emergency rarely knows another hospital's StudyInstanceUID;
+        the patient's PatientID (with IssuerOfPatientID where IDs repeat across issuers)
+        names one patient, whose studies, under every PatientID of the same national
+        identity, open for the configured window. Raises ``Forbidden`` for a caller
+        other than a hospital clinician and ``InvalidQuery`` when the search does not
+        name exactly one patient; both are audited. A PatientID of no patient opens
+        nothing (the search then finds nothing, as without the header).
+        """
+        p = ctx.principal
+        if p.role != "hospital" or not p.hospital:
+            await self.audit.record(
+                [ctx.event("break-glass", "denied", detail="not a hospital clinician")],
+                at=ctx.now,
+            )
+            raise Forbidden("only a hospital clinician can open emergency access")
+        single = {
+            m.keyword: m.value
+            for m in query.matches
+            if m.keyword in ("PatientID", "IssuerOfPatientID") and m.kind == "single"
+        }
+        q = sa.select(patients.c.id, patients.c.national_id, patients.c.patient_key).where(
+            patients.c.PatientID == single.get("PatientID", "")
+        )
+        if "IssuerOfPatientID" in single:
+            q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(q)).all() if "PatientID" in single else []
+            people = {r[1] or f"row:{r[0]}" for r in rows}
+            if len(people) == 1:
+                await self._open_window(conn, ctx, patient=rows[0], study_uid=None)
+                return
+        if not rows and "PatientID" in single:
+            return
+        await self.audit.record(
+            [ctx.event("break-glass", "denied", detail="search must name one patient")],
+            at=ctx.now,
+        )
+        raise InvalidQuery(
+            "emergency access from a search needs one patient: PatientID as a single value"
+            " (add IssuerOfPatientID where several issuers use the same ID)"
+        )
 
     async def _append_search(
         self,

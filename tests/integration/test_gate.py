@@ -5,13 +5,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
 from imaging_gateway.domain.qido import parse_qido
-from imaging_gateway.errors import Forbidden, IndexUnavailable, InvalidRequest, NotFound
+from imaging_gateway.errors import (
+    Forbidden,
+    IndexUnavailable,
+    InvalidQuery,
+    InvalidRequest,
+    NotFound,
+)
 from imaging_gateway.index.schema import audit_log, studies
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog
@@ -295,3 +302,48 @@ async def test_refused_tokens_are_audited_without_flooding_the_log(
     assert {(r["subject"], r["role"], r["action"], r["outcome"]) for r in rows} == {
         ("unauthenticated", "none", "authenticate", "denied")}
     assert (await audit.verify()).ok
+
+
+async def test_break_glass_from_a_search_by_patient_id(world) -> None:
+    """A search with the emergency header and one patient's PatientID opens that person
+    (every PatientID of the same national identity) for the window, and nobody else."""
+    gate, _, corpus = world
+    nid, home, other = _a_patient_seen_in_two_hospitals(corpus)
+    local = next(i for i in corpus if i.national_id == nid and i.hospital.code == home)
+    er = AccessContext(hospital(other, "dr-er"), break_glass_reason="unconscious", now=NOW)
+
+    def by_pid(pid: str, issuer: str | None = None) -> Any:
+        params = {"PatientID": pid, **({"IssuerOfPatientID": issuer} if issuer else {})}
+        return parse_qido("study", params)
+
+    assert not (await gate.search(AccessContext(hospital(other)), by_pid(local.patient_id),
+                                  max_results=100)).results
+    page = await gate.search(er, by_pid(local.patient_id, home), max_results=100)
+    assert {r.study_instance_uid for r in page.results} == studies_of(
+        corpus, national_id=nid, hospital=home)
+    opened = await visible_studies(gate, hospital(other))
+    assert opened == studies_of(corpus, hospital=other) | studies_of(corpus, national_id=nid)
+    assert await visible_studies(gate, hospital(other), NOW + timedelta(minutes=31)) == \
+        studies_of(corpus, hospital=other)
+    report = await gate.break_glass_report(since=NOW - timedelta(days=1))
+    assert [(r["StudyInstanceUID"], r["reason"]) for r in report] == [(None, "unconscious")]
+
+    # Not one patient: refused and audited; an unknown PatientID opens nothing.
+    for query in (parse_qido("study", {"PatientID": "*"}), parse_qido("study", {})):
+        with pytest.raises(InvalidQuery):
+            await gate.search(er, query, max_results=100)
+    assert not (await gate.search(er, by_pid("NO-SUCH-ID"), max_results=100)).results
+    patient = Principal(subject="app", role="patient", province="110000", token_id="t",
+                        national_id=nid)
+    with pytest.raises(Forbidden):
+        await gate.search(AccessContext(patient, break_glass_reason="x"), by_pid(
+            local.patient_id), max_results=100)
+    async with gate.engine.connect() as conn:
+        glass = [(r.outcome, r.detail) for r in await conn.execute(
+            sa.select(audit_log).where(audit_log.c.action == "break-glass")
+            .order_by(audit_log.c.seq))]
+    assert glass == [("ok", "window=1800s from=search"),
+                     ("denied", "search must name one patient"),
+                     ("denied", "search must name one patient"),
+                     ("denied", "not a hospital clinician")]
+    assert (await gate.audit.verify()).ok
