@@ -256,8 +256,9 @@ def _read_with_pydicom(
 # object departs from the plain well-formed case (another transfer syntax, a cut, an
 # undefined-length value other than a sequence, an unknown VR, delimiters out of place,
 # a command set) it gives up and the pydicom path above reads the object, so odd objects
-# get exactly pydicom's handling. tests/unit/test_dicom_headers.py checks that both paths
-# give the same result on pydicom's own test files and every prefix of them.
+# get exactly pydicom's handling. tests/unit/test_dicom_headers_fast.py checks that both
+# paths give the same result on pydicom's own test files (whole and cut), on every prefix
+# of synthetic instances, and on randomly corrupted headers.
 
 
 class _Unsure(Exception):
