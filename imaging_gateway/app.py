@@ -9,7 +9,11 @@ from aiohttp import web
 from imaging_gateway.api import admin, consent, dicomweb
 from imaging_gateway.api.cors import setup_cors
 from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
-from imaging_gateway.api.middlewares import auth_middleware, error_middleware
+from imaging_gateway.api.middlewares import (
+    auth_middleware,
+    client_certificate_middleware,
+    error_middleware,
+)
 from imaging_gateway.api.openapi import openapi_json
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
@@ -17,6 +21,7 @@ from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.tls import outbound_context
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
@@ -32,7 +37,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application; resources open and close with it (cleanup_ctx)."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[error_middleware, client_certificate_middleware, auth_middleware]
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_tokens_ctx)
     app.cleanup_ctx.append(_index_ctx)
@@ -82,7 +89,11 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
-    stores: dict[str, ObjectStore] = {s.name: open_store(s) for s in app[SETTINGS].stores}
+    settings = app[SETTINGS]
+    stores: dict[str, ObjectStore] = {
+        s.name: open_store(s, ssl_context=outbound_context(settings.tls, s.endpoint))
+        for s in settings.stores
+    }
     app[STORES] = stores
     yield
     for store in stores.values():

@@ -178,15 +178,27 @@ def _serve(settings: Settings) -> int:
 
     from imaging_gateway.api.logging import SafeAccessLogger
     from imaging_gateway.app import create_app
+    from imaging_gateway.security.tls import is_loopback, server_context
 
+    host, port = settings.gateway.listen_host, settings.gateway.listen_port
+    # Built before the app so a bad certificate or key stops start-up with one line.
+    ssl_context = server_context(settings.tls) if settings.tls.enabled else None
+    scheme = "http" if ssl_context is None else "https"
+    if ssl_context is None and not is_loopback(host):
+        log.warning(
+            "serving plain HTTP on %s, which is not a loopback address: tokens and patient "
+            "data cross the network unencrypted; set [tls] cert_file and key_file",
+            host,
+        )
+    if settings.tls.client_cert_routes:
+        log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
     web.run_app(
         create_app(settings),
-        host=settings.gateway.listen_host,
-        port=settings.gateway.listen_port,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
         access_log_class=SafeAccessLogger,
-        print=lambda *a: log.info(
-            "serving on http://%s:%d", settings.gateway.listen_host, settings.gateway.listen_port
-        ),
+        print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
     )
     return 0
 
@@ -296,11 +308,15 @@ async def _audit(settings: Settings, index: Any, args: argparse.Namespace) -> in
 
 
 async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int:
+    from imaging_gateway.security.tls import outbound_context
     from imaging_gateway.storage.factory import open_store
     from imaging_gateway.sync.progress import ProgressBar
     from imaging_gateway.sync.runner import SyncRunner
 
-    store = open_store(settings.store(args.store))
+    store_settings = settings.store(args.store)
+    store = open_store(
+        store_settings, ssl_context=outbound_context(settings.tls, store_settings.endpoint)
+    )
     try:
         runner = SyncRunner(settings, index, store)
         job = await runner.start(mode="full" if args.full else "incremental", restart=args.restart)

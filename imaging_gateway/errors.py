@@ -56,6 +56,12 @@ class Forbidden(GatewayError):
     code = "forbidden"
 
 
+class ClientCertificateRequired(Forbidden):
+    """The route needs a verified TLS client certificate and the connection has none."""
+
+    code = "client-certificate-required"
+
+
 class NotFound(GatewayError):
     """The resource does not exist (or may not be seen, which must look the same)."""
 

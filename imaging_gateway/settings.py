@@ -20,6 +20,8 @@ from imaging_gateway.errors import ConfigError
 ENV_PREFIX = "IMAGING_GATEWAY_"
 StoreKind = Literal["s3", "minio", "fs"]
 STORE_KINDS: tuple[str, ...] = ("s3", "minio", "fs")
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
 
 # Keys that would hold a secret in the file itself. The file names environment
 # variables instead (``*_env``), so a leaked config file leaks nothing.
@@ -133,12 +135,40 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Transport security: the server's certificate, client certificates, outbound trust.
+
+    Files are only named here; ``security.tls`` reads and checks them when it builds
+    the SSL contexts.
+    """
+
+    cert_file: Path | None = None
+    """PEM certificate (chain) the server presents; with ``key_file`` the server is HTTPS."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file``, unencrypted, readable by its owner only (0600)."""
+    client_ca_file: Path | None = None
+    """PEM bundle of the CAs whose client certificates the server accepts (mTLS)."""
+    client_cert_routes: tuple[str, ...] = ()
+    """Path prefixes (``/admin``) that need a verified client certificate; others don't."""
+    min_version: TlsVersion = "TLSv1.2"
+    """Lowest TLS version the server accepts."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for outbound calls besides the system store."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server speaks TLS (both ``cert_file`` and ``key_file`` are set)."""
+        return self.cert_file is not None and self.key_file is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     gateway: GatewaySettings
     index: IndexSettings
     stores: tuple[StoreSettings, ...]
     sync: SyncSettings
     security: SecuritySettings
+    tls: TlsSettings
 
     def store(self, name: str) -> StoreSettings:
         """The store called ``name``; ``ConfigError`` naming the known ones otherwise."""
@@ -193,7 +223,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                     break
             else:
                 raise ConfigError(name, "names a store that is not in the config file")
-        elif len(parts) == 2 and parts[0] in {"gateway", "index", "sync", "security"}:
+        elif len(parts) == 2 and parts[0] in {"gateway", "index", "sync", "security", "tls"}:
             section = out.setdefault(parts[0], {})
             if not isinstance(section, dict):
                 raise ConfigError(parts[0], "expected a table")
@@ -304,10 +334,10 @@ def _path(base: Path, value: str) -> Path:
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
-    unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security"})
+    unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security", "tls"})
     if unknown:
         raise ConfigError(
-            unknown[0], "unknown section (expected gateway, index, stores, sync, security)"
+            unknown[0], "unknown section (expected gateway, index, stores, sync, security, tls)"
         )
 
     g = _Section("gateway", raw.get("gateway", {}))
@@ -400,7 +430,58 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         cors_origins=s.str_list("cors_origins", []),
     )
     s.finish()
-    return Settings(gateway, index, tuple(stores), sync, security)
+    tls = _tls(_Section("tls", raw.get("tls", {})), base)
+    return Settings(gateway, index, tuple(stores), sync, security, tls)
+
+
+def _tls(t: _Section, base: Path) -> TlsSettings:
+    """The ``[tls]`` table; shapes only (``security.tls`` checks the files).
+
+    Raises ``ConfigError`` naming the key: half a certificate/key pair, mTLS settings
+    without TLS or without ``client_ca_file``, a route that is not a path, an unknown
+    ``min_version``.
+    """
+
+    def opt_path(key: str) -> Path | None:
+        value = t.opt_str(key)
+        return None if value is None else _path(base, value)
+
+    cert_file, key_file = opt_path("cert_file"), opt_path("key_file")
+    if (cert_file is None) != (key_file is None):
+        missing = "tls.key_file" if key_file is None else "tls.cert_file"
+        raise ConfigError(missing, "missing; set both tls.cert_file and tls.key_file, or neither")
+    client_ca_file = opt_path("client_ca_file")
+    if client_ca_file is not None and cert_file is None:
+        raise ConfigError(
+            "tls.client_ca_file", "needs tls.cert_file and tls.key_file (mTLS is TLS first)"
+        )
+    routes: list[str] = []
+    for route in t.str_list("client_cert_routes", []):
+        if not route.startswith("/") or any(c in route for c in "?#* \t"):
+            raise ConfigError(
+                "tls.client_cert_routes", f"expected path prefixes such as /admin, got {route!r}"
+            )
+        routes.append(route.rstrip("/") or "/")
+    if routes and client_ca_file is None:
+        raise ConfigError(
+            "tls.client_cert_routes",
+            "needs tls.client_ca_file (the CAs whose client certificates are accepted)",
+        )
+    min_version = t.str_("min_version", "TLSv1.2")
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError(
+            "tls.min_version", f"expected {' or '.join(TLS_VERSIONS)}, got {min_version!r}"
+        )
+    tls = TlsSettings(
+        cert_file=cert_file,
+        key_file=key_file,
+        client_ca_file=client_ca_file,
+        client_cert_routes=tuple(routes),
+        min_version="TLSv1.3" if min_version == "TLSv1.3" else "TLSv1.2",
+        ca_file=opt_path("ca_file"),
+    )
+    t.finish()
+    return tls
 
 
 def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreSettings:

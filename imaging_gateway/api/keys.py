@@ -8,6 +8,7 @@ from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.principals import Principal
+from imaging_gateway.security.tls import ClientCertificate
 from imaging_gateway.security.tokens import TokenAuthority
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
@@ -21,8 +22,12 @@ SYNC = web.AppKey("sync", SyncManager)
 GATE = web.AppKey("gate", Gate)
 CONSENTS = web.AppKey("consents", ConsentStore)
 PRINCIPAL = web.RequestKey("principal", Principal)  # request-scoped, set by auth_middleware
+# Request-scoped, set by client_certificate_middleware when the connection carries a
+# verified client certificate (absent otherwise).
+CLIENT_CERTIFICATE = web.RequestKey("client_certificate", ClientCertificate)
 
 __all__ = [
+    "CLIENT_CERTIFICATE",
     "CONSENTS",
     "GATE",
     "INDEX",
@@ -31,5 +36,6 @@ __all__ = [
     "STORES",
     "SYNC",
     "TOKENS",
+    "ClientCertificate",
     "Principal",
 ]

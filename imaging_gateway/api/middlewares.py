@@ -1,4 +1,4 @@
-"""Middlewares: error translation (the one place errors become responses) and authentication."""
+"""Middlewares: error translation (the one place errors become responses), mTLS, authentication."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from imaging_gateway.api.keys import GATE, PRINCIPAL, TOKENS
-from imaging_gateway.errors import GatewayError, Unauthenticated
+from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
+from imaging_gateway.errors import ClientCertificateRequired, GatewayError, Unauthenticated
+from imaging_gateway.security.tls import client_certificate, route_needing_certificate
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,6 +38,29 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # Path only: query strings may carry patient identifiers.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem(500, "internal-error", "internal error")
+
+
+@web.middleware
+async def client_certificate_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Expose a verified client certificate; refuse ``tls.client_cert_routes`` without one.
+
+    Raises ``ClientCertificateRequired`` (403). Runs before bearer authentication: on
+    these routes the certificate is needed in addition to the token.
+    """
+    transport = request.transport
+    cert = None if transport is None else client_certificate(transport.get_extra_info("peercert"))
+    if cert is not None:
+        request[CLIENT_CERTIFICATE] = cert
+    prefix = route_needing_certificate(request.path, request.app[SETTINGS].tls.client_cert_routes)
+    if prefix is not None and cert is None:
+        # The configured prefix, not the path: paths can carry study UIDs.
+        log.info("refused: no verified client certificate for %s routes", prefix)
+        raise ClientCertificateRequired(
+            "this route requires a client certificate from a trusted CA"
+        )
+    return await handler(request)
 
 
 @web.middleware

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import ssl
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,13 @@ class MinioStore:
     the same ``RetryPolicy`` and error classification as ``S3Store`` apply.
     """
 
-    def __init__(self, settings: StoreSettings, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(settings.endpoint)
         if parts.scheme not in {"http", "https"} or not parts.netloc or not settings.bucket:
             raise StorageError(
@@ -112,6 +119,9 @@ class MinioStore:
         self._prefix = settings.prefix
         self._retry = retry or RetryPolicy(retries=settings.retries)
         secure = parts.scheme == "https"
+        # A given context (system trust plus tls.ca_file) replaces certifi's bundle; it is
+        # this store's own, as urllib3 sets options on the context it is handed.
+        context = ssl_context if secure and settings.verify_tls else None
         self._http = urllib3.PoolManager(
             num_pools=4,
             maxsize=settings.max_connections,
@@ -119,7 +129,8 @@ class MinioStore:
             timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
             retries=False,
             cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
-            ca_certs=certifi.where() if secure else None,
+            ca_certs=certifi.where() if secure and context is None else None,
+            ssl_context=context,
         )
         self._client = Minio(
             parts.netloc,

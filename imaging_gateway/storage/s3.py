@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -346,10 +347,19 @@ class S3Store:
     server verifies body integrity even over plain HTTP.
     """
 
-    def __init__(self, settings: StoreSettings, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         if not settings.endpoint or not settings.bucket:
             raise StorageError(f"store {settings.name!r}: an S3 store needs endpoint and bucket")
         self.name = settings.name
+        # Verifies https endpoints (None: aiohttp's default, the system trust store);
+        # ``verify_tls = false`` on the store turns verification off for it alone.
+        self._ssl: ssl.SSLContext | bool = (ssl_context or True) if settings.verify_tls else False
         self._settings = settings
         self._endpoint = settings.endpoint.rstrip("/")
         self._prefix = settings.prefix
@@ -380,7 +390,7 @@ class S3Store:
                 limit_per_host=s.max_connections,
                 ttl_dns_cache=300,
                 keepalive_timeout=30,
-                ssl=s.verify_tls,
+                ssl=self._ssl,
             )
             self._http = aiohttp.ClientSession(
                 connector=connector,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,12 +30,18 @@ def cli(config: Path, *args: str, env: dict[str, str] | None = None,
 
 
 class GatewayProcess:
-    """``imaging-gateway serve`` on a free loopback port."""
+    """``imaging-gateway serve`` on a free loopback port.
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+    With ``ssl_context`` (a client context trusting the gateway's CA) the gateway is
+    expected to serve HTTPS ([tls] in its config), and ``base`` is an https URL.
+    """
+
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+        self.ssl_context = ssl_context
+        self.base = f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
         self.log = config.parent / f"gateway-{port}.log"
         self._env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,7 +57,8 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited: {self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.base}/healthz", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=1,
+                                            context=self.ssl_context) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -94,6 +94,16 @@ def test_env_overrides_keys(tmp_path: Path) -> None:
          "stores[0].access_key_env"),
         ('[sync]\nconcurrency = 0', "sync.concurrency"),
         ('[sync]\npage_size = "many"', "sync.page_size"),
+        ('[tls]\ncert_file = "a.crt"', "tls.key_file"),
+        ('[tls]\nkey_file = "a.key"', "tls.cert_file"),
+        ('[tls]\nclient_ca_file = "ca.pem"', "tls.client_ca_file"),
+        ('[tls]\ncert_file = "a"\nkey_file = "b"\nclient_cert_routes = ["/admin"]',
+         "tls.client_cert_routes"),
+        ('[tls]\ncert_file = "a"\nkey_file = "b"\nclient_ca_file = "c"\nclient_cert_routes = ["admin"]',
+         "tls.client_cert_routes"),
+        ('[tls]\nmin_version = "TLSv1.1"', "tls.min_version"),
+        ('[tls]\nmin_version = "tls1.3"', "tls.min_version"),
+        ('[tls]\nkey = "x"', "tls.key"),
         ("[bogus]\nx = 1", "bogus"),
         ("not toml [", "gateway.toml"),
     ],
@@ -104,6 +114,40 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     msg = str(info.value)
     assert key in msg
     assert "\n" not in msg
+
+
+def test_tls_defaults_and_full_table(tmp_path: Path) -> None:
+    s = load_settings(None, environ={})
+    assert not s.tls.enabled and s.tls.client_cert_routes == () and s.tls.min_version == "TLSv1.2"
+    text = """
+[tls]
+cert_file = "tls/gw.crt"
+key_file = "/etc/ig/gw.key"
+client_ca_file = "tls/peers.pem"
+client_cert_routes = ["/federation/", "/admin"]
+min_version = "TLSv1.3"
+ca_file = "tls/out.pem"
+"""
+    t = load_settings(write(tmp_path, text), environ={}).tls
+    assert t.enabled
+    assert (t.cert_file, t.key_file) == (tmp_path / "tls/gw.crt", Path("/etc/ig/gw.key"))
+    assert (t.client_ca_file, t.ca_file) == (tmp_path / "tls/peers.pem", tmp_path / "tls/out.pem")
+    assert t.client_cert_routes == ("/federation", "/admin")
+    assert t.min_version == "TLSv1.3"
+
+
+def test_tls_env_overrides(tmp_path: Path) -> None:
+    env = {
+        "IMAGING_GATEWAY_TLS__CERT_FILE": "/run/tls/gw.crt",
+        "IMAGING_GATEWAY_TLS__KEY_FILE": "/run/tls/gw.key",
+        "IMAGING_GATEWAY_TLS__CLIENT_CA_FILE": "/run/tls/ca.pem",
+        "IMAGING_GATEWAY_TLS__CLIENT_CERT_ROUTES": "/admin, /federation",
+        "IMAGING_GATEWAY_TLS__MIN_VERSION": "TLSv1.3",
+    }
+    t = load_settings(None, environ=env).tls
+    assert t.cert_file == Path("/run/tls/gw.crt") and t.key_file == Path("/run/tls/gw.key")
+    assert t.client_cert_routes == ("/admin", "/federation")
+    assert t.min_version == "TLSv1.3"
 
 
 def test_literal_secret_is_refused_and_not_echoed(tmp_path: Path) -> None:
@@ -139,7 +183,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
     internal = {"listen_host", "listen_port", "access_key", "secret_key", "password"}
     for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
-                mod.SecuritySettings):
+                mod.SecuritySettings, mod.TlsSettings):
         for f in dataclasses.fields(cls):
             if f.name not in internal:
                 assert f.name in documented, f"{cls.__name__}.{f.name} is not in the example"
