@@ -158,6 +158,17 @@ async def test_nothing_reaches_a_study_without_a_grant(province: Province,
         report = await r.json()
     assert [(b["StudyInstanceUID"], b["reason"]) for b in report] == [
         (foreign, "抢救 cardiac arrest")]
+    # From a search, in a hospital that holds none of the patient's studies either.
+    third = next(c for c in sorted({i.hospital.code for i in province.corpus})
+                 if c not in (home, other) and not province.studies(hospital=c, national_id=nid))
+    er = {**province.hospital(third, "dr-er"), "X-Break-Glass-Reason": "stroke"}
+    params = {"PatientID": patient_id, "IssuerOfPatientID": home}
+    async with http.get(f"{base}/studies", params=params, headers=er) as r:
+        assert r.status == 200
+        assert {d["0020000D"]["Value"][0] for d in await r.json()} == province.studies(
+            national_id=nid, hospital=home)
+    async with http.get(f"{base}/studies", params={"PatientID": "*"}, headers=er) as r:
+        assert r.status == 400
 
     # Admins and peers read no patient data at all; no token is 401.
     for who in (province.bearer("--role", "admin"), province.bearer("--role", "peer")):
