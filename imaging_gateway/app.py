@@ -20,7 +20,7 @@ from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
-from imaging_gateway.storage.factory import open_store
+from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
 from imaging_gateway.sync.manager import SyncManager
 
 
@@ -82,7 +82,12 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
-    stores: dict[str, ObjectStore] = {s.name: open_store(s) for s in app[SETTINGS].stores}
+    settings = app[SETTINGS]
+    # Loaded once: every store of the app shares one keyring (and its rotations).
+    keys = load_store_keys(settings)
+    stores: dict[str, ObjectStore] = {
+        s.name: open_gateway_store(settings, s.name, keys) for s in settings.stores
+    }
     app[STORES] = stores
     yield
     for store in stores.values():

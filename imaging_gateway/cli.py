@@ -296,11 +296,11 @@ async def _audit(settings: Settings, index: Any, args: argparse.Namespace) -> in
 
 
 async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int:
-    from imaging_gateway.storage.factory import open_store
+    from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
     from imaging_gateway.sync.progress import ProgressBar
     from imaging_gateway.sync.runner import SyncRunner
 
-    store = open_store(settings.store(args.store))
+    store = open_gateway_store(settings, args.store, load_store_keys(settings))
     try:
         runner = SyncRunner(settings, index, store)
         job = await runner.start(mode="full" if args.full else "incremental", restart=args.restart)

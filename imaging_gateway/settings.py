@@ -65,6 +65,7 @@ _PROVINCES = frozenset(
         "82",
     }
 )
+_SECTIONS = frozenset({"gateway", "index", "stores", "sync", "security", "encryption"})
 _STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HOSPITAL_CODE = re.compile(r"^H\d{11}$")
 
@@ -132,6 +133,24 @@ class SecuritySettings:
     """Browser origins (e.g. a viewer's) allowed to call the API; ``"*"`` for any."""
 
 
+ENCRYPTION_SUITES: tuple[str, ...] = ("AES-256-GCM", "SM4-GCM")
+MIN_SEGMENT_SIZE = 4 * 1024
+MAX_SEGMENT_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionSettings:
+    keyring_file: Path
+    """The 0600 keyring file (``imaging-gateway keys init``); keys are never in the TOML."""
+    enabled: bool = False
+    """Encrypt what the gateway writes; objects already encrypted are read whenever a
+    keyring file exists, whatever this says."""
+    suite: str = "AES-256-GCM"
+    """AEAD suite of new objects and of the keyring: ``AES-256-GCM`` or ``SM4-GCM``."""
+    segment_size: int = 64 * 1024
+    """Plaintext bytes per authenticated segment of a new encrypted object."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     gateway: GatewaySettings
@@ -139,6 +158,9 @@ class Settings:
     stores: tuple[StoreSettings, ...]
     sync: SyncSettings
     security: SecuritySettings
+    encryption: EncryptionSettings = field(
+        default_factory=lambda: EncryptionSettings(keyring_file=Path("data/keys/keyring.json"))
+    )
 
     def store(self, name: str) -> StoreSettings:
         """The store called ``name``; ``ConfigError`` naming the known ones otherwise."""
@@ -193,7 +215,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                     break
             else:
                 raise ConfigError(name, "names a store that is not in the config file")
-        elif len(parts) == 2 and parts[0] in {"gateway", "index", "sync", "security"}:
+        elif len(parts) == 2 and parts[0] in _SECTIONS - {"stores"}:
             section = out.setdefault(parts[0], {})
             if not isinstance(section, dict):
                 raise ConfigError(parts[0], "expected a table")
@@ -304,10 +326,11 @@ def _path(base: Path, value: str) -> Path:
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
-    unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security"})
+    unknown = sorted(set(raw) - _SECTIONS)
     if unknown:
         raise ConfigError(
-            unknown[0], "unknown section (expected gateway, index, stores, sync, security)"
+            unknown[0],
+            "unknown section (expected gateway, index, stores, sync, security, encryption)",
         )
 
     g = _Section("gateway", raw.get("gateway", {}))
@@ -400,7 +423,25 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         cors_origins=s.str_list("cors_origins", []),
     )
     s.finish()
-    return Settings(gateway, index, tuple(stores), sync, security)
+
+    e = _Section("encryption", raw.get("encryption", {}))
+    suite = e.str_("suite", "AES-256-GCM")
+    if suite not in ENCRYPTION_SUITES:
+        raise ConfigError(
+            "encryption.suite", f"expected one of {', '.join(ENCRYPTION_SUITES)}, got {suite!r}"
+        )
+    encryption = EncryptionSettings(
+        keyring_file=_path(
+            base, e.str_("keyring_file", str(data_dir / "keys" / "keyring.json"))
+        ),
+        enabled=e.bool_("enabled", False),
+        suite=suite,
+        segment_size=e.int_(
+            "segment_size", 64 * 1024, minimum=MIN_SEGMENT_SIZE, maximum=MAX_SEGMENT_SIZE
+        ),
+    )
+    e.finish()
+    return Settings(gateway, index, tuple(stores), sync, security, encryption)
 
 
 def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreSettings:
