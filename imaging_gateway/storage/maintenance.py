@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from imaging_gateway.errors import ObjectNotFound
 from imaging_gateway.storage.encrypted import EncryptedStore, Fault
@@ -59,11 +60,26 @@ async def _each(
     after: str | None = None
     while True:
         page = await store.list_page(start_after=after, limit=1000)
-        await asyncio.gather(*(one(o.key) for o in page.objects))
+        await _all_or_stop([one(o.key) for o in page.objects])
         tally.add("listed", len(page.objects))
         if not page.is_truncated or not page.objects:
             return
         after = page.objects[-1].key
+
+
+async def _all_or_stop(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run all; on the first failure cancel the rest (a kill stops the run, unlike gather)
+    and raise that failure as it is."""
+    tasks = [asyncio.create_task(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def rewrap_store(
