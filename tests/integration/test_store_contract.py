@@ -623,3 +623,21 @@ async def test_local_listing_matches_sorted_keys_for_any_start_after(local_root:
             got = [o.key for o in page.objects]
             assert got == expected[:limit], (prefix, after, limit)
             assert page.is_truncated == (len(expected) > limit)
+
+
+async def test_local_writes_race_deletes_that_prune_their_directories(local_root: Path) -> None:
+    """A delete prunes directories it leaves empty; a write making the same directory at
+    that moment is retried, never refused as if a parent were a file (seal does this)."""
+    store = open_store(StoreSettings(name="fs", kind="fs", path=local_root))
+
+    async def churn(n: int) -> None:
+        for round_ in range(20):
+            key = f"deep/a/b/c/{n}-{round_}.dcm"
+            await store.write_stream(key, chunked(b"x"))
+            await store.delete(key)
+
+    await asyncio.gather(*(churn(n) for n in range(16)))
+    assert (await store.list_page()).objects == []
+    await store.write_stream("deep/a", chunked(b"file"))
+    with pytest.raises(StorageError, match="a parent segment is an existing object"):
+        await store.write_stream("deep/a/b.dcm", chunked(b"x"))
