@@ -770,21 +770,27 @@ class EncryptedStore:
         stage = SEAL_PREFIX + key
         digest = hashlib.sha256()
 
+        read_failed: list[StorageError] = []
+
         async def plain() -> AsyncIterator[bytes]:
-            async for chunk in self.inner.read_stream(key, if_match=layout.etag):
-                digest.update(chunk)
-                yield chunk
+            try:
+                async for chunk in self.inner.read_stream(key, if_match=layout.etag):
+                    digest.update(chunk)
+                    yield chunk
+            except StorageError as exc:
+                read_failed.append(exc)  # the source's failure, told apart from the write's
+                raise
 
         try:
             staged, _ = await self._write_encrypted(
                 stage, plain(), content_type="application/octet-stream"
             )
-        except ObjectNotFound:
-            return "gone"
         except StorageError as exc:
-            if isinstance(exc, StoreUnavailable):
+            if not read_failed or isinstance(exc, StoreUnavailable):
                 raise
-            return "changed"  # If-Match failed: a new version; the next run seals it
+            if isinstance(exc, ObjectNotFound):
+                return "gone"
+            return "changed"  # If-Match refused: a new version; the next run seals it
         want = digest.hexdigest()
         step("staged")
         if await self._digest(stage, staged.etag) != want:

@@ -267,13 +267,14 @@ def without_etags(dump: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_sync_over_an_encrypted_store_gives_the_plain_index(
-    tmp_path: Path, ring: FileKeyring
+    tmp_path: Path, ring: FileKeyring, raw: CountingStore
 ) -> None:
+    """The plain corpus in a directory; the same corpus encrypted in the store under test."""
     objs = {i.key: i.data for i in corpus()}
     objs.update({key: data for key, data, _ in corrupt_samples()})
-    plain_root, enc_root = tmp_path / "plain", tmp_path / "enc"
+    plain_root, enc_root = tmp_path / "plain", tmp_path / "unused"  # runner gets the store
     plain = open_store(StoreSettings(name="bj", kind="fs", path=plain_root))
-    enc = encrypted(open_store(StoreSettings(name="bj", kind="fs", path=enc_root)), ring)
+    enc = encrypted(raw, ring)
     for key, data in objs.items():
         await plain.write_stream(key, one(data))
         await enc.write_stream(key, one(data))
@@ -356,7 +357,7 @@ async def test_no_phi_in_the_bucket_after_seal(raw: CountingStore, ring: FileKey
 
     store = encrypted(raw, ring)
     tally = await seal_store(store, concurrency=3)
-    assert tally.counters.get("sealed") == len(instances)
+    assert tally.counters.get("sealed") == len(instances), tally.counters
     after = await raw_objects(raw)
     assert not [k for k in after if k.startswith(RESERVED_PREFIX)]  # staging removed
     blob = b"".join(after.values())
