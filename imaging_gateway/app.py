@@ -21,11 +21,10 @@ from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
-from imaging_gateway.security.tls import outbound_context
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
-from imaging_gateway.storage.factory import open_store
+from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
 from imaging_gateway.sync.manager import SyncManager
 
 
@@ -90,9 +89,10 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # Loaded once: every store of the app shares one keyring (and its rotations).
+    keys = load_store_keys(settings)
     stores: dict[str, ObjectStore] = {
-        s.name: open_store(s, ssl_context=outbound_context(settings.tls, s.endpoint))
-        for s in settings.stores
+        s.name: open_gateway_store(settings, s.name, keys) for s in settings.stores
     }
     app[STORES] = stores
     yield

@@ -1,4 +1,4 @@
-"""Command line: serve | sync | index | tokens | audit | demo. Thin: parses, calls, reports."""
+"""Command line: serve | sync | index | tokens | keys | seal | audit | demo. Thin: parses, calls."""
 
 from __future__ import annotations
 
@@ -74,6 +74,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     ti.add_argument("--subject", default=None, help="who holds it (default: the role)")
     ti.add_argument("--ttl", default="1d", help="lifetime: 3600, 30m, 12h, 7d (default 1d)")
+
+    k = cmd("keys", "key-encryption keys of encryption at rest (the keyring file)")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    ki = ksub.add_parser(
+        "init", help="create the keyring (version 1) at encryption.keyring_file",
+        parents=[config_again],
+    )
+    ki.add_argument(
+        "--suite", choices=["AES-256-GCM", "SM4-GCM"], default=None,
+        help="suite of the keyring (default: encryption.suite)",
+    )
+    ksub.add_parser(
+        "rotate", help="add a new key version and make it current", parents=[config_again]
+    )
+    ks = ksub.add_parser(
+        "status", help="key id, suite, versions, current (no key material)",
+        parents=[config_again],
+    )
+    ks.add_argument("--stores", action="store_true", help="also each store's last rewrap")
+    ks.add_argument("--json", action="store_true")
+    kr = ksub.add_parser(
+        "rewrap",
+        help="move every data key of a store to the current version (reads headers only)",
+        parents=[config_again],
+    )
+    kr.add_argument("--store", required=True, help="name of a [[stores]] entry")
+    kr.add_argument("--concurrency", type=int, default=16)
+    kt = ksub.add_parser(
+        "retire",
+        help="delete an old key version once every store was rewrapped past it",
+        parents=[config_again],
+    )
+    kt.add_argument("version", type=int)
+    kt.add_argument(
+        "--force", action="store_true",
+        help="skip the check of the stores' rewrap records (objects under it become unreadable)",
+    )
+
+    se = cmd("seal", "encrypt the plain objects of a store in place (resumable)")
+    se.add_argument("--store", required=True, help="name of a [[stores]] entry")
+    se.add_argument("--concurrency", type=int, default=4)
 
     a = cmd("audit", "the tamper-evident access log")
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
@@ -164,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "tokens":
             return _tokens(settings, args)
+        if args.command == "keys" and args.keys_command in {"init", "rotate"}:
+            return _keys_local(settings, args)
+        if args.command in {"keys", "seal"}:
+            return asyncio.run(_keys_stores(settings, args))
         return asyncio.run(_async_command(settings, args))
     except GatewayError as exc:
         print(f"imaging-gateway: {exc.message}", file=sys.stderr)
@@ -308,15 +353,11 @@ async def _audit(settings: Settings, index: Any, args: argparse.Namespace) -> in
 
 
 async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int:
-    from imaging_gateway.security.tls import outbound_context
-    from imaging_gateway.storage.factory import open_store
+    from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
     from imaging_gateway.sync.progress import ProgressBar
     from imaging_gateway.sync.runner import SyncRunner
 
-    store_settings = settings.store(args.store)
-    store = open_store(
-        store_settings, ssl_context=outbound_context(settings.tls, store_settings.endpoint)
-    )
+    store = open_gateway_store(settings, args.store, load_store_keys(settings))
     try:
         runner = SyncRunner(settings, index, store)
         job = await runner.start(mode="full" if args.full else "incremental", restart=args.restart)
@@ -339,4 +380,124 @@ async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int
         print(json.dumps(summary, ensure_ascii=False))
     else:
         _print(summary, as_json=False)
+    return 0
+
+
+def _keys_local(settings: Settings, args: argparse.Namespace) -> int:
+    from imaging_gateway.security.aead import Suite
+    from imaging_gateway.security.keyring import FileKeyring, load_keyring
+
+    enc = settings.encryption
+    setting = "encryption.keyring_file"
+    if args.keys_command == "init":
+        suite = Suite(args.suite or enc.suite)
+        ring = FileKeyring.create(
+            enc.keyring_file,
+            setting=setting,
+            key_id=f"gateway-{settings.gateway.province}",
+            suite=suite,
+        )
+        print(
+            f"keyring created at {ring.path}: key {ring.key_id!r}, {suite.value}, version 1 "
+            "(mode 0600; back it up: without it no encrypted object can be read)"
+        )
+        if suite.value != enc.suite:
+            print(f'note: set encryption.suite = "{suite.value}" to use this keyring')
+        return 0
+    ring = load_keyring(enc.keyring_file, setting=setting)
+    version = ring.rotate()
+    print(
+        f"key {ring.key_id!r}: version {version} is now current; restart the gateways so they "
+        f"wrap with it, then run `imaging-gateway keys rewrap --store NAME` for every store"
+    )
+    return 0
+
+
+async def _keys_stores(settings: Settings, args: argparse.Namespace) -> int:
+    """keys status | rewrap | retire and seal: the commands that look into stores."""
+    from imaging_gateway.errors import ConfigError, Conflict
+    from imaging_gateway.security.keyring import FileKeyring
+    from imaging_gateway.storage.encrypted import EncryptedStore
+    from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
+    from imaging_gateway.storage.maintenance import Tally, progress_lines, rewrap_store, seal_store
+
+    ring = load_store_keys(settings)
+    if ring is None:
+        raise ConfigError(
+            "encryption.keyring_file",
+            f"{settings.encryption.keyring_file} is missing; run `imaging-gateway keys init`",
+        )
+    assert isinstance(ring, FileKeyring)
+
+    def encrypted(name: str) -> EncryptedStore:
+        store = open_gateway_store(settings, name, ring)
+        assert isinstance(store, EncryptedStore)
+        if args.command == "seal":
+            # Sealing encrypts whatever encryption.enabled says: the admin asked for it.
+            store.encrypt_writes = True
+        return store
+
+    if args.command == "seal" or args.keys_command == "rewrap":
+        store = encrypted(args.store)
+        try:
+            if args.command == "seal":
+                tally = Tally("seal", store.name)
+                async with progress_lines(tally):
+                    await seal_store(store, concurrency=max(1, args.concurrency), tally=tally)
+            else:
+                tally = Tally("rewrap", store.name)
+                async with progress_lines(tally):
+                    await rewrap_store(store, concurrency=max(1, args.concurrency), tally=tally)
+        finally:
+            await store.close()
+        _print({"store": store.name, **tally.counters}, as_json=False)
+        return 0
+
+    records: dict[str, object] = {}
+    if args.keys_command == "retire" or args.stores:
+        for s in settings.stores:
+            store = encrypted(s.name)
+            try:
+                records[s.name] = await store.read_status()
+            finally:
+                await store.close()
+    if args.keys_command == "status":
+        doc: dict[str, Any] = {
+            "keyring_file": str(ring.path),
+            "key_id": ring.key_id,
+            "suite": ring.suite.value,
+            "versions": list(ring.versions),
+            "current": ring.current_version,
+            "encrypt_writes": settings.encryption.enabled,
+        }
+        if args.stores:
+            doc["rewrap"] = records
+        if args.json:
+            print(json.dumps(doc, ensure_ascii=False))
+        else:
+            _print(doc, as_json=False)
+        return 0
+
+    # retire: every store's last complete rewrap must have moved its keys past the version.
+    version: int = args.version
+    if not args.force:
+        behind = [
+            name
+            for name, rec in records.items()
+            if not (
+                isinstance(rec, dict)
+                and rec.get("complete") is True
+                and rec.get("key_id") == ring.key_id
+                and isinstance(rec.get("version"), int)
+                and rec["version"] > version
+            )
+        ]
+        if behind:
+            raise Conflict(
+                f"keys retire: version {version} may still be needed: no complete rewrap past "
+                f"it for store(s) {', '.join(behind)}; run `imaging-gateway keys rewrap "
+                "--store NAME`",
+            )
+    ring.retire(version)
+    print(f"key {ring.key_id!r}: version {version} retired; versions now {list(ring.versions)}")
     return 0

@@ -12,7 +12,7 @@ from imaging_gateway.dicom.synthetic import HOSPITALS, generate_instances
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings, load_settings
-from imaging_gateway.storage.factory import open_store
+from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
 from imaging_gateway.sync.runner import SyncRunner
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ async def _one(data: bytes) -> AsyncIterator[bytes]:
 
 async def populate(settings: Settings, *, patients: int) -> int:
     """Write synthetic studies into the demo store (skipping keys already there)."""
-    store = open_store(settings.store("demo"))
+    store = open_gateway_store(settings, "demo", load_store_keys(settings))
     written = 0
     try:
         existing: set[str] = set()
@@ -62,7 +62,7 @@ async def populate(settings: Settings, *, patients: int) -> int:
 
 async def index_demo(settings: Settings) -> dict[str, int]:
     index = await SqlIndex.open(settings.index)
-    store = open_store(settings.store("demo"))
+    store = open_gateway_store(settings, "demo", load_store_keys(settings))
     try:
         runner = SyncRunner(settings, index, store)
         await runner.start(mode="incremental", restart=False)

@@ -96,11 +96,17 @@ class KeyNotFound(GatewayError):
     status = 500
     code = "key-not-found"
 
-    def __init__(self, key_id: str, version: int, *, held: str = "") -> None:
+    def __init__(self, key_id: str, version: int, *, held: str = "", where: str = "") -> None:
+        """``where`` names what needed the key (a store and object key), first in the message."""
         detail = f" ({held})" if held else ""
-        super().__init__(f"key {key_id!r} version {version} is not in the keyring{detail}")
+        prefix = f"{where}: " if where else ""
+        super().__init__(
+            f"{prefix}key {key_id!r} version {version} is not in the keyring{detail}"
+        )
         self.key_id = key_id
         self.version = version
+        self.held = held
+        self.where = where
 
 
 class StorageError(GatewayError):

@@ -67,6 +67,7 @@ _PROVINCES = frozenset(
         "82",
     }
 )
+_SECTIONS = frozenset({"gateway", "index", "stores", "sync", "security", "tls", "encryption"})
 _STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HOSPITAL_CODE = re.compile(r"^H\d{11}$")
 
@@ -134,6 +135,24 @@ class SecuritySettings:
     """Browser origins (e.g. a viewer's) allowed to call the API; ``"*"`` for any."""
 
 
+ENCRYPTION_SUITES: tuple[str, ...] = ("AES-256-GCM", "SM4-GCM")
+MIN_SEGMENT_SIZE = 4 * 1024
+MAX_SEGMENT_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionSettings:
+    keyring_file: Path
+    """The 0600 keyring file (``imaging-gateway keys init``); keys are never in the TOML."""
+    enabled: bool = False
+    """Encrypt what the gateway writes; objects already encrypted are read whenever a
+    keyring file exists, whatever this says."""
+    suite: str = "AES-256-GCM"
+    """AEAD suite of new objects and of the keyring: ``AES-256-GCM`` or ``SM4-GCM``."""
+    segment_size: int = 64 * 1024
+    """Plaintext bytes per authenticated segment of a new encrypted object."""
+
+
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """Transport security: the server's certificate, client certificates, outbound trust.
@@ -169,6 +188,9 @@ class Settings:
     sync: SyncSettings
     security: SecuritySettings
     tls: TlsSettings
+    encryption: EncryptionSettings = field(
+        default_factory=lambda: EncryptionSettings(keyring_file=Path("data/keys/keyring.json"))
+    )
 
     def store(self, name: str) -> StoreSettings:
         """The store called ``name``; ``ConfigError`` naming the known ones otherwise."""
@@ -223,7 +245,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                     break
             else:
                 raise ConfigError(name, "names a store that is not in the config file")
-        elif len(parts) == 2 and parts[0] in {"gateway", "index", "sync", "security", "tls"}:
+        elif len(parts) == 2 and parts[0] in _SECTIONS - {"stores"}:
             section = out.setdefault(parts[0], {})
             if not isinstance(section, dict):
                 raise ConfigError(parts[0], "expected a table")
@@ -334,10 +356,11 @@ def _path(base: Path, value: str) -> Path:
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
-    unknown = sorted(set(raw) - {"gateway", "index", "stores", "sync", "security", "tls"})
+    unknown = sorted(set(raw) - _SECTIONS)
     if unknown:
         raise ConfigError(
-            unknown[0], "unknown section (expected gateway, index, stores, sync, security, tls)"
+            unknown[0],
+            "unknown section (expected gateway, index, stores, sync, security, tls, encryption)",
         )
 
     g = _Section("gateway", raw.get("gateway", {}))
@@ -430,8 +453,26 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         cors_origins=s.str_list("cors_origins", []),
     )
     s.finish()
+
+    e = _Section("encryption", raw.get("encryption", {}))
+    suite = e.str_("suite", "AES-256-GCM")
+    if suite not in ENCRYPTION_SUITES:
+        raise ConfigError(
+            "encryption.suite", f"expected one of {', '.join(ENCRYPTION_SUITES)}, got {suite!r}"
+        )
+    encryption = EncryptionSettings(
+        keyring_file=_path(
+            base, e.str_("keyring_file", str(data_dir / "keys" / "keyring.json"))
+        ),
+        enabled=e.bool_("enabled", False),
+        suite=suite,
+        segment_size=e.int_(
+            "segment_size", 64 * 1024, minimum=MIN_SEGMENT_SIZE, maximum=MAX_SEGMENT_SIZE
+        ),
+    )
+    e.finish()
     tls = _tls(_Section("tls", raw.get("tls", {})), base)
-    return Settings(gateway, index, tuple(stores), sync, security, tls)
+    return Settings(gateway, index, tuple(stores), sync, security, tls, encryption)
 
 
 def _tls(t: _Section, base: Path) -> TlsSettings:

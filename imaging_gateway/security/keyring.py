@@ -223,11 +223,26 @@ class FileKeyring(Keyring):
         """Load ``path``. Raises ``ConfigError`` naming ``setting`` as ``load_keyring`` says."""
         self.path = path
         self.setting = setting
+        self._stamp = _file_stamp(path)
         doc = _read_keyring_file(path, setting=setting)
         try:
             super().__init__(**doc)
         except ValueError as exc:
             raise ConfigError(setting, f"{path}: {exc}") from None
+
+    def current(self) -> tuple[str, int]:
+        """The current (key id, version), re-read if another process rewrote the file.
+
+        One ``stat`` per call: a running gateway wraps with a version ``keys rotate`` made
+        from the next object on, without a restart (so a later rewrap covers its writes).
+        A file that cannot be read back keeps the keys loaded.
+        """
+        stamp = _file_stamp(self.path)
+        if stamp is not None and stamp != self._stamp:
+            with contextlib.suppress(ConfigError):
+                self._reload()
+                self._stamp = stamp
+        return super().current()
 
     @classmethod
     def create(
@@ -319,6 +334,17 @@ class FileKeyring(Keyring):
         )
         _write_atomically(self.path, doc)
         self._state = new  # only once the file holds it
+        self._stamp = _file_stamp(self.path)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(mtime_ns, size, inode) of the file, None if it cannot be stat'ed: a rewrite (a
+    rename over it) changes the inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def load_keyring(path: Path, *, setting: str) -> FileKeyring:

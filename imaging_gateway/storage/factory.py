@@ -1,11 +1,13 @@
-"""Choose and build the ObjectStore adapter a store's settings ask for."""
+"""Choose and build the ObjectStore adapter a store's settings ask for, wrapped for encryption."""
 
 from __future__ import annotations
 
 import ssl
 
 from imaging_gateway.errors import ConfigError
-from imaging_gateway.settings import StoreSettings
+from imaging_gateway.security.aead import Suite
+from imaging_gateway.security.keyring import FileKeyring, KeyProvider, load_keyring
+from imaging_gateway.settings import Settings, StoreSettings
 from imaging_gateway.storage.base import ObjectStore
 
 
@@ -35,4 +37,54 @@ def open_store(
         return LocalStore(settings)
     raise ConfigError(
         f"stores.{settings.name}.kind", f"expected s3, minio or fs, got {settings.kind!r}"
+    )
+
+
+def load_store_keys(settings: Settings) -> FileKeyring | None:
+    """The keyring stores are wrapped with, or None when there is none and encryption is off.
+
+    A keyring file that exists is loaded even with encryption off, so objects written
+    encrypted earlier stay readable. Raises ``ConfigError`` naming the key: the keyring
+    is missing while ``encryption.enabled`` (run ``imaging-gateway keys init``), is not a
+    valid 0600 keyring, or holds keys of another suite than ``encryption.suite``.
+    """
+    enc = settings.encryption
+    if not enc.keyring_file.exists():
+        if enc.enabled:
+            raise ConfigError(
+                "encryption.keyring_file",
+                f"{enc.keyring_file} is missing; run `imaging-gateway keys init` to create it",
+            )
+        return None
+    ring = load_keyring(enc.keyring_file, setting="encryption.keyring_file")
+    if ring.suite.value != enc.suite:
+        raise ConfigError(
+            "encryption.suite",
+            f"is {enc.suite} but the keyring {enc.keyring_file} holds {ring.suite.value} keys",
+        )
+    return ring
+
+
+def open_gateway_store(settings: Settings, name: str, keys: KeyProvider | None) -> ObjectStore:
+    """The store ``name`` as every caller of the gateway must see it (the one read/write path).
+
+    With ``keys`` (from ``load_store_keys``) the adapter is wrapped by ``EncryptedStore``,
+    encrypting writes when ``encryption.enabled``; without, the bare adapter. Raises as
+    ``open_store`` and ``Settings.store`` do.
+    """
+    from imaging_gateway.security.tls import outbound_context
+
+    store = settings.store(name)
+    inner = open_store(store, ssl_context=outbound_context(settings.tls, store.endpoint))
+    if keys is None:
+        return inner
+    from imaging_gateway.storage.encrypted import EncryptedStore
+
+    enc = settings.encryption
+    return EncryptedStore(
+        inner,
+        keys,
+        encrypt_writes=enc.enabled,
+        suite=Suite(enc.suite),
+        segment_size=enc.segment_size,
     )

@@ -316,10 +316,17 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def _a_parent_is_a_file(self, directory: str) -> bool:
+        while directory.startswith(self._root + os.sep):
+            if os.path.lexists(directory) and not os.path.isdir(directory):
+                return True
+            directory = os.path.dirname(directory)
+        return False
+
     def _create_temp(self, path: str) -> tuple[BinaryIO, str]:
         self._contained(path)
         directory = os.path.dirname(path)
-        for _ in range(3):
+        for _ in range(5):
             try:
                 os.makedirs(directory, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(
@@ -328,6 +335,10 @@ class LocalStore:
             except FileNotFoundError:
                 continue  # a concurrent delete pruned the directory; make it again
             except (FileExistsError, NotADirectoryError):
+                # os.makedirs also raises FileExistsError when a concurrent delete prunes a
+                # directory between its mkdir and its isdir check: only a file is a refusal.
+                if not self._a_parent_is_a_file(directory):
+                    continue
                 raise StorageError(
                     f"store {self.name!r}: key refused: a parent segment is an existing object"
                 ) from None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 
 from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
+from imaging_gateway.errors import IntegrityError, KeyNotFound
 from imaging_gateway.index.sql import IndexedObject, QuarantinedObject
 from imaging_gateway.storage.base import ObjectInfo, ObjectStore
 
 # An object rewritten while its header is being read is read again from the start,
 # at most this many times, before it is quarantined as unstable.
 MAX_RESTARTS = 3
+MAX_REASON = 500  # the quarantine table's reason column
 
 
 async def read_header(
@@ -23,10 +25,35 @@ async def read_header(
 ) -> tuple[IndexedObject | QuarantinedObject, int]:
     """Read and parse the header of ``info``; returns the outcome and the bytes read.
 
-    Unreadable objects become ``QuarantinedObject`` with the reason. Raises
-    ``ObjectNotFound`` when the object vanished and ``StoreUnavailable`` when the
-    store keeps failing.
+    Sizes are those the store's reads report (``RangeRead.total_size``): through an
+    ``EncryptedStore`` the plaintext size of an encrypted object, never the listed
+    (stored) size. Unreadable objects become ``QuarantinedObject`` with the reason,
+    including encrypted objects that fail authentication or whose key is not held
+    (``integrity: ...``, naming store, object and key id, never content). Raises
+    ``ObjectNotFound`` when the object vanished and ``StoreUnavailable`` when the store
+    keeps failing.
     """
+    try:
+        return await _read_header(
+            store,
+            info,
+            first_read=first_read,
+            max_header=max_header,
+            national_id_issuers=national_id_issuers,
+        )
+    except (IntegrityError, KeyNotFound) as exc:
+        reason = f"integrity: {exc.message}"[:MAX_REASON]
+        return QuarantinedObject(info.key, info.etag, info.size, reason), 0
+
+
+async def _read_header(
+    store: ObjectStore,
+    info: ObjectInfo,
+    *,
+    first_read: int,
+    max_header: int,
+    national_id_issuers: tuple[str, ...],
+) -> tuple[IndexedObject | QuarantinedObject, int]:
     if info.size == 0:
         return QuarantinedObject(info.key, info.etag, 0, "empty: zero-byte object"), 0
     bytes_read = 0

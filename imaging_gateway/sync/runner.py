@@ -21,6 +21,7 @@ from imaging_gateway.index.sql import (
 )
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
+from imaging_gateway.storage.encrypted import is_reserved
 from imaging_gateway.sync.headers import read_header
 
 SyncMode = Literal["incremental", "full"]
@@ -202,11 +203,17 @@ class SyncRunner:
             return outcome
 
         async def plan(page: ListPage, last: str | None) -> _Page:
+            # The gateway's own keys (envelope sidecars, seal staging) are never indexed,
+            # so never tombstoned either; an EncryptedStore hides them already.
+            page = ListPage([o for o in page.objects if not is_reserved(o.key)], page.is_truncated)
             known = await self.index.known_objects(self.store.name, [o.key for o in page.objects])
             planned = _Page(last=last, known=known, delta=dict.fromkeys(COUNTERS, 0))
             for info in page.objects:
                 k = known.get(info.key)
-                if not full and k is not None and k.etag == info.etag and k.size == info.size:
+                # ETags only: the index holds plaintext sizes (from the header read), a
+                # listing the stored size, which differs for encrypted objects; the ETag
+                # changes whenever the stored bytes do.
+                if not full and k is not None and k.etag == info.etag:
                     planned.unchanged.append(info.key)
                 else:
                     planned.to_read.append(info)

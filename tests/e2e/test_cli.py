@@ -64,3 +64,50 @@ def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
     assert again["unchanged"] == n and again["bytes_read"] == 0
     unknown = cli(cfg, "sync", "--store", "nope", check=False)
     assert unknown.returncode == 2 and "known: fs" in unknown.stderr
+
+
+def test_keys_and_seal_commands(tmp_path: Path) -> None:
+    """keys init | status | rotate | rewrap | retire and seal, as an admin runs them."""
+    from imaging_gateway.dicom.synthetic import generate_instances
+
+    instances = list(generate_instances(seed=4, patients=2, studies_per_patient=1,
+                                        pixel_mode="small", instances_per_series=1))
+    for inst in instances:
+        p = tmp_path / "store" / inst.key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(inst.data)
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\ndata_dir = "data"\n[[stores]]\nname = "fs"\nkind = "fs"\n'
+                   'path = "store"\n[encryption]\nenabled = true\n', encoding="utf-8")
+
+    missing = cli(cfg, "sync", "--store", "fs", check=False)
+    assert missing.returncode == 2 and "imaging-gateway keys init" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    cli(cfg, "keys", "init")
+    ring = tmp_path / "data" / "keys" / "keyring.json"
+    assert ring.stat().st_mode & 0o777 == 0o600
+    key_material = json.loads(ring.read_text())["keys"]["1"]
+
+    sealed = cli(cfg, "seal", "--store", "fs")
+    assert "sealed" in sealed.stdout and str(len(instances)) in sealed.stdout
+    for inst in instances:
+        assert inst.national_id.encode() not in (tmp_path / "store" / inst.key).read_bytes()
+    summary = json.loads(cli(cfg, "sync", "--store", "fs", "--json").stdout)
+    assert summary["indexed"] == len(instances) and summary["quarantined"] == 0
+
+    cli(cfg, "keys", "rotate")
+    refused = cli(cfg, "keys", "retire", "1", check=False)
+    assert refused.returncode == 1 and "rewrap" in refused.stderr
+    assert "rewrapped" in cli(cfg, "keys", "rewrap", "--store", "fs").stdout
+    assert "done" in cli(cfg, "keys", "rewrap", "--store", "fs").stdout  # resumes: no work
+    cli(cfg, "keys", "retire", "1")
+    status = cli(cfg, "keys", "status", "--json", "--stores")
+    doc = json.loads(status.stdout)
+    assert (doc["versions"], doc["current"]) == ([2], 2)
+    assert doc["rewrap"]["fs"]["version"] == 2
+    assert key_material not in status.stdout + status.stderr
+
+    # Everything still reads after version 1 is gone (the envelope sidecars).
+    full = json.loads(cli(cfg, "sync", "--store", "fs", "--full", "--json").stdout)
+    assert full["indexed"] == len(instances) and full["quarantined"] == 0
+    assert full["listed"] == len(instances)  # the sidecars are not objects to index

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 
 from imaging_gateway.errors import ObjectNotFound, StorageError, StoreUnavailable
+from imaging_gateway.security.envelope import ciphertext_length
+from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectInfo, ObjectStore
+from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.factory import open_store
 from imaging_gateway.storage.s3 import PART_SIZE
 from tests.support.seaweed import SeaweedServer
@@ -101,13 +104,26 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[.
     return remote
 
 
+@pytest.fixture(params=["plain", "encrypted"])
+def encryption(request: pytest.FixtureRequest, tmp_path: Path) -> FileKeyring | None:
+    """Every contract test runs on the bare adapter and through ``EncryptedStore`` over it."""
+    if request.param == "plain":
+        return None
+    return FileKeyring.create(tmp_path / "keyring.json", setting="test", key_id="contract")
+
+
 @pytest.fixture
-async def make_store(store_settings: Callable[..., StoreSettings]) -> AsyncIterator[MakeStore]:
+async def make_store(
+    store_settings: Callable[..., StoreSettings], encryption: FileKeyring | None
+) -> AsyncIterator[MakeStore]:
     """``make_store(prefix="")`` opens the adapter under test; all are closed afterwards."""
     opened: list[ObjectStore] = []
 
     def make(prefix: str = "") -> ObjectStore:
         store = open_store(store_settings(prefix))
+        if encryption is not None:
+            # 4 KiB segments: every test's objects cross segment boundaries.
+            store = EncryptedStore(store, encryption, encrypt_writes=True, segment_size=4096)
         opened.append(store)
         return store
 
@@ -122,7 +138,22 @@ def store(make_store: MakeStore) -> ObjectStore:
 
 
 def kind_of(store: ObjectStore) -> str:
+    """The adapter's class name (of the inner adapter of an ``EncryptedStore``)."""
+    if isinstance(store, EncryptedStore):
+        store = store.inner
     return type(store).__name__
+
+
+def listed_size(store: ObjectStore, key: str, size: int) -> int:
+    """What a listing shows for an object of ``size`` bytes written through ``store``:
+    the stored size, which for an encrypted object counts its header and tags."""
+    if not isinstance(store, EncryptedStore):
+        return size
+    layout = store.cached_layout(key)
+    assert layout is not None and layout.header is not None
+    return ciphertext_length(
+        size, header_length=layout.header.length, segment_size=store.segment_size
+    )
 
 
 async def chunked(data: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
@@ -170,7 +201,8 @@ async def test_list_pages_cover_every_key_once_in_order(store: ObjectStore) -> N
     order = [o.key for o in whole.objects]
     assert sorted(order) == sorted(KEYS)
     for o in whole.objects:
-        assert (o.size, o.etag) == (written[o.key].size, written[o.key].etag)
+        w = written[o.key]
+        assert (o.size, o.etag) == (listed_size(store, o.key, w.size), w.etag)
         assert o.last_modified.tzinfo is not None
 
     for limit in (1, 2, 5, len(KEYS), len(KEYS) + 1):
@@ -591,3 +623,21 @@ async def test_local_listing_matches_sorted_keys_for_any_start_after(local_root:
             got = [o.key for o in page.objects]
             assert got == expected[:limit], (prefix, after, limit)
             assert page.is_truncated == (len(expected) > limit)
+
+
+async def test_local_writes_race_deletes_that_prune_their_directories(local_root: Path) -> None:
+    """A delete prunes directories it leaves empty; a write making the same directory at
+    that moment is retried, never refused as if a parent were a file (seal does this)."""
+    store = open_store(StoreSettings(name="fs", kind="fs", path=local_root))
+
+    async def churn(n: int) -> None:
+        for round_ in range(20):
+            key = f"deep/a/b/c/{n}-{round_}.dcm"
+            await store.write_stream(key, chunked(b"x"))
+            await store.delete(key)
+
+    await asyncio.gather(*(churn(n) for n in range(16)))
+    assert (await store.list_page()).objects == []
+    await store.write_stream("deep/a", chunked(b"file"))
+    with pytest.raises(StorageError, match="a parent segment is an existing object"):
+        await store.write_stream("deep/a/b.dcm", chunked(b"x"))

@@ -27,10 +27,12 @@ from imaging_gateway.index.schema import audit_log, instances, studies
 from imaging_gateway.index.sql import IndexedObject, SqlIndex
 from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.gate import AccessContext, Gate, StoreAttempt
+from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.stow import object_key
 from imaging_gateway.settings import IndexSettings, load_settings
+from imaging_gateway.storage.factory import open_store
 from imaging_gateway.sync.runner import SyncRunner
 from tests.factories import make_corpus
 from tests.support.indexing import index_instances
@@ -268,12 +270,16 @@ def big_instance(code: str) -> bytes:
 
 
 @pytest.mark.seaweedfs
-@pytest.mark.parametrize("kind", ["s3", "minio"])
+@pytest.mark.parametrize(("kind", "encryption"), [("s3", False), ("minio", False), ("s3", True)])
 async def test_stow_into_a_real_s3_write_store(seaweedfs: SeaweedServer, tmp_path: Path,
-                                               kind: str) -> None:
+                                               kind: str, encryption: bool) -> None:
     """Through the app: stream into SeaweedFS (one PUT and a multipart upload), retrieve
-    the same bytes, and an incremental sync of the write store finds every object unchanged."""
-    bucket = seaweedfs.make_bucket(f"stow-{kind}")
+    the same bytes, and an incremental sync of the write store finds every object unchanged.
+    With encryption on, the bucket holds no identifying string of the study."""
+    bucket = seaweedfs.make_bucket(f"stow-{kind}{'-enc' if encryption else ''}")
+    if encryption:
+        FileKeyring.create(tmp_path / "data" / "keys" / "keyring.json",
+                           setting="encryption.keyring_file", key_id="gateway-110000")
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(f"""
 [gateway]
@@ -288,6 +294,8 @@ endpoint = "{seaweedfs.endpoint}"
 bucket = "{bucket}"
 access_key_env = "AK"
 secret_key_env = "SK"
+[encryption]
+enabled = {"true" if encryption else "false"}
 """, encoding="utf-8")
     settings = load_settings(cfg, environ={"AK": seaweedfs.access_key,
                                            "SK": seaweedfs.secret_key})
@@ -322,6 +330,21 @@ secret_key_env = "SK"
     assert job.status == "succeeded"
     assert (job.counters["listed"], job.counters["unchanged"], job.counters["deleted"]) == (
         len(payloads), len(payloads), 0)
+    raw = open_store(settings.store("w"))
+    try:
+        page = await raw.list_page()
+        assert len(page.objects) == len(payloads)
+        blob = b"".join([b"".join([c async for c in raw.read_stream(o.key)])
+                         for o in page.objects])
+    finally:
+        await raw.close()
+    identifying = {study[0].national_id.encode(), study[0].patient_id.encode(),
+                   study[0].patient_name.split("=")[0].encode()}
+    if encryption:
+        assert not [s for s in identifying if s in blob], "PHI in the encrypted bucket"
+        assert payloads[0][:132] not in blob
+    else:
+        assert study[0].national_id.encode() in blob
 
 
 def _parts(body: bytes, content_type: str) -> list[bytes]:

@@ -27,9 +27,11 @@ from imaging_gateway.dicom.mediatypes import select_metadata
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
+from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.services import wado
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.factory import open_store
 from tests.factories import pydicom_file
 from tests.support.seaweed import SeaweedServer
@@ -37,7 +39,8 @@ from tests.support.seaweed import SeaweedServer
 # pydicom warns about some of its own test files (odd lengths, retired syntaxes).
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-STORES = ["fs", pytest.param("s3", marks=pytest.mark.seaweedfs)]
+ENCRYPTED_STORES = ["fs-encrypted", pytest.param("s3-encrypted", marks=pytest.mark.seaweedfs)]
+STORES = ["fs", pytest.param("s3", marks=pytest.mark.seaweedfs), *ENCRYPTED_STORES]
 DICOM = 'multipart/related; type="application/dicom"'
 OCTET = 'multipart/related; type="application/octet-stream"'
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -164,7 +167,23 @@ def wado_bucket(seaweedfs: SeaweedServer) -> str:
 @pytest.fixture(params=STORES)
 async def corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
     """Every test object put into a fresh store (a directory, or a prefix of a bucket)."""
-    if request.param == "fs":
+    async for made in _corpus(request, tmp_path, request.param):
+        yield made
+
+
+@pytest.fixture(params=ENCRYPTED_STORES)
+async def encrypted_corpus(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Corpus]:
+    """The corpus in an encrypted store only (for tests of what tampering does)."""
+    async for made in _corpus(request, tmp_path, request.param):
+        yield made
+
+
+async def _corpus(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> AsyncIterator[Corpus]:
+    if kind.startswith("fs"):
         root = tmp_path / "store"
         root.mkdir()
         store = open_store(StoreSettings(name="wado-fs", kind="fs", path=root))
@@ -183,6 +202,11 @@ async def corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
                 timeout_s=10.0,
             )
         )
+    if kind.endswith("-encrypted"):
+        # The same suite through the one read path of encrypted objects: 4 KiB segments,
+        # so frames, bulk data and streams cross many segment boundaries.
+        ring = FileKeyring.create(tmp_path / "keyring.json", setting="test", key_id="wado")
+        store = EncryptedStore(store, ring, encrypt_writes=True, segment_size=4096)
     corpus = Corpus(store=store, prefix="studies/", stores={store.name: store})
     await asyncio.gather(*(corpus.put(name, data) for name, data in OBJECTS.items()))
     try:
@@ -920,3 +944,57 @@ def test_parameter_parsers() -> None:
     for parse, text in bad:
         with pytest.raises(InvalidRequest):
             parse(text)
+
+
+def _flip_segment(data: bytes, header_length: int, segment: int) -> bytes:
+    pos = header_length + segment * (4096 + 16) + 100
+    return data[:pos] + bytes([data[pos] ^ 0x01]) + data[pos + 1 :]
+
+
+async def test_tampered_encrypted_object_is_refused(
+    encrypted_corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment that fails its tag aborts the stream before any of its bytes go out; a
+    tampered header segment fails the metadata request with an integrity error."""
+    corpus = encrypted_corpus
+    store = corpus.store
+    assert isinstance(store, EncryptedStore)
+    caplog.set_level(logging.INFO)
+    for name, segment in (("syn1", 5), ("syn2", 0)):
+        location = corpus.locations[name]
+        layout = await store.layout(location.key)
+        assert layout.header is not None
+        raw = b"".join([c async for c in store.inner.read_stream(location.key)])
+        info = await store.inner.write_stream(
+            location.key, _chunks(_flip_segment(raw, layout.header.length, segment))
+        )
+        # As if the index had been synced from the tampered bucket (same ETag).
+        corpus.locations[name] = replace(location, etag=info.etag)
+
+    received = bytearray()
+    async with TestClient(TestServer(make_app(corpus))) as test_client:
+        response = await test_client.get("/instances?chunk=65536&names=syn0,syn1")
+        assert response.status == 200
+        boundary = _boundary(response.headers["Content-Type"]).encode()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(_read_until_cut(response, received), 10)
+        response.close()
+        for _ in range(100):
+            if corpus.outcomes:
+                break
+            await asyncio.sleep(0.02)
+        metadata = await test_client.get("/metadata?names=syn2")
+        problem = await metadata.json(content_type=None)
+    assert corpus.outcomes == ["aborted"]
+    delimiter = b"\r\n--" + boundary
+    first, _, second = bytes(received).partition(delimiter)
+    assert OBJECTS["syn0"] in first
+    content = second.partition(b"\r\n\r\n")[2]
+    # Only segments 0..4 of syn1 verified: nothing of segment 5 or later went out.
+    assert len(content) <= 5 * 4096 and OBJECTS["syn1"].startswith(content)
+    assert metadata.status == 500 and problem["error"] == "integrity-error", problem
+    assert corpus.locations["syn2"].key in problem["message"]
+    for patient in SYNTHETIC:
+        assert patient.national_id not in str(problem)
+        for record in caplog.records:
+            assert patient.national_id not in record.getMessage()

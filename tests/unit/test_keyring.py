@@ -391,3 +391,16 @@ def test_blind_index_key_is_not_the_kek(tmp_path: Path) -> None:
         kr.blind_index("x", field="f")
         == hmac.new(base64.b64decode(doc["blind_index_key"]), msg, hashlib.sha256).hexdigest()
     )
+
+
+def test_a_running_process_sees_a_rotation_on_its_next_wrap(tmp_path: Path) -> None:
+    path = tmp_path / "ring.json"
+    admin = FileKeyring.create(path, setting="t", key_id="gw")
+    server = load_keyring(path, setting="t")
+    assert server.current() == ("gw", 1)
+    admin.rotate()
+    assert server.current() == ("gw", 2)
+    assert server.wrap(b"k" * 32, b"aad")[1] == 2
+    admin.retire(1)
+    server.current()
+    assert server.versions == (2,)

@@ -183,7 +183,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
     internal = {"listen_host", "listen_port", "access_key", "secret_key", "password"}
     for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
-                mod.SecuritySettings, mod.TlsSettings):
+                mod.SecuritySettings, mod.TlsSettings, mod.EncryptionSettings):
         for f in dataclasses.fields(cls):
             if f.name not in internal:
                 assert f.name in documented, f"{cls.__name__}.{f.name} is not in the example"
@@ -198,3 +198,28 @@ def test_cli_config_before_or_after_subcommand(tmp_path: Path) -> None:
                  ["tokens", "--config", str(cfg), "issue", "--role", "admin"]):
         assert _parser().parse_args(argv).config == cfg
     assert _parser().parse_args(["index", "stats"]).config is None
+
+
+def test_encryption_section(tmp_path: Path) -> None:
+    from imaging_gateway.storage.factory import load_store_keys
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[encryption]\nsuite = "SM4-GCM"\nsegment_size = 8192\n', encoding="utf-8")
+    s = load_settings(cfg, environ={"IMAGING_GATEWAY_ENCRYPTION__ENABLED": "true"})
+    assert (s.encryption.enabled, s.encryption.suite, s.encryption.segment_size) == (
+        True, "SM4-GCM", 8192
+    )
+    assert s.encryption.keyring_file == tmp_path / "data" / "keys" / "keyring.json"
+    with pytest.raises(ConfigError, match="imaging-gateway keys init"):
+        load_store_keys(s)
+    off = load_settings(cfg, environ={})
+    assert load_store_keys(off) is None  # no keyring, encryption off: bare stores
+    for text, key in (
+        ('[encryption]\nsuite = "DES"\n', "encryption.suite"),
+        ("[encryption]\nsegment_size = 100\n", "encryption.segment_size"),
+        ("[encryption]\nkey = 1\n", "encryption.key"),
+    ):
+        cfg.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, environ={})
+        assert err.value.key == key and "\n" not in err.value.message

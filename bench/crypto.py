@@ -1,0 +1,319 @@
+"""bench/crypto.py: encryption at rest: retrieve through the gateway, header reads, rewrap, SM4.
+
+Prints one JSON line. On a real SeaweedFS (tests/support/seaweed.py) it uploads one study
+of realistic CT instances (``--study-mb``, objects of 0.5 to 7.5 MiB as in bench/wado.py)
+three times: plain, encrypted with AES-256-GCM and with SM4-GCM (64 KiB segments, through
+``EncryptedStore``), each in its own bucket, indexes each with ``imaging-gateway sync``
+and serves each with its own ``imaging-gateway serve`` (the plain one without a keyring,
+so with no ``EncryptedStore`` at all). Then, all in the same run:
+
+- retrieve: ``--rounds`` rounds of a whole-study WADO-RS retrieve from each gateway in
+  turn (body read and dropped); MB/s of object (plaintext) bytes, medians; the ratio
+  encrypted (AES) / plain, goal >= 0.85; and for SM4, whose cipher is the limit on a CPU
+  without SM4 instructions, the ratio of its rate to the bare SM4-GCM decrypt rate;
+- header read: ``--header-reads`` sequential ``read_range(key, 0, 65536)`` over the
+  study's objects (what sync does for each object) through ``EncryptedStore`` on the AES
+  bucket and through the bare S3 adapter on the plain bucket, alternating; median ms and
+  the ratio, goal <= 1.3;
+- rewrap: ``keys rotate`` then ``rewrap_store`` on the AES bucket: objects/s, and the
+  bytes it read per object (headers and sidecars only: no body);
+- primitives: AES-256-GCM and SM4-GCM seal and open of 64 KiB segments in one thread, MB/s.
+
+    .venv/bin/python bench/crypto.py                    # ~1-2 min on 2 cores
+    .venv/bin/python bench/crypto.py --study-mb 100 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import cli, free_port, issue_token, start_gateway
+from bench.wado import HOSPITAL, UID_ROOT, Study, base_dataset, study_objects, wado_rate
+from imaging_gateway.security.aead import TAG_SIZE, Aead, Suite
+from imaging_gateway.security.keyring import FileKeyring
+from imaging_gateway.settings import Settings, load_settings
+from imaging_gateway.storage.base import ObjectStore, RangeRead
+from imaging_gateway.storage.encrypted import EncryptedStore
+from imaging_gateway.storage.maintenance import rewrap_store
+from imaging_gateway.storage.s3 import S3Store
+from tests.support.seaweed import SeaweedServer
+
+GOAL = {"retrieve_ratio": 0.85, "header_read_ratio_max": 1.3}
+SEGMENT = 64 * 1024
+
+CONFIG = """
+[gateway]
+province = "110000"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+
+[index]
+url = "sqlite:///{data}/index.sqlite3"
+
+[encryption]
+enabled = {enabled}
+suite = "{suite}"
+
+[[stores]]
+name = "bench"
+kind = "s3"
+endpoint = "{endpoint}"
+bucket = "{bucket}"
+access_key_env = "BENCH_AK"
+secret_key_env = "BENCH_SK"
+hospital = "{hospital}"
+max_connections = 64
+"""
+
+
+class CountingReads:
+    """Counts the bytes an adapter's reads return (rewrap must not read bodies)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.bytes_read = 0
+        self.streams = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_range(self, key: str, offset: int, length: int) -> RangeRead:
+        read = await self.inner.read_range(key, offset, length)
+        self.bytes_read += len(read.data)
+        return read
+
+    async def read_stream(self, key: str, **kw: Any) -> AsyncIterator[bytes]:
+        self.streams += 1
+        async for chunk in self.inner.read_stream(key, **kw):
+            self.bytes_read += len(chunk)
+            yield chunk
+
+
+def primitive_rates(total_mb: int = 64) -> dict[str, dict[str, float]]:
+    """MB/s of sealing and opening 64 KiB segments with each suite, one thread."""
+    out: dict[str, dict[str, float]] = {}
+    segment = os.urandom(SEGMENT)
+    n = total_mb * 1024 * 1024 // SEGMENT
+    for suite in Suite:
+        aead = Aead(suite, secrets.token_bytes(suite.key_size))
+        nonce, aad = secrets.token_bytes(12), b"a" * 16
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sealed = aead.seal(nonce, segment, aad)
+        seal_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            aead.open(nonce, sealed, aad)
+        open_s = time.perf_counter() - t0
+        assert len(sealed) == SEGMENT + TAG_SIZE
+        mb = n * SEGMENT / 1e6
+        out[suite.value] = {"seal_mb_s": round(mb / seal_s, 1), "open_mb_s": round(mb / open_s, 1)}
+    return out
+
+
+async def upload(store: ObjectStore, study_no: int, target: int, uid: str) -> Study:
+    keys: list[str] = []
+    sizes: list[int] = []
+    sem = asyncio.Semaphore(8)
+
+    async def one(key: str, data: bytes) -> None:
+        async def body() -> AsyncIterator[bytes]:
+            yield data
+
+        try:
+            await store.write_stream(key, body())
+        finally:
+            sem.release()
+
+    tasks = []
+    for key, data in study_objects(base_dataset(), study_no, target, seed=1):
+        await sem.acquire()
+        keys.append(key)
+        sizes.append(len(data))
+        tasks.append(asyncio.create_task(one(key, data)))
+    await asyncio.gather(*tasks)
+    return Study(uid, keys, sizes)
+
+
+async def header_reads(plain: ObjectStore, enc: ObjectStore, keys: list[str], n: int
+                       ) -> tuple[list[float], list[float]]:
+    times_plain: list[float] = []
+    times_enc: list[float] = []
+    for i in range(n):
+        key = keys[i % len(keys)]
+        for store, into in ((plain, times_plain), (enc, times_enc)):
+            t0 = time.perf_counter()
+            read = await store.read_range(key, 0, 65536)
+            into.append(time.perf_counter() - t0)
+            assert len(read.data) == 65536
+    return times_plain, times_enc
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    weed = SeaweedServer().start()
+    gateways = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-crypto-") as tmp:
+            work = Path(tmp)
+            env = {"BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
+            setups: dict[str, tuple[Path, Settings, FileKeyring | None]] = {}
+            for name, suite in (("plain", None), ("aes", Suite.AES_256_GCM),
+                                ("sm4", Suite.SM4_GCM)):
+                data = work / name
+                data.mkdir()
+                cfg = data / "gateway.toml"
+                cfg.write_text(CONFIG.format(
+                    port=free_port(), data=data / "data", endpoint=weed.endpoint,
+                    bucket=weed.make_bucket(f"bench-crypto-{name}"), hospital=HOSPITAL,
+                    enabled="true" if suite else "false",
+                    suite=(suite or Suite.AES_256_GCM).value,
+                ), encoding="utf-8")  # fmt: skip
+                settings = load_settings(cfg, environ=env)
+                ring = None
+                if suite is not None:
+                    cli(cfg, "keys", "init", env=env)
+                    ring = FileKeyring(settings.encryption.keyring_file, setting="bench")
+                setups[name] = (cfg, settings, ring)
+
+            def store_of(name: str) -> ObjectStore:
+                _, settings, ring = setups[name]
+                inner = S3Store(settings.store("bench"))
+                if ring is None:
+                    return inner
+                return EncryptedStore(inner, ring, encrypt_writes=True, suite=ring.suite,
+                                      segment_size=SEGMENT)
+
+            uid = f"{UID_ROOT}.1.1"
+            studies: dict[str, Study] = {}
+            t0 = time.perf_counter()
+            for name in setups:
+                store = store_of(name)
+                try:
+                    studies[name] = await upload(store, 1, int(args.study_mb * 1e6), uid)
+                finally:
+                    await store.close()
+            upload_s = time.perf_counter() - t0
+            for name, (cfg, _, _) in setups.items():
+                out = cli(cfg, "sync", "--store", "bench", "--json", "--no-progress", env=env)
+                summary = json.loads(out.stdout.strip().splitlines()[-1])
+                assert summary["indexed"] == len(studies[name].keys), summary
+
+            # Retrieve through three gateways, alternating.
+            bases: dict[str, str] = {}
+            tokens: dict[str, str] = {}
+            for name, (cfg, settings, _) in setups.items():
+                gw = start_gateway(cfg, settings.gateway.listen_port, env)
+                gateways.append(gw)
+                bases[name] = gw.base
+                tokens[name] = issue_token(cfg, "--role", "hospital", "--hospital", HOSPITAL,
+                                           "--subject", "pacs-bench", env=env)  # fmt: skip
+            for name in setups:
+                await wado_rate(bases[name], tokens[name], studies[name])  # warm-up
+            rates: dict[str, list[float]] = {name: [] for name in setups}
+            for _ in range(args.rounds):
+                for name in setups:
+                    rates[name].append((await wado_rate(bases[name], tokens[name],
+                                                        studies[name]))[0])
+            for gw in gateways:
+                gw.stop()
+            gateways.clear()
+
+            # Header reads, as sync does them.
+            plain, enc = store_of("plain"), store_of("aes")
+            try:
+                tp, te = await header_reads(plain, enc, studies["aes"].keys, args.header_reads)
+            finally:
+                await plain.close()
+                await enc.close()
+
+            # Rewrap after a rotation: headers only.
+            _, _, ring = setups["aes"]
+            assert ring is not None
+            ring.rotate()
+            counting = CountingReads(S3Store(setups["aes"][1].store("bench")))
+            rewrapper = EncryptedStore(counting, ring, encrypt_writes=True)
+            try:
+                t0 = time.perf_counter()
+                tally = await rewrap_store(rewrapper, concurrency=16)
+                rewrap_s = time.perf_counter() - t0
+            finally:
+                await rewrapper.close()
+            objects = tally.counters.get("rewrapped", 0)
+            assert objects == len(studies["aes"].keys) and counting.streams == 0, tally.counters
+
+            prims = primitive_rates()
+            med = {name: statistics.median(v) for name, v in rates.items()}
+            hp, he = statistics.median(tp), statistics.median(te)
+            sm4_open = prims["SM4-GCM"]["open_mb_s"]
+            return {
+                "bench": "crypto",
+                "cpus": os.cpu_count(),
+                "segment_size": SEGMENT,
+                "upload_s": round(upload_s, 1),
+                "retrieve": {
+                    "study_mb": round(studies["plain"].bytes / 1e6, 1),
+                    "instances": len(studies["plain"].keys),
+                    "rounds": args.rounds,
+                    "plain_mb_s": round(med["plain"], 1),
+                    "aes_mb_s": round(med["aes"], 1),
+                    "sm4_mb_s": round(med["sm4"], 1),
+                    "aes_ratio": round(med["aes"] / med["plain"], 3),
+                    "sm4_ratio_to_plain": round(med["sm4"] / med["plain"], 3),
+                    "sm4_ratio_to_bare_sm4_open": round(med["sm4"] / sm4_open, 3),
+                    "rounds_mb_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+                    "aes_round_ratios": [
+                        round(a / p, 3) for p, a in zip(rates["plain"], rates["aes"], strict=True)
+                    ],
+                },
+                "header_read_64k": {
+                    "reads": args.header_reads,
+                    "plain_p50_ms": round(hp * 1000, 2),
+                    "aes_p50_ms": round(he * 1000, 2),
+                    "ratio": round(he / hp, 3),
+                },
+                "rewrap": {
+                    "objects": objects,
+                    "seconds": round(rewrap_s, 2),
+                    "objects_per_s": round(objects / rewrap_s, 1),
+                    "bytes_read_per_object": round(counting.bytes_read / max(objects, 1)),
+                    "bodies_streamed": counting.streams,
+                },
+                "primitives_mb_s": prims,
+                "blind_index_lookup": None,  # PHI columns are not encrypted yet (issue 4)
+                "goal": GOAL,
+                "goal_met": {
+                    "retrieve_ratio": med["aes"] / med["plain"] >= GOAL["retrieve_ratio"],
+                    "header_read_ratio": he / hp <= GOAL["header_read_ratio_max"],
+                },
+            }
+    finally:
+        for gw in gateways:
+            gw.stop()
+        weed.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--study-mb", type=float, default=200, help="size of the study")
+    ap.add_argument("--rounds", type=int, default=3, help="retrieve rounds (medians)")
+    ap.add_argument("--header-reads", type=int, default=200, help="64 KiB reads per store")
+    args = ap.parse_args()
+    print(json.dumps(asyncio.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()
