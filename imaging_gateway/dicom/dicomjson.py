@@ -90,8 +90,11 @@ def _number(vr: str, value: Any) -> int | float:
 
 def _element(keyword: str, value: Any, *, keep_empty: bool) -> dict[str, Any] | None:
     vr = _vr(_tag(keyword))
-    values: list[Any] = value if isinstance(value, list) else [value]
-    values = [v for v in values if v is not None and v != ""]
+    values: list[Any]
+    if isinstance(value, list):
+        values = [v for v in value if v is not None and v != ""]
+    else:
+        values = [] if value is None or value == "" else [value]
     if not values:
         return {"vr": vr} if keep_empty else None
     if vr == "SQ":

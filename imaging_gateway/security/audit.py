@@ -25,6 +25,7 @@ RFC 3881-derived ``AuditMessage`` schema of A.5.1), one XML document per line.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -151,8 +152,21 @@ def _stored_time(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+@functools.lru_cache(maxsize=64)
 def _iso(at: datetime) -> str:
+    # Cached: the records of one append share their time.
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# json.dumps(..., ensure_ascii=True, separators=(",", ":")) without building an encoder
+# per record.
+_CANONICAL_JSON: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 with ``key`` and nothing hashed yet, to be copied per record."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def record_hash(key: bytes, prev_hash: str, seq: int, at: datetime, values: dict[str, Any]) -> str:
@@ -162,12 +176,9 @@ def record_hash(key: bytes, prev_hash: str, seq: int, at: datetime, values: dict
     with microseconds, *FIELDS]; JSON keeps None apart from "" and needs no separator
     escaping of its own.
     """
-    canonical = json.dumps(
-        [_CANONICAL_VERSION, seq, _iso(at), *(values[f] for f in FIELDS)],
-        ensure_ascii=True,
-        separators=(",", ":"),
-    )
-    mac = hmac.new(key, prev_hash.encode("utf-8"), hashlib.sha256)
+    canonical = _CANONICAL_JSON([_CANONICAL_VERSION, seq, _iso(at), *(values[f] for f in FIELDS)])
+    mac = _keyed(key).copy()
+    mac.update(prev_hash.encode("utf-8"))
     mac.update(canonical.encode("ascii"))
     return mac.hexdigest()
 
