@@ -1,0 +1,64 @@
+"""The README's first command: `imaging-gateway demo` writes, indexes and serves synthetic studies."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.support.gateway import free_port
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_demo_serves_indexed_studies_with_the_tokens_it_prints(tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "demo.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imaging_gateway", "demo", "--dir", str(tmp_path / "demo"),
+             "--patients", "3", "--listen", f"127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while _healthy(port) is False:
+            assert proc.poll() is None, out.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the demo never served"
+            time.sleep(0.3)
+        text = out.read_text()
+        tokens = dict(re.findall(r"export (\w+)=(\S+)", text))
+        base = f"http://127.0.0.1:{port}"
+        status, body = _get(f"{base}/admin/index/stats", tokens["TOKEN"])
+        assert status == 200
+        stats = json.loads(body)
+        assert stats["studies"] > 0 and stats["instances"] > 0 and stats["quarantined"] >= 0
+        status, body = _get(f"{base}/dicomweb/studies?limit=5", tokens["PACS_TOKEN"])
+        assert status == 200 and 0 < len(json.loads(body)) <= 5
+        assert _get(f"{base}/dicomweb/studies")[0] == 401
+        assert "Traceback" not in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
