@@ -93,20 +93,22 @@ def test_the_fast_path_is_taken_for_most_explicit_le_files() -> None:
         assert not takes_fast_path((PYDICOM_DATA / name).read_bytes(), complete=True), name
 
 
+# (instance, prefix step): every prefix of two, every third of the others.
 SYNTHETIC = {
-    "CT GB18030": {"modality": "CT", "charset": "GB18030"},
-    "MR ISO 2022 IR 58": {"modality": "MR", "charset": "ISO 2022 IR 58"},
-    "DX ISO_IR 192": {"modality": "DX", "charset": "ISO_IR 192"},
-    "CT GBK": {"modality": "CT", "charset": "GBK"},
+    "CT GB18030": ({"modality": "CT", "charset": "GB18030"}, 1),
+    "MR ISO 2022 IR 58": ({"modality": "MR", "charset": "ISO 2022 IR 58"}, 1),
+    "DX ISO_IR 192": ({"modality": "DX", "charset": "ISO_IR 192"}, 3),
+    "CT GBK": ({"modality": "CT", "charset": "GBK"}, 3),
 }
 
 
 @pytest.mark.parametrize("case", SYNTHETIC)
 def test_synthetic_instances_every_prefix(case: str) -> None:
-    raw = make_instance_bytes(**SYNTHETIC[case])
+    kwargs, step = SYNTHETIC[case]
+    raw = make_instance_bytes(**kwargs)
     assert takes_fast_path(raw, complete=True)
     header = parse_header(raw, complete=True)
-    for cut in range(0, header.header_bytes + 40):
+    for cut in range(0, header.header_bytes + 40, step):
         assert_same(raw[:cut], complete=False)
         assert_same(raw[:cut], complete=True)
 
