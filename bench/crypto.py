@@ -41,7 +41,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import cli, free_port, issue_token, start_gateway
-from bench.wado import HOSPITAL, UID_ROOT, Study, base_dataset, study_objects, wado_rate
+from bench.wado import (
+    HOSPITAL,
+    UID_ROOT,
+    Study,
+    base_dataset,
+    study_objects,
+    upload,
+    wado_rate,
+)
 from imaging_gateway.security.aead import TAG_SIZE, Aead, Suite
 from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.settings import Settings, load_settings
@@ -125,30 +133,6 @@ def primitive_rates(total_mb: int = 64) -> dict[str, dict[str, float]]:
     return out
 
 
-async def upload(store: ObjectStore, study_no: int, target: int, uid: str) -> Study:
-    keys: list[str] = []
-    sizes: list[int] = []
-    sem = asyncio.Semaphore(8)
-
-    async def one(key: str, data: bytes) -> None:
-        async def body() -> AsyncIterator[bytes]:
-            yield data
-
-        try:
-            await store.write_stream(key, body())
-        finally:
-            sem.release()
-
-    tasks = []
-    for key, data in study_objects(base_dataset(), study_no, target, seed=1):
-        await sem.acquire()
-        keys.append(key)
-        sizes.append(len(data))
-        tasks.append(asyncio.create_task(one(key, data)))
-    await asyncio.gather(*tasks)
-    return Study(uid, keys, sizes)
-
-
 async def header_reads(plain: ObjectStore, enc: ObjectStore, keys: list[str], n: int
                        ) -> tuple[list[float], list[float]]:
     times_plain: list[float] = []
@@ -203,7 +187,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in setups:
                 store = store_of(name)
                 try:
-                    studies[name] = await upload(store, 1, int(args.study_mb * 1e6), uid)
+                    objects = study_objects(base_dataset(), 1, int(args.study_mb * 1e6), seed=1)
+                    studies[name] = await upload(store, objects, uid)
                 finally:
                     await store.close()
             upload_s = time.perf_counter() - t0

@@ -56,6 +56,7 @@ from bench._common import (
 from imaging_gateway.dicom.synthetic import generate_instances
 from imaging_gateway.services.wado import PREFETCH_INSTANCES
 from imaging_gateway.settings import load_settings
+from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.s3 import S3Store
 from tests.support.seaweed import SeaweedServer
 
@@ -158,7 +159,7 @@ def study_objects(
         yield f"{HOSPITAL}/{day}/{study_uid}/{series_uid}/{sop}.dcm", data
 
 
-async def upload(store: S3Store, objects: Iterator[tuple[str, bytes]], uid: str) -> Study:
+async def upload(store: ObjectStore, objects: Iterator[tuple[str, bytes]], uid: str) -> Study:
     keys: list[str] = []
     sizes: list[int] = []
     sem = asyncio.Semaphore(8)
