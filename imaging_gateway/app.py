@@ -82,6 +82,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
         AuditLog(engine, audit_key),
         PatientTokens(patient_key),
         break_glass_minutes=s.break_glass_minutes,
+        search_engine=app[INDEX].search_engine,
     )
     app[CONSENTS] = ConsentStore(engine)
     yield

@@ -76,9 +76,11 @@ __all__ = [
     "COUNT_CAP",
     "TIME_BUDGET",
     "install_time_budget",
+    "mark_session_time_budget",
     "refresh_derived",
     "search",
     "search_in",
+    "session_time_budget",
 ]
 
 TIME_BUDGET = 2.0
@@ -456,6 +458,7 @@ class _Deadline:
 
 
 _DEADLINE = "imaging_gateway.qido.deadline"
+_SESSION_BUDGET = "imaging_gateway.qido.session_budget_ms"
 _PROGRESS_STEPS = 20_000
 """SQLite virtual machine instructions between two checks of the deadline."""
 
@@ -481,11 +484,33 @@ def install_time_budget(dbapi_conn: Any, record: Any) -> None:
     record.info[_DEADLINE] = deadline
 
 
+def session_time_budget(seconds: float = TIME_BUDGET) -> dict[str, Any]:
+    """``connect_args`` of a PostgreSQL (asyncpg) engine whose every statement runs under
+    the search time budget: the session's ``statement_timeout``, set as the connection
+    opens, so a search on it needs no ``SET LOCAL`` round trip."""
+    return {"server_settings": {"statement_timeout": str(_millis(seconds))}}
+
+
+def mark_session_time_budget(seconds: float = TIME_BUDGET) -> Callable[[Any, Any], None]:
+    """SQLAlchemy ``connect`` listener to pair with ``session_time_budget``: records on
+    each connection the budget its session enforces."""
+
+    def mark(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_SESSION_BUDGET] = _millis(seconds)
+
+    return mark
+
+
+def _millis(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 @asynccontextmanager
 async def _time_budget(conn: AsyncConnection, seconds: float) -> AsyncIterator[None]:
     """Abort statements running past ``seconds`` (PostgreSQL timeout, SQLite progress handler)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(sa.text(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}"))
+        if conn.info.get(_SESSION_BUDGET) != _millis(seconds):
+            await conn.execute(sa.text(f"SET LOCAL statement_timeout = {_millis(seconds)}"))
         yield
         return
     if conn.dialect.name != "sqlite":  # pragma: no cover - only the two dialects are used

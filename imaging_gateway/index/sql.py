@@ -28,7 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import IndexUnavailable, NotFound
-from imaging_gateway.index.qido import install_time_budget, refresh_derived
+from imaging_gateway.index.qido import (
+    install_time_budget,
+    mark_session_time_budget,
+    refresh_derived,
+    session_time_budget,
+)
 from imaging_gateway.index.schema import (
     conflicts,
     instances,
@@ -164,8 +169,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class SqlIndex:
     """The study index. Open with ``await SqlIndex.open(settings)``; close with ``close()``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, search_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.search_engine = search_engine or engine
+        """Engine of QIDO-RS searches: on PostgreSQL its own small pool of autocommit
+        connections whose sessions enforce the search time budget (``session_time_budget``),
+        so a search and its audit record take one round trip each; else ``engine``."""
         self.dialect = engine.dialect.name
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._key_locks: dict[str, _KeyLock] = {}
@@ -187,9 +196,22 @@ class SqlIndex:
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         engine = create_async_engine(url, **kwargs)
+        search_engine = None
         if url.drivername.startswith("sqlite"):
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        index = cls(engine)
+        else:
+            search_engine = create_async_engine(
+                url,
+                echo=settings.echo,
+                # As an execution option (not the dialect's), so connections say so.
+                execution_options={"isolation_level": "AUTOCOMMIT"},
+                connect_args=session_time_budget(),
+                pool_size=5,
+                max_overflow=5,
+                pool_pre_ping=True,
+            )
+            event.listen(search_engine.sync_engine, "connect", mark_session_time_budget())
+        index = cls(engine, search_engine)
         try:
             if migrate:
                 await index.migrate()
@@ -197,7 +219,7 @@ class SqlIndex:
                 async with engine.connect() as conn:
                     await conn.execute(sa.text("SELECT 1"))
         except (OperationalError, DBAPIError, OSError) as exc:
-            await engine.dispose()
+            await index.close()
             where = url.render_as_string(hide_password=True)
             raise IndexUnavailable(
                 f"index database {where} unreachable: {exc.__class__.__name__}"
@@ -218,6 +240,8 @@ class SqlIndex:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.search_engine is not self.engine:
+            await self.search_engine.dispose()
 
     async def ping(self) -> None:
         """Raises ``IndexUnavailable`` when the database does not answer."""

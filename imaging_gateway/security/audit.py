@@ -1,7 +1,8 @@
 """The tamper-evident access log: HMAC hash-chained records, verification, DICOM export.
 
 Every access to patient data appends one record per event, inside the access's own
-transaction: the access and its record commit together, and if the record cannot be
+transaction (a PostgreSQL search: in one statement right after it, before anything is
+returned): the access and its record commit together, and if the record cannot be
 written the access fails. Each record carries ``prev_hash`` (the previous record's
 ``hash``; 64 zeros for the first) and ``hash`` = HMAC-SHA256(chain key, prev_hash ||
 canonical form of every field of the record, its ``seq`` and time included). The key
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.errors import IndexUnavailable, InvalidRequest
@@ -247,6 +249,44 @@ _INSERT_ON_HEAD: Final = audit_log.insert().from_select(
     ),
 )
 
+# PostgreSQL, on a connection in autocommit mode: all records of an append in one
+# statement (so one implicit transaction, atomic), written only if the newest record is
+# still (head_seq, prev_hash) as this process last saw it. The advisory lock is taken
+# while the statement runs, after its snapshot: if another writer appended meanwhile,
+# the snapshot still shows the old head and the insert collides with that writer's
+# record on the primary key, which aborts the whole statement; either way nothing is
+# written and the caller takes the slow path. A fork cannot be written.
+_PG_ROWS: Final = (
+    sa.func.unnest(
+        *(
+            # Text, not VARCHAR(n): a cast to VARCHAR(n) would truncate silently, the
+            # insert into the column refuses what is too long.
+            sa.cast(sa.bindparam(c), postgresql.ARRAY(
+                audit_log.c[c].type if c in ("seq", "at") else sa.Text()))
+            for c in _ROW_COLUMNS
+        )
+    )
+    .table_valued(*_ROW_COLUMNS)
+    .render_derived(name="r")
+)
+_PG_INSERT_ON_HEAD: Final = audit_log.insert().from_select(
+    list(_ROW_COLUMNS),
+    sa.select(*(_PG_ROWS.c[c] for c in _ROW_COLUMNS))
+    .select_from(
+        sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("lock")))
+        .subquery("l")
+        .join(_PG_ROWS, sa.true())
+    )
+    .where(
+        sa.select(sa.func.max(audit_log.c.seq)).scalar_subquery()
+        == sa.bindparam("head_seq", type_=audit_log.c.seq.type),
+        sa.select(audit_log.c.hash)
+        .where(audit_log.c.seq == sa.bindparam("head_seq"))
+        .scalar_subquery()
+        == sa.bindparam("head_hash"),
+    ),
+)
+
 
 class AuditLog:
     """The hash-chained ``audit_log`` table of the index database.
@@ -313,6 +353,48 @@ class AuditLog:
             raise IndexUnavailable(
                 f"audit record could not be written: {exc.__class__.__name__}"
             ) from exc
+
+    async def append_and_commit(
+        self, conn: AsyncConnection, events: Sequence[AuditEvent], *, at: datetime | None = None
+    ) -> None:
+        """Append ``events`` from ``conn`` and commit them before returning.
+
+        On a PostgreSQL connection in autocommit mode (a search's, see
+        ``SqlIndex.search_engine``) in one statement when this process knows the head,
+        else in a transaction of their own (``record``); on any other connection in its
+        transaction, which is then committed. Raises as ``append`` does; then nothing
+        was written.
+        """
+        autocommit = conn.engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        if not (self._postgres and autocommit):
+            await self.append(conn, events, at=at)
+            await conn.commit()
+            return
+        if not events:
+            return
+        for event in events:
+            check_event(event)
+        when = _utc(at, "at") if at is not None else datetime.now(UTC)
+        if self._known_head is not None:
+            head_seq, head_hash = self._known_head
+            rows = self._chain(head_seq, head_hash, events, when)
+            columns: dict[str, Any] = {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
+            try:
+                written = await conn.execute(
+                    _PG_INSERT_ON_HEAD,
+                    {**columns, "lock": _PG_CHAIN_LOCK, "head_seq": head_seq,
+                     "head_hash": head_hash},
+                )
+            except IntegrityError:
+                written = None  # another writer took the seq: its record is the head now
+            except (SQLAlchemyError, OSError) as exc:
+                raise IndexUnavailable(
+                    f"audit record could not be written: {exc.__class__.__name__}"
+                ) from exc
+            if written is not None and written.rowcount == len(rows):
+                self._known_head = (rows[-1]["seq"], rows[-1]["hash"])
+                return
+        await self.record(events, at=when)
 
     async def record(self, events: Sequence[AuditEvent], *, at: datetime | None = None) -> None:
         """Append ``events`` in a transaction of their own; raises as ``append`` does."""

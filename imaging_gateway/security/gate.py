@@ -108,8 +108,10 @@ class Gate:
         tokens: PatientTokens,
         *,
         break_glass_minutes: int,
+        search_engine: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
+        self.search_engine = search_engine or engine
         self.audit = audit
         self.tokens = tokens
         self.break_glass_window = timedelta(minutes=break_glass_minutes)
@@ -359,14 +361,25 @@ class Gate:
         if ctx.break_glass_reason is not None:
             await self._open_break_glass_for_search(ctx, query)
         visible, values = visibility(ctx.principal, ctx.now)
-        # One connection and one commit for both. On PostgreSQL the search's time budget
-        # (SET LOCAL statement_timeout) also bounds the audit append that follows; an
-        # append that runs out of it fails the search (IndexUnavailable), as it should.
+        if self.search_engine is not self.engine:
+            # PostgreSQL: the search, then its records in one atomic statement, on an
+            # autocommit connection whose session enforces the time budget (the append
+            # too: one that runs out of it fails the search, as it should). Nothing is
+            # returned unless the records were committed.
+            async with self.search_engine.connect() as conn:
+                page = await qido.search_in(
+                    conn, query, visible=visible, params=values, max_results=max_results
+                )
+                events = self._search_events(ctx, level=query.level, results=page.results)
+                await self.audit.append_and_commit(conn, events, at=ctx.now)
+            return page
+        # One connection and one commit for both.
         async with self.engine.begin() as conn:
             page = await qido.search_in(
                 conn, query, visible=visible, params=values, max_results=max_results
             )
-            await self._append_search(conn, ctx, level=query.level, results=page.results)
+            events = self._search_events(ctx, level=query.level, results=page.results)
+            await self.audit.append(conn, events, at=ctx.now)
         return page
 
     async def _open_break_glass_for_search(self, ctx: AccessContext, query: QidoQuery) -> None:
@@ -414,32 +427,15 @@ class Gate:
             " (add IssuerOfPatientID where several issuers use the same ID)"
         )
 
-    async def _append_search(
-        self,
-        conn: AsyncConnection,
-        ctx: AccessContext,
-        *,
-        level: str,
-        results: Sequence[QidoResult],
-    ) -> None:
-        """Record a search in ``conn``'s transaction: one record per patient it returned
-        (one when it returned none)."""
+    def _search_events(
+        self, ctx: AccessContext, *, level: str, results: Sequence[QidoResult]
+    ) -> list[AuditEvent]:
+        """The records of a search: one per patient it returned (one when it returned none)."""
         tokens: Sequence[str | None] = sorted(
             {self.tokens.for_patient(r.national_id, r.patient_key) for r in results}
         ) or [None]
-        await self.audit.append(
-            conn,
-            [
-                ctx.event(
-                    "search",
-                    "ok",
-                    patient_token=t,
-                    detail=f"level={level} results={len(results)}",
-                )
-                for t in tokens
-            ],
-            at=ctx.now,
-        )
+        detail = f"level={level} results={len(results)}"
+        return [ctx.event("search", "ok", patient_token=t, detail=detail) for t in tokens]
 
     async def break_glass_report(
         self, *, since: datetime, limit: int = 500

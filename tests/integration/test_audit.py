@@ -239,6 +239,54 @@ async def test_an_append_after_a_known_head_is_one_statement(index: SqlIndex) ->
     assert (await audit.verify()).ok
 
 
+async def _autocommit_append(audit: AuditLog, index: SqlIndex, events: list[AuditEvent]) -> None:
+    async with index.search_engine.connect() as conn:
+        await audit.append_and_commit(conn, events)
+
+
+async def test_autocommit_appends_of_two_writers_never_fork(index: SqlIndex) -> None:
+    """The search path's appends (one statement on PostgreSQL when the head is known):
+    two processes' logs racing on one database, each often holding a stale head, with
+    multi-record appends; every record lands once and the chain is whole."""
+    first, second = AuditLog(index.engine, KEY), AuditLog(index.engine, KEY)
+    await asyncio.gather(*(
+        _autocommit_append(first if i % 2 else second, index,
+                           [ev(i)] if i % 3 else [ev(i), ev(i + 1000), ev(i + 2000)])
+        for i in range(60)
+    ))
+    # Deterministically stale: the second writer appended after the first's last record.
+    await _autocommit_append(first, index, [ev(5000)])
+    await _autocommit_append(second, index, [ev(5001)])
+    await _autocommit_append(first, index, [ev(5002), ev(5003)])
+    report = await first.verify()
+    assert report.ok and report.checked == 40 + 20 * 3 + 4 == report.last_seq
+    async with index.engine.connect() as conn:
+        details = [r[0] for r in await conn.execute(sa.select(audit_log.c.detail))]
+    assert len(details) == len(set(details))
+
+
+async def test_an_autocommit_append_after_a_known_head_is_one_statement(index: SqlIndex) -> None:
+    audit = AuditLog(index.engine, KEY)
+    await audit.record([ev(1)])  # learns the head
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement.split()[0].upper())
+
+    engines = {index.engine.sync_engine, index.search_engine.sync_engine}
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        await _autocommit_append(audit, index, [ev(2), ev(3)])
+    finally:
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", note)
+    # SQLite has no autocommit search engine: the append is its usual one INSERT per batch.
+    expected = ["INSERT"] if index.engine.dialect.name == "postgresql" else ["INSERT", "INSERT"]
+    assert statements == expected
+    assert (await audit.verify()).ok
+
+
 # ---------------------------------------------------------------------------
 # Atomic with the access
 

@@ -48,7 +48,7 @@ async def world(index: SqlIndex, tmp_path: Path) -> AsyncIterator[tuple[Gate, Co
     corpus = make_corpus(seed=7, patients=6, studies_per_patient=3)
     await index_instances(index, corpus)
     gate = Gate(index.engine, AuditLog(index.engine, b"k" * 32), PatientTokens(b"p" * 32),
-                break_glass_minutes=30)
+                break_glass_minutes=30, search_engine=index.search_engine)
     yield gate, ConsentStore(index.engine), corpus
 
 
@@ -272,6 +272,7 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
         raise IndexUnavailable("audit record could not be written")
 
     monkeypatch.setattr(gate.audit, "append", refuse)
+    monkeypatch.setattr(gate.audit, "append_and_commit", refuse)
     with pytest.raises(IndexUnavailable):
         await gate.search(AccessContext(hospital(code)), parse_qido("study", {}), max_results=100)
 
@@ -282,7 +283,8 @@ async def test_refused_tokens_are_audited_without_flooding_the_log(
     from imaging_gateway.security import gate as gate_module
 
     audit = AuditLog(index.engine, b"k" * 32)
-    gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30)
+    gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30,
+                search_engine=index.search_engine)
     clock = [1000.0]
     monkeypatch.setattr(gate_module.time, "monotonic", lambda: clock[0])
     for _ in range(5):

@@ -477,6 +477,28 @@ async def test_time_budget_without_the_connect_listener(index: SqlIndex) -> None
         await engine.dispose()
 
 
+async def test_the_search_engine_enforces_the_default_budget_in_its_sessions(
+    index: SqlIndex,
+) -> None:
+    """Searches on ``search_engine`` (the gate's) get the default budget with no statement
+    of their own for it: on PostgreSQL the session's statement_timeout does it."""
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement.split()[0].upper())
+
+    sa.event.listen(index.search_engine.sync_engine, "before_cursor_execute", note)
+    try:
+        with pytest.raises(QueryTooBroad):
+            await search(index.search_engine, parse_qido("study", {}), visible=SLOW,
+                         max_results=100)
+    finally:
+        sa.event.remove(index.search_engine.sync_engine, "before_cursor_execute", note)
+    assert statements == ["SELECT"]
+    assert len((await search(index.search_engine, parse_qido("study", {}), visible=sa.true(),
+                             max_results=100)).rows) == 8
+
+
 async def test_bad_parameters(index: SqlIndex) -> None:
     with pytest.raises(InvalidQuery, match="StudyDate"):
         await run(index, "study", {"StudyDate": "2025-13-01"})

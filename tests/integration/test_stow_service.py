@@ -95,7 +95,7 @@ async def world(index: SqlIndex) -> AsyncIterator[World]:
     corpus = make_corpus(seed=7, patients=4, studies_per_patient=2, instances_per_series=2)
     await index_instances(index, corpus)
     gate = Gate(index.engine, AuditLog(index.engine, b"k" * 32), PatientTokens(b"p" * 32),
-                break_glass_minutes=30)
+                break_glass_minutes=30, search_engine=index.search_engine)
     new = make_corpus(seed=99, patients=1)[0]
     yield World(index, gate, corpus, new)
 
