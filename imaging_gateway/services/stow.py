@@ -66,7 +66,7 @@ from typing import Any, Final
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
-from imaging_gateway.dicom.dicomjson import dataset_to_xml
+from imaging_gateway.dicom.dicomxml import dataset_to_xml
 from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
 from imaging_gateway.dicom.mediatypes import Representation, select
 from imaging_gateway.domain.records import ParsedHeader
