@@ -181,6 +181,7 @@ class SyncRunner:
         full = job.mode == "full"
         sem = asyncio.Semaphore(cfg.concurrency)
         issuers = self.settings.gateway.national_id_issuers
+        store_settings = self.settings.store(self.store.name)
 
         async def read_one(
             info: ObjectInfo, delta: dict[str, int]
@@ -237,13 +238,18 @@ class SyncRunner:
                 committed[name] += value
             # The page lands with its checkpoint in one transaction; the next pages' reads
             # overlap with this write.
+            indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
             return asyncio.create_task(
                 self.index.apply_page(
                     store=self.store.name,
                     province=self.settings.gateway.province,
-                    hospital=self.settings.store(self.store.name).hospital,
+                    # Each object's producer, by the store's ownership rule.
+                    producers={
+                        o.key: store_settings.producer(o.key, o.header.study.institution_code)
+                        for o in indexed
+                    },
                     job_id=job.id,
-                    indexed=[o for o in outcomes if isinstance(o, IndexedObject)],
+                    indexed=indexed,
                     quarantined=[o for o in outcomes if isinstance(o, QuarantinedObject)],
                     deleted=deleted,
                     unchanged=done.unchanged,
