@@ -297,7 +297,13 @@ class SqlIndex:
             touched_studies: set[int] = set()
             if indexed:
                 gone_series, touched_studies = await self._upsert(
-                    conn, store, province, job_id, indexed, now, hospital=hospital,
+                    conn,
+                    store,
+                    province,
+                    job_id,
+                    indexed,
+                    now,
+                    hospital=hospital,
                     producers=producers,
                 )
                 touched_series |= gone_series
