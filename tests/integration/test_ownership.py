@@ -152,7 +152,8 @@ async def test_each_hospital_sees_its_prefix_and_the_rest_only_with_consent(worl
     assert r.status == 200
 
 
-async def test_stow_writes_under_the_callers_prefix(world: World, tmp_path: Path) -> None:
+async def test_stow_writes_under_the_callers_prefix(world: World, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     new = make_corpus(seed=99, patients=1, studies_per_patient=1, series_per_study=1,
                       instances_per_series=1)[0]
     boundary = "owner-boundary"
@@ -181,8 +182,12 @@ async def test_stow_writes_under_the_callers_prefix(world: World, tmp_path: Path
     assert status == 409, answer
     assert not (tmp_path / "store" / "east" / "stow").exists()
     # A full re-sync derives the same producer from the key.
-    counters = await world.sync(full=True)
+    with caplog.at_level("WARNING", logger="imaging_gateway.sync.runner"):
+        counters = await world.sync(full=True)
     assert counters["quarantined"] == 0
+    unclaimed = [i for i in world.corpus if i.study_uid in world.under("unclaimed/")]
+    assert f"{len(unclaimed)} object(s) under no prefix" in caplog.text
+    assert not any(i.study_uid in caplog.text or i.patient_id in caplog.text for i in unclaimed)
     assert new.study_uid in await world.visible(WEST)
     assert new.study_uid not in await world.visible(EAST)
 
