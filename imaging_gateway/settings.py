@@ -20,6 +20,8 @@ from imaging_gateway.errors import ConfigError
 ENV_PREFIX = "IMAGING_GATEWAY_"
 StoreKind = Literal["s3", "minio", "fs"]
 STORE_KINDS: tuple[str, ...] = ("s3", "minio", "fs")
+Ownership = Literal["store", "prefix", "institution"]
+OWNERSHIPS: tuple[Ownership, ...] = ("store", "prefix", "institution")
 TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
 TLS_VERSIONS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
 
@@ -110,6 +112,46 @@ class StoreSettings:
     max_connections: int = 64
     retries: int = 5
     timeout_s: float = 30.0
+    ownership: Ownership = "institution"
+    """How the producing hospital of an object is found: the store's ``hospital``, the
+    object key's prefix (``hospitals``), or the object's DICOM institution code."""
+    hospitals: tuple[tuple[str, str], ...] = ()
+    """(key prefix, institution code) pairs, longest prefix first (``prefix`` ownership)."""
+
+    def producer(self, key: str, institution_code: str | None) -> str | None:
+        """The producing hospital of the object at ``key`` (relative to ``prefix``).
+
+        ``store``: ``hospital``; ``prefix``: the code of the longest prefix of ``key`` in
+        ``hospitals``, None when none matches (the study then has no producer: nobody
+        sees it without consent or break-glass); ``institution``: ``institution_code``
+        (the header's InstitutionCodeSequence). Raises nothing.
+        """
+        if self.ownership == "store":
+            return self.hospital
+        if self.ownership == "prefix":
+            return next((code for p, code in self.hospitals if key.startswith(p)), None)
+        return institution_code
+
+    @property
+    def producing_hospitals(self) -> frozenset[str] | None:
+        """The hospitals a sync of this store can make producers; None: any (institution)."""
+        if self.ownership == "store":
+            return frozenset({self.hospital} if self.hospital else ())
+        if self.ownership == "prefix":
+            return frozenset(code for _, code in self.hospitals)
+        return None
+
+    def key_prefix_for(self, hospital: str, key: str) -> str | None:
+        """The first of ``hospital``'s prefixes under which ``key`` is that hospital's.
+
+        Only for ``prefix`` ownership: an object a hospital writes must come back as its
+        own when the store is synced (a longer prefix of another hospital could shadow
+        it). None when there is no such prefix. Raises nothing.
+        """
+        for p, code in sorted(self.hospitals, key=lambda pair: (len(pair[0]), pair[0])):
+            if code == hospital and self.producer(p + key, None) == hospital:
+                return p
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,11 +583,15 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
     prefix = t.str_("prefix", "")
     if prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix", "expected a key prefix without a leading '/'")
+    hospitals = _hospitals(f"{where}.hospitals", t.get("hospitals", None))
+    ownership = _ownership(where, t.opt_str("ownership"), hospital=hospital, hospitals=hospitals)
     common: dict[str, Any] = {
         "name": name,
         "kind": kind,
         "prefix": prefix,
         "hospital": hospital,
+        "ownership": ownership,
+        "hospitals": hospitals,
         "retries": t.int_("retries", 5, minimum=0, maximum=20),
         "timeout_s": t.float_("timeout_s", 30.0, minimum=0.1),
         "max_connections": t.int_("max_connections", 64, minimum=1, maximum=4096),
@@ -581,3 +627,60 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
             )
     t.finish()
     return store
+
+
+def _hospitals(where: str, table: Any) -> tuple[tuple[str, str], ...]:
+    """``[stores.hospitals]``: key prefix -> institution code, longest prefix first.
+
+    Raises ``ConfigError`` naming the key: not a table, empty, a prefix that is empty,
+    starts with '/' or does not end with '/', a value that is not an institution code.
+    """
+    if table is None:
+        return ()
+    if not isinstance(table, dict):
+        raise ConfigError(where, 'expected a table of "key prefix/" = "institution code"')
+    if not table:
+        raise ConfigError(where, "expected at least one key prefix")
+    pairs: list[tuple[str, str]] = []
+    for key_prefix, code in table.items():
+        at = f'{where}."{key_prefix}"'
+        if not key_prefix or key_prefix.startswith("/") or not key_prefix.endswith("/"):
+            # The trailing '/' keeps "H1/" from claiming "H10/...".
+            raise ConfigError(at, "expected a key prefix ending in '/', without a leading '/'")
+        if not isinstance(code, str) or not _HOSPITAL_CODE.match(code):
+            raise ConfigError(at, "expected an institution code such as H11010800028")
+        pairs.append((key_prefix, code))
+    return tuple(sorted(pairs, key=lambda pair: (-len(pair[0]), pair[0])))
+
+
+def _ownership(
+    where: str,
+    value: str | None,
+    *,
+    hospital: str | None,
+    hospitals: tuple[tuple[str, str], ...],
+) -> Ownership:
+    """``ownership``, checked against ``hospital`` and ``hospitals``.
+
+    Unset, it is ``store`` when ``hospital`` is set, else ``institution`` (the behaviour
+    before the key existed); ``hospitals`` needs it said explicitly. Raises
+    ``ConfigError`` naming the key for an unknown value or a missing or contradicting
+    ``hospital`` / ``hospitals``.
+    """
+    if value is None:
+        if hospitals:
+            raise ConfigError(f"{where}.ownership", 'missing; [stores.hospitals] needs "prefix"')
+        return "store" if hospital is not None else "institution"
+    if value not in OWNERSHIPS:
+        raise ConfigError(
+            f"{where}.ownership", f"expected one of {', '.join(OWNERSHIPS)}, got {value!r}"
+        )
+    if value == "store" and hospital is None:
+        raise ConfigError(f"{where}.hospital", 'missing; ownership = "store" needs it')
+    if value == "prefix" and not hospitals:
+        raise ConfigError(f"{where}.hospitals", 'missing; ownership = "prefix" needs it')
+    if value != "store" and hospital is not None:
+        raise ConfigError(f"{where}.hospital", f'only for ownership = "store", not {value!r}')
+    if value != "prefix" and hospitals:
+        raise ConfigError(f"{where}.hospitals", f'only for ownership = "prefix", not {value!r}')
+    return "prefix" if value == "prefix" else "store" if value == "store" else "institution"

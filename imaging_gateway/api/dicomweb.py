@@ -9,6 +9,7 @@ which asks the gate about every instance.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from aiohttp import web
 
 from imaging_gateway.api.consent import access_context
 from imaging_gateway.api.keys import GATE, INDEX, SETTINGS, STORES
-from imaging_gateway.dicom.dicomjson import to_dicom_json, to_dicom_xml
+from imaging_gateway.dicom.dicomjson import to_dicom_json
+from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
 from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
@@ -176,6 +178,11 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
     body = await wado.retrieve_metadata(
         instances, _stores(request), bulkdata_base=_instance_url(request)
     )
+    if representation.multipart:
+        # PS3.18 8.7.3.2: XML metadata is one application/dicom+xml part per instance.
+        documents = await asyncio.to_thread(lambda: [dataset_to_xml(d) for d in body])
+        xml, content_type = _multipart_related(documents, representation.media_type)
+        return web.Response(body=xml, headers={"Content-Type": content_type})
     return web.Response(
         text=json.dumps(body, ensure_ascii=False),
         content_type=representation.media_type,

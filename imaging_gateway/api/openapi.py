@@ -34,7 +34,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 for name in _PARAM.findall(raw)
             ],
-            "responses": _responses(path),
+            "responses": _responses(path, route.handler.__name__),
         }
         if path in _PUBLIC:
             operation["security"] = []
@@ -69,8 +69,27 @@ def _tag(path: str) -> str:
     return "service"
 
 
-def _responses(path: str) -> dict[str, Any]:
+# QIDO-RS and Retrieve Metadata answer DICOM JSON by default, or PS3.19 Native DICOM
+# Model XML, one part per result or instance (PS3.18 8.7.3, 10.4.1.1.2, 10.6.3.3).
+_DICOM_CONTENT = {
+    "application/dicom+json": {"schema": {"type": "array", "items": {"type": "object"}}},
+    'multipart/related; type="application/dicom+xml"': {
+        "schema": {"type": "string", "format": "binary"}
+    },
+}
+
+
+def _dicom_content(handler: str) -> bool:
+    if handler.startswith("search_for_"):
+        return True
+    return handler.startswith("retrieve_") and handler.endswith("_metadata")
+
+
+def _responses(path: str, handler: str = "") -> dict[str, Any]:
     responses: dict[str, Any] = {"200": {"description": "OK"}}
+    if path.startswith("/dicomweb") and _dicom_content(handler):
+        responses["200"]["content"] = _DICOM_CONTENT
+        responses["204"] = {"description": "no match (search)"}
     if path not in _PUBLIC:
         responses["401"] = {"description": "no valid bearer token"}
         responses["403"] = {"description": "the token's role may not do this"}

@@ -1,4 +1,4 @@
-"""QIDO-RS results rendered as DICOM JSON (PS3.18 F.2) and Native DICOM Model XML (PS3.19).
+"""QIDO-RS results rendered as DICOM JSON (PS3.18 F.2); ``dicomxml`` turns them into XML.
 
 Results come as dicts of keyword -> Python value (see ``imaging_gateway.domain.qido``):
 str, int, a list for multi-valued attributes, a list of such dicts for sequences, None
@@ -10,17 +10,14 @@ RetrieveURL (PS3.18 Tables 10.6.3-3..5).
 from __future__ import annotations
 
 import functools
-import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-__all__ = ["NATIVE_DICOM_NS", "dataset_to_xml", "retrieve_url", "to_dicom_json", "to_dicom_xml"]
+__all__ = ["PN_GROUPS", "Level", "retrieve_url", "to_dicom_json"]
 
-NATIVE_DICOM_NS = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
-_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
-_PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # PS3.18 F.2.3: these VRs are JSON numbers.
 _INT_VRS = frozenset({"IS", "SL", "SS", "UL", "US", "SV", "UV"})
 _FLOAT_VRS = frozenset({"DS", "FL", "FD"})
@@ -77,7 +74,7 @@ def retrieve_url(level: Level, row: Mapping[str, Any], retrieve_base: str) -> st
 
 def _person_name(value: str) -> dict[str, str]:
     return {
-        name: group for name, group in zip(_PN_GROUPS, value.split("=")[:3], strict=False) if group
+        name: group for name, group in zip(PN_GROUPS, value.split("=")[:3], strict=False) if group
     }
 
 
@@ -147,55 +144,3 @@ def to_dicom_json(
             full["RetrieveURL"] = url
         out.append(_dataset(full, keep_empty=keep))
     return out
-
-
-def _xml_value(parent: ET.Element, vr: str, number: int, value: Any) -> None:
-    if vr == "PN":
-        name = ET.SubElement(parent, "PersonName", number=str(number))
-        for group_name, group in value.items():
-            group_el = ET.SubElement(name, group_name)
-            for comp_name, comp in zip(_PN_COMPONENTS, group.split("^"), strict=False):
-                if comp:
-                    ET.SubElement(group_el, comp_name).text = comp
-    elif vr == "SQ":
-        item = ET.SubElement(parent, "Item", number=str(number))
-        _xml_fill(item, value)
-    else:
-        ET.SubElement(parent, "Value", number=str(number)).text = str(value)
-
-
-def _xml_fill(parent: ET.Element, dataset: Mapping[str, Any]) -> None:
-    for tag_hex, element in dataset.items():
-        attrs = {"tag": tag_hex, "vr": element["vr"]}
-        keyword = keyword_for_tag(int(tag_hex, 16))
-        if keyword:
-            attrs["keyword"] = keyword
-        attribute = ET.SubElement(parent, "DicomAttribute", attrs)
-        for number, value in enumerate(element.get("Value", []), start=1):
-            _xml_value(attribute, element["vr"], number, value)
-
-
-def dataset_to_xml(dataset: Mapping[str, Any]) -> bytes:
-    """One DICOM JSON dataset as a PS3.19 Native DICOM Model document (UTF-8 bytes)."""
-    root = ET.Element("NativeDicomModel", xmlns=NATIVE_DICOM_NS)
-    _xml_fill(root, dataset)
-    body: str = ET.tostring(root, encoding="unicode")
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body.encode("utf-8")
-
-
-def to_dicom_xml(
-    level: Level,
-    rows: Iterable[Mapping[str, Any]],
-    *,
-    includefield: Collection[str],
-    retrieve_base: str,
-) -> list[bytes]:
-    """Search results as ``application/dicom+xml`` documents, one per result.
-
-    PS3.18 8.7.3.2: XML search results travel as ``multipart/related;
-    type="application/dicom+xml"``, one Native DICOM Model part per match; the handler
-    frames the parts. Same attributes as :func:`to_dicom_json`. Raises ``KeyError`` for
-    a keyword that is not in the DICOM data dictionary.
-    """
-    datasets = to_dicom_json(level, rows, includefield=includefield, retrieve_base=retrieve_base)
-    return [dataset_to_xml(ds) for ds in datasets]

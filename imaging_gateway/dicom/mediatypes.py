@@ -436,15 +436,21 @@ def select_bulkdata(accept: str | None) -> Representation:
     return select(accept, [offer], what="the bulkdata")
 
 
-_METADATA_OFFERS = (Representation("application/dicom+json"), Representation("application/json"))
+_METADATA_OFFERS = (
+    Representation("application/dicom+json"),
+    Representation("application/json"),
+    Representation("application/dicom+xml", multipart=True),
+)
 _IMAGE_OFFERS = (Representation("image/jpeg"), Representation("image/png"))
 
 
 def select_metadata(accept: str | None) -> Representation:
-    """Negotiate Retrieve Metadata (PS3.18 10.4.1.1.2): DICOM JSON; XML is not offered.
+    """Negotiate Retrieve Metadata (PS3.18 10.4.1.1.2, Table 8.7.3-2).
 
-    Raises ``NotAcceptable`` when neither ``application/dicom+json`` nor
-    ``application/json`` is accepted.
+    DICOM JSON is the default (no Accept, ``*/*``, ties); ``multipart/related;
+    type="application/dicom+xml"`` (one Native DICOM Model part per instance, PS3.19)
+    when the client prefers it, also when asked as plain ``application/dicom+xml``.
+    Raises ``NotAcceptable`` when none of these is accepted.
     """
     return select(accept, _METADATA_OFFERS, what="the metadata")
 

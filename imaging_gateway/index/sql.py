@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,6 +288,7 @@ class SqlIndex:
         cursor: str | None,
         counters: dict[str, int],
         hospital: str | None = None,
+        producers: Mapping[str, str | None] | None = None,
     ) -> int:
         """Apply one listing page and move the job's checkpoint, in one transaction.
 
@@ -295,7 +296,8 @@ class SqlIndex:
         killed at any point resumes from the last page that landed. Every listed key
         (indexed, quarantined or ``unchanged``) is marked as seen by ``job_id``.
         ``hospital`` is the store's configured hospital: the producer of its studies
-        (else each study's DICOM institution code is).
+        (else each study's DICOM institution code is). ``producers``, when given, maps
+        each indexed key to its study's producer (None: no producer) instead.
         Returns the number of SOPInstanceUID conflicts newly recorded.
         """
         now = _now()
@@ -319,7 +321,14 @@ class SqlIndex:
             touched_studies: set[int] = set()
             if indexed:
                 gone_series, touched_studies = await self._upsert(
-                    conn, store, province, job_id, indexed, now, hospital=hospital
+                    conn,
+                    store,
+                    province,
+                    job_id,
+                    indexed,
+                    now,
+                    hospital=hospital,
+                    producers=producers,
                 )
                 touched_series |= gone_series
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
@@ -527,6 +536,7 @@ class SqlIndex:
         *,
         hospital: str | None,
         owner_wins: bool = False,
+        producers: Mapping[str, str | None] | None = None,
     ) -> tuple[set[int], set[int]]:
         """Upsert the page's records; returns (series that may be orphaned, studies touched).
 
@@ -582,7 +592,9 @@ class SqlIndex:
                 "InstitutionName": s.InstitutionName,
                 "institution_code": s.institution_code,
                 "province": province,
-                "hospital": hospital or s.institution_code,
+                "hospital": (
+                    producers[o.key] if producers is not None else hospital or s.institution_code
+                ),
             }
         study_ids = await self._upsert_rows(
             conn,

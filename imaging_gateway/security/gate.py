@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -477,19 +477,24 @@ class Gate:
     # -- store (STOW-RS) ----------------------------------------------------------------
 
     async def authorize_store(
-        self, ctx: AccessContext, *, store_hospital: str | None, study_uid: str | None
+        self,
+        ctx: AccessContext,
+        *,
+        store_hospitals: Collection[str] | None,
+        study_uid: str | None,
     ) -> None:
         """Only a hospital stores (it produces studies); patients, admins and peers do not.
 
-        When the write store has a configured ``hospital``, a sync of that store makes that
-        hospital the producer of everything in it, so only that hospital may store there.
+        ``store_hospitals`` are the hospitals a sync of the write store can make producers
+        (its ``hospital``, or the hospitals of its key prefixes); None when any can (the
+        objects' institution codes decide). Only those hospitals may store there.
         Raises ``Forbidden`` (audited as denied) otherwise.
         """
         p = ctx.principal
         if p.role != "hospital" or not p.hospital:
             message = "storing instances needs a hospital token"
-        elif store_hospital is not None and store_hospital != p.hospital:
-            message = "this gateway's write store holds another hospital's objects only"
+        elif store_hospitals is not None and p.hospital not in store_hospitals:
+            message = "this gateway's write store holds other hospitals' objects only"
         else:
             return
         await self.audit.record(

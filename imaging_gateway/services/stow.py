@@ -12,6 +12,10 @@ Key layout, relative to the write store's prefix::
 
     stow/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm
 
+and under ``ownership = "prefix"`` below the caller's own key prefix
+(``{hospital prefix}stow/...``), so a sync of the store gives it back to the caller; a
+hospital without a prefix in ``[stores.hospitals]`` cannot store (403).
+
 (UIDs are digits and dots, checked by the header parser, so a key is always a safe path.)
 An existing object is never overwritten: under a per-key lock (``SqlIndex.object_lock``)
 the gate is asked first, then the key is looked at, and only a key that holds nothing is
@@ -66,7 +70,7 @@ from typing import Any, Final
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
-from imaging_gateway.dicom.dicomjson import dataset_to_xml
+from imaging_gateway.dicom.dicomxml import dataset_to_xml
 from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
 from imaging_gateway.dicom.mediatypes import Representation, select
 from imaging_gateway.domain.records import ParsedHeader
@@ -486,13 +490,30 @@ class _Stow:
         if stored == "identical":
             self.attempts.append(StoreAttempt(header, "ok", stored))
 
+    def key(self, header: ParsedHeader) -> str:
+        """The write store key of ``header``'s instance for the caller.
+
+        Under ``prefix`` ownership the key is under one of the caller's key prefixes, the
+        first under which a sync gives the object back to the caller. Raises
+        ``_Refused`` (not authorized) when the caller has no such prefix.
+        """
+        key = object_key(header)
+        if self.target.ownership != "prefix":
+            return key
+        hospital = self.ctx.principal.hospital or ""
+        prefix = self.target.key_prefix_for(hospital, key)
+        if prefix is None:
+            raise _Refused(NOT_AUTHORIZED)
+        return prefix + key
+
     def admissible(self, header: ParsedHeader) -> None:
-        """The checks that need no index: the request's study, the producing institution."""
+        """The checks that need no index: the request's study, the producing hospital."""
         if self.study_uid is not None and header.study.StudyInstanceUID != self.study_uid:
             raise _Refused(STUDY_UID_MISMATCH)
-        # A later sync of the write store makes the store's hospital, else the object's
-        # institution code, the producer: it must be the caller (or say nothing).
-        producer = self.target.hospital or header.study.institution_code
+        # A later sync of the write store makes the producer by the store's ownership
+        # rule (its hospital, the key's prefix, or the object's institution code): it
+        # must be the caller (or nobody).
+        producer = self.target.producer(self.key(header), header.study.institution_code)
         if producer is not None and producer != self.ctx.principal.hospital:
             raise _Refused(NOT_AUTHORIZED)
 
@@ -501,7 +522,7 @@ class _Stow:
 
         Returns ``stored``, ``adopted`` or ``identical``; raises ``_Refused``.
         """
-        key = object_key(header)
+        key = self.key(header)
         digest = hashlib.sha256(head[: header.header_bytes]).hexdigest()
         try:
             async with self.index.object_lock(self.target.name, key):
@@ -619,7 +640,7 @@ async def store_instances(
     name = settings.gateway.write_store
     target = settings.store(name) if name is not None else None
     await gate.authorize_store(
-        ctx, store_hospital=target.hospital if target else None, study_uid=study_uid
+        ctx, store_hospitals=target.producing_hospitals if target else None, study_uid=study_uid
     )
     try:
         if target is None:

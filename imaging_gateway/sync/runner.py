@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
 from imaging_gateway.storage.encrypted import is_reserved
 from imaging_gateway.sync.headers import read_header
+
+log = logging.getLogger(__name__)
 
 SyncMode = Literal["incremental", "full"]
 COUNTERS = ("listed", "indexed", "unchanged", "quarantined", "deleted", "conflicts", "bytes_read")
@@ -181,6 +184,7 @@ class SyncRunner:
         full = job.mode == "full"
         sem = asyncio.Semaphore(cfg.concurrency)
         issuers = self.settings.gateway.national_id_issuers
+        store_settings = self.settings.store(self.store.name)
 
         async def read_one(
             info: ObjectInfo, delta: dict[str, int]
@@ -237,13 +241,28 @@ class SyncRunner:
                 committed[name] += value
             # The page lands with its checkpoint in one transaction; the next pages' reads
             # overlap with this write.
+            indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
+            # Each object's producer, by the store's ownership rule.
+            producers = {
+                o.key: store_settings.producer(o.key, o.header.study.institution_code)
+                for o in indexed
+            }
+            unclaimed = sum(1 for code in producers.values() if code is None)
+            if unclaimed and store_settings.ownership == "prefix":
+                # The count only: keys can carry patient identifiers.
+                log.warning(
+                    "sync %s: %d object(s) under no prefix of [stores.hospitals] indexed "
+                    "with no producing hospital",
+                    self.store.name,
+                    unclaimed,
+                )
             return asyncio.create_task(
                 self.index.apply_page(
                     store=self.store.name,
                     province=self.settings.gateway.province,
-                    hospital=self.settings.store(self.store.name).hospital,
+                    producers=producers,
                     job_id=job.id,
-                    indexed=[o for o in outcomes if isinstance(o, IndexedObject)],
+                    indexed=indexed,
                     quarantined=[o for o in outcomes if isinstance(o, QuarantinedObject)],
                     deleted=deleted,
                     unchanged=done.unchanged,

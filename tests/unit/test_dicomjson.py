@@ -8,12 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from pydicom.dataset import Dataset
 
-from imaging_gateway.dicom.dicomjson import (
-    NATIVE_DICOM_NS,
-    retrieve_url,
-    to_dicom_json,
-    to_dicom_xml,
-)
+from imaging_gateway.dicom.dicomjson import retrieve_url, to_dicom_json
+from imaging_gateway.dicom.dicomxml import NATIVE_DICOM_NS, to_dicom_xml
 
 STUDY_ROW = {
     "StudyInstanceUID": "1.2.3",

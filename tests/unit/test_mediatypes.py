@@ -241,9 +241,24 @@ def test_metadata_media_types() -> None:
     assert select_metadata("application/dicom+json;q=0.2, application/json").media_type == (
         "application/json"
     )
-    for refused in ('multipart/related; type="application/dicom+xml"', "text/html", "image/*"):
+    for refused in ("text/html", "image/*", "application/dicom", "multipart/related; "
+                    'type="application/dicom"', "application/dicom+json;q=0"):
         with pytest.raises(NotAcceptable):
             select_metadata(refused)
+
+
+def test_metadata_xml_is_multipart_and_never_the_default() -> None:
+    xml = 'multipart/related; type="application/dicom+xml"'
+    for accept in (xml, "application/dicom+xml", "multipart/related", "multipart/*",
+                   f"{xml}, application/dicom+json;q=0.5",
+                   f"application/dicom+json;q=0.4, {xml};q=0.9",
+                   "application/dicom+xml, */*;q=0.1"):
+        chosen = select_metadata(accept)
+        assert (chosen.media_type, chosen.multipart) == ("application/dicom+xml", True), accept
+        assert chosen.content_type == xml
+    for accept in (None, "", "*/*", "application/*", f"{xml};q=0.5, application/dicom+json",
+                   f"{xml}, application/dicom+json", f"*/*, {xml};q=0"):
+        assert select_metadata(accept).media_type == "application/dicom+json", accept
 
 
 def test_rendered_and_thumbnail_media_types() -> None:

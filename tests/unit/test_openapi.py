@@ -39,6 +39,13 @@ def test_every_route_is_documented(tmp_path: Path) -> None:
     assert doc["paths"]["/openapi.json"]["get"]["security"] == []
     retrieve = doc["paths"]["/dicomweb/studies/{study}/series/{series}"]["get"]
     assert [p["name"] for p in retrieve["parameters"]] == ["study", "series"]
+    xml = 'multipart/related; type="application/dicom+xml"'
+    for path in ("/dicomweb/studies", "/dicomweb/studies/{study}/series/{series}/instances",
+                 "/dicomweb/studies/{study}/metadata",
+                 "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata"):
+        content = doc["paths"][path]["get"]["responses"]["200"]["content"]
+        assert list(content) == ["application/dicom+json", xml], path
+    assert "content" not in retrieve["responses"]["200"]  # instances: multipart DICOM
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
     assert len(ids) == len(set(ids))
 

@@ -223,3 +223,87 @@ def test_encryption_section(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_settings(cfg, environ={})
         assert err.value.key == key and "\n" not in err.value.message
+
+
+STORE = """
+[[stores]]
+name = "sh-pacs"
+kind = "fs"
+path = "store"
+"""
+
+
+def test_ownership_defaults_keep_the_old_behaviour(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, GOOD), environ={"GZ_KEY": "a", "GZ_SECRET": "b",
+                                                       "IG_DB_PASSWORD": "p"})
+    by_store, by_institution = s.stores
+    assert (by_store.ownership, by_store.hospital) == ("store", "H44010600011")
+    assert by_store.producer("any/key.dcm", "H99999999999") == "H44010600011"
+    assert by_store.producing_hospitals == {"H44010600011"}
+    assert by_institution.ownership == "institution"
+    assert by_institution.producer("H44010600011/a.dcm", "H31010100002") == "H31010100002"
+    assert by_institution.producer("a.dcm", None) is None
+    assert by_institution.producing_hospitals is None
+
+
+def test_prefix_ownership_longest_prefix_wins(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, STORE + """ownership = "prefix"
+[stores.hospitals]
+"H31010400011/" = "H31010400011"
+"ruijin/" = "H31010100002"
+"ruijin/north/" = "H31010100003"
+"""), environ={})
+    (st,) = s.stores
+    assert st.ownership == "prefix"
+    lengths = [len(p) for p, _ in st.hospitals]
+    assert lengths == sorted(lengths, reverse=True) and len(lengths) == 3  # longest first
+    assert st.producer("H31010400011/2025/x.dcm", "H31010100002") == "H31010400011"
+    assert st.producer("ruijin/2025/x.dcm", None) == "H31010100002"
+    assert st.producer("ruijin/north/x.dcm", "H31010100002") == "H31010100003"
+    assert st.producer("ruijin-old/x.dcm", "H31010100002") is None  # no match: no producer
+    assert st.producer("h31010400011/x.dcm", None) is None  # prefixes are case-sensitive
+    assert st.producing_hospitals == {"H31010400011", "H31010100002", "H31010100003"}
+    assert st.key_prefix_for("H31010100002", "stow/1/2/3.dcm") == "ruijin/"
+    assert st.key_prefix_for("H31010100003", "stow/1/2/3.dcm") == "ruijin/north/"
+    assert st.key_prefix_for("H11010800028", "stow/1/2/3.dcm") is None
+
+
+def test_a_prefix_shadowed_by_a_longer_one_is_not_used_for_writing(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, STORE + """ownership = "prefix"
+hospitals = { "a/" = "H31010100002", "a/stow/" = "H31010100003" }
+"""), environ={})
+    (st,) = s.stores
+    assert st.key_prefix_for("H31010100002", "stow/1/2/3.dcm") is None
+    assert st.key_prefix_for("H31010100003", "stow/1/2/3.dcm") == "a/stow/"
+
+
+@pytest.mark.parametrize(("extra", "key", "message"), [
+    ('ownership = "prefix"\n', "stores[0].hospitals", "needs it"),
+    ('ownership = "store"\n', "stores[0].hospital", "needs it"),
+    ('ownership = "owner"\n', "stores[0].ownership", "expected one of"),
+    ('hospitals = { "a/" = "H31010100002" }\n', "stores[0].ownership", "needs \"prefix\""),
+    ('ownership = "prefix"\nhospitals = {}\n', "stores[0].hospitals", "at least one"),
+    ('ownership = "prefix"\nhospitals = "a/=H31010100002"\n', "stores[0].hospitals",
+     "expected a table"),
+    ('ownership = "prefix"\nhospitals = { "a" = "H31010100002" }\n', 'stores[0].hospitals."a"',
+     "ending in '/'"),
+    ('ownership = "prefix"\nhospitals = { "/a/" = "H31010100002" }\n',
+     'stores[0].hospitals."/a/"', "leading"),
+    ('ownership = "prefix"\nhospitals = { "" = "H31010100002" }\n', 'stores[0].hospitals.""',
+     "ending in '/'"),
+    ('ownership = "prefix"\nhospitals = { "a/" = "ruijin" }\n', 'stores[0].hospitals."a/"',
+     "institution code"),
+    ('ownership = "prefix"\nhospitals = { "a/" = 3 }\n', 'stores[0].hospitals."a/"',
+     "institution code"),
+    ('ownership = "prefix"\nhospital = "H31010100002"\nhospitals = { "a/" = "H31010100002" }\n',
+     "stores[0].hospital", 'only for ownership = "store"'),
+    ('ownership = "institution"\nhospital = "H31010100002"\n', "stores[0].hospital",
+     'only for ownership = "store"'),
+    ('ownership = "store"\nhospital = "H31010100002"\nhospitals = { "a/" = "H31010100002" }\n',
+     "stores[0].hospitals", 'only for ownership = "prefix"'),
+])
+def test_bad_ownership_names_the_key(tmp_path: Path, extra: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, STORE + extra), environ={})
+    assert err.value.key == key
+    assert message in err.value.expected

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from imaging_gateway.dicom.dicomjson import dataset_to_xml
+from imaging_gateway.dicom.dicomxml import dataset_to_xml
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.errors import ConfigError, InvalidRequest, UnsupportedMediaType
 from imaging_gateway.services import stow
