@@ -452,13 +452,21 @@ def select_instances(
         raise _refuse("the instances", offers, "the Accept header holds no valid media range")
     candidates = [EXPLICIT_VR_LITTLE_ENDIAN, *_named_syntaxes(ranges)]
     chosen: dict[str | None, str | None] = {}
+    refusals: list[str] = []
     for ts in stored:
         offers, reasons = _instance_offers(ts or None, candidates, producible)
         try:
             chosen[ts or None] = select(accept, offers, what="the instances").transfer_syntax
         except NotAcceptable:
-            note = "; ".join(reasons) if reasons else ""
-            raise _refuse("the instances", offers, note) from None
+            available = ", ".join(rep.part_content_type for rep in offers)
+            why = f"; {'; '.join(reasons)}" if reasons else ""
+            refusals.append(f"stored in {ts or 'an unknown syntax'}: available {available}{why}")
+    if refusals:
+        raise NotAcceptable(
+            "the instances cannot be sent in any media type the request accepts ("
+            + "), (".join(refusals)
+            + ")"
+        )
     sent = set(chosen.values())
     only = sent.pop() if len(sent) == 1 else None
     return InstancesChoice(Representation(_DICOM, only, multipart=True), chosen)
