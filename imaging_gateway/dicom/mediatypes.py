@@ -1,7 +1,7 @@
 """WADO-RS media types and Accept negotiation (PS3.18 8.7): what a retrieve may send a client.
 
-Pure: no I/O. Nothing is ever transcoded, so an instance or a frame is offered only in the
-transfer syntax it is stored in, and negotiation decides whether the client accepts that.
+Pure: no I/O. Which transfer syntaxes the server can make is asked of a ``producible``
+callable (the transcoder's); without one everything is offered only as stored.
 
 Rules, and where they differ from the letter of PS3.18 8.7.3:
 
@@ -9,22 +9,25 @@ Rules, and where they differ from the letter of PS3.18 8.7.3:
   ``type/*`` wildcards; the most specific range matching a representation gives its
   quality, ``q=0`` refuses it. ``type`` may be quoted or not, and a ``transfer-syntax``
   written inside the quoted ``type`` (``type="application/dicom;transfer-syntax=..."``)
-  is understood too. No Accept header at all means the first (default) representation.
+  is understood too. No Accept header at all means the first (default) representation:
+  for instances and frames, as stored (RFC 9110: any media type is acceptable).
 * A single-part range naming a part's media type (``application/dicom``,
   ``application/octet-stream``, ``image/jpeg``) accepts the multipart response whose parts
   have that type (8.7.3: the response of a multi-instance resource is always multipart).
-* Instances: ``transfer-syntax=*`` and an absent ``transfer-syntax`` both mean "as stored".
-  (PS3.18 makes Explicit VR Little Endian the default when the parameter is absent; that
-  would need transcoding, which is a later issue, and clients such as dicomweb-client send
-  no parameter by default.) A named transfer syntax other than the stored one is refused.
+* Instances (8.7.3.5): ``transfer-syntax=*`` means "as stored"; a range without the
+  parameter means Explicit VR Little Endian, the default; a named UID means that syntax.
+  Each stored syntax of the request is negotiated on its own: as stored if accepted,
+  else the accepted syntax with the highest q the server can produce (ties go to as
+  stored, then Explicit VR LE); 406 names, per stored syntax, why nothing fits.
 * Frames and pixel data: uncompressed frames are ``application/octet-stream`` in Explicit
   VR Little Endian (the bytes of a frame are the same in every little-endian uncompressed
   syntax). Compressed frames are offered in their image media type (``image/jpeg``,
   ``image/jp2``, ...), whatever ``transfer-syntax`` that range names or omits as long as
-  it is not another one, and as ``application/octet-stream`` only when the range says
-  ``transfer-syntax=*`` or names the stored syntax: ``application/octet-stream`` alone
-  means its default, Explicit VR Little Endian (8.7.3), which cannot be met without
-  decompressing. Video syntaxes have no frames to offer.
+  it is not another one, and as ``application/octet-stream`` as stored only when the
+  range says ``transfer-syntax=*`` or names the stored syntax: ``application/octet-stream``
+  alone means Explicit VR Little Endian (8.7.3), which is met by decoding when the server
+  can. ``image/dicom-rle`` and ``image/jp2`` (JPEG 2000 Lossless, that type's default in
+  Table 8.7.3-5) are also made from other sources. Video syntaxes have no frames to offer.
 """
 
 from __future__ import annotations
