@@ -6,6 +6,7 @@ import asyncio
 import email
 import io
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -1251,3 +1252,33 @@ async def test_frames_oversize_is_406(client: TestClient[Any, Any]) -> None:
     async with client.get("/inst/mr_rle/frames/1?max=4096", headers={"Accept": OCTET}) as r:
         assert r.status == 406
         assert "configured maximum" in (await r.json())["message"]
+
+
+async def test_transcoding_runs_off_the_event_loop(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the (real) transcoder in its worker thread; the loop must go on serving.
+    release = threading.Event()
+    entered = threading.Event()
+    real = wado.transcode_instance
+
+    def held(data: bytes, target: str, *, max_bytes: int) -> bytes:
+        entered.set()
+        release.wait(timeout=30)
+        return real(data, target, max_bytes=max_bytes)
+
+    monkeypatch.setattr(wado, "transcode_instance", held)
+    slow = asyncio.ensure_future(client.get("/instances?names=mr_rle", headers={"Accept": DICOM}))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        _, parts = await get_parts(client, "/instances?names=ct", accept=DICOM)  # as stored
+        assert parts[0][1] == OBJECTS["ct"]
+        assert not slow.done()
+    finally:
+        release.set()
+    async with await slow as response:
+        assert response.status == 200
+        body = await response.read()
+    [(headers, content)] = split_multipart(body, _boundary(response.headers["Content-Type"]))
+    assert _part_syntax(headers) == EXPLICIT_LE
+    assert np.array_equal(_dataset(content).pixel_array, _dataset(OBJECTS["mr_rle"]).pixel_array)
