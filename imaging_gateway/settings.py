@@ -84,6 +84,9 @@ class GatewaySettings:
     national_id_issuers: tuple[str, ...]
     write_store: str | None = None
     """Name of the store STOW-RS writes into; None: STOW-RS is not enabled."""
+    transcode_max_bytes: int = 512 * 1024 * 1024
+    """Most memory one WADO-RS transcoding may take (stored plus decoded bytes of an
+    instance or frame); larger ones are refused with 406 and are sent only as stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +431,9 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         data_dir=data_dir,
         national_id_issuers=g.str_list("national_id_issuers", ["CN-RESIDENT-ID"]),
         write_store=g.opt_str("write_store"),
+        transcode_max_bytes=g.int_(
+            "transcode_max_bytes", 512 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
+        ),
     )
     g.finish()
 

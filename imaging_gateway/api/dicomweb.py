@@ -104,6 +104,10 @@ def _multipart_related(parts: list[bytes], media_type: str) -> tuple[bytes, str]
     return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
+def _transcode_max_bytes(request: web.Request) -> int:
+    return request.app[SETTINGS].gateway.transcode_max_bytes
+
+
 def _stores(request: web.Request) -> dict[str, ObjectStore]:
     stores: dict[str, ObjectStore] = request.app[STORES]
     return stores
@@ -168,7 +172,11 @@ def _instance_url(request: web.Request) -> Callable[[InstanceLocation], str]:
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     instances = await _locate(request, "retrieve")
     return await wado.stream_instances(
-        request, instances, _stores(request), accept=request.headers.get("Accept")
+        request,
+        instances,
+        _stores(request),
+        accept=request.headers.get("Accept"),
+        transcode_max_bytes=_transcode_max_bytes(request),
     )
 
 
@@ -256,7 +264,12 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     numbers = wado.parse_frame_list(request.match_info["frames"])
     instances = await _locate(request, "frames")
     return await wado.retrieve_frames(
-        request, instances[0], _stores(request), numbers, accept=request.headers.get("Accept")
+        request,
+        instances[0],
+        _stores(request),
+        numbers,
+        accept=request.headers.get("Accept"),
+        transcode_max_bytes=_transcode_max_bytes(request),
     )
 
 
@@ -269,6 +282,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
         _stores(request),
         request.match_info["path"],
         accept=request.headers.get("Accept"),
+        transcode_max_bytes=_transcode_max_bytes(request),
     )
 
 

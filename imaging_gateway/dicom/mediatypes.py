@@ -1,7 +1,7 @@
 """WADO-RS media types and Accept negotiation (PS3.18 8.7): what a retrieve may send a client.
 
-Pure: no I/O. Nothing is ever transcoded, so an instance or a frame is offered only in the
-transfer syntax it is stored in, and negotiation decides whether the client accepts that.
+Pure: no I/O. Which transfer syntaxes the server can make is asked of a ``producible``
+callable (the transcoder's); without one everything is offered only as stored.
 
 Rules, and where they differ from the letter of PS3.18 8.7.3:
 
@@ -9,27 +9,30 @@ Rules, and where they differ from the letter of PS3.18 8.7.3:
   ``type/*`` wildcards; the most specific range matching a representation gives its
   quality, ``q=0`` refuses it. ``type`` may be quoted or not, and a ``transfer-syntax``
   written inside the quoted ``type`` (``type="application/dicom;transfer-syntax=..."``)
-  is understood too. No Accept header at all means the first (default) representation.
+  is understood too. No Accept header at all means the first (default) representation:
+  for instances and frames, as stored (RFC 9110: any media type is acceptable).
 * A single-part range naming a part's media type (``application/dicom``,
   ``application/octet-stream``, ``image/jpeg``) accepts the multipart response whose parts
   have that type (8.7.3: the response of a multi-instance resource is always multipart).
-* Instances: ``transfer-syntax=*`` and an absent ``transfer-syntax`` both mean "as stored".
-  (PS3.18 makes Explicit VR Little Endian the default when the parameter is absent; that
-  would need transcoding, which is a later issue, and clients such as dicomweb-client send
-  no parameter by default.) A named transfer syntax other than the stored one is refused.
+* Instances (8.7.3.5): ``transfer-syntax=*`` means "as stored"; a range without the
+  parameter means Explicit VR Little Endian, the default; a named UID means that syntax.
+  Each stored syntax of the request is negotiated on its own: as stored if accepted,
+  else the accepted syntax with the highest q the server can produce (ties go to as
+  stored, then Explicit VR LE); 406 names, per stored syntax, why nothing fits.
 * Frames and pixel data: uncompressed frames are ``application/octet-stream`` in Explicit
   VR Little Endian (the bytes of a frame are the same in every little-endian uncompressed
   syntax). Compressed frames are offered in their image media type (``image/jpeg``,
   ``image/jp2``, ...), whatever ``transfer-syntax`` that range names or omits as long as
-  it is not another one, and as ``application/octet-stream`` only when the range says
-  ``transfer-syntax=*`` or names the stored syntax: ``application/octet-stream`` alone
-  means its default, Explicit VR Little Endian (8.7.3), which cannot be met without
-  decompressing. Video syntaxes have no frames to offer.
+  it is not another one, and as ``application/octet-stream`` as stored only when the
+  range says ``transfer-syntax=*`` or names the stored syntax: ``application/octet-stream``
+  alone means Explicit VR Little Endian (8.7.3), which is met by decoding when the server
+  can. ``image/dicom-rle`` and ``image/jp2`` (JPEG 2000 Lossless, that type's default in
+  Table 8.7.3-5) are also made from other sources. Video syntaxes have no frames to offer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,9 +42,12 @@ __all__ = [
     "COMPRESSED_FRAME_MEDIA_TYPES",
     "EXPLICIT_VR_BIG_ENDIAN",
     "EXPLICIT_VR_LITTLE_ENDIAN",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
     "NATIVE_LITTLE_ENDIAN",
     "VIDEO_MEDIA_TYPES",
+    "InstancesChoice",
     "MediaRange",
+    "Producible",
     "Representation",
     "frame_offers",
     "parse_accept",
@@ -103,6 +109,8 @@ VIDEO_MEDIA_TYPES: Final[Mapping[str, str]] = {
 }
 _OCTET_STREAM = "application/octet-stream"
 _DICOM = "application/dicom"
+_RLE = "1.2.840.10008.1.2.5"
+_J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,54 +379,151 @@ def select(
 # Per resource kind
 
 
-def select_instances(accept: str | None, transfer_syntaxes: Iterable[str | None]) -> Representation:
-    """Negotiate Retrieve Study / Series / Instance (PS3.18 10.4.1.1.1).
+Producible = Callable[[str | None, str], str | None]
+"""``(stored syntax, wanted syntax) -> None`` if the server can make it, else the reason."""
 
-    Every instance is sent as stored, so each stored transfer syntax (None: unknown) must
-    be acceptable. Returns the multipart representation (``transfer_syntax`` None: each
-    part names its own). Raises ``NotAcceptable`` naming the syntaxes that could be sent.
-    """
-    syntaxes = sorted({ts or "" for ts in transfer_syntaxes})
-    offers = [Representation(_DICOM, ts or None, multipart=True, implied=True) for ts in syntaxes]
-    ranges = parse_accept(accept)
-    if ranges:
-        for rep in offers:
-            if _quality(ranges, rep) <= 0.0:
-                raise _refuse(
-                    "the instances",
-                    offers,
-                    "instances are sent in their stored transfer syntax; nothing is transcoded",
+
+@dataclass(frozen=True, slots=True)
+class InstancesChoice:
+    """What Retrieve Study / Series / Instance sends: the body type and each part's syntax."""
+
+    representation: Representation
+    """``multipart/related; type="application/dicom"``; ``transfer_syntax`` set when every
+    part is sent in the same one."""
+    syntaxes: Mapping[str | None, str | None]
+    """Stored transfer syntax (None: unknown) -> the one sent (equal: as stored)."""
+
+
+def _named_syntaxes(ranges: Sequence[MediaRange]) -> list[str]:
+    named: list[str] = []
+    for media_range in ranges:
+        syntax = media_range.transfer_syntax
+        if syntax and syntax != "*" and media_range.q > 0 and syntax not in named:
+            named.append(syntax)
+    return named
+
+
+def _instance_offers(
+    stored: str | None, candidates: Sequence[str], producible: Producible | None
+) -> tuple[list[Representation], list[str]]:
+    """Offers for one stored syntax, as stored first; and why the others cannot be made."""
+    if stored is None:
+        # Unknown stored syntax: only "as stored", and only when nothing else is named.
+        return [Representation(_DICOM, None, multipart=True, implied=True)], []
+    offers = [
+        Representation(
+            _DICOM, stored, multipart=True, implied=stored == EXPLICIT_VR_LITTLE_ENDIAN
+        )
+    ]
+    reasons: list[str] = []
+    for target in candidates:
+        if target == stored:
+            continue
+        reason = "nothing is transcoded" if producible is None else producible(stored, target)
+        if reason is None:
+            offers.append(
+                Representation(
+                    _DICOM, target, multipart=True, implied=target == EXPLICIT_VR_LITTLE_ENDIAN
                 )
-    elif accept is not None and accept.strip():
+            )
+        else:
+            reasons.append(f"{stored} to {target}: {reason}")
+    return offers, reasons
+
+
+def select_instances(
+    accept: str | None,
+    transfer_syntaxes: Iterable[str | None],
+    *,
+    producible: Producible | None = None,
+) -> InstancesChoice:
+    """Negotiate Retrieve Study / Series / Instance (PS3.18 10.4.1.1.1, 8.7.3.5).
+
+    Each stored transfer syntax is negotiated on its own: sent as stored when the client
+    accepts that (``transfer-syntax=*``, the stored UID, no Accept header at all, or no
+    parameter and the stored syntax is Explicit VR Little Endian, the default of 8.7.3),
+    else in the accepted syntax with the highest q that ``producible`` says the server
+    can make (as stored wins ties). Without ``producible`` nothing is transcoded.
+
+    Raises ``NotAcceptable`` when some stored syntax can be sent in no accepted one; the
+    message names what could be sent and why the accepted syntaxes could not be made.
+    """
+    stored = sorted({ts or "" for ts in transfer_syntaxes})
+    ranges = parse_accept(accept)
+    if not ranges and accept is not None and accept.strip():
+        offers = [Representation(_DICOM, ts or None, multipart=True) for ts in stored]
         raise _refuse("the instances", offers, "the Accept header holds no valid media range")
-    return Representation(_DICOM, None, multipart=True)
+    candidates = [EXPLICIT_VR_LITTLE_ENDIAN, *_named_syntaxes(ranges)]
+    chosen: dict[str | None, str | None] = {}
+    refusals: list[str] = []
+    for ts in stored:
+        offers, reasons = _instance_offers(ts or None, candidates, producible)
+        try:
+            chosen[ts or None] = select(accept, offers, what="the instances").transfer_syntax
+        except NotAcceptable:
+            available = ", ".join(rep.part_content_type for rep in offers)
+            why = f"; {'; '.join(reasons)}" if reasons else ""
+            refusals.append(f"stored in {ts or 'an unknown syntax'}: available {available}{why}")
+    if refusals:
+        raise NotAcceptable(
+            "the instances cannot be sent in any media type the request accepts ("
+            + "), (".join(refusals)
+            + ")"
+        )
+    sent = set(chosen.values())
+    only = sent.pop() if len(sent) == 1 else None
+    return InstancesChoice(Representation(_DICOM, only, multipart=True), chosen)
 
 
-def frame_offers(transfer_syntax: str | None) -> list[Representation]:
+def frame_offers(
+    transfer_syntax: str | None, *, producible: Producible | None = None
+) -> list[Representation]:
     """How the frames (or pixel data) of an instance stored in ``transfer_syntax`` can be sent.
 
-    Empty for video syntaxes, whose frames cannot be cut out of the stream. Raises nothing.
+    As stored first; with ``producible`` (stored frame syntax, wanted syntax -> reason or
+    None) also decoded to ``application/octet-stream`` Explicit VR Little Endian and
+    encoded as ``image/dicom-rle`` (RLE Lossless) or ``image/jp2`` (JPEG 2000 Lossless,
+    the default syntax of that media type in PS3.18 Table 8.7.3-5). Empty for video
+    syntaxes, whose frames cannot be cut out of the stream. Raises nothing.
     """
     ts = transfer_syntax or IMPLICIT_VR_LITTLE_ENDIAN
     if ts in NATIVE_LITTLE_ENDIAN:
-        return [Representation(_OCTET_STREAM, EXPLICIT_VR_LITTLE_ENDIAN, multipart=True)]
-    if ts in VIDEO_MEDIA_TYPES:
+        ts = EXPLICIT_VR_LITTLE_ENDIAN
+        offers = [Representation(_OCTET_STREAM, EXPLICIT_VR_LITTLE_ENDIAN, multipart=True)]
+    elif ts in VIDEO_MEDIA_TYPES:
         return []
-    image_types = COMPRESSED_FRAME_MEDIA_TYPES.get(ts, ())
-    offers = [Representation(media_type, ts, multipart=True) for media_type in image_types]
-    # Octet-stream without a transfer-syntax parameter means Explicit VR LE (8.7.3).
-    offers.append(Representation(_OCTET_STREAM, ts, multipart=True, implied=False))
+    else:
+        image_types = COMPRESSED_FRAME_MEDIA_TYPES.get(ts, ())
+        offers = [Representation(media_type, ts, multipart=True) for media_type in image_types]
+        # Octet-stream without a transfer-syntax parameter means Explicit VR LE (8.7.3).
+        offers.append(Representation(_OCTET_STREAM, ts, multipart=True, implied=False))
+    if producible is not None:
+        for media_type, target in (
+            (_OCTET_STREAM, EXPLICIT_VR_LITTLE_ENDIAN),
+            ("image/dicom-rle", _RLE),
+            ("image/jp2", _J2K_LOSSLESS),
+        ):
+            if target != ts and producible(ts, target) is None:
+                offers.append(Representation(media_type, target, multipart=True))
     return offers
 
 
-def select_frames(accept: str | None, transfer_syntax: str | None) -> Representation:
+def select_frames(
+    accept: str | None, transfer_syntax: str | None, *, producible: Producible | None = None
+) -> Representation:
     """Negotiate Retrieve Frames or pixel data (PS3.18 10.4.1.1.6).
 
-    Raises ``NotAcceptable`` when the stored frames cannot be sent in an accepted type
-    (compressed frames to a client that accepts only uncompressed octet-stream, video).
+    ``producible`` as for :func:`frame_offers`; without it frames go only as stored.
+    Raises ``NotAcceptable`` when the frames cannot be sent in an accepted type (e.g.
+    compressed frames with no decoder to a client that accepts only uncompressed
+    octet-stream, video).
     """
-    offers = frame_offers(transfer_syntax)
-    note = "frames are sent in their stored transfer syntax; nothing is decompressed"
+    offers = frame_offers(transfer_syntax, producible=producible)
+    note = (
+        "frames are sent in their stored transfer syntax; nothing is decompressed"
+        if producible is None
+        else "no decoder or encoder on this gateway makes an accepted form"
+    )
     if not offers:
         note = "video has no separately retrievable frames; retrieve the instance"
     try:

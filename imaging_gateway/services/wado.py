@@ -27,7 +27,6 @@ instance's Retrieve Instance URL, ``.../studies/{study}/series/{series}/instance
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import logging
 import secrets
@@ -49,10 +48,9 @@ import numpy.typing as npt
 from aiohttp import web
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, generate_fragments, get_frame, parse_basic_offsets
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, get_frame, parse_basic_offsets
 from pydicom.multival import MultiValue
-from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
@@ -66,6 +64,14 @@ from imaging_gateway.dicom.mediatypes import (
     select_instances,
     select_rendered,
     select_thumbnail,
+)
+from imaging_gateway.dicom.transcode import (
+    can_decode,
+    convert_frame,
+    frame_why_not,
+    single_frame_dataset,
+    transcode_instance,
+    why_not,
 )
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import (
@@ -83,6 +89,7 @@ __all__ = [
     "CHUNK_SIZE",
     "STREAM_OUTCOME",
     "THUMBNAIL_VIEWPORT",
+    "TRANSCODE_MAX_BYTES",
     "metadata",
     "parse_frame_list",
     "parse_quality",
@@ -115,6 +122,8 @@ BULK_DATA_THRESHOLD: Final = 1024
 """pydicom's threshold, in base64 characters: binary values over 768 bytes become URIs."""
 THUMBNAIL_VIEWPORT: Final = (128, 128)
 DEFAULT_JPEG_QUALITY: Final = 90
+TRANSCODE_MAX_BYTES: Final = 512 << 20
+"""Default bound on the memory one transcoded instance may take (stored + decoded bytes)."""
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
 """Set on every streamed response: ``complete``, ``aborted`` or ``client-gone`` (for audit)."""
 
@@ -506,10 +515,18 @@ async def _instance_chunks(
         raise _changed(instance)
 
 
-def _instance_part_type(instance: InstanceLocation) -> str:
+def _instance_part_type(instance: InstanceLocation, syntax: str | None = None) -> str:
     return Representation(
-        "application/dicom", instance.TransferSyntaxUID, multipart=True
+        "application/dicom", syntax or instance.TransferSyntaxUID, multipart=True
     ).part_content_type
+
+
+async def _transcoded(
+    store: ObjectStore, instance: InstanceLocation, target: str, max_bytes: int
+) -> bytes:
+    """The indexed version of ``instance``, read whole, re-encoded in ``target`` off the loop."""
+    data = await _read(store, instance, 0, instance.size)
+    return await asyncio.to_thread(transcode_instance, data, target, max_bytes=max_bytes)
 
 
 async def _instance_parts(
@@ -518,22 +535,48 @@ async def _instance_parts(
     *,
     chunk_size: int,
     prefetch: int,
+    targets: Sequence[str | None] | None = None,
+    max_bytes: int = TRANSCODE_MAX_BYTES,
 ) -> AsyncGenerator[_Part, None]:
-    """One part per instance; the next ``prefetch`` instances are read ahead concurrently."""
+    """One part per instance; the next ``prefetch`` instances are read ahead concurrently.
+
+    ``targets[i]`` names the transfer syntax instance ``i`` is transcoded to (None: sent
+    as stored). Only instances sent as stored are read ahead; a transcoded one is read
+    whole and converted when its turn comes, so one at a time is in memory.
+    """
     window: deque[_Pipe] = deque()
+    ahead = [i for i in range(len(instances)) if targets is None or targets[i] is None]
     scheduled = 0
     try:
-        for instance in instances:
-            while scheduled < len(instances) and len(window) < prefetch:
-                ahead = instances[scheduled]
-                source = _instance_chunks(_store(stores, ahead), ahead, chunk_size)
+        for index, instance in enumerate(instances):
+            while scheduled < len(ahead) and len(window) < prefetch:
+                next_one = instances[ahead[scheduled]]
+                source = _instance_chunks(_store(stores, next_one), next_one, chunk_size)
                 window.append(_Pipe(source, READ_AHEAD_CHUNKS))
                 scheduled += 1
-            pipe = window.popleft()
-            yield _Part(_instance_part_type(instance), instance.size, pipe.chunks())
+            target = None if targets is None else targets[index]
+            if target is None:
+                pipe = window.popleft()
+                yield _Part(_instance_part_type(instance), instance.size, pipe.chunks())
+            else:
+                data = await _transcoded(_store(stores, instance), instance, target, max_bytes)
+                part_type = _instance_part_type(instance, target)
+                yield _Part(part_type, len(data), _single(data))
+                del data
     finally:
         for pipe in window:
             await pipe.close()
+
+
+def _check_transcodable(instance: InstanceLocation, max_bytes: int) -> None:
+    """``NotAcceptable`` when an instance is surely too large to transcode (index figures)."""
+    pixels = (instance.Rows or 0) * (instance.Columns or 0) * max(instance.NumberOfFrames or 1, 1)
+    if instance.size + pixels > max_bytes:
+        raise NotAcceptable(
+            f"an instance of {instance.size} bytes ({pixels} pixels) is too large to "
+            f"transcode here (at most {max_bytes} bytes in memory); "
+            "ask for transfer-syntax=* to get it as stored"
+        )
 
 
 async def stream_instances(
@@ -543,6 +586,7 @@ async def stream_instances(
     *,
     accept: str | None,
     chunk_size: int = CHUNK_SIZE,
+    transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Study / Series / Instance: stream ``instances`` as multipart/related.
 
@@ -553,23 +597,49 @@ async def stream_instances(
     ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces, the next
     :data:`PREFETCH_INSTANCES` instances read concurrently while one is sent; memory holds
     at most about ``PREFETCH_INSTANCES x (READ_AHEAD_CHUNKS + 1) x chunk_size`` (24 MiB),
-    whatever the study size. Nothing is transcoded.
+    whatever the study size.
+
+    Transfer syntaxes are negotiated per stored syntax (``select_instances``): an instance
+    whose stored syntax the client accepts is copied byte for byte, without parsing;
+    another is read whole, transcoded off the event loop (``transcode_instance``) and
+    sent with ``Content-Type: application/dicom; transfer-syntax=<sent>``, one such
+    instance in memory at a time, each bounded by ``transcode_max_bytes``. A body with
+    transcoded parts has no Content-Length (chunked; parts keep theirs).
 
     Raises, before anything is sent: ``NotFound`` (no instances), ``NotAcceptable``
-    (``accept`` refuses a stored transfer syntax), ``StorageError`` (a store is not
+    (no accepted syntax can be made for some stored one, or an instance to transcode is
+    larger than ``transcode_max_bytes``), ``StorageError`` (a store is not
     configured, or the first object changed since it was indexed), ``ObjectNotFound``
     and ``StoreUnavailable`` from the first read. Later failures abort the connection
     and are logged; the returned response then has :data:`STREAM_OUTCOME` ``aborted``.
     """
     if not instances:
         raise NotFound("no instances to retrieve")
-    representation = select_instances(accept, (i.TransferSyntaxUID for i in instances))
+    choice = select_instances(
+        accept, (i.TransferSyntaxUID for i in instances), producible=why_not
+    )
     for instance in instances:
         _store(stores, instance)
-    syntaxes = {instance.TransferSyntaxUID for instance in instances}
-    only = syntaxes.pop() if len(syntaxes) == 1 else None
-    content_type = _with_syntax(representation.content_type, only)
-    parts = _instance_parts(instances, stores, chunk_size=chunk_size, prefetch=PREFETCH_INSTANCES)
+    targets: list[str | None] = []
+    for instance in instances:
+        stored = instance.TransferSyntaxUID or None
+        sent = choice.syntaxes[stored]
+        targets.append(None if sent == stored else sent)
+        if sent != stored:
+            _check_transcodable(instance, transcode_max_bytes)
+    representation = choice.representation
+    content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
+    transcoding = any(target is not None for target in targets)
+    parts = _instance_parts(
+        instances,
+        stores,
+        chunk_size=chunk_size,
+        prefetch=PREFETCH_INSTANCES,
+        targets=targets if transcoding else None,
+        max_bytes=transcode_max_bytes,
+    )
+    if transcoding:  # part lengths are known only once each is transcoded
+        return await _send_multipart(request, content_type, parts)
     layout = [(_instance_part_type(instance), instance.size) for instance in instances]
     return await _send_multipart(request, content_type, parts, layout=layout)
 
@@ -888,10 +958,21 @@ def _frame_from_value(value: bytes, index: int, number_of_frames: int) -> bytes:
 
 
 async def _frame_parts(
-    source: _FrameSource, numbers: Sequence[int], representation: Representation
+    source: _FrameSource,
+    numbers: Sequence[int],
+    representation: Representation,
+    *,
+    max_bytes: int = TRANSCODE_MAX_BYTES,
 ) -> AsyncGenerator[_Part, None]:
+    """One part per frame; converted off the loop when the chosen syntax is not the stored."""
+    target = representation.transfer_syntax
+    stored = source.frame_syntax
     for number in numbers:
         data = await source.frame(number)
+        if target is not None and target != stored:
+            data = await asyncio.to_thread(
+                convert_frame, source.header.dataset, data, stored, target, max_bytes=max_bytes
+            )
         yield _Part(representation.part_content_type, len(data), _single(data))
 
 
@@ -902,6 +983,7 @@ async def retrieve_frames(
     frame_numbers: Sequence[int],
     *,
     accept: str | None,
+    transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Frames: the listed frames, one part each, in the order listed.
 
@@ -913,6 +995,10 @@ async def retrieve_frames(
     ``application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`` (big endian as
     stored), compressed ones as stored in their image media type or, if the client asks
     with ``transfer-syntax=*`` or the stored UID, as ``application/octet-stream``.
+    Otherwise, when the client asks for it, each frame is decoded to uncompressed
+    ``application/octet-stream`` (Explicit VR LE, the default of 8.7.3) or encoded as
+    ``image/dicom-rle`` or ``image/jp2`` (JPEG 2000 Lossless), off the event loop, each
+    frame bounded by ``transcode_max_bytes``.
 
     Raises before anything is sent: ``NotAcceptable`` (see ``select_frames``),
     ``InvalidRequest`` (empty list, number < 1), ``NotFound`` (a frame past the last, no
@@ -920,11 +1006,11 @@ async def retrieve_frames(
     ``StoreUnavailable``. A failure after the first part aborts the connection.
     """
     store = _store(stores, instance)
-    select_frames(accept, instance.TransferSyntaxUID)  # 406 before any I/O
+    select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)  # before I/O
     source = await _FrameSource.open(store, instance)
-    representation = select_frames(accept, source.transfer_syntax)
+    representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
     source.check(frame_numbers)
-    parts = _frame_parts(source, frame_numbers, representation)
+    parts = _frame_parts(source, frame_numbers, representation, max_bytes=transcode_max_bytes)
     content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
     return await _send_multipart(request, content_type, parts)
 
@@ -981,11 +1067,12 @@ async def retrieve_bulkdata(
     tag_path: str,
     *,
     accept: str | None,
+    transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Serve a ``BulkDataURI`` written by :func:`retrieve_metadata`.
 
     The pixel data path (``7FE00010``, ``7FE00008``, ``7FE00009``) is served as frames
-    1..n exactly like :func:`retrieve_frames`. Any other path gives one
+    1..n exactly like :func:`retrieve_frames` (transcoded the same way). Any other path gives one
     ``application/octet-stream`` part with the element's value bytes as stored (little
     endian unless the object is Explicit VR Big Endian); only elements before the pixel
     data (the header) are found.
@@ -997,14 +1084,14 @@ async def retrieve_bulkdata(
     path = parse_tag_path(tag_path)
     store = _store(stores, instance)
     if len(path) == 1 and path[0] in _PIXEL_TAGS:
-        select_frames(accept, instance.TransferSyntaxUID)
+        select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)
         source = await _FrameSource.open(store, instance)
         if source.header.pixel_tag != path[0]:
             raise NotFound("no bulk data at this path")
-        representation = select_frames(accept, source.transfer_syntax)
+        representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
         numbers = range(1, source.number_of_frames + 1)
         source.check(numbers)
-        parts = _frame_parts(source, numbers, representation)
+        parts = _frame_parts(source, numbers, representation, max_bytes=transcode_max_bytes)
         content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
         return await _send_multipart(request, content_type, parts)
     representation = select_bulkdata(accept)
@@ -1031,25 +1118,6 @@ def _first_number(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _single_frame_dataset(header: Dataset, frame: bytes, syntax: str) -> Dataset:
-    """A copy of the header holding just this frame, for pydicom's decoders."""
-    ds = copy.deepcopy(header)
-    for tag in (_EXTENDED_OFFSET_TABLE, _EXTENDED_OFFSET_TABLE_LENGTHS):
-        if tag in ds:
-            del ds[tag]
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(syntax)
-    if "NumberOfFrames" in ds:
-        ds.NumberOfFrames = 1
-    if UID(syntax).is_encapsulated:
-        ds.PixelData = encapsulate([frame])
-        ds["PixelData"].VR = "OB"
-    else:
-        ds.PixelData = frame
-        ds["PixelData"].VR = "OW" if (_int_value(ds, "BitsAllocated") or 8) > 8 else "OB"
-    return ds
 
 
 def _window_linear(
@@ -1116,7 +1184,7 @@ def _render(
     viewport: tuple[int, int] | None,
     upscale: bool,
 ) -> bytes:
-    ds = _single_frame_dataset(header, frame, syntax)
+    ds = single_frame_dataset(header, frame, syntax)
     try:
         pixels = ds.pixel_array
     except Exception as exc:
@@ -1165,7 +1233,7 @@ async def _render_instance(
     source = await _FrameSource.open(store, instance)
     source.check([frame])
     syntax = source.frame_syntax
-    if UID(syntax).is_encapsulated and not _can_decode(syntax):
+    if UID(syntax).is_encapsulated and not can_decode(syntax):
         raise NotAcceptable(
             f"instances in transfer syntax {syntax} cannot be rendered here "
             "(no decoder installed); retrieve the frames or the instance"
@@ -1183,14 +1251,6 @@ async def _render_instance(
         upscale=upscale,
     )
     return body, representation.media_type
-
-
-def _can_decode(syntax: str) -> bool:
-    """Whether pydicom has a working decoder (a plugin whose package is installed)."""
-    try:
-        return bool(get_decoder(UID(syntax)).is_available)
-    except NotImplementedError:
-        return False
 
 
 async def retrieve_rendered(

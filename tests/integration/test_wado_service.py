@@ -6,6 +6,7 @@ import asyncio
 import email
 import io
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -55,7 +56,9 @@ PYDICOM_FILES = {
     "rgb_rle": "SC_rgb_rle.dcm",
     "rgb_rle_2": "SC_rgb_rle_2frame.dcm",  # BOT with 2 entries
     "rgb_jpeg": "SC_rgb_jpeg_dcmtk.dcm",  # YBR_FULL JPEG baseline
-    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless SV1: no decoder installed
+    "jpeg_lossless": "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless SV1 (pylibjpeg-libjpeg)
+    "j2k_lossless": "MR_small_jp2klossless.dcm",
+    "jls": "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless (pylibjpeg-libjpeg)
     "dose": "rtdose.dcm",  # implicit VR LE, 15 frames of 32 bits
     "dose_rle": "rtdose_rle.dcm",  # 15 RLE frames, empty BOT
     "deflated": "image_dfl.dcm",
@@ -90,6 +93,18 @@ def _monochrome1_file() -> bytes:
     return buffer.getvalue()
 
 
+JPEG_2000_PART_2_LOSSLESS = "1.2.840.10008.1.2.4.92"
+
+
+def _undecodable_file() -> bytes:
+    """JPEG2000.dcm relabelled JPEG 2000 Part 2 (a real syntax pydicom has no decoder for)."""
+    ds = pydicom.dcmread(io.BytesIO(pydicom_file("JPEG2000.dcm")))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(JPEG_2000_PART_2_LOSSLESS)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def _synthetic() -> list[SyntheticInstance]:
     return list(
         generate_instances(
@@ -112,6 +127,7 @@ def _all_objects() -> dict[str, bytes]:
     objects = {name: pydicom_file(file) for name, file in PYDICOM_FILES.items()}
     objects["eot"] = _eot_file()
     objects["mr_mono1"] = _monochrome1_file()
+    objects["j2k_part2"] = _undecodable_file()
     for index, instance in enumerate(SYNTHETIC):
         objects[f"syn{index}"] = instance.data
     return objects
@@ -229,11 +245,19 @@ def make_app(corpus: Corpus) -> web.Application:
     def accept(request: web.Request) -> str | None:
         return request.headers.get("Accept")
 
+    def transcode_max(request: web.Request) -> int:
+        return int(request.query.get("max", str(wado.TRANSCODE_MAX_BYTES)))
+
     async def instances(request: web.Request) -> web.StreamResponse:
         locations = [corpus.locations[n] for n in _names(request)]
         chunk = int(request.query.get("chunk", str(wado.CHUNK_SIZE)))
         response = await wado.stream_instances(
-            request, locations, corpus.stores, accept=accept(request), chunk_size=chunk
+            request,
+            locations,
+            corpus.stores,
+            accept=accept(request),
+            chunk_size=chunk,
+            transcode_max_bytes=transcode_max(request),
         )
         corpus.outcomes.append(response[wado.STREAM_OUTCOME])
         return response
@@ -255,6 +279,7 @@ def make_app(corpus: Corpus) -> web.Application:
             corpus.stores,
             wado.parse_frame_list(request.match_info["frames"]),
             accept=accept(request),
+            transcode_max_bytes=transcode_max(request),
         )
 
     async def bulkdata(request: web.Request) -> web.StreamResponse:
@@ -401,7 +426,8 @@ async def test_stream_instances_byte_identical(
     client: TestClient[Any, Any], corpus: Corpus
 ) -> None:
     names = ["syn0", "ct", "j2k", "rgb_rle", "mr_implicit", "deflated", "ecg", "syn1", "syn5"]
-    content_type, parts = await get_parts(client, f"/instances?names={','.join(names)}")
+    url = f"/instances?names={','.join(names)}"
+    content_type, parts = await get_parts(client, url, accept=f"{DICOM}; transfer-syntax=*")
     assert content_type.startswith(f"{DICOM}; boundary=")  # several syntaxes: none named
     assert [content for _, content in parts] == [OBJECTS[n] for n in names]
     for name, (headers, _) in zip(names, parts, strict=True):
@@ -450,9 +476,9 @@ async def test_stream_instances_boundary_is_random(client: TestClient[Any, Any])
     ("accept", "status"),
     [
         (f"{DICOM}; transfer-syntax=*", 200),
-        ("application/dicom", 200),
+        ("application/dicom", 200),  # j2k transcoded to the default, Explicit VR LE
         ("*/*", 200),
-        (f"{DICOM}; transfer-syntax={EXPLICIT_LE}", 406),  # j2k is not Explicit VR LE
+        (f"{DICOM}; transfer-syntax={EXPLICIT_LE}", 200),
         ("application/json", 406),
         (OCTET, 406),
     ],
@@ -758,12 +784,10 @@ async def test_encapsulated_frames_read_only_their_items(corpus: Corpus) -> None
 @pytest.mark.parametrize(
     ("name", "accept", "status"),
     [
-        ("rgb_jpeg", OCTET, 406),  # compressed, client wants uncompressed only
         ("rgb_jpeg", f"{OCTET}; transfer-syntax=1.2.840.10008.1.2.4.50", 200),
         ("rgb_jpeg", "multipart/related; type=application/octet-stream; transfer-syntax=*", 200),
-        ("rgb_jpeg", 'multipart/related; type="image/jp2"', 406),
-        ("mr", 'multipart/related; type="image/jpeg"', 406),
-        ("mr_big", OCTET, 406),  # big endian is not the default syntax
+        ("mr", 'multipart/related; type="image/jpeg"', 406),  # no JPEG encoder
+        ("j2k_part2", OCTET, 406),  # no decoder
         ("mr_big", f"{OCTET}; transfer-syntax=*", 200),
     ],
 )
@@ -886,7 +910,7 @@ async def test_rendered_other_syntaxes(client: TestClient[Any, Any]) -> None:
 
 async def test_rendered_refusals(client: TestClient[Any, Any]) -> None:
     for url, accept, status, code in [
-        ("/inst/jpeg_lossless/rendered", None, 406, "not-acceptable"),
+        ("/inst/j2k_part2/rendered", None, 406, "not-acceptable"),
         ("/inst/mr/rendered", "image/gif", 406, "not-acceptable"),
         ("/inst/mr/rendered", "application/dicom", 406, "not-acceptable"),
         ("/inst/ecg/rendered", None, 404, "not-found"),
@@ -998,3 +1022,263 @@ async def test_tampered_encrypted_object_is_refused(
         assert patient.national_id not in str(problem)
         for record in caplog.records:
             assert patient.national_id not in record.getMessage()
+
+
+# ---------------------------------------------------------------------------
+# Transcoding (PS3.18 8.7.3): other transfer syntaxes than the stored one
+
+RLE = "1.2.840.10008.1.2.5"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+LOSSY_SOURCES = {"rgb_jpeg", "j2k"}
+
+
+def _dataset(data: bytes) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _part_syntax(headers: dict[str, str]) -> str:
+    media_type, _, syntax = headers["Content-Type"].partition("; transfer-syntax=")
+    assert media_type == "application/dicom"
+    return syntax
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rgb_jpeg",  # JPEG baseline, YBR_FULL (lossy)
+        "jpeg_lossless",  # JPEG lossless SV1
+        "j2k_lossless",  # JPEG 2000 lossless
+        "j2k",  # JPEG 2000 (lossy)
+        "mr_rle",  # RLE
+        "rgb_rle_2",  # RLE, 2 colour frames
+        "jls",  # JPEG-LS lossless
+        "mr_implicit",  # uncompressed, implicit VR
+        "deflated",
+    ],
+)
+async def test_transcode_to_explicit_vr_little_endian(
+    client: TestClient[Any, Any], name: str
+) -> None:
+    original = _dataset(OBJECTS[name])
+    expected = original.pixel_array  # pydicom's own decode of the stored object
+    for accept in (f"{DICOM}; transfer-syntax={EXPLICIT_LE}", DICOM, "application/dicom"):
+        content_type, parts = await get_parts(client, f"/instances?names={name}", accept=accept)
+        assert content_type.startswith(f"{DICOM}; transfer-syntax={EXPLICIT_LE}; boundary=")
+        [(headers, content)] = parts
+        assert _part_syntax(headers) == EXPLICIT_LE
+        got = _dataset(content)
+        assert got.file_meta.TransferSyntaxUID == EXPLICIT_LE
+        assert not got.file_meta.TransferSyntaxUID.is_compressed
+        assert got.SOPInstanceUID == original.SOPInstanceUID  # a lossless change: same instance
+        assert got.PatientID == original.PatientID
+        assert got.pixel_array.shape == expected.shape
+        assert np.array_equal(got.pixel_array, expected)
+        if name in LOSSY_SOURCES:
+            assert got.LossyImageCompression == "01"  # PS3.3 C.7.6.1.1.5
+
+
+async def test_wildcard_sends_the_stored_bytes(client: TestClient[Any, Any]) -> None:
+    names = ["rgb_jpeg", "j2k_lossless", "mr_rle", "jls", "j2k_part2", "mr_implicit", "mr_big"]
+    for accept in (f"{DICOM}; transfer-syntax=*", "application/dicom; transfer-syntax=*"):
+        _, parts = await get_parts(client, f"/instances?names={','.join(names)}", accept=accept)
+        # get_parts checks the body had a Content-Length: the as-stored path, unparsed.
+        assert [content for _, content in parts] == [OBJECTS[n] for n in names]
+        assert [_part_syntax(h) for h, _ in parts] == [
+            _dataset(OBJECTS[n]).file_meta.TransferSyntaxUID for n in names
+        ]
+
+
+@pytest.mark.parametrize("target", [RLE, J2K_LOSSLESS, IMPLICIT_LE])
+@pytest.mark.parametrize("name", ["ct", "mr", "syn1", "rgb_rle"])
+async def test_compress_uncompressed_and_back(
+    client: TestClient[Any, Any], name: str, target: str
+) -> None:
+    original = _dataset(OBJECTS[name])
+    accept = f"{DICOM}; transfer-syntax={target}"
+    _, [(headers, content)] = await get_parts(client, f"/instances?names={name}", accept=accept)
+    assert _part_syntax(headers) == target
+    got = _dataset(content)
+    assert got.file_meta.TransferSyntaxUID == target
+    assert got.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(got.pixel_array, original.pixel_array)  # lossless round trip
+    if target != IMPLICIT_LE:
+        assert got.file_meta.TransferSyntaxUID.is_compressed
+        assert "LossyImageCompression" not in got or got.LossyImageCompression != "01"
+
+
+async def test_mixed_study_one_syntax_out(client: TestClient[Any, Any]) -> None:
+    names = ["syn0", "rgb_jpeg", "mr_rle", "ct", "j2k_lossless", "jls", "mr_implicit", "syn1"]
+    url = f"/instances?names={','.join(names)}"
+    _, parts = await get_parts(client, url, accept=DICOM)
+    assert [_part_syntax(h) for h, _ in parts] == [EXPLICIT_LE] * len(names)
+    for name, (_, content) in zip(names, parts, strict=True):
+        if _dataset(OBJECTS[name]).file_meta.TransferSyntaxUID == EXPLICIT_LE:
+            assert content == OBJECTS[name]  # already in the asked syntax: copied as stored
+        assert np.array_equal(_dataset(content).pixel_array, _dataset(OBJECTS[name]).pixel_array)
+    # q-values: RLE preferred, as stored acceptable; every instance comes as RLE.
+    accept = f"{DICOM}; transfer-syntax={RLE}, {DICOM}; transfer-syntax=*; q=0.5"
+    _, parts = await get_parts(client, url, accept=accept)
+    assert [_part_syntax(h) for h, _ in parts] == [RLE] * len(names)
+    assert [_dataset(c).SOPInstanceUID for _, c in parts] == [
+        _dataset(OBJECTS[n]).SOPInstanceUID for n in names
+    ]
+
+
+@pytest.mark.parametrize(
+    ("names", "accept", "reason"),
+    [
+        ("j2k_part2", DICOM, "no decoder"),  # stored in a syntax nothing here decodes
+        ("mr,j2k_part2", f"{DICOM}; transfer-syntax={EXPLICIT_LE}", "no decoder"),
+        ("mr", f"{DICOM}; transfer-syntax=1.2.840.10008.1.2.4.80", "no encoder"),  # JPEG-LS
+        ("mr", f"{DICOM}; transfer-syntax=1.2.840.10008.1.2.4.91", "lossy"),
+        ("mr", f"{DICOM}; transfer-syntax=1.2.840.10008.1.2.4.50", "lossy"),
+        ("mr_big", DICOM, "Big Endian"),
+    ],
+)
+async def test_transcoding_impossible_is_406_with_the_reason(
+    client: TestClient[Any, Any], corpus: Corpus, names: str, accept: str, reason: str
+) -> None:
+    async with client.get(f"/instances?names={names}", headers={"Accept": accept}) as response:
+        assert response.status == 406
+        problem = await response.json()
+    assert problem["error"] == "not-acceptable"
+    assert reason in problem["message"]
+    assert corpus.outcomes == []  # refused before any part
+
+
+async def test_oversize_instance_is_406_not_loaded(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    location = corpus.locations["mr_rle"]
+    pixels = (location.Rows or 0) * (location.Columns or 0)
+    accept = {"Accept": f"{DICOM}; transfer-syntax={EXPLICIT_LE}"}
+    # The index's figures already exceed the bound: refused before anything is read.
+    url = f"/instances?names=mr_rle&max={location.size + pixels - 1}"
+    async with client.get(url, headers=accept) as response:
+        assert response.status == 406
+        assert "too large to transcode" in (await response.json())["message"]
+    # Passes the index check, but 16-bit decoded pixels need more: refused from the header.
+    url = f"/instances?names=mr_rle&max={location.size + pixels + 1}"
+    async with client.get(url, headers=accept) as response:
+        assert response.status == 406
+        assert "configured maximum" in (await response.json())["message"]
+    # Enough memory: transcoded.
+    url = f"/instances?names=mr_rle&max={location.size + 2 * pixels}"
+    async with client.get(url, headers=accept) as response:
+        assert response.status == 200
+        await response.read()
+    # As stored needs no memory bound.
+    url = "/instances?names=mr_rle&max=1"
+    star = {"Accept": f"{DICOM}; transfer-syntax=*"}
+    async with client.get(url, headers=star) as response:
+        assert response.status == 200
+        assert OBJECTS["mr_rle"] in await response.read()
+
+
+async def test_oversize_later_instance_aborts_the_stream(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    location = corpus.locations["mr_rle"]
+    pixels = (location.Rows or 0) * (location.Columns or 0)
+    url = f"/instances?names=ct,mr_rle&max={location.size + pixels + 1}"
+    accept = {"Accept": f"{DICOM}; transfer-syntax=*, {DICOM}; transfer-syntax={EXPLICIT_LE}"}
+    # ct goes as stored; mr_rle as stored too (ties go to as stored)...
+    async with client.get(url, headers=accept) as response:
+        assert response.status == 200
+        await response.read()
+    # ...but asked for explicitly, it passes the index check and fails after ct was sent.
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(url, headers={"Accept": DICOM}) as response:
+            assert response.status == 200
+            await response.read()
+    assert corpus.outcomes[-1] == "aborted"
+
+
+@pytest.mark.parametrize(
+    ("name", "accept", "media_type", "syntax"),
+    [
+        ("rgb_jpeg", OCTET, "application/octet-stream", EXPLICIT_LE),
+        ("j2k_lossless", OCTET, "application/octet-stream", EXPLICIT_LE),
+        ("jls", OCTET, "application/octet-stream", EXPLICIT_LE),
+        ("mr_big", OCTET, "application/octet-stream", EXPLICIT_LE),
+        ("dose_rle", OCTET, "application/octet-stream", EXPLICIT_LE),
+        ("mr", 'multipart/related; type="image/jp2"', "image/jp2", J2K_LOSSLESS),
+        ("mr", 'multipart/related; type="image/dicom-rle"', "image/dicom-rle", RLE),
+        ("rgb_jpeg", 'multipart/related; type="image/jp2"', "image/jp2", J2K_LOSSLESS),
+        ("jls", f"{OCTET}; transfer-syntax=*, multipart/related; type=image/dicom-rle; q=0.1",
+         "application/octet-stream", "1.2.840.10008.1.2.4.80"),  # as stored
+    ],
+)
+async def test_frames_in_the_asked_syntax(
+    client: TestClient[Any, Any], name: str, accept: str, media_type: str, syntax: str
+) -> None:
+    original = _dataset(OBJECTS[name])
+    count = int(original.get("NumberOfFrames", 1) or 1)
+    numbers = [count, 1] if count > 1 else [1]
+    url = f"/inst/{name}/frames/{','.join(map(str, numbers))}"
+    content_type, parts = await get_parts(client, url, accept=accept)
+    assert content_type.startswith(
+        f'multipart/related; type="{media_type}"; transfer-syntax={syntax}; boundary='
+    )
+    expected = original.pixel_array if count == 1 else original.pixel_array[[n - 1 for n in numbers]]
+    frames = [content for _, content in parts]
+    for headers, _ in parts:
+        assert headers["Content-Type"] == f"{media_type}; transfer-syntax={syntax}"
+    if syntax == EXPLICIT_LE:
+        dtype = expected.dtype.newbyteorder("<")
+        for index, frame in enumerate(frames):
+            want = expected if count == 1 else expected[index]
+            assert frame == want.astype(dtype).tobytes()
+    elif syntax in (J2K_LOSSLESS, RLE):
+        # Each part is one compressed frame; pydicom decodes it to the original pixels.
+        header = _dataset(OBJECTS[name])
+        ds = pydicom.Dataset()
+        ds.update(header.group_dataset(0x0028))
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+        if str(ds.PhotometricInterpretation).startswith("YBR"):
+            ds.PhotometricInterpretation = "RGB"  # decoded before encoding
+            ds.PlanarConfiguration = 0
+        ds.NumberOfFrames = 1
+        ds.PixelData = pydicom.encaps.encapsulate([frames[0]])
+        ds["PixelData"].VR = "OB"
+        assert np.array_equal(ds.pixel_array, expected if count == 1 else expected[0])
+    else:
+        assert frames == [_pixel_frames(OBJECTS[name])[n - 1] for n in numbers]
+
+
+async def test_frames_oversize_is_406(client: TestClient[Any, Any]) -> None:
+    async with client.get("/inst/mr_rle/frames/1?max=4096", headers={"Accept": OCTET}) as r:
+        assert r.status == 406
+        assert "configured maximum" in (await r.json())["message"]
+
+
+async def test_transcoding_runs_off_the_event_loop(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the (real) transcoder in its worker thread; the loop must go on serving.
+    release = threading.Event()
+    entered = threading.Event()
+    real = wado.transcode_instance
+
+    def held(data: bytes, target: str, *, max_bytes: int) -> bytes:
+        entered.set()
+        release.wait(timeout=30)
+        return real(data, target, max_bytes=max_bytes)
+
+    monkeypatch.setattr(wado, "transcode_instance", held)
+    slow = asyncio.ensure_future(client.get("/instances?names=mr_rle", headers={"Accept": DICOM}))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        _, parts = await get_parts(client, "/instances?names=ct", accept=DICOM)  # as stored
+        assert parts[0][1] == OBJECTS["ct"]
+        assert not slow.done()
+    finally:
+        release.set()
+    async with await slow as response:
+        assert response.status == 200
+        body = await response.read()
+    [(headers, content)] = split_multipart(body, _boundary(response.headers["Content-Type"]))
+    assert _part_syntax(headers) == EXPLICIT_LE
+    assert np.array_equal(_dataset(content).pixel_array, _dataset(OBJECTS["mr_rle"]).pixel_array)

@@ -74,47 +74,95 @@ def test_parse_commas_inside_quotes_do_not_split() -> None:
 # Instances
 
 
+def _makes_lossless(stored: str | None, target: str) -> str | None:
+    """A fake server that decodes anything but MPEG-4 and encodes uncompressed and RLE."""
+    if stored == MPEG4:
+        return "no decoder"
+    if target in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT, RLE):
+        return None
+    return "no encoder"
+
+
 @pytest.mark.parametrize(
     "accept",
     [
         None,
         "",
-        DICOM,
         f"{DICOM}; transfer-syntax=*",
+        "application/dicom; transfer-syntax=*",
+        f"{DICOM}; transfer-syntax=*, {DICOM}; transfer-syntax={RLE}",  # ties: as stored
+    ],
+)
+def test_instances_as_stored_for_a_wildcard_or_no_accept(accept: str | None) -> None:
+    choice = select_instances(
+        accept, [JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN], producible=_makes_lossless
+    )
+    assert choice.representation.content_type == DICOM
+    assert choice.representation.transfer_syntax is None  # two syntaxes: parts name theirs
+    assert choice.syntaxes == {
+        JPEG_BASELINE: JPEG_BASELINE,
+        EXPLICIT_VR_LITTLE_ENDIAN: EXPLICIT_VR_LITTLE_ENDIAN,
+    }
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        DICOM,
         "multipart/related; type=application/dicom",  # unquoted type (OHIF style)
         "application/dicom",  # single part naming the parts' type (PS3.18 8.7.3)
-        "application/dicom; transfer-syntax=*",
         "multipart/related",
         "multipart/*",
         "*/*",
         'multipart/related; type="*/*"',
         "application/*",
         "text/html, */*;q=0.1",
+        f"{DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}",
     ],
 )
-def test_instances_as_stored_for_any_wildcard_or_absent_syntax(accept: str | None) -> None:
-    rep = select_instances(accept, [JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN])
-    assert rep.content_type == DICOM
-    assert rep.transfer_syntax is None
+def test_instances_without_a_syntax_get_explicit_vr_little_endian(accept: str) -> None:
+    # PS3.18 8.7.3.5: no transfer-syntax parameter means Explicit VR Little Endian.
+    choice = select_instances(
+        accept, [JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT], producible=_makes_lossless
+    )
+    assert set(choice.syntaxes.values()) == {EXPLICIT_VR_LITTLE_ENDIAN}
+    assert choice.representation.transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN
+    assert choice.representation.part_content_type == (
+        f"application/dicom; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    )
 
 
-def test_instances_named_syntax_must_be_the_stored_one() -> None:
-    accept = f"{DICOM}; transfer-syntax={JPEG_BASELINE}"
-    assert select_instances(accept, [JPEG_BASELINE]).content_type == DICOM
+def test_instances_highest_q_that_can_be_made() -> None:
+    accept = (
+        f"{DICOM}; transfer-syntax={J2K}; q=1, {DICOM}; transfer-syntax={RLE}; q=0.8, "
+        f"{DICOM}; q=0.5"
+    )
+    choice = select_instances(accept, [JPEG_BASELINE, J2K], producible=_makes_lossless)
+    # J2K (q=1) cannot be made from JPEG (no encoder): RLE (q=0.8) can; J2K as stored.
+    assert choice.syntaxes == {JPEG_BASELINE: RLE, J2K: J2K}
+    accept = f"{DICOM}; transfer-syntax={RLE}; q=0.4, {DICOM}; q=0.6"
+    choice = select_instances(accept, [JPEG_BASELINE], producible=_makes_lossless)
+    assert choice.syntaxes == {JPEG_BASELINE: EXPLICIT_VR_LITTLE_ENDIAN}
+
+
+def test_instances_not_acceptable_says_why() -> None:
     with pytest.raises(NotAcceptable) as caught:
-        select_instances(accept, [JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN])
+        select_instances(
+            f"{DICOM}; transfer-syntax={J2K}", [JPEG_BASELINE], producible=_makes_lossless
+        )
     assert caught.value.status == 406
     assert caught.value.code == "not-acceptable"
-    assert EXPLICIT_VR_LITTLE_ENDIAN in caught.value.message
-    assert "transcoded" in caught.value.message
-    # Two named syntaxes cover two stored ones.
-    both = f"{accept}, {DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
-    select_instances(both, [JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN])
-
-
-def test_instances_implicit_stored_is_not_explicit() -> None:
-    with pytest.raises(NotAcceptable):
-        select_instances(f"{DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}", [IMPLICIT])
+    assert f"{JPEG_BASELINE} to {J2K}: no encoder" in caught.value.message
+    with pytest.raises(NotAcceptable) as caught:
+        select_instances(DICOM, [MPEG4], producible=_makes_lossless)
+    assert "no decoder" in caught.value.message
+    # Without a producer nothing is transcoded: only as stored.
+    with pytest.raises(NotAcceptable) as caught:
+        select_instances(DICOM, [JPEG_BASELINE])
+    assert "nothing is transcoded" in caught.value.message
+    assert select_instances(DICOM, [EXPLICIT_VR_LITTLE_ENDIAN]).syntaxes == {
+        EXPLICIT_VR_LITTLE_ENDIAN: EXPLICIT_VR_LITTLE_ENDIAN
+    }
 
 
 @pytest.mark.parametrize(
@@ -128,19 +176,43 @@ def test_instances_implicit_stored_is_not_explicit() -> None:
         "garbage",
         f"{DICOM}; q=0",
         f"*/*, {DICOM}; q=0",  # the more specific range refuses it
-        f"{DICOM}, {DICOM}; transfer-syntax={JPEG_BASELINE}; q=0",
+        f"{DICOM}; transfer-syntax=*; q=0",
     ],
 )
 def test_instances_not_acceptable(accept: str) -> None:
     with pytest.raises(NotAcceptable):
-        select_instances(accept, [JPEG_BASELINE])
+        select_instances(accept, [JPEG_BASELINE], producible=_makes_lossless)
 
 
 def test_instances_unknown_stored_syntax_needs_a_wildcard() -> None:
-    assert select_instances(None, [None]).content_type == DICOM
-    assert select_instances(f"{DICOM}; transfer-syntax=*", [None]).content_type == DICOM
+    for accept in (None, f"{DICOM}; transfer-syntax=*", DICOM):
+        choice = select_instances(accept, [None], producible=_makes_lossless)
+        assert choice.syntaxes == {None: None}
     with pytest.raises(NotAcceptable):
-        select_instances(f"{DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}", [None])
+        select_instances(
+            f"{DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}", [None],
+            producible=_makes_lossless,
+        )
+
+
+def test_frames_transcoded_offers() -> None:
+    octet = 'multipart/related; type="application/octet-stream"'
+    rep = select_frames(octet, JPEG_BASELINE, producible=_makes_lossless)
+    assert rep.part_content_type == (
+        f"application/octet-stream; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    )
+    rep = select_frames('multipart/related; type="image/dicom-rle"', IMPLICIT,
+                        producible=_makes_lossless)
+    assert rep.part_content_type == f"image/dicom-rle; transfer-syntax={RLE}"
+    # As stored still wins when accepted, and nothing is made without a producer.
+    assert select_frames("*/*", JPEG_BASELINE, producible=_makes_lossless).media_type == (
+        "image/jpeg"
+    )
+    with pytest.raises(NotAcceptable):
+        select_frames('multipart/related; type="image/jp2"', IMPLICIT,
+                      producible=_makes_lossless)  # J2K has no encoder here
+    with pytest.raises(NotAcceptable):
+        select_frames(octet, MPEG4, producible=_makes_lossless)
 
 
 # ---------------------------------------------------------------------------

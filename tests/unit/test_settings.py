@@ -45,6 +45,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_need_no_file() -> None:
     s = load_settings(None, environ={})
     assert s.gateway.province == "110000"
+    assert s.gateway.transcode_max_bytes == 512 * 1024 * 1024
     assert s.index.url.startswith("sqlite:///")
     assert s.stores == ()
 
@@ -68,11 +69,13 @@ def test_env_overrides_keys(tmp_path: Path) -> None:
         "IMAGING_GATEWAY_GATEWAY__LISTEN": "127.0.0.1:7000",
         "IMAGING_GATEWAY_STORES__GZ_PACS__BUCKET": "other-bucket",
         "IMAGING_GATEWAY_SYNC__CONCURRENCY": "8",
+        "IMAGING_GATEWAY_GATEWAY__TRANSCODE_MAX_BYTES": "2097152",
     }
     s = load_settings(write(tmp_path, GOOD), environ=env)
     assert s.gateway.listen_port == 7000
     assert s.store("gz-pacs").bucket == "other-bucket"
     assert s.sync.concurrency == 8
+    assert s.gateway.transcode_max_bytes == 2 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -82,6 +85,8 @@ def test_env_overrides_keys(tmp_path: Path) -> None:
         ('[gateway]\nprovince = "990000"', "gateway.province"),
         ('[gateway]\nlisten = "nowhere"', "gateway.listen"),
         ('[gateway]\nlsiten = "x:1"', "gateway.lsiten"),
+        ("[gateway]\ntranscode_max_bytes = 1000", "gateway.transcode_max_bytes"),
+        ('[gateway]\ntranscode_max_bytes = "big"', "gateway.transcode_max_bytes"),
         ('[index]\nurl = "mysql://x/y"', "index.url"),
         ('[index]\nurl = "postgresql://u:secret@h/db"', "index.url"),
         ('[[stores]]\nname = "a"\nkind = "ftp"', "stores[0].kind"),
