@@ -10,10 +10,10 @@ which asks the gate about every instance.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import Callable
 
+import orjson
 from aiohttp import web
 
 from imaging_gateway.api.consent import access_context
@@ -80,7 +80,7 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
         return web.Response(body=xml, headers={**headers, "Content-Type": content_type})
     datasets = to_dicom_json(level, page.rows, includefield=include, retrieve_base=_base(request))
     return web.Response(
-        text=json.dumps(datasets, ensure_ascii=False),
+        body=orjson.dumps(datasets),  # UTF-8, as PS3.18 F.2 asks; ~10x the stdlib's speed
         content_type=representation.media_type,
         charset="utf-8",
         headers=headers,
@@ -192,7 +192,7 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
         xml, content_type = _multipart_related(documents, representation.media_type)
         return web.Response(body=xml, headers={"Content-Type": content_type})
     return web.Response(
-        text=json.dumps(body, ensure_ascii=False),
+        body=orjson.dumps(body),  # UTF-8, as PS3.18 F.2 asks; ~10x the stdlib's speed
         content_type=representation.media_type,
         charset="utf-8",
     )

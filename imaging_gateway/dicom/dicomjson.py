@@ -85,32 +85,55 @@ def _number(vr: str, value: Any) -> int | float:
     return int(number) if vr == "DS" and number.is_integer() else number
 
 
-def _element(keyword: str, value: Any, *, keep_empty: bool) -> dict[str, Any] | None:
-    vr = _vr(_tag(keyword))
-    values: list[Any]
-    if isinstance(value, list):
-        values = [v for v in value if v is not None and v != ""]
-    else:
-        values = [] if value is None or value == "" else [value]
-    if not values:
-        return {"vr": vr} if keep_empty else None
-    if vr == "SQ":
-        items = [_dataset(item, keep_empty=_REQUIRED) for item in values]
-        return {"vr": vr, "Value": items}
-    if vr == "PN":
-        return {"vr": vr, "Value": [_person_name(str(v)) for v in values]}
-    if vr in _INT_VRS or vr in _FLOAT_VRS:
-        return {"vr": vr, "Value": [_number(vr, v) for v in values]}
-    return {"vr": vr, "Value": [str(v) for v in values]}
+_Spec = tuple[str, str, str, str]
+"""(keyword, tag as 8 upper-case hex digits, VR, kind of value: SQ, PN, int, float, str)."""
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(keywords: tuple[str, ...]) -> tuple[_Spec, ...]:
+    # Results of one search share their keywords: tags, VRs and the tag order are
+    # worked out once per set of keywords, not per element.
+    specs = []
+    for keyword in keywords:
+        tag = _tag(keyword)
+        vr = _vr(tag)
+        kind = (
+            vr if vr in ("SQ", "PN")
+            else "int" if vr in _INT_VRS
+            else "float" if vr in _FLOAT_VRS
+            else "str"
+        )
+        specs.append((keyword, _tag_hex(tag), vr, kind))
+    return tuple(sorted(specs, key=lambda spec: spec[1]))
+
+
+def _values(spec: _Spec, values: list[Any]) -> list[Any]:
+    kind = spec[3]
+    if kind == "str":
+        return [str(v) for v in values]
+    if kind == "PN":
+        return [_person_name(str(v)) for v in values]
+    if kind == "SQ":
+        return [_dataset(item, keep_empty=_REQUIRED) for item in values]
+    return [_number(spec[2], v) for v in values]
 
 
 def _dataset(row: Mapping[str, Any], *, keep_empty: Collection[str]) -> dict[str, Any]:
-    elements: dict[int, dict[str, Any]] = {}
-    for keyword, value in row.items():
-        element = _element(keyword, value, keep_empty=keyword in keep_empty)
-        if element is not None:
-            elements[_tag(keyword)] = element
-    return {_tag_hex(tag): elements[tag] for tag in sorted(elements)}
+    out: dict[str, Any] = {}
+    for spec in _layout(tuple(row)):
+        keyword = spec[0]
+        value = row[keyword]
+        if isinstance(value, list):
+            values = [v for v in value if v is not None and v != ""]
+        elif value is None or value == "":
+            values = []
+        else:
+            values = [value]
+        if values:
+            out[spec[1]] = {"vr": spec[2], "Value": _values(spec, values)}
+        elif keyword in keep_empty:
+            out[spec[1]] = {"vr": spec[2]}
+    return out
 
 
 @functools.cache
