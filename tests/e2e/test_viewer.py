@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
 from playwright.async_api import (
     Browser,
@@ -18,6 +19,7 @@ from playwright.async_api import (
     Page,
     Request,
     Response,
+    Route,
     async_playwright,
 )
 from playwright.async_api import Error as PlaywrightError
@@ -32,10 +34,12 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking"]
 
-# OHIF's own configuration for a DICOMweb data source (platform/app/public/config/*.js),
-# pointed at the gateway. The bearer token goes through OHIF's userAuthenticationService
-# (the hook its DICOMweb data source and image loader ask for the Authorization header):
-# the config is a function of the services manager, and the data source's onConfiguration
+# OHIF's own configuration for a DICOMweb data source (its platform/app/public/config/*.js),
+# pointed at the gateway. OHIF 3.13 asks its userAuthenticationService for the
+# Authorization header of every QIDO-RS/WADO-RS request (the data source's
+# ``requestOptions.auth`` is not consulted any more). Two ways to fill it, both OHIF's own:
+# the viewer route's ``?token=`` parameter (a launch link), or, for the study list too,
+# the config as a function of the services manager whose data source's onConfiguration
 # hook installs the header when the source is initialized.
 APP_CONFIG = """window.config = ({ servicesManager }) => ({
   routerBasename: '/',
@@ -61,17 +65,24 @@ APP_CONFIG = """window.config = ({ servicesManager }) => ({
       thumbnailRendering: 'wadors',
       enableStudyLazyLoad: true,
       bulkDataURI: { enabled: true },
-      omitQuotationForMultipartRequest: true,
-      onConfiguration: (config) => {
-        servicesManager.services.userAuthenticationService.setServiceImplementation({
-          getAuthorizationHeader: () => ({ Authorization: %(authorization)s }),
-        });
-        return config;
-      },
+      omitQuotationForMultipartRequest: true,%(hook)s
     },
   }],
 });
 """
+AUTH_HOOK = """
+      onConfiguration: (config) => {
+        servicesManager.services.userAuthenticationService.setServiceImplementation({
+          getAuthorizationHeader: () => ({ Authorization: %s }),
+        });
+        return config;
+      },"""
+
+
+def app_config(dicomweb: str, token: str | None) -> str:
+    """OHIF's app-config.js for the gateway; with ``token``, sent on every request."""
+    hook = AUTH_HOOK % json.dumps(f"Bearer {token}") if token else ""
+    return APP_CONFIG % {"root": json.dumps(dicomweb), "hook": hook}
 
 
 @dataclass
@@ -130,7 +141,12 @@ class Setup:
     browser: Browser
 
 
-@pytest.fixture
+# One gateway, one viewer origin and one browser for the module: each test opens its own
+# browser context (no shared storage), and the audit rows are told apart by token subject.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
 def viewer_port() -> int:
     """A free port for the viewer's origin, once the browser and the bundle are known there."""
     # Fail, never skip: CI installs both (.ci/run); so does the README's set-up.
@@ -141,9 +157,10 @@ def viewer_port() -> int:
     return free_port()
 
 
-@pytest.fixture
-def province(tmp_path: Path, viewer_port: int) -> Iterator[Province]:
+@pytest.fixture(scope="module")
+def province(tmp_path_factory: pytest.TempPathFactory, viewer_port: int) -> Iterator[Province]:
     # One index backend is enough here: the browser exercises the HTTP surface.
+    tmp_path = tmp_path_factory.mktemp("viewer")
     origin = f"http://127.0.0.1:{viewer_port}"
     config = PROVINCE_CONFIG + f'\n[security]\ncors_origins = ["{origin}"]\n'
     started = start_province(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}", config)
@@ -151,13 +168,12 @@ def province(tmp_path: Path, viewer_port: int) -> Iterator[Province]:
     started.gw.stop()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def setup(province: Province, viewer_port: int) -> AsyncIterator[Setup]:
     _, home, _ = province.shared_patient()
     token = province.token("--role", "hospital", "--hospital", home, "--subject", "ohif")
-    app_config = APP_CONFIG % {"root": json.dumps(f"{province.gw.base}/dicomweb"),
-                               "authorization": json.dumps(f"Bearer {token}")}
-    runner = web.AppRunner(viewer_app(ohif.DIST, app_config), access_log=None)
+    config = app_config(f"{province.gw.base}/dicomweb", token)
+    runner = web.AppRunner(viewer_app(ohif.DIST, config), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", viewer_port)
     await site.start()
@@ -172,8 +188,17 @@ async def setup(province: Province, viewer_port: int) -> AsyncIterator[Setup]:
         await runner.cleanup()
 
 
-async def new_page(setup: Setup) -> tuple[Page, Trace]:
-    page = await setup.browser.new_page(viewport={"width": 1280, "height": 900})
+async def new_page(setup: Setup, *, config: str | None = None) -> tuple[Page, Trace]:
+    """A page in a fresh browser context; ``config`` replaces the served app-config.js."""
+    context = await setup.browser.new_context(viewport={"width": 1280, "height": 900})
+    if config is not None:
+        body = config
+
+        async def fulfil(route: Route) -> None:
+            await route.fulfill(body=body, content_type="application/javascript")
+
+        await context.route(f"{setup.viewer}/app-config.js", fulfil)
+    page = await context.new_page()
     trace = Trace(f"{setup.province.gw.base}/dicomweb")
     page.on("console", trace.on_console)
     page.on("pageerror", lambda e: trace.console.append(f"pageerror: {e}"))
@@ -202,6 +227,17 @@ CANVAS_STATS = """() => {
 }"""
 
 
+async def image_shown(page: Page, trace: Trace, province: Province) -> None:
+    """Wait for the viewport's canvas to show an image: many grey levels, mostly not black."""
+    try:
+        await page.wait_for_function(
+            f"() => ({CANVAS_STATS})()?.levels > 8", timeout=60000, polling=250)
+    except PlaywrightError as exc:
+        raise AssertionError(f"no image in the viewport: {exc}\n{trace.report(province)}") from exc
+    stats = await page.evaluate(CANVAS_STATS)
+    assert stats["lit"] > 0.2, (stats, trace.report(province))
+
+
 def row_key(name: str, study_date: str) -> tuple[str, str]:
     """A study-list row as OHIF shows it: "Family, Given" (alphabetic group) and the date."""
     family, _, given = name.split("=")[0].partition("^")
@@ -223,7 +259,7 @@ async def test_ohif_lists_only_the_hospitals_studies_and_shows_images(setup: Set
         await page.wait_for_function(
             "n => [...document.querySelectorAll('table tbody tr')]"
             "  .filter(r => r.cells[0]?.innerText.trim()).length >= n",
-            arg=len(own), timeout=15000)
+            arg=len(own), timeout=60000)
     except PlaywrightError as exc:
         raise AssertionError(f"study list did not fill: {exc}\n{trace.report(province)}") from exc
     cells = await page.eval_on_selector_all(
@@ -235,16 +271,13 @@ async def test_ohif_lists_only_the_hospitals_studies_and_shows_images(setup: Set
                     for s in set(first) - own)
     assert not set(hidden) & set(listed)
 
-    # 2. One study in the viewer: metadata and frames through WADO-RS, pixels on the canvas.
+    # 2. One study opened from the list (its row, then the Basic Viewer mode): metadata
+    # and frames through WADO-RS, pixels on the canvas.
     study = sorted(own)[0]
-    await page.goto(f"{setup.viewer}/viewer?StudyInstanceUIDs={study}")
-    try:
-        await page.wait_for_function(
-            f"() => ({CANVAS_STATS})()?.levels > 8", timeout=20000, polling=250)
-    except PlaywrightError as exc:
-        raise AssertionError(f"no image in the viewport: {exc}\n{trace.report(province)}") from exc
-    stats = await page.evaluate(CANVAS_STATS)
-    assert stats["lit"] > 0.2, (stats, trace.report(province))
+    name, date = row_key(first[study].patient_name, first[study].study_date)
+    await page.locator("table tbody tr").filter(has_text=name).filter(has_text=date).click()
+    await page.locator('button[title="Basic Viewer"]').click()
+    await image_shown(page, trace, province)
     assert not trace.failures and not trace.console, trace.report(province)
     rows = [r for r in await audit_rows(province) if r["subject"] == "ohif"]
     seen = {(r["action"], r["outcome"]) for r in rows if r["StudyInstanceUID"] == study}
@@ -257,9 +290,10 @@ async def test_ohif_lists_only_the_hospitals_studies_and_shows_images(setup: Set
     foreign = sorted(s for s in set(first) - own if first[s].national_id in patients)[0]
     before = len(rows)
     trace.failures.clear()
-    await page.goto(f"{setup.viewer}/viewer?StudyInstanceUIDs={foreign}")
+    async with page.expect_response(lambda r: f"/studies/{foreign}/series" in r.url) as series:
+        await page.goto(f"{setup.viewer}/viewer?StudyInstanceUIDs={foreign}")
+    assert (await series.value).status == 204
     await page.wait_for_load_state("networkidle")
-    await page.wait_for_timeout(1000)
     assert (await page.evaluate(CANVAS_STATS) or {"levels": 0})["levels"] <= 1
     fetched = [u for u in trace.requests if foreign in u and "/series/" in u]
     assert fetched == [], trace.report(province)
@@ -269,3 +303,19 @@ async def test_ohif_lists_only_the_hospitals_studies_and_shows_images(setup: Set
     logs = province.gw.logs()
     assert "Traceback" not in logs
     assert not any(first[s].patient_id in logs for s in first), "a PatientID in the log"
+
+
+async def test_ohif_opens_a_study_from_a_launch_url_with_its_token(setup: Setup) -> None:
+    # The plain data source (no auth hook): the only credential is OHIF's ?token= parameter.
+    province = setup.province
+    config = app_config(f"{province.gw.base}/dicomweb", None)
+    token = province.token("--role", "hospital", "--hospital", setup.home, "--subject", "ris")
+    study = sorted(province.studies(hospital=setup.home))[-1]
+    page, trace = await new_page(setup, config=config)
+    await page.goto(f"{setup.viewer}/viewer?StudyInstanceUIDs={study}&token={token}")
+    await image_shown(page, trace, province)
+    assert not trace.failures and not trace.console, trace.report(province)
+    assert token not in page.url  # OHIF drops it from the address bar and history
+    seen = {(r["action"], r["outcome"]) for r in await audit_rows(province)
+            if r["subject"] == "ris" and r["StudyInstanceUID"] == study}
+    assert {("metadata", "ok"), ("frames", "ok")} <= seen, (seen, trace.report(province))
