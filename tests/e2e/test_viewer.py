@@ -34,8 +34,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking"]
 
-# OHIF's own configuration for a DICOMweb data source (its platform/app/public/config/*.js),
-# pointed at the gateway. OHIF 3.13 asks its userAuthenticationService for the
+# OHIF's own configuration for a dynamic DICOMweb server (the data source settings of its
+# platform/app/public/config/local_orthanc.js), pointed at the gateway. OHIF 3.13 asks its userAuthenticationService for the
 # Authorization header of every QIDO-RS/WADO-RS request (the data source's
 # ``requestOptions.auth`` is not consulted any more). Two ways to fill it, both OHIF's own:
 # the viewer route's ``?token=`` parameter (a launch link), or, for the study list too,
@@ -70,6 +70,8 @@ APP_CONFIG = """window.config = ({ servicesManager }) => ({
   }],
 });
 """
+SHIPPED_SERVER = "https://d14fa38qiwhyfd.cloudfront.net/dicomweb"
+"""The public demo server in OHIF's shipped app-config.js (qidoRoot, wadoRoot, wadoUriRoot)."""
 AUTH_HOOK = """
       onConfiguration: (config) => {
         servicesManager.services.userAuthenticationService.setServiceImplementation({
@@ -306,15 +308,20 @@ async def test_ohif_lists_only_the_hospitals_studies_and_shows_images(setup: Set
 
 
 async def test_ohif_opens_a_study_from_a_launch_url_with_its_token(setup: Setup) -> None:
-    # The plain data source (no auth hook): the only credential is OHIF's ?token= parameter.
+    # OHIF's shipped app-config.js, only its DICOMweb server's URL replaced: the only
+    # credential is OHIF's ?token= parameter.
     province = setup.province
-    config = app_config(f"{province.gw.base}/dicomweb", None)
+    shipped = (ohif.DIST / "app-config.js").read_text(encoding="utf-8")
+    assert shipped.count(SHIPPED_SERVER) == 3
+    config = shipped.replace(SHIPPED_SERVER, f"{province.gw.base}/dicomweb")
     token = province.token("--role", "hospital", "--hospital", setup.home, "--subject", "ris")
     study = sorted(province.studies(hospital=setup.home))[-1]
     page, trace = await new_page(setup, config=config)
     await page.goto(f"{setup.viewer}/viewer?StudyInstanceUIDs={study}&token={token}")
     await image_shown(page, trace, province)
     assert not trace.failures and not trace.console, trace.report(province)
+    # The shipped config asks for server-rendered thumbnails (thumbnailRendering: 'thumbnail').
+    assert any("/thumbnail?viewport=" in u for u in trace.requests), trace.report(province)
     assert token not in page.url  # OHIF drops it from the address bar and history
     seen = {(r["action"], r["outcome"]) for r in await audit_rows(province)
             if r["subject"] == "ris" and r["StudyInstanceUID"] == study}
