@@ -309,12 +309,11 @@ class Gate:
                 ids = {r[0] for r in (await conn.execute(q)).all()}
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        refused = "no consent grant for this patient here; peers not asked"
         if len(ids) != 1 or None in ids:
-            return (
-                "the patient has no national identity here; peers not asked"
-                if ids
-                else "no such patient here; peers not asked"
-            )
+            # The same answer as for a patient without a grant: a search reveals nothing
+            # about who is indexed here.
+            return refused
         national_id = next(iter(ids))
         assert national_id is not None
         token = self.tokens.for_national_id(national_id)
@@ -332,7 +331,7 @@ class Gate:
                 ],
                 at=ctx.now,
             )
-            return "no consent grant for this patient; peers not asked"
+            return refused
         detail = f"consent={grant.id}" if grant is not None else "break-glass"
         await self.audit.record(
             [ctx.event("federated-search", "ok", patient_token=token, detail=detail)], at=ctx.now
