@@ -14,6 +14,7 @@ registry builds; ``Range`` and ``If-Range`` are passed through.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -209,10 +210,65 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
         break_glass_reason=found.break_glass_reason,
     )
     headers = {h: request.headers[h] for h in _PASS_REQUEST if h in request.headers}
-    return await _stream(request, federation.client.retrieve(
+    pending = federation.client.retrieve(
         peer, path, list(request.query.items()),
         caller if peer.kind == "gateway" else None, headers=headers,
-    ))
+    )
+    if tail is not None and tail.endswith("metadata"):
+        home = f"{request.scheme}://{request.host}/dicomweb/federation"
+        return await _metadata(pending, federation, province, home)
+    return await _stream(request, pending)
+
+
+async def _metadata(pending: Any, federation: Any, province: str, home: str) -> web.Response:
+    """A peer's metadata answer with its BulkDataURIs pointed at this gateway's proxy.
+
+    Read whole (bounded by ``federation.max_answer_bytes``): the URIs must be rewritten.
+    A URI outside the peer's registered base is dropped, never followed. Raises
+    ``NotFound`` / ``PeerUnavailable`` as a retrieve does.
+    """
+    limit = federation.settings.max_answer_bytes
+    try:
+        async with pending as upstream:
+            if upstream.status == 404:
+                raise NotFound("no such study, series or instance")
+            if upstream.status != 200:
+                raise PeerUnavailable(f"the holding province answered HTTP {upstream.status}")
+            body = bytearray()
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                body += chunk
+                if len(body) > limit:
+                    raise PeerUnavailable("the holding province's metadata is over the cap")
+            content_type = upstream.content_type
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PeerUnavailable(
+            f"the holding province cannot be reached ({type(exc).__name__})"
+        ) from None
+    try:
+        data = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PeerUnavailable("the holding province answered metadata that is not JSON") from None
+    registry = federation.registry
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            uri = node.get("BulkDataURI")
+            if isinstance(uri, str):
+                mapped = registry.map_retrieve_url(province, uri)
+                if mapped is None:
+                    del node["BulkDataURI"]
+                else:
+                    node["BulkDataURI"] = f"{home}/{mapped[0]}/{mapped[1]}"
+            for value in node.values():
+                walk(value)
+
+    walk(data)
+    return web.Response(
+        text=json.dumps(data, ensure_ascii=False), content_type=content_type, charset="utf-8"
+    )
 
 
 async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:

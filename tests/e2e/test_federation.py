@@ -509,4 +509,9 @@ async def test_retrieve_through_home_streams_identical_bytes(world: World,
         async with http.get(f"{base}/dicomweb/federation/440000/studies/{study}/metadata",
                             headers=me, ssl=world.client_ssl) as r:
             assert r.status == 200
-            assert (await r.json())[0]["0020000D"]["Value"] == [study]
+            metadata = await r.json()
+        assert metadata[0]["0020000D"]["Value"] == [study]
+        pixel = metadata[0]["7FE00010"]["BulkDataURI"]
+        assert pixel.startswith(f"{base}/dicomweb/federation/440000/studies/{study}/series/")
+        async with http.get(pixel, headers=me, ssl=world.client_ssl) as r:
+            assert r.status == 200, await r.text()

@@ -101,3 +101,19 @@ def test_registry_reads_public_keys_and_names_a_bad_file(tmp_path: Path) -> None
     pub.unlink()
     with pytest.raises(ConfigError, match=r"federation.peers\[0\].public_key_file"):
         load_registry(load_settings(cfg, environ={}))
+
+
+def test_cli_prints_the_stable_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from imaging_gateway.cli import main
+
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[federation]\nsigning_key_file = "fed.pem"\n', encoding="utf-8")
+    assert main(["federation", "public-key", "--config", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert main(["federation", "--config", str(cfg), "public-key"]) == 0
+    assert capsys.readouterr().out == first
+    assert isinstance(serialization.load_pem_public_key(first.encode()), Ed25519PublicKey)
+    assert (tmp_path / "fed.pem").stat().st_mode & 0o777 == 0o600
