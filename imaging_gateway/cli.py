@@ -157,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--patients", type=int, default=20)
     d.add_argument("--listen", default="127.0.0.1:8080")
     d.add_argument("--no-serve", action="store_true", help="stop after indexing")
+    d.add_argument(
+        "--federation",
+        action="store_true",
+        help="three provinces (110000, 310000, 440000) as three processes on --listen's "
+        "port and the next two, federated; shows a cross-province search and retrieve",
+    )
     return p
 
 
@@ -203,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     tune_gc()
     try:
+        if args.command == "demo" and args.federation:
+            from imaging_gateway.demo_federation import run_federation_demo
+
+            return run_federation_demo(
+                args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
+            )
         if args.command == "demo":
             from imaging_gateway.demo import run_demo
 
