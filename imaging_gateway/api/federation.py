@@ -287,7 +287,9 @@ async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:
                 headers={h: upstream.headers[h] for h in _PASS_RESPONSE if h in upstream.headers},
             )
             await out.prepare(request)
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            # Whatever has arrived, as it arrives (bounded by the socket reader's buffer):
+            # fewer, larger writes than fixed-size chunks, memory still flat.
+            async for chunk in upstream.content.iter_any():
                 await out.write(chunk)
             await out.write_eof()
             return out
