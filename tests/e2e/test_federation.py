@@ -515,3 +515,30 @@ async def test_retrieve_through_home_streams_identical_bytes(world: World,
         assert pixel.startswith(f"{base}/dicomweb/federation/440000/studies/{study}/series/")
         async with http.get(pixel, headers=me, ssl=world.client_ssl) as r:
             assert r.status == 200, await r.text()
+
+
+async def test_series_search_and_retrieve_audit_share_correlation(
+        world: World, consent: dict[str, Any]) -> None:
+    me = world.token("110000", world.hospital, "dr-li")
+    params = {"PatientID": world.patient_id, "IssuerOfPatientID": world.hospital,
+              "federated": "true"}
+    base = world.gws["110000"].base
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/dicomweb/series", params=params, headers=me,
+                            ssl=world.client_ssl) as r:
+            assert r.status == 200
+            series = await r.json()
+        remote = [s for s in series if holding_province(s) == "310000"]
+        want = {i.series_uid for i in world.corpus["310000"] if i.national_id == world.national_id}
+        assert {s["0020000E"]["Value"][0] for s in remote} == want
+        url = remote[0]["00081190"]["Value"][0]
+        assert url.startswith(f"{base}/dicomweb/federation/310000/studies/")
+        assert "/series/" in url
+        async with http.get(url, headers=me, ssl=world.client_ssl) as r:
+            assert r.status == 200
+            await r.read()
+    home = [r for r in world.audit("110000") if r["action"] == "federated-retrieve"][-1]
+    assert home["outcome"] == "ok"
+    cid = _correlation(home)
+    there = [r for r in world.audit("310000") if _correlation(r) == cid]
+    assert [(r["action"], r["outcome"], r["role"]) for r in there] == [("retrieve", "ok", "peer")]
