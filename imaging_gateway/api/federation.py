@@ -46,6 +46,7 @@ from imaging_gateway.federation.assertions import verify_assertion
 from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
 from imaging_gateway.security.gate import PeerGrant
 from imaging_gateway.security.principals import Principal
+from imaging_gateway.services.federation import Federation
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -220,7 +221,9 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
     return await _stream(request, pending)
 
 
-async def _metadata(pending: Any, federation: Any, province: str, home: str) -> web.Response:
+async def _metadata(
+    pending: Any, federation: Federation, province: str, home: str
+) -> web.Response:
     """A peer's metadata answer with its BulkDataURIs pointed at this gateway's proxy.
 
     Read whole (bounded by ``federation.max_answer_bytes``): the URIs must be rewritten.
