@@ -4,17 +4,30 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
-from imaging_gateway.api import admin, consent, dicomweb
+from imaging_gateway.api import admin, consent, dicomweb, federation
 from imaging_gateway.api.cors import setup_cors
-from imaging_gateway.api.keys import CONSENTS, GATE, INDEX, SETTINGS, STORES, SYNC, TOKENS
+from imaging_gateway.api.keys import (
+    CONSENTS,
+    FEDERATION,
+    GATE,
+    INDEX,
+    SETTINGS,
+    STORES,
+    SYNC,
+    TOKENS,
+)
 from imaging_gateway.api.middlewares import (
     auth_middleware,
     client_certificate_middleware,
     error_middleware,
 )
 from imaging_gateway.api.openapi import openapi_json
+from imaging_gateway.federation.assertions import MemoryReplayCache
+from imaging_gateway.federation.client import FederationClient, load_registry
+from imaging_gateway.federation.fanout import CircuitBreakers
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
 from imaging_gateway.security.consent import ConsentStore
@@ -22,6 +35,7 @@ from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
+from imaging_gateway.services.federation import Federation
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
@@ -45,10 +59,12 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_security_ctx)
     app.cleanup_ctx.append(_stores_ctx)
     app.cleanup_ctx.append(_sync_ctx)
+    app.cleanup_ctx.append(_federation_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_routes(admin.routes)
     app.router.add_routes(consent.routes)
+    app.router.add_routes(federation.routes)
     app.router.add_routes(dicomweb.routes)
     setup_cors(app, settings.security.cors_origins)
     return app
@@ -106,3 +122,31 @@ async def _sync_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SYNC] = manager
     yield
     await manager.close()
+
+
+async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Peer registry, signing key, breakers, replay cache and the one outbound session."""
+    settings = app[SETTINGS]
+    f = settings.federation
+    if not f.enabled:
+        yield
+        return
+    registry = load_registry(settings)
+    key = load_or_create_signing_key(f.signing_key_file, setting="federation.signing_key_file")
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=32),
+        # Never the environment's proxies: peers are reached at their registered address.
+        trust_env=False,
+        auto_decompress=False,
+    )
+    app[FEDERATION] = Federation(
+        settings=f,
+        registry=registry,
+        client=FederationClient(settings, registry, key, session),
+        breakers=CircuitBreakers(
+            failure_threshold=f.breaker_failures, cool_down_s=f.breaker_cool_down_s
+        ),
+        replay_cache=MemoryReplayCache(),
+    )
+    yield
+    await session.close()

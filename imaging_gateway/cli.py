@@ -1,4 +1,4 @@
-"""Command line: serve | sync | index | tokens | keys | seal | audit | demo. Thin: parses, calls."""
+"""Command line: serve | sync | index | tokens | keys | federation | seal | audit | demo. Thin."""
 
 from __future__ import annotations
 
@@ -112,6 +112,15 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the check of the stores' rewrap records (objects under it become unreadable)",
     )
 
+    f = cmd("federation", "cross-province federation")
+    fsub = f.add_subparsers(dest="federation_command", required=True, metavar="SUBCOMMAND")
+    fsub.add_parser(
+        "public-key",
+        help="print the public key of federation.signing_key_file (created if absent), "
+        "for the peers' public_key_file",
+        parents=[config_again],
+    )
+
     se = cmd("seal", "encrypt the plain objects of a store in place (resumable)")
     se.add_argument("--store", required=True, help="name of a [[stores]] entry")
     se.add_argument("--concurrency", type=int, default=4)
@@ -148,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--patients", type=int, default=20)
     d.add_argument("--listen", default="127.0.0.1:8080")
     d.add_argument("--no-serve", action="store_true", help="stop after indexing")
+    d.add_argument(
+        "--federation",
+        action="store_true",
+        help="three provinces (110000, 310000, 440000) as three processes on --listen's "
+        "port and the next two, federated; shows a cross-province search and retrieve",
+    )
     return p
 
 
@@ -194,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     tune_gc()
     try:
+        if args.command == "demo" and args.federation:
+            from imaging_gateway.demo_federation import run_federation_demo
+
+            return run_federation_demo(
+                args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
+            )
         if args.command == "demo":
             from imaging_gateway.demo import run_demo
 
@@ -205,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "tokens":
             return _tokens(settings, args)
+        if args.command == "federation":
+            return _federation_public_key(settings)
         if args.command == "keys" and args.keys_command in {"init", "rotate"}:
             return _keys_local(settings, args)
         if args.command in {"keys", "seal"}:
@@ -245,6 +268,21 @@ def _serve(settings: Settings) -> int:
         access_log_class=SafeAccessLogger,
         print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
     )
+    return 0
+
+
+def _federation_public_key(settings: Settings) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from imaging_gateway.security.tokens import load_or_create_signing_key
+
+    key = load_or_create_signing_key(
+        settings.federation.signing_key_file, setting="federation.signing_key_file"
+    )
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    print(pem.decode("ascii"), end="")
     return 0
 
 

@@ -28,7 +28,16 @@ TLS_VERSIONS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
 # Keys that would hold a secret in the file itself. The file names environment
 # variables instead (``*_env``), so a leaked config file leaks nothing.
 _SECRET_KEYS = frozenset(
-    {"access_key", "secret_key", "secret", "password", "token", "session_token", "signing_key"}
+    {
+        "access_key",
+        "secret_key",
+        "secret",
+        "password",
+        "token",
+        "session_token",
+        "signing_key",
+        "credential",
+    }
 )
 # GB/T 2260 province-level codes: two digits of province followed by 0000.
 _PROVINCES = frozenset(
@@ -69,7 +78,9 @@ _PROVINCES = frozenset(
         "82",
     }
 )
-_SECTIONS = frozenset({"gateway", "index", "stores", "sync", "security", "tls", "encryption"})
+_SECTIONS = frozenset(
+    {"gateway", "index", "stores", "sync", "security", "tls", "encryption", "federation"}
+)
 _STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HOSPITAL_CODE = re.compile(r"^H\d{11}$")
 
@@ -225,6 +236,59 @@ class TlsSettings:
         return self.cert_file is not None and self.key_file is not None
 
 
+PeerKindSetting = Literal["gateway", "dicomweb"]
+PEER_KINDS: tuple[str, ...] = ("gateway", "dicomweb")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """One ``[[federation.peers]]`` table: another province's gateway or a DICOMweb server.
+
+    Files are only named here; ``federation.client.load_registry`` reads them at start-up.
+    """
+
+    province: str
+    name: str
+    base_url: str
+    """The peer's DICOMweb root, e.g. ``https://gw.sh.example/dicomweb``."""
+    kind: PeerKindSetting = "gateway"
+    public_key_file: Path | None = None
+    """PEM Ed25519 public key verifying the peer's assertions (``gateway`` peers)."""
+    ca_file: Path | None = None
+    """PEM bundle trusted for this peer's TLS certificate (only it); default ``tls.ca_file``
+    plus the system store."""
+    certificate_subject: str | None = None
+    """When set, the peer's client certificate must name this (CN, else first SAN)."""
+    credential_env: str | None = None
+    """Name of the environment variable holding a ``dicomweb`` peer's bearer token."""
+    credential: str | None = field(default=None, repr=False)
+    """The resolved bearer token (from ``credential_env``); never in the TOML."""
+
+
+@dataclass(frozen=True, slots=True)
+class FederationSettings:
+    """Cross-province search and retrieve (``[federation]``)."""
+
+    signing_key_file: Path
+    """Ed25519 private key (PEM, 0600, created if absent) signing this gateway's assertions."""
+    enabled: bool = False
+    deadline_ms: int = 1500
+    """One deadline for the whole fan-out of a federated search."""
+    retrieve_timeout_s: float = 300.0
+    """Upper bound of one proxied retrieve from a peer."""
+    max_answer_bytes: int = 8 * 1024 * 1024
+    """A peer's search answer larger than this marks that peer failed for the request."""
+    breaker_failures: int = 3
+    """Consecutive failures that open a peer's circuit breaker."""
+    breaker_cool_down_s: float = 30.0
+    """How long an open breaker refuses calls before one probe goes through."""
+    assertion_validity_s: int = 60
+    allow_plain_http: bool = False
+    """Allow ``http://`` peers (loopback demos only; peers are called over TLS)."""
+    peers: tuple[PeerSettings, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     gateway: GatewaySettings
@@ -235,6 +299,11 @@ class Settings:
     tls: TlsSettings
     encryption: EncryptionSettings = field(
         default_factory=lambda: EncryptionSettings(keyring_file=Path("data/keys/keyring.json"))
+    )
+    federation: FederationSettings = field(
+        default_factory=lambda: FederationSettings(
+            signing_key_file=Path("data/keys/federation-signing.pem")
+        )
     )
 
     def store(self, name: str) -> StoreSettings:
@@ -405,7 +474,8 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     if unknown:
         raise ConfigError(
             unknown[0],
-            "unknown section (expected gateway, index, stores, sync, security, tls, encryption)",
+            "unknown section (expected gateway, index, stores, sync, security, tls, encryption,"
+            " federation)",
         )
 
     g = _Section("gateway", raw.get("gateway", {}))
@@ -520,7 +590,92 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     )
     e.finish()
     tls = _tls(_Section("tls", raw.get("tls", {})), base)
-    return Settings(gateway, index, tuple(stores), sync, security, tls, encryption)
+    federation = _federation(raw.get("federation", {}), env, base, gateway.province, data_dir)
+    return Settings(gateway, index, tuple(stores), sync, security, tls, encryption, federation)
+
+
+def _federation(
+    table: Any, env: Mapping[str, str], base: Path, province: str, data_dir: Path
+) -> FederationSettings:
+    """The ``[federation]`` table and its ``[[federation.peers]]``; shapes only.
+
+    Raises ``ConfigError`` naming the key: a bad number, a peer without province, base
+    URL or key, a duplicate or home province, a credential on a gateway peer, a
+    credential variable that is not set.
+    """
+    f = _Section("federation", table)
+    peers_raw = f.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("federation.peers", "expected an array of tables ([[federation.peers]])")
+    peers: list[PeerSettings] = []
+    for n, peer_table in enumerate(peers_raw):
+        peer = _peer(f"federation.peers[{n}]", peer_table, env, base)
+        if peer.province == province:
+            raise ConfigError(f"federation.peers[{n}].province", "this gateway's own province")
+        if any(p.province == peer.province for p in peers):
+            raise ConfigError(f"federation.peers[{n}].province", "one peer per province")
+        peers.append(peer)
+    federation = FederationSettings(
+        signing_key_file=_path(
+            base, f.str_("signing_key_file", str(data_dir / "keys" / "federation-signing.pem"))
+        ),
+        enabled=f.bool_("enabled", False),
+        deadline_ms=f.int_("deadline_ms", 1500, minimum=50, maximum=60_000),
+        retrieve_timeout_s=f.float_("retrieve_timeout_s", 300.0, minimum=1.0),
+        max_answer_bytes=f.int_(
+            "max_answer_bytes", 8 * 1024 * 1024, minimum=1024, maximum=1024 * 1024 * 1024
+        ),
+        breaker_failures=f.int_("breaker_failures", 3, minimum=1, maximum=1000),
+        breaker_cool_down_s=f.float_("breaker_cool_down_s", 30.0, minimum=0.1),
+        assertion_validity_s=f.int_("assertion_validity_s", 60, minimum=5, maximum=300),
+        allow_plain_http=f.bool_("allow_plain_http", False),
+        peers=tuple(peers),
+    )
+    f.finish()
+    return federation
+
+
+def _peer(where: str, table: Any, env: Mapping[str, str], base: Path) -> PeerSettings:
+    t = _Section(where, table)
+    province = t.str_("province")
+    if not (
+        re.fullmatch(r"\d{6}", province)
+        and province.endswith("0000")
+        and province[:2] in _PROVINCES
+    ):
+        raise ConfigError(f"{where}.province", "expected a GB/T 2260 province-level code")
+    kind = t.str_("kind", "gateway")
+    if kind not in PEER_KINDS:
+        raise ConfigError(f"{where}.kind", f"expected one of {', '.join(PEER_KINDS)}")
+    base_url = t.str_("base_url")
+    parts = urlsplit(base_url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{where}.base_url", "expected http(s)://host[:port]/dicomweb-root")
+    key_file = t.opt_str("public_key_file")
+    ca_file = t.opt_str("ca_file")
+    credential_env = t.opt_str("credential_env")
+    if credential_env is not None and not _ENV_NAME.match(credential_env):
+        raise ConfigError(f"{where}.credential_env", "expected an environment variable name")
+    if kind == "gateway":
+        if key_file is None:
+            raise ConfigError(f"{where}.public_key_file", "missing; a gateway peer needs it")
+        if credential_env is not None:
+            raise ConfigError(f"{where}.credential_env", "only dicomweb peers use a credential")
+    elif key_file is not None:
+        raise ConfigError(f"{where}.public_key_file", "a dicomweb peer does not sign assertions")
+    peer = PeerSettings(
+        province=province,
+        name=t.str_("name", province),
+        base_url=base_url.rstrip("/"),
+        kind="gateway" if kind == "gateway" else "dicomweb",
+        public_key_file=None if key_file is None else _path(base, key_file),
+        ca_file=None if ca_file is None else _path(base, ca_file),
+        certificate_subject=t.opt_str("certificate_subject"),
+        credential_env=credential_env,
+        credential=t.secret_from_env("credential", env),
+    )
+    t.finish()
+    return peer
 
 
 def _tls(t: _Section, base: Path) -> TlsSettings:

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imaging_gateway.api.keys import CONSENTS, GATE, PRINCIPAL, SETTINGS
+from imaging_gateway.api.keys import CONSENTS, GATE, PEER_GRANT, PRINCIPAL, SETTINGS
 from imaging_gateway.errors import InvalidRequest, NotFound
 from imaging_gateway.security.consent import may_manage, parse_consent_request
 from imaging_gateway.security.gate import AccessContext
@@ -18,8 +18,20 @@ routes = web.RouteTableDef()
 
 
 def access_context(request: web.Request, **kw: Any) -> AccessContext:
-    """The caller and circumstances of ``request`` for the gate and the audit log."""
+    """The caller and circumstances of ``request`` for the gate and the audit log.
+
+    For a peer (a verified federation assertion) purpose, break-glass reason and
+    correlation id are the assertion's, whatever the request's headers say.
+    """
     principal: Principal = request[PRINCIPAL]
+    grant = request.get(PEER_GRANT)
+    if grant is not None:
+        kw.update(
+            peer=grant,
+            purpose=grant.purpose,
+            break_glass_reason=None,
+            correlation_id=grant.correlation_id,
+        )
     return AccessContext(principal=principal, source=request.remote, **kw)
 
 

@@ -11,20 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import orjson
 from aiohttp import web
 
 from imaging_gateway.api.consent import access_context
-from imaging_gateway.api.keys import GATE, INDEX, SETTINGS, STORES
+from imaging_gateway.api.keys import (
+    CONSENTS,
+    FEDERATION,
+    GATE,
+    INDEX,
+    PEER_GRANT,
+    SETTINGS,
+    STORES,
+)
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
 from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
+from imaging_gateway.errors import InvalidQuery
+from imaging_gateway.federation.fanout import warning_header
 from imaging_gateway.security.gate import AccessContext, parse_break_glass_reason
 from imaging_gateway.services import stow, wado
+from imaging_gateway.services.federation import as_token_patient, federated_search
 from imaging_gateway.storage.base import ObjectStore
 
 routes = web.RouteTableDef()
@@ -56,12 +69,25 @@ def _base(request: web.Request) -> str:
 # -- QIDO-RS -------------------------------------------------------------------------
 
 
+def _is_federated(request: web.Request) -> bool:
+    value = request.query.get("federated")
+    if value is None:
+        return False
+    if value.lower() not in ("true", "false"):
+        raise InvalidQuery("federated: expected true or false")
+    return value.lower() == "true"
+
+
 async def _search(request: web.Request, level: Level) -> web.StreamResponse:
+    federated = _is_federated(request)
+    pairs = [(k, v) for k, v in request.query.items() if k != "federated"]
+    if federated and request.get(PEER_GRANT) is None:
+        return await _federated_search(request, level, pairs)
     ctx = _ctx(request)
     representation = select(request.headers.get("Accept"), _SEARCH_OFFERS, what="search results")
     query = parse_qido(
         level,
-        list(request.query.items()),
+        pairs,
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
@@ -79,9 +105,68 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
         xml, content_type = _multipart_related(parts, "application/dicom+xml")
         return web.Response(body=xml, headers={**headers, "Content-Type": content_type})
     datasets = to_dicom_json(level, page.rows, includefield=include, retrieve_base=_base(request))
+    grant = request.get(PEER_GRANT)
+    if grant is not None:
+        # To a peer the patient is the token it asked with; local PatientIDs stay here.
+        for d in datasets:
+            as_token_patient(d, grant.patient_token)
     return web.Response(
         body=orjson.dumps(datasets),  # UTF-8, as PS3.18 F.2 asks; ~10x the stdlib's speed
         content_type=representation.media_type,
+        charset="utf-8",
+        headers=headers,
+    )
+
+
+async def _federated_search(
+    request: web.Request, level: Level, pairs: list[tuple[str, str]]
+) -> web.StreamResponse:
+    """The local search plus every peer's answer for the patient named by PatientID."""
+    select(request.headers.get("Accept"), (_SEARCH_JSON, _SEARCH_PLAIN_JSON),
+           what="federated search results")
+    app = request.app
+    study_uid = request.match_info.get("study")
+    series_uid = request.match_info.get("series")
+    query = parse_qido(level, pairs, study_uid=study_uid, series_uid=series_uid)
+    max_results = app[SETTINGS].security.search_max_results
+    limit = min(query.limit or max_results, max_results)
+    offset = query.offset
+    # Every source is asked for its first offset + limit matches; the merge pages.
+    local_pairs = [(k, v) for k, v in pairs if k not in ("limit", "offset")]
+    local_pairs.append(("limit", str(min(offset + limit, max_results))))
+    local_query = parse_qido(level, local_pairs, study_uid=study_uid, series_uid=series_uid)
+    ctx = replace(_ctx(request), correlation_id=str(uuid.uuid4()))
+    page = await app[GATE].search(ctx, local_query, max_results=max_results)
+    local = to_dicom_json(
+        level, page.rows, includefield=query.requested, retrieve_base=_base(request)
+    )
+    answer = await federated_search(
+        federation=app.get(FEDERATION),
+        gate=app[GATE],
+        consents=app[CONSENTS],
+        ctx=ctx,
+        level=level,
+        query=query,
+        pairs=pairs,
+        local=local,
+        limit=limit,
+        offset=offset,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        retrieve_base=_base(request),
+    )
+    headers = {
+        "X-Federation-Peers": answer.peers_header(),
+        "X-Correlation-ID": ctx.correlation_id or "",
+    }
+    texts = (*page.warnings, *answer.warnings)
+    if texts:
+        headers["Warning"] = warning_header(texts, agent=request.host or "imaging-gateway") or ""
+    if not answer.datasets:
+        return web.Response(status=204, headers=headers)
+    return web.Response(
+        body=orjson.dumps(answer.datasets),
+        content_type="application/dicom+json",
         charset="utf-8",
         headers=headers,
     )

@@ -7,8 +7,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from imaging_gateway.api.federation import authenticate_peer, peer_assertion
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
-from imaging_gateway.errors import ClientCertificateRequired, GatewayError, Unauthenticated
+from imaging_gateway.errors import (
+    ClientCertificateRequired,
+    Forbidden,
+    GatewayError,
+    Unauthenticated,
+)
 from imaging_gateway.security.tls import client_certificate, route_needing_certificate
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,18 @@ async def client_certificate_middleware(
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer tokens; a peer gateway's signed assertion on ``GET /dicomweb/...`` instead.
+
+    Raises ``Unauthenticated`` (audited, flood-limited) and, for an assertion sent to
+    anything but a DICOMweb read, ``Forbidden``.
+    """
     if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    assertion = peer_assertion(request)
+    if assertion is not None:
+        if request.method not in ("GET", "HEAD") or not request.path.startswith("/dicomweb/"):
+            raise Forbidden("a federation peer may only read DICOMweb resources")
+        await authenticate_peer(request, assertion)
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")

@@ -55,6 +55,7 @@ __all__ = [
     "fan_out",
     "holding_province",
     "merge_studies",
+    "tag_dataset",
     "warning_header",
     "warning_texts",
 ]
@@ -449,6 +450,24 @@ def _tag_study(
     if retrieve_url is not None:
         out[_RETRIEVE_URL] = {"vr": "UR", "Value": [retrieve_url]}
     return {k: out[k] for k in sorted(out)}
+
+
+def tag_dataset(
+    dataset: Mapping[str, Any],
+    *,
+    province: str,
+    province_name: str | None = None,
+    retrieve_url: str | None = None,
+) -> dict[str, Any]:
+    """A copy of any result dataset (series, instance) tagged as :func:`merge_studies` does.
+
+    The holding-province private block replaces any the source sent; ``retrieve_url``,
+    when given, becomes its RetrieveURL. Raises ``PeerAnswerError`` when group 0009 has
+    no free private block.
+    """
+    return _tag_study(
+        dataset, province=province, province_name=province_name, retrieve_url=retrieve_url
+    )
 
 
 def holding_province(dataset: Mapping[str, Any]) -> str | None:

@@ -224,6 +224,21 @@ break_glass = Table(
     Index("ix_break_glass_hospital", "hospital", "expires_at"),
 )
 
+# The federation's keyed patient token of each indexed patient (0005), kept by the gate
+# (security.gate.Gate.refresh_patient_tokens) so a peer's request, which names a patient
+# by token only, finds the local patient rows. A row counts only while patient_key and
+# national_id still equal the patient row's (a reused id or a changed identity never
+# matches: fail closed until the next refresh).
+federation_patient_tokens = Table(
+    "federation_patient_tokens",
+    metadata,
+    Column("patient_id", Integer, primary_key=True, autoincrement=False),
+    Column("patient_key", String(200), nullable=False),
+    Column("national_id", String(18)),
+    Column("token", String(64), nullable=False),
+    Index("ix_federation_patient_tokens_token", "token"),
+)
+
 # Append-only, hash-chained access log (imaging_gateway.security.audit).
 audit_log = Table(
     "audit_log",

@@ -2,8 +2,10 @@
 
 Deny by default. A hospital sees the studies it produced (``studies.hospital``); any other
 study only under an active consent grant for its patient, or a break-glass window its
-clinician opened with a stated reason. A patient sees their own studies. Admins and peers
-see no patient data here (federation answers go through their own checks).
+clinician opened with a stated reason. A patient sees their own studies. A peer (another
+province's gateway, its signed assertion verified by ``api.federation``) sees the studies
+of the one patient its assertion names by keyed token, within the asserted consent scope
+(or all of them under an asserted break-glass reason). Admins see no patient data here.
 
 Every decision is written to the audit log in the same transaction as the access, so an
 access whose record cannot be written does not happen. A study that exists but may not be
@@ -12,6 +14,7 @@ seen is answered exactly like one that does not exist.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -22,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError as IntegrityError_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -39,6 +43,7 @@ from imaging_gateway.index import qido
 from imaging_gateway.index.schema import (
     break_glass,
     consents,
+    federation_patient_tokens,
     instances,
     patients,
     series,
@@ -46,6 +51,7 @@ from imaging_gateway.index.schema import (
 )
 from imaging_gateway.index.sql import IndexedObject, SqlIndex, patient_key
 from imaging_gateway.security.audit import AuditEvent, AuditLog
+from imaging_gateway.security.consent import Consent, ConsentStore
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
 
@@ -58,6 +64,22 @@ _REFUSALS_TRACKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
+class PeerGrant:
+    """What a verified peer assertion allows: one patient (by token), a scope, a reason."""
+
+    patient_token: str
+    scope: str | tuple[str, ...]
+    """``"all"`` or the StudyInstanceUIDs of the asserted consent grant."""
+    hospital: str
+    """The requesting hospital behind the peer gateway (for the audit record)."""
+    clinician: str | None = None
+    break_glass_reason: str | None = None
+    """Set when the peer asserts emergency access instead of a consent grant."""
+    purpose: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AccessContext:
     """One request's caller and circumstances, as the gate and the audit log see them."""
 
@@ -67,18 +89,41 @@ class AccessContext:
     purpose: str | None = None
     break_glass_reason: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    peer: PeerGrant | None = None
+    """For a ``peer`` principal: what its verified assertion allows."""
+    correlation_id: str | None = None
+    """Shared by both provinces' audit records of one federated access."""
 
     def event(self, action: str, outcome: str, **kw: Any) -> AuditEvent:
-        """An audit event of this request; ``kw`` sets or overrides AuditEvent fields."""
+        """An audit event of this request; ``kw`` sets or overrides AuditEvent fields.
+
+        A federated access carries ``correlation=<uuid>`` at the end of ``detail``.
+        """
         p = self.principal
         fields: dict[str, Any] = {
-            "hospital": p.hospital,
+            "hospital": self.peer.hospital if self.peer is not None else p.hospital,
             "purpose": self.purpose,
-            "break_glass_reason": self.break_glass_reason,
+            "break_glass_reason": (
+                self.peer.break_glass_reason if self.peer is not None else self.break_glass_reason
+            ),
             "source": self.source,
         }
         fields.update(kw)
+        if self.correlation_id is not None:
+            note = f"correlation={self.correlation_id}"
+            detail = fields.get("detail")
+            fields["detail"] = f"{detail} {note}" if detail else note
         return AuditEvent(subject=p.subject, role=p.role, action=action, outcome=outcome, **fields)
+
+
+@dataclass(frozen=True, slots=True)
+class FederationSubject:
+    """The patient a federated search is for, and the grant that lets peers be asked."""
+
+    patient_token: str
+    consent: Consent | None
+    """The caller's active grant for the patient; None under break-glass."""
+    break_glass_reason: str | None
 
 
 def parse_break_glass_reason(value: str | None) -> str | None:
@@ -117,10 +162,20 @@ class Gate:
         self.break_glass_window = timedelta(minutes=break_glass_minutes)
         # (source, reason) -> (monotonic time of its last record, refusals since then)
         self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
+        self._tokens_lock = asyncio.Lock()
 
     # -- unauthenticated callers ---------------------------------------------------------
 
-    async def refused_token(self, *, source: str | None, reason: str) -> None:
+    async def refused_token(
+        self,
+        *,
+        source: str | None,
+        reason: str,
+        role: str = "none",
+        subject: str = "unauthenticated",
+        action: str = "authenticate",
+        note: str | None = None,
+    ) -> None:
         """Audit a request refused for its bearer token (missing, invalid, expired).
 
         At most one record per client address and reason per ``REFUSAL_WINDOW_S`` (the
@@ -139,13 +194,16 @@ class Gate:
         if len(self._refusals) > _REFUSALS_TRACKED:
             self._refusals.popitem(last=False)
         detail = reason if not since else f"{reason} (and {since} more in the last minute)"
+        if note is not None:
+            # After the reason (which keys the flood limit), e.g. a correlation id.
+            detail = f"{detail[:150]} {note}"
         event = AuditEvent(
-            subject="unauthenticated",
-            role="none",
-            action="authenticate",
+            subject=subject,
+            role=role,
+            action=action,
             outcome="denied",
             source=source,
-            detail=detail[:200],
+            detail=detail[:240],
         )
         try:
             await self.audit.record([event])
@@ -170,6 +228,118 @@ class Gate:
             return _patient_rule(sa.bindparam(_NATIONAL_ID, principal.national_id, type_=_TEXT))
         return sa.false()
 
+    # -- federation ------------------------------------------------------------------
+
+    async def refresh_patient_tokens(self, *, batch: int = 5000) -> int:
+        """Add the keyed token of every patient indexed since the last refresh.
+
+        Incremental by patient row id, so a refresh costs one indexed range query when
+        nothing is new. Only patients with a national identity get a token (a local key
+        never matches another province). Returns the number of rows added; raises
+        ``IndexUnavailable`` when the index cannot be written.
+        """
+        t = federation_patient_tokens
+        added = 0
+        async with self._tokens_lock:
+            try:
+                while True:
+                    async with self.engine.begin() as conn:
+                        last = (await conn.execute(sa.select(sa.func.max(t.c.patient_id)))).scalar()
+                        rows = (
+                            await conn.execute(
+                                sa.select(
+                                    patients.c.id, patients.c.patient_key, patients.c.national_id
+                                )
+                                .where(patients.c.id > (last or 0))
+                                .order_by(patients.c.id)
+                                .limit(batch)
+                            )
+                        ).all()
+                        if not rows:
+                            return added
+                        await conn.execute(
+                            t.insert(),
+                            [
+                                {
+                                    "patient_id": r[0],
+                                    "patient_key": r[1],
+                                    "national_id": r[2],
+                                    # A row without a national identity holds a token that
+                                    # no peer can send (for_national_id never makes it).
+                                    "token": self.tokens.for_patient(r[2], r[1]),
+                                }
+                                for r in rows
+                            ],
+                        )
+                        added += len(rows)
+                    if len(rows) < batch:
+                        return added
+            except IntegrityError_:
+                # Another gateway process of this province added them first.
+                return added
+            except (SQLAlchemyError, OSError) as exc:
+                raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+
+    async def federation_subject(
+        self, ctx: AccessContext, query: QidoQuery, consents_store: ConsentStore
+    ) -> FederationSubject | str:
+        """The patient a federated search names and the grant to ask peers under, audited.
+
+        The patient is named by PatientID (and IssuerOfPatientID where given) as a single
+        value, as this gateway's index knows them; their national identity gives the
+        keyed token peers match on. Peers may be asked only under the caller's active
+        consent grant for that person (to the caller's hospital, and clinician where the
+        grant names one), or with a break-glass reason. Returns the reason, a short text
+        without patient data, when peers are not to be asked. Raises
+        ``IndexUnavailable`` when the index cannot be read or the record not written.
+        """
+        p = ctx.principal
+        if p.role != "hospital" or not p.hospital:
+            return "federated search needs a hospital caller"
+        single = {
+            m.keyword: m.value
+            for m in query.matches
+            if m.keyword in ("PatientID", "IssuerOfPatientID") and m.kind == "single"
+        }
+        if "PatientID" not in single:
+            return "federated search needs PatientID as a single value"
+        q = sa.select(patients.c.national_id).where(patients.c.PatientID == single["PatientID"])
+        if "IssuerOfPatientID" in single:
+            q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
+        try:
+            async with self.engine.connect() as conn:
+                ids = {r[0] for r in (await conn.execute(q)).all()}
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        refused = "no consent grant for this patient here; peers not asked"
+        if len(ids) != 1 or None in ids:
+            # The same answer as for a patient without a grant: a search reveals nothing
+            # about who is indexed here.
+            return refused
+        national_id = next(iter(ids))
+        assert national_id is not None
+        token = self.tokens.for_national_id(national_id)
+        grant: Consent | None = None
+        for c in await consents_store.list(national_id=national_id, grantee_hospital=p.hospital):
+            if c.active(ctx.now) and c.grantee_clinician in (None, p.subject):
+                if grant is None or c.valid_until > grant.valid_until:
+                    grant = c
+        if grant is None and ctx.break_glass_reason is None:
+            await self.audit.record(
+                [
+                    ctx.event(
+                        "federated-search", "denied", patient_token=token, detail="no consent"
+                    )
+                ],
+                at=ctx.now,
+            )
+            return refused
+        detail = f"consent={grant.id}" if grant is not None else "break-glass"
+        await self.audit.record(
+            [ctx.event("federated-search", "ok", patient_token=token, detail=detail)], at=ctx.now
+        )
+        return FederationSubject(token, grant, None if grant else ctx.break_glass_reason)
+
     # -- retrieve --------------------------------------------------------------------
 
     async def locate(
@@ -187,6 +357,8 @@ class Gate:
         configured window first. Raises ``NotFound`` (the same for "does not exist" and
         "may not be seen", and audited either way).
         """
+        if ctx.peer is not None:
+            await self.refresh_patient_tokens()
         async with self.engine.begin() as conn:
             rows = await self._locations(conn, ctx, study_uid, series_uid, sop_uid)
             if not rows and ctx.break_glass_reason is not None:
@@ -226,7 +398,7 @@ class Gate:
         series_uid: str | None,
         sop_uid: str | None,
     ) -> list[_Located]:
-        visible, values = visibility(ctx.principal, ctx.now)
+        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer)
         q = (
             sa.select(
                 instances,
@@ -360,7 +532,9 @@ class Gate:
         """
         if ctx.break_glass_reason is not None:
             await self._open_break_glass_for_search(ctx, query)
-        visible, values = visibility(ctx.principal, ctx.now)
+        if ctx.peer is not None:
+            await self.refresh_patient_tokens()
+        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer)
         if self.search_engine is not self.engine:
             # PostgreSQL: the search, then its records in one atomic statement, on an
             # autocommit connection whose session enforces the time budget (the append
@@ -699,8 +873,36 @@ _HOSPITAL_RULE = _hospital_rule(
 _PATIENT_RULE = _patient_rule(sa.bindparam(_NATIONAL_ID, type_=_TEXT))
 _NOTHING: ColumnElement[bool] = sa.false()
 
+_PEER_PATIENT_PARAM = "gate_peer_token"
+_PEER_SCOPE = "gate_peer_scope"
+_peer_tokens = federation_patient_tokens.alias("peer_tokens")
+_peer_patient = patients.alias("peer_patient")
+# A token row counts only while it still describes the patient row (same key and identity).
+_PEER_PATIENTS = (
+    sa.select(_peer_tokens.c.patient_id)
+    .select_from(
+        _peer_tokens.join(
+            _peer_patient,
+            sa.and_(
+                _peer_patient.c.id == _peer_tokens.c.patient_id,
+                _peer_patient.c.patient_key == _peer_tokens.c.patient_key,
+                _peer_patient.c.national_id == _peer_tokens.c.national_id,
+            ),
+        )
+    )
+    .where(_peer_tokens.c.token == sa.bindparam(_PEER_PATIENT_PARAM, type_=_TEXT))
+    .scalar_subquery()
+)
+_PEER_ALL_RULE = studies.c.patient_id.in_(_PEER_PATIENTS)
+_PEER_SCOPED_RULE = sa.and_(
+    _PEER_ALL_RULE,
+    studies.c.StudyInstanceUID.in_(sa.bindparam(_PEER_SCOPE, expanding=True, type_=_TEXT)),
+)
 
-def visibility(principal: Principal, now: datetime) -> tuple[ColumnElement[bool], dict[str, Any]]:
+
+def visibility(
+    principal: Principal, now: datetime, *, peer: PeerGrant | None = None
+) -> tuple[ColumnElement[bool], dict[str, Any]]:
     """The condition on ``studies`` rows true exactly for the studies ``principal`` may see,
     and the parameter values to execute it with (``Gate.visible`` with the values apart).
 
@@ -715,6 +917,15 @@ def visibility(principal: Principal, now: datetime) -> tuple[ColumnElement[bool]
         }
     if principal.role == "patient" and principal.national_id:
         return _PATIENT_RULE, {_NATIONAL_ID: principal.national_id}
+    if principal.role == "peer" and peer is not None:
+        # The asserted patient only; every study of theirs under break-glass or an "all"
+        # grant, else the grant's StudyInstanceUIDs.
+        if peer.break_glass_reason is not None or peer.scope == "all":
+            return _PEER_ALL_RULE, {_PEER_PATIENT_PARAM: peer.patient_token}
+        return _PEER_SCOPED_RULE, {
+            _PEER_PATIENT_PARAM: peer.patient_token,
+            _PEER_SCOPE: list(peer.scope),
+        }
     return _NOTHING, {}
 
 

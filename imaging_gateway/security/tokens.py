@@ -24,10 +24,14 @@ VERIFIED_CACHE_SIZE = 4096
 """Tokens whose signature and claims were checked, kept to skip the check on reuse."""
 
 
-def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Load the gateway's token signing key, creating it (mode 0600) on first use.
+def load_or_create_signing_key(
+    path: Path, *, setting: str = "security.token_key_file"
+) -> Ed25519PrivateKey:
+    """Load an Ed25519 signing key (PEM), creating it (mode 0600) on first use.
 
-    Raises ``ConfigError`` if the file exists but is not an Ed25519 private key.
+    Used for the token key and the federation assertion key (``setting`` names the
+    key in errors). Raises ``ConfigError`` if the file exists but is not an Ed25519
+    private key.
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -44,9 +48,9 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
-        raise ConfigError("security.token_key_file", "expected a PEM Ed25519 private key") from None
+        raise ConfigError(setting, "expected a PEM Ed25519 private key") from None
     if not isinstance(loaded, Ed25519PrivateKey):
-        raise ConfigError("security.token_key_file", "expected a PEM Ed25519 private key")
+        raise ConfigError(setting, "expected a PEM Ed25519 private key")
     return loaded
 
 

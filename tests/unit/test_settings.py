@@ -110,6 +110,22 @@ def test_env_overrides_keys(tmp_path: Path) -> None:
         ('[tls]\nmin_version = "tls1.3"', "tls.min_version"),
         ('[tls]\nkey = "x"', "tls.key"),
         ("[bogus]\nx = 1", "bogus"),
+        ("[federation]\ndeadline_ms = 0", "federation.deadline_ms"),
+        ('[[federation.peers]]\nprovince = "990000"\nbase_url = "https://a/d"',
+         "federation.peers[0].province"),
+        ('[[federation.peers]]\nprovince = "110000"\nbase_url = "https://a/d"\n'
+         'public_key_file = "k"', "federation.peers[0].province"),
+        ('[[federation.peers]]\nprovince = "310000"\nbase_url = "https://a/d"',
+         "federation.peers[0].public_key_file"),
+        ('[[federation.peers]]\nprovince = "310000"\nbase_url = "ftp://a/d"\n'
+         'public_key_file = "k"', "federation.peers[0].base_url"),
+        ('[[federation.peers]]\nprovince = "310000"\nkind = "dicomweb"\n'
+         'base_url = "https://a/d"\ncredential = "s3cret"', "federation.peers[0].credential"),
+        ('[[federation.peers]]\nprovince = "310000"\nkind = "dicomweb"\n'
+         'base_url = "https://a/d"\ncredential_env = "UNSET_VAR_X"',
+         "federation.peers[0].credential_env"),
+        ('[[federation.peers]]\nprovince = "310000"\nkind = "pacs"\nbase_url = "https://a/d"',
+         "federation.peers[0].kind"),
         ("not toml [", "gateway.toml"),
     ],
 )
@@ -181,14 +197,16 @@ def test_example_config_loads_and_documents_every_key() -> None:
     from imaging_gateway import settings as mod
 
     example = Path(__file__).parents[2] / "config" / "gateway.example.toml"
-    env = {"BJ_PACS_ACCESS_KEY": "a", "BJ_PACS_SECRET_KEY": "b"}
+    env = {"BJ_PACS_ACCESS_KEY": "a", "BJ_PACS_SECRET_KEY": "b", "JS_PACS_TOKEN": "t"}
     s = load_settings(example, environ=env)
     assert [st.kind for st in s.stores] == ["s3", "fs"]
     text = example.read_text(encoding="utf-8")
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
-    internal = {"listen_host", "listen_port", "access_key", "secret_key", "password"}
+    internal = {"listen_host", "listen_port", "access_key", "secret_key", "password",
+                "credential", "peers"}
     for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
-                mod.SecuritySettings, mod.TlsSettings, mod.EncryptionSettings):
+                mod.SecuritySettings, mod.TlsSettings, mod.EncryptionSettings,
+                mod.FederationSettings, mod.PeerSettings):
         for f in dataclasses.fields(cls):
             if f.name not in internal:
                 assert f.name in documented, f"{cls.__name__}.{f.name} is not in the example"
@@ -312,3 +330,29 @@ def test_bad_ownership_names_the_key(tmp_path: Path, extra: str, key: str, messa
         load_settings(write(tmp_path, STORE + extra), environ={})
     assert err.value.key == key
     assert message in err.value.expected
+
+
+def test_federation_section(tmp_path: Path) -> None:
+    text = """
+[federation]
+enabled = true
+deadline_ms = 900
+[[federation.peers]]
+province = "310000"
+base_url = "https://gw.sh.example/dicomweb/"
+public_key_file = "keys/310000.pub"
+[[federation.peers]]
+province = "320000"
+kind = "dicomweb"
+base_url = "https://pacs.js.example/dicomweb"
+credential_env = "JS_TOKEN"
+"""
+    s = load_settings(write(tmp_path, text), environ={"JS_TOKEN": "tok-123"}).federation
+    assert s.enabled and s.deadline_ms == 900 and s.breaker_failures == 3
+    gw, pacs = s.peers
+    assert gw.base_url == "https://gw.sh.example/dicomweb"
+    assert gw.public_key_file == tmp_path / "keys" / "310000.pub"
+    assert pacs.credential == "tok-123" and "tok-123" not in repr(s)
+    assert s.signing_key_file == tmp_path / "data" / "keys" / "federation-signing.pem"
+    env = {"IMAGING_GATEWAY_FEDERATION__DEADLINE_MS": "300", "JS_TOKEN": "x"}
+    assert load_settings(write(tmp_path, text), environ=env).federation.deadline_ms == 300

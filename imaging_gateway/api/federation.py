@@ -1,0 +1,306 @@
+"""Federation routes and peer authentication: the responding and the retrieving side, thin.
+
+Responding (IHE XCA-I responding imaging gateway): a peer calls the same ``/dicomweb``
+routes a hospital does, over mTLS, with a signed assertion in ``X-Federation-Assertion``
+instead of a bearer token. :func:`authenticate_peer` verifies it (registered issuer key,
+audience, window, replay, request binding, client certificate) and makes the caller a
+``peer`` principal whose visibility the gate limits to the asserted patient and consent
+scope; refusals are 401/403 and audited with the assertion's correlation id.
+
+Retrieving: ``/dicomweb/federation/{province}/studies/{uid}[/...]`` streams a study held
+by another province through this gateway, chunk by chunk (memory flat), from the URL the
+registry builds; ``Range`` and ``If-Range`` are passed through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiohttp
+import jwt
+from aiohttp import web
+
+from imaging_gateway.api.consent import access_context
+from imaging_gateway.api.keys import (
+    CLIENT_CERTIFICATE,
+    CONSENTS,
+    FEDERATION,
+    GATE,
+    PEER_GRANT,
+    PRINCIPAL,
+    SETTINGS,
+)
+from imaging_gateway.errors import (
+    ClientCertificateRequired,
+    Forbidden,
+    NotAcceptable,
+    NotFound,
+    PeerUnavailable,
+    Unauthenticated,
+)
+from imaging_gateway.federation.assertions import verify_assertion
+from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
+from imaging_gateway.security.gate import PeerGrant
+from imaging_gateway.security.principals import Principal
+from imaging_gateway.services.federation import Federation
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+_PASS_REQUEST: Final = ("Accept", "Range", "If-Range")
+_PASS_RESPONSE: Final = (
+    "Content-Type",
+    "Content-Length",
+    "Content-Range",
+    "Accept-Ranges",
+    "ETag",
+    "Last-Modified",
+)
+_PASS_STATUS: Final = frozenset({200, 206, 416})
+_CHUNK: Final = 64 * 1024
+
+
+def _unverified(token: str) -> tuple[str, str | None]:
+    """(issuer, correlation id) as the token claims them, for the refusal's audit record."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return "unknown", None
+    iss = claims.get("iss")
+    cid = claims.get("correlation_id")
+    issuer = iss if isinstance(iss, str) and iss.isdigit() and len(iss) == 6 else "unknown"
+    try:
+        correlation = str(uuid.UUID(cid)) if isinstance(cid, str) else None
+    except ValueError:
+        correlation = None
+    return issuer, correlation
+
+
+async def authenticate_peer(request: web.Request, token: str) -> None:
+    """Make the caller a ``peer`` principal from its assertion; refusals audited.
+
+    Raises ``Forbidden`` when federation is off, ``ClientCertificateRequired`` without a
+    verified client certificate (except on plain HTTP with ``allow_plain_http``),
+    ``Unauthenticated`` for a forged, expired, replayed or misbound assertion or a
+    certificate that is not the asserting peer's, ``Forbidden`` for an expired grant.
+    """
+    app = request.app
+    federation = app.get(FEDERATION)
+    issuer, correlation = _unverified(token)
+    try:
+        if federation is None:
+            raise Forbidden("federation is not enabled on this gateway")
+        cert = request.get(CLIENT_CERTIFICATE)
+        if cert is None and (request.secure or not federation.settings.allow_plain_http):
+            raise ClientCertificateRequired("a peer must present its client certificate")
+        assertion = await verify_assertion(
+            token,
+            registry=federation.registry,
+            expected_audience=app[SETTINGS].gateway.province,
+            method=request.method,
+            path=request.rel_url.raw_path,
+            query=list(request.query.items()),
+            now=datetime.now(UTC),
+            replay_cache=federation.replay_cache,
+        )
+        expected = next(
+            (p.certificate_subject for p in federation.settings.peers
+             if p.province == assertion.issuer),
+            None,
+        )
+        if expected is not None and (cert is None or cert.subject != expected):
+            raise Unauthenticated("the client certificate is not the asserting peer's")
+    except (Unauthenticated, Forbidden) as exc:
+        await app[GATE].refused_token(
+            source=request.remote,
+            reason=exc.message,
+            role="peer",
+            subject=f"imaging-gateway:{issuer}",
+            action="federation",
+            note=None if correlation is None else f"correlation={correlation}",
+        )
+        raise
+    request[PRINCIPAL] = Principal(
+        subject=assertion.subject,
+        role="peer",
+        province=assertion.issuer,
+        token_id=assertion.jti,
+    )
+    request[PEER_GRANT] = PeerGrant(
+        patient_token=assertion.patient_token,
+        scope=assertion.consent.scope if assertion.consent is not None else (),
+        hospital=assertion.hospital,
+        clinician=assertion.clinician,
+        break_glass_reason=assertion.break_glass_reason,
+        purpose=assertion.purpose,
+        correlation_id=assertion.correlation_id,
+    )
+
+
+def peer_assertion(request: web.Request) -> str | None:
+    """The assertion header of a peer's request, or None for any other caller."""
+    return request.headers.get(ASSERTION_HEADER)
+
+
+_UID = "{study:[0-9.]+}"
+
+
+@routes.get(f"/dicomweb/federation/{{province:[0-9]{{6}}}}/studies/{_UID}")
+@routes.get(f"/dicomweb/federation/{{province:[0-9]{{6}}}}/studies/{_UID}/{{tail:.+}}")
+async def retrieve_federated(request: web.Request) -> web.StreamResponse:
+    """WADO-RS of a study another province holds, streamed through this gateway.
+
+    Needs a federated search for the study by the same hospital first (its RetrieveURL
+    points here); the consent grant it rested on is checked again now. Raises
+    ``NotFound`` (unknown province, never-searched study), ``Forbidden`` (grant revoked
+    or expired; audited), ``PeerUnavailable`` when the peer cannot be reached.
+    """
+    ctx = access_context(request, purpose=request.headers.get("X-Purpose-Of-Use"))
+    ctx.principal.require("hospital")
+    federation = request.app.get(FEDERATION)
+    province = request.match_info["province"]
+    study = request.match_info["study"]
+    if federation is None or province not in federation.registry:
+        raise NotFound("no such study, series or instance")
+    assert ctx.principal.hospital is not None
+    found = federation.located.get(ctx.principal.hospital, province, study)
+    gate = request.app[GATE]
+    correlation = str(uuid.uuid4())
+    ctx = access_context(
+        request, purpose=request.headers.get("X-Purpose-Of-Use"), correlation_id=correlation
+    )
+    token = found.patient_token if found is not None else None
+    if found is None:
+        await gate.audit.record(
+            [ctx.event("federated-retrieve", "not-found", StudyInstanceUID=study,
+                       detail=f"province={province}")],
+            at=ctx.now,
+        )
+        raise NotFound("no such study, series or instance (search with federated=true first)")
+    if found.consent is not None:
+        try:
+            grant = await request.app[CONSENTS].get(found.consent.id)
+        except NotFound:
+            grant = None
+        if grant is None or not grant.active(ctx.now):
+            await gate.audit.record(
+                [ctx.event("federated-retrieve", "denied", patient_token=token,
+                           StudyInstanceUID=study, detail="consent no longer active")],
+                at=ctx.now,
+            )
+            raise Forbidden("the consent grant for this patient is no longer active")
+    await gate.audit.record(
+        [ctx.event("federated-retrieve", "ok", patient_token=token, StudyInstanceUID=study,
+                   detail=f"province={province}")],
+        at=ctx.now,
+    )
+    tail = request.match_info.get("tail")
+    path = f"studies/{study}" + (f"/{tail}" if tail else "")
+    peer = federation.registry.get(province)
+    caller = FederatedCaller(
+        hospital=found.hospital,
+        clinician=found.clinician,
+        purpose=found.purpose,
+        patient_token=found.patient_token,
+        correlation_id=correlation,
+        consent=found.consent,
+        break_glass_reason=found.break_glass_reason,
+    )
+    headers = {h: request.headers[h] for h in _PASS_REQUEST if h in request.headers}
+    pending = federation.client.retrieve(
+        peer, path, list(request.query.items()),
+        caller if peer.kind == "gateway" else None, headers=headers,
+    )
+    if tail is not None and tail.endswith("metadata"):
+        home = f"{request.scheme}://{request.host}/dicomweb/federation"
+        return await _metadata(pending, federation, province, home)
+    return await _stream(request, pending)
+
+
+async def _metadata(
+    pending: Any, federation: Federation, province: str, home: str
+) -> web.Response:
+    """A peer's metadata answer with its BulkDataURIs pointed at this gateway's proxy.
+
+    Read whole (bounded by ``federation.max_answer_bytes``): the URIs must be rewritten.
+    A URI outside the peer's registered base is dropped, never followed. Raises
+    ``NotFound`` / ``PeerUnavailable`` as a retrieve does.
+    """
+    limit = federation.settings.max_answer_bytes
+    try:
+        async with pending as upstream:
+            if upstream.status == 404:
+                raise NotFound("no such study, series or instance")
+            if upstream.status != 200:
+                raise PeerUnavailable(f"the holding province answered HTTP {upstream.status}")
+            body = bytearray()
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                body += chunk
+                if len(body) > limit:
+                    raise PeerUnavailable("the holding province's metadata is over the cap")
+            content_type = upstream.content_type
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PeerUnavailable(
+            f"the holding province cannot be reached ({type(exc).__name__})"
+        ) from None
+    try:
+        data = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PeerUnavailable("the holding province answered metadata that is not JSON") from None
+    registry = federation.registry
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            uri = node.get("BulkDataURI")
+            if isinstance(uri, str):
+                mapped = registry.map_retrieve_url(province, uri)
+                if mapped is None:
+                    del node["BulkDataURI"]
+                else:
+                    node["BulkDataURI"] = f"{home}/{mapped[0]}/{mapped[1]}"
+            for value in node.values():
+                walk(value)
+
+    walk(data)
+    return web.Response(
+        text=json.dumps(data, ensure_ascii=False), content_type=content_type, charset="utf-8"
+    )
+
+
+async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:
+    """Copy the peer's answer to the client chunk by chunk; raises ``PeerUnavailable``."""
+    out: web.StreamResponse | None = None
+    try:
+        async with pending as upstream:
+            if upstream.status not in _PASS_STATUS:
+                if upstream.status == 404:
+                    raise NotFound("no such study, series or instance")
+                if upstream.status == 406:
+                    raise NotAcceptable("the holding province cannot send that representation")
+                raise PeerUnavailable(f"the holding province answered HTTP {upstream.status}")
+            out = web.StreamResponse(
+                status=upstream.status,
+                headers={h: upstream.headers[h] for h in _PASS_RESPONSE if h in upstream.headers},
+            )
+            await out.prepare(request)
+            # Whatever has arrived, as it arrives (bounded by the socket reader's buffer):
+            # fewer, larger writes than fixed-size chunks, memory still flat.
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if out is not None:
+            # Headers are gone: the client sees a truncated body (Content-Length tells).
+            log.warning("federated retrieve broke off: %s", type(exc).__name__)
+            return out
+        raise PeerUnavailable(
+            f"the holding province cannot be reached ({type(exc).__name__})"
+        ) from None

@@ -1,0 +1,342 @@
+"""Federated search and retrieve, the initiating imaging gateway's side (IHE XCA-I).
+
+A hospital's ``federated=true`` search runs the local search as always, then, for the one
+patient it names by PatientID, asks every registered peer at once (one deadline) under
+the caller's consent grant or break-glass reason, and merges the answers: each study
+tagged with its holding province, remote ones with a RetrieveURL through this gateway's
+proxy. A peer that fails is named in the Warning header and in ``X-Federation-Peers``
+and never fails the search. Retrieving a remote study streams it from its province.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from imaging_gateway.domain.qido import Level, QidoQuery
+from imaging_gateway.federation.assertions import (
+    EMERGENCY,
+    PURPOSES_ACROSS,
+    ConsentClaim,
+    MemoryReplayCache,
+)
+from imaging_gateway.federation.client import FederatedCaller, FederationClient
+from imaging_gateway.federation.fanout import (
+    CircuitBreakers,
+    FanOutResult,
+    PeerAnswerError,
+    fan_out,
+    merge_studies,
+    tag_dataset,
+    warning_texts,
+)
+from imaging_gateway.federation.peers import Peer, PeerRegistry
+from imaging_gateway.security.consent import ConsentStore
+from imaging_gateway.security.gate import AccessContext, FederationSubject, Gate
+from imaging_gateway.settings import FederationSettings
+
+__all__ = [
+    "PATIENT_TOKEN_ISSUER",
+    "FederatedPage",
+    "Federation",
+    "LocatedStudies",
+    "as_token_patient",
+    "federated_search",
+    "peer_query",
+]
+
+PATIENT_TOKEN_ISSUER: Final = "IMAGING-GATEWAY-PATIENT-TOKEN"  # noqa: S105 - a name
+"""IssuerOfPatientID a responding gateway writes beside the patient token it answers
+with in place of its local PatientID."""
+_PATIENT_ID: Final = "00100020"
+_ISSUER: Final = "00100021"
+_OTHER_IDS: Final = ("00101000", "00101002")
+_STUDY_UID: Final = "0020000D"
+_SERIES_UID: Final = "0020000E"
+_SOP_UID: Final = "00080018"
+# Patient attributes never sent to a gateway peer: it matches on the asserted token.
+_PATIENT_KEYS: Final = frozenset(
+    {
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "OtherPatientIDsSequence",
+        "00100020",
+        "00100021",
+        "00100010",
+        "00100030",
+        "00100040",
+        "00101002",
+    }
+)
+_PAGING: Final = frozenset({"limit", "offset", "federated"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Located:
+    caller: FederatedCaller
+    expires: float
+
+
+class LocatedStudies:
+    """Remote studies a hospital found by federated search, for its retrieves (bounded, TTL).
+
+    Knowing a StudyInstanceUID grants nothing: a retrieve through the proxy needs a
+    federated search by the same hospital first, whose consent grant is re-checked at
+    retrieve time. One process only (several processes need a shared table).
+    """
+
+    def __init__(self, *, ttl_s: float = 3600.0, capacity: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str, str], _Located] = OrderedDict()
+
+    def remember(
+        self, hospital: str, province: str, study_uid: str, caller: FederatedCaller
+    ) -> None:
+        key = (hospital, province, study_uid)
+        self._items[key] = _Located(caller, time.monotonic() + self.ttl_s)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, hospital: str, province: str, study_uid: str) -> FederatedCaller | None:
+        found = self._items.get((hospital, province, study_uid))
+        if found is None or found.expires < time.monotonic():
+            return None
+        return found.caller
+
+
+@dataclass(slots=True)
+class Federation:
+    """The app's federation resources (one per app, built in ``app._federation_ctx``)."""
+
+    settings: FederationSettings
+    registry: PeerRegistry
+    client: FederationClient
+    breakers: CircuitBreakers
+    replay_cache: MemoryReplayCache
+    located: LocatedStudies = field(default_factory=LocatedStudies)
+
+    @property
+    def deadline_s(self) -> float:
+        return self.settings.deadline_ms / 1000.0
+
+    def province_names(self) -> dict[str, str]:
+        return {p.province: p.name for p in self.registry}
+
+
+@dataclass(frozen=True, slots=True)
+class FederatedPage:
+    """A merged page: the datasets, Warning texts, and each peer's outcome."""
+
+    datasets: list[dict[str, Any]]
+    warnings: tuple[str, ...]
+    peers: list[dict[str, Any]]
+
+    def peers_header(self) -> str:
+        """The ``X-Federation-Peers`` value: JSON of every peer's outcome (no patient data)."""
+        return json.dumps(self.peers, separators=(",", ":"))
+
+
+def peer_query(
+    pairs: Sequence[tuple[str, str]], *, kind: str, limit: int, offset: int
+) -> list[tuple[str, str]]:
+    """The query sent to a peer: the caller's matching keys, first ``offset + limit`` matches.
+
+    A gateway peer gets no patient attribute (it matches on the asserted token); a plain
+    DICOMweb peer gets the caller's keys as they are (it shares their PatientID domain).
+    """
+    out = [
+        (k, v)
+        for k, v in pairs
+        if k not in _PAGING and (kind != "gateway" or k not in _PATIENT_KEYS)
+    ]
+    out.append(("limit", str(offset + limit)))
+    return out
+
+
+def _peer_path(level: Level, study_uid: str | None, series_uid: str | None) -> str:
+    if level == "study":
+        return "studies"
+    resource = "series" if level == "series" else "instances"
+    if series_uid is not None and study_uid is not None:
+        return f"studies/{study_uid}/series/{series_uid}/{resource}"
+    if study_uid is not None:
+        return f"studies/{study_uid}/{resource}"
+    return resource
+
+
+def _value(dataset: dict[str, Any], tag: str) -> str | None:
+    element = dataset.get(tag)
+    if isinstance(element, dict):
+        values = element.get("Value")
+        if isinstance(values, list) and values and isinstance(values[0], str):
+            return values[0]
+    return None
+
+
+def _as_home_patient(dataset: dict[str, Any], patient_id: str, issuer: str | None) -> None:
+    """Show a remote dataset under the PatientID the caller searched with."""
+    dataset[_PATIENT_ID] = {"vr": "LO", "Value": [patient_id]}
+    if issuer is not None:
+        dataset[_ISSUER] = {"vr": "LO", "Value": [issuer]}
+    else:
+        dataset.pop(_ISSUER, None)
+    for tag in _OTHER_IDS:
+        dataset.pop(tag, None)
+
+
+def as_token_patient(dataset: dict[str, Any], patient_token: str) -> None:
+    """Show a dataset answered to a peer under the asserted token instead of local IDs.
+
+    The responding side's rule: a peer's answer carries PatientID = the keyed patient
+    token and IssuerOfPatientID = ``PATIENT_TOKEN_ISSUER``, never the local PatientID or
+    other patient IDs (which may be national identity numbers).
+    """
+    dataset[_PATIENT_ID] = {"vr": "LO", "Value": [patient_token]}
+    dataset[_ISSUER] = {"vr": "LO", "Value": [PATIENT_TOKEN_ISSUER]}
+    for tag in _OTHER_IDS:
+        dataset.pop(tag, None)
+
+
+def _purpose(ctx: AccessContext, subject: FederationSubject) -> str:
+    if subject.consent is None:
+        return EMERGENCY
+    purpose = ctx.purpose or subject.consent.purpose
+    return purpose if purpose in PURPOSES_ACROSS else subject.consent.purpose
+
+
+async def federated_search(
+    *,
+    federation: Federation | None,
+    gate: Gate,
+    consents: ConsentStore,
+    ctx: AccessContext,
+    level: Level,
+    query: QidoQuery,
+    pairs: Sequence[tuple[str, str]],
+    local: list[dict[str, Any]],
+    limit: int,
+    offset: int,
+    study_uid: str | None,
+    series_uid: str | None,
+    retrieve_base: str,
+) -> FederatedPage:
+    """Merge local results with the peers' answers for the patient ``query`` names; page.
+
+    ``local`` holds the local search's first ``offset + limit`` matches; ``limit`` and
+    ``offset`` are the caller's, applied to the merged, ordered results as a local search
+    applies them. ``pairs`` are the caller's query parameters (without ``federated``);
+    ``ctx`` carries the correlation id both sides audit with. Never raises for a peer's
+    failure: peers not asked, failed or skipped are named in the Warning texts and the
+    peers list. Raises ``IndexUnavailable`` when the local index cannot be read or the
+    audit record not written.
+    """
+    home = ctx.principal.province
+    names = federation.province_names() if federation is not None else {}
+
+    def page(remote: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        if level == "study":
+            return merge_studies(
+                local, remote, home_province=home, retrieve_base=retrieve_base,
+                limit=limit, offset=offset, province_names=names,
+            ).studies
+        return _merge_other(
+            level, local, remote, home=home, base=retrieve_base, names=names,
+            limit=limit, offset=offset,
+        )
+
+    if federation is None:
+        return FederatedPage(page({}), ("federation is not enabled on this gateway",), [])
+    subject = await gate.federation_subject(ctx, query, consents)
+    if isinstance(subject, str):
+        return FederatedPage(page({}), (subject,), [])
+    principal = ctx.principal
+    assert principal.hospital is not None and ctx.correlation_id is not None
+    caller = FederatedCaller(
+        hospital=principal.hospital,
+        clinician=principal.subject,
+        purpose=_purpose(ctx, subject),
+        patient_token=subject.patient_token,
+        correlation_id=ctx.correlation_id,
+        consent=ConsentClaim.from_consent(subject.consent) if subject.consent else None,
+        break_glass_reason=subject.break_glass_reason,
+    )
+    single = {m.keyword: m.value for m in query.matches if m.kind == "single"}
+    patient_id = single["PatientID"]
+    issuer = single.get("IssuerOfPatientID")
+    path = _peer_path(level, study_uid, series_uid)
+
+    async def call(peer: Peer) -> list[dict[str, Any]]:
+        q = peer_query(pairs, kind=peer.kind, limit=limit, offset=offset)
+        datasets = await federation.client.search(
+            peer, path, q, caller if peer.kind == "gateway" else None,
+            timeout_s=federation.deadline_s,
+        )
+        for d in datasets:
+            _as_home_patient(d, patient_id, issuer)
+        return datasets
+
+    result: FanOutResult[list[dict[str, Any]]] = await fan_out(
+        list(federation.registry),
+        call,
+        deadline_s=federation.deadline_s,
+        breakers=federation.breakers,
+    )
+    remote = result.values
+    datasets = page(remote)
+    for province, found in remote.items():
+        for d in found:
+            uid = _value(d, _STUDY_UID)
+            if uid is not None:
+                federation.located.remember(
+                    principal.hospital, province, uid, replace(caller, correlation_id="")
+                )
+    return FederatedPage(datasets, warning_texts(result), result.metadata())
+
+
+def _merge_other(
+    level: Level,
+    local: list[dict[str, Any]],
+    remote: dict[str, list[dict[str, Any]]],
+    *,
+    home: str,
+    base: str,
+    names: dict[str, str],
+    limit: int,
+    offset: int,
+) -> list[dict[str, Any]]:
+    """Series or instance results: local first, then provinces in code order, de-duplicated."""
+    key = _SERIES_UID if level == "series" else _SOP_UID
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for province, datasets in [(home, local), *sorted(remote.items())]:
+        for d in datasets:
+            uid = _value(d, key)
+            if uid is None or uid in seen:
+                continue
+            seen.add(uid)
+            url = None
+            if province != home:
+                study = _value(d, _STUDY_UID)
+                series = _value(d, _SERIES_UID)
+                url = f"{base.rstrip('/')}/federation/{province}/studies/{study}"
+                if series is not None:
+                    url += f"/series/{series}"
+                if level == "instance":
+                    url += f"/instances/{uid}"
+            try:
+                out.append(
+                    tag_dataset(d, province=province, province_name=names.get(province),
+                                retrieve_url=url)
+                )
+            except PeerAnswerError:
+                continue
+    return out[offset : offset + limit]
