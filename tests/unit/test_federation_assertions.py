@@ -176,7 +176,11 @@ async def test_forged_signature() -> None:
     forged_body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     with pytest.raises(Unauthenticated, match="bad signature"):
         await verify(f"{head}.{forged_body}.{sig}")
-    flipped = sig[:-2] + ("AA" if sig[-2:] != "AA" else "BB")
+    # One bit of the signature's bytes (editing its last base64 characters may only touch
+    # padding bits that decoding drops).
+    raw = bytearray(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
+    raw[10] ^= 0x01
+    flipped = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
     with pytest.raises(Unauthenticated, match="bad signature"):
         await verify(f"{head}.{body}.{flipped}")
 
