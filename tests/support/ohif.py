@@ -1,8 +1,8 @@
 """The OHIF Viewer's prebuilt bundle (npm ``@ohif/app``) for the browser test: where it lives, how it is fetched.
 
 ``python -m tests.support.ohif`` fetches it with ``npm pack`` into ``.cache/ohif/VERSION``
-(gitignored) unless it is there already; ``.ci/run`` does that before the tests. The test
-never fetches anything itself: a missing bundle fails it with this command in the message.
+(gitignored) unless it is there already; ``.ci/run`` does that before the tests, and the
+test does it on first use; a bundle that cannot be fetched fails the test.
 """
 
 from __future__ import annotations
