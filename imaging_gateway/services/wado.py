@@ -41,7 +41,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +83,13 @@ from imaging_gateway.errors import (
     StorageError,
 )
 from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.storage.zerocopy import (
+    BodyOpener,
+    OpenBody,
+    Relay,
+    RelayTargetGone,
+    relay_fd,
+)
 
 __all__ = [
     "BULK_DATA_THRESHOLD",
@@ -307,7 +314,8 @@ async def _load_header(
 class _Part:
     content_type: str
     length: int | None
-    body: AsyncGenerator[bytes, None]
+    body: AsyncGenerator[bytes | OpenBody, None]
+    """Bytes to write, or a store body for the response's ``Relay`` to splice through."""
 
 
 class _ClientGone(Exception):
@@ -370,7 +378,7 @@ async def _send_multipart(
         part = await anext(parts, None)
         if part is None:
             raise NotFound("nothing to retrieve")
-        pending: bytes | None = await anext(part.body, b"")
+        pending: bytes | OpenBody | None = await anext(part.body, None)
         response = web.StreamResponse(
             headers={"Content-Type": f"{content_type}; boundary={boundary}"}
         )
@@ -388,18 +396,33 @@ async def _send_multipart(
             return response
         index = 0
         total = 0
+        relay: Relay | None = None
+
+        async def emit(item: bytes | OpenBody) -> int:
+            nonlocal relay
+            if not isinstance(item, OpenBody):
+                await _write(response, item)
+                return len(item)
+            if relay is None:
+                fd = relay_fd(request.transport)
+                if fd is None or request.transport is None:
+                    raise _ClientGone
+                relay = Relay(request.transport, fd)
+            try:
+                return await relay.relay(item)
+            except RelayTargetGone as exc:
+                raise _ClientGone from exc
+
         try:
             while part is not None:
                 try:
                     head = _part_head(boundary, part.content_type, part.length, first=index == 0)
                     await _write(response, head)
                     written = 0
-                    if pending:
-                        written += len(pending)
-                        await _write(response, pending)
+                    if pending is not None:
+                        written += await emit(pending)
                     async for chunk in part.body:
-                        written += len(chunk)
-                        await _write(response, chunk)
+                        written += await emit(chunk)
                 finally:
                     await part.body.aclose()
                 if part.length is not None and written != part.length:
@@ -428,6 +451,9 @@ async def _send_multipart(
             _abort(request)
         else:
             response[STREAM_OUTCOME] = "complete"
+        finally:
+            if relay is not None:
+                relay.close()
         return response
     finally:
         await parts.aclose()
@@ -515,6 +541,75 @@ async def _instance_chunks(
         raise _changed(instance)
 
 
+class _Opening:
+    """The body of one object opened ahead for a relay: the GET sent, its head read.
+
+    The bytes wait in the kernel (the socket's receive buffer) until the relay splices
+    them, so reading ahead costs no process memory. A store that cannot open a body so
+    (``open_body`` gives None) is streamed the ordinary way when its turn comes.
+    """
+
+    def __init__(self, store: ObjectStore, instance: InstanceLocation) -> None:
+        self._store = store
+        self._instance = instance
+        opener = cast(BodyOpener, store)
+        self._task = asyncio.create_task(
+            opener.open_body(instance.key, if_match=instance.etag or None)
+        )
+
+    async def chunks(self, chunk_size: int) -> AsyncGenerator[bytes | OpenBody, None]:
+        """The opened body (relayed by the sender), then the ordinary stream for any rest.
+
+        Should the store's connection end early, the rest is read with ``read_stream``
+        from where the relay stopped, pinned to the same version.
+        """
+        instance = self._instance
+        try:
+            body = await self._task
+        except asyncio.CancelledError:
+            raise
+        if body is None:
+            async for chunk in _instance_chunks(self._store, instance, chunk_size):
+                yield chunk
+            return
+        try:
+            if body.length != instance.size or (instance.etag and body.etag != instance.etag):
+                raise _changed(instance)
+            yield body
+        finally:
+            body.close()
+        done = body.delivered
+        if done >= instance.size:
+            return
+        stream = self._store.read_stream(
+            instance.key, offset=done, chunk_size=chunk_size, if_match=body.etag or None
+        )
+        try:
+            async for chunk in stream:
+                done += len(chunk)
+                if done > instance.size:
+                    raise _changed(instance)
+                yield chunk
+        finally:
+            await _close(stream)
+        if done != instance.size:
+            raise _changed(instance)
+
+    async def close(self) -> None:
+        """Cancel the open, or close the body opened and not relayed."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        if not self._task.cancelled() and self._task.exception() is None:
+            body = self._task.result()
+            if body is not None:
+                body.close()
+
+
+def _relayable(store: ObjectStore) -> bool:
+    """The store's own class opens bodies for a relay (not a wrapper passing it on)."""
+    return callable(getattr(type(store), "open_body", None))
+
+
 def _instance_part_type(instance: InstanceLocation, syntax: str | None = None) -> str:
     return Representation(
         "application/dicom", syntax or instance.TransferSyntaxUID, multipart=True
@@ -537,27 +632,35 @@ async def _instance_parts(
     prefetch: int,
     targets: Sequence[str | None] | None = None,
     max_bytes: int = TRANSCODE_MAX_BYTES,
+    relay: bool = False,
 ) -> AsyncGenerator[_Part, None]:
     """One part per instance; the next ``prefetch`` instances are read ahead concurrently.
 
     ``targets[i]`` names the transfer syntax instance ``i`` is transcoded to (None: sent
     as stored). Only instances sent as stored are read ahead; a transcoded one is read
-    whole and converted when its turn comes, so one at a time is in memory.
+    whole and converted when its turn comes, so one at a time is in memory. With
+    ``relay`` (the response can splice), instances of a store that opens bodies are
+    opened ahead (``_Opening``) instead of read into ``_Pipe`` buffers.
     """
-    window: deque[_Pipe] = deque()
+    window: deque[_Pipe | _Opening] = deque()
     ahead = [i for i in range(len(instances)) if targets is None or targets[i] is None]
     scheduled = 0
     try:
         for index, instance in enumerate(instances):
             while scheduled < len(ahead) and len(window) < prefetch:
                 next_one = instances[ahead[scheduled]]
-                source = _instance_chunks(_store(stores, next_one), next_one, chunk_size)
-                window.append(_Pipe(source, READ_AHEAD_CHUNKS))
+                next_store = _store(stores, next_one)
+                if relay and _relayable(next_store):
+                    window.append(_Opening(next_store, next_one))
+                else:
+                    source = _instance_chunks(next_store, next_one, chunk_size)
+                    window.append(_Pipe(source, READ_AHEAD_CHUNKS))
                 scheduled += 1
             target = None if targets is None else targets[index]
             if target is None:
-                pipe = window.popleft()
-                yield _Part(_instance_part_type(instance), instance.size, pipe.chunks())
+                entry = window.popleft()
+                body = entry.chunks(chunk_size) if isinstance(entry, _Opening) else entry.chunks()
+                yield _Part(_instance_part_type(instance), instance.size, body)
             else:
                 data = await _transcoded(_store(stores, instance), instance, target, max_bytes)
                 part_type = _instance_part_type(instance, target)
@@ -637,6 +740,7 @@ async def stream_instances(
         prefetch=PREFETCH_INSTANCES,
         targets=targets if transcoding else None,
         max_bytes=transcode_max_bytes,
+        relay=not transcoding and relay_fd(request.transport) is not None,
     )
     if transcoding:  # part lengths are known only once each is transcoded
         return await _send_multipart(request, content_type, parts)

@@ -6,13 +6,14 @@ import asyncio
 import hashlib
 import logging
 import random
+import socket
 import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import aiohttp
@@ -25,6 +26,7 @@ from imaging_gateway.errors import ObjectNotFound, StorageError, StoreUnavailabl
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, RangeRead
 from imaging_gateway.storage.sigv4 import SigV4Signer
+from imaging_gateway.storage.zerocopy import OpenBody
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ _READ_BUFFER = 256 * 1024
 """aiohttp's per-connection read buffer (it pauses the socket at twice this)."""
 _HASH_IN_THREAD = 256 * 1024
 """Bodies larger than this are SHA-256 hashed off the event loop (hashlib releases the GIL)."""
+_MAX_HEAD = 64 * 1024
+"""Longest response head ``open_body`` accepts."""
+_HEAD_READ = 16 * 1024
+"""Bytes asked of the socket per read of a response head (what follows stays in the kernel)."""
 
 # ---------------------------------------------------------------------------
 # Retry policy and failure classification (shared with the MinIO adapter)
@@ -321,6 +327,58 @@ class _Chunker:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+_ADDRESS_TTL_S = 300.0
+"""How long ``open_body`` keeps the endpoint's resolved address (aiohttp's DNS cache TTL)."""
+_AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, Any]
+
+
+async def _read_head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP response head (through its blank line) and the body bytes read with it.
+
+    Raises ``EOFError`` if the connection closes first, ``ValueError`` if the head is
+    longer than ``_MAX_HEAD``.
+    """
+    buf = b""
+    while True:
+        data = await loop.sock_recv(sock, _HEAD_READ)
+        if not data:
+            raise EOFError
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return buf[: end + 4], buf[end + 4 :]
+        if len(buf) > _MAX_HEAD:
+            raise ValueError("response head too long")
+
+
+async def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while len(buf) < count:
+        data = await loop.sock_recv(sock, count - len(buf))
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
+    """(HTTP version, status, fields by lower-case name) of a response head, or ValueError."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    if not version.startswith("HTTP/") or not rest[:3].isdigit():
+        raise ValueError("not an HTTP response")
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ValueError("malformed header field")
+        fields[name.strip().lower()] = value.strip()
+    return version, int(rest[:3]), fields
+
+
 async def _skip(content: aiohttp.StreamReader, count: int) -> None:
     """Drop the first ``count`` bytes of a body (fewer if it ends first)."""
     while count > 0:
@@ -373,6 +431,9 @@ class S3Store:
             self._credentials = Credentials(settings.access_key, settings.secret_key)
             self._signer = SigV4Signer(settings.access_key, settings.secret_key, settings.region)
         self._http: aiohttp.ClientSession | None = None
+        self._idle: list[socket.socket] = []
+        """Kept-alive connections of ``open_body``."""
+        self._address: tuple[float, _AddressInfo] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -659,6 +720,152 @@ class S3Store:
                     ) from exc
                 await asyncio.sleep(self._retry.delay(failures, retry_after))
 
+    async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
+        """GET the whole object and return its body unread, for a zero-copy relay.
+
+        The request goes out on a socket of this adapter's own (kept alive and reused
+        when a body was read to its end), the response head is read, and the body is
+        left in the kernel for ``zerocopy.Relay`` to splice to a client. Pinned like
+        ``read_stream`` (``If-Match``, and the ETag checked). Returns None when the body
+        cannot be relayed so (an https endpoint, or a response without Content-Length):
+        use ``read_stream``. Raises ``ObjectNotFound``, ``StorageError`` (including
+        "object changed while it was being read"), ``StoreUnavailable``.
+        """
+        if not self._endpoint.startswith("http://"):
+            return None
+        url = self._object_url(key)
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {"If-Match": f'"{if_match}"'} if if_match else {}
+
+        async def attempt() -> OpenBody | None:
+            signed = self._sign("GET", url, headers, EMPTY_SHA256_HASH)
+            lines = [f"GET {target} HTTP/1.1"]
+            lines += [f"{name}: {value}" for name, value in signed.items()]
+            lines.append("User-Agent: imaging-gateway\r\n\r\n")
+            request = "\r\n".join(lines).encode("ascii")
+            for fresh in (False, True):
+                sock = None if fresh else self._idle_socket()
+                reused = sock is not None
+                try:
+                    async with asyncio.timeout(self._settings.timeout_s):
+                        sock = sock or await self._connect()
+                        loop = asyncio.get_running_loop()
+                        await loop.sock_sendall(sock, request)
+                        head, initial = await _read_head(loop, sock)
+                except (OSError, TimeoutError, EOFError) as exc:
+                    if sock is not None:
+                        sock.close()
+                    if reused and not isinstance(exc, TimeoutError):
+                        continue  # an idle connection the server had closed: a new one
+                    reason = "connection closed" if isinstance(exc, EOFError) else None
+                    raise TransientError(reason or describe_error(exc)) from exc
+                except BaseException:
+                    if sock is not None:
+                        sock.close()
+                    raise
+                return await self._body_from(sock, key, head, initial, if_match)
+            raise TransientError("connection closed")  # pragma: no cover - loop returns
+
+        try:
+            return await call_with_retries(
+                self._retry, attempt, store=self.name, endpoint=self._endpoint, op="read_stream"
+            )
+        except ValueError:
+            raise StorageError(
+                f"store {self.name!r} at {self._endpoint}: unreadable response head"
+            ) from None
+
+    async def _body_from(
+        self, sock: socket.socket, key: str, head: bytes, initial: bytes, if_match: str | None
+    ) -> OpenBody | None:
+        """Check a response head; the ``OpenBody`` of a 200, or the error it means."""
+        try:
+            version, status, fields = _parse_head(head)
+            length = int(fields.get("content-length", "-1"))
+            if status != 200:
+                if 0 < length <= _MAX_HEAD and len(initial) < length:
+                    async with asyncio.timeout(self._settings.timeout_s):
+                        initial += await _read_exactly(sock, length - len(initial))
+                sock.close()
+                code, message = _error_code(initial)
+                retry_after = fields.get("retry-after", "")
+                raise status_error(
+                    store=self.name,
+                    endpoint=self._endpoint,
+                    bucket=self._settings.bucket,
+                    op="read_stream",
+                    key=key,
+                    status=status,
+                    code=code,
+                    message=message,
+                    retry_after=float(retry_after) if retry_after.isdigit() else None,
+                )
+            if length < 0 or "transfer-encoding" in fields or len(initial) > length:
+                sock.close()
+                return None
+            etag = _strip_etag(fields.get("etag"))
+            if if_match and etag and etag != if_match:  # If-Match ignored by the server
+                sock.close()
+                raise StorageError(f"store {self.name!r}: object changed while it was being read")
+        except BaseException:
+            sock.close()
+            raise
+        keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
+
+        def release(done: socket.socket, whole: bool) -> None:
+            self._release_socket(done, reusable=keep and whole)
+
+        return OpenBody(
+            sock,
+            length=length,
+            etag=etag or (if_match or ""),
+            initial=initial,
+            timeout_s=self._settings.timeout_s,
+            release=release,
+        )
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._address is None or now - self._address[0] > _ADDRESS_TTL_S:
+            split = urlsplit(self._endpoint)
+            infos = await loop.getaddrinfo(
+                split.hostname, split.port or 80, type=socket.SOCK_STREAM
+            )
+            first = infos[0]
+            self._address = (now, (first[0], first[1], first[2], first[4]))
+        family, kind, proto, address = self._address[1]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            if family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _idle_socket(self) -> socket.socket | None:
+        """A kept-alive connection the server has not closed meanwhile, if any."""
+        while self._idle:
+            sock = self._idle.pop()
+            try:
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return sock  # open and quiet: usable
+            except OSError:
+                pass
+            sock.close()  # closed by the server, or it sent bytes nobody asked for
+        return None
+
+    def _release_socket(self, sock: socket.socket, *, reusable: bool) -> None:
+        if reusable and len(self._idle) < self._settings.max_connections:
+            self._idle.append(sock)
+        else:
+            sock.close()
+
     async def write_stream(
         self, key: str, chunks: AsyncIterable[bytes], *, content_type: str = "application/dicom"
     ) -> ObjectInfo:
@@ -816,6 +1023,8 @@ class S3Store:
 
     async def close(self) -> None:
         """Close the HTTP session and its connections."""
+        while self._idle:
+            self._idle.pop().close()
         if self._http is not None:
             await self._http.close()
             self._http = None

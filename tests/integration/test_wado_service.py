@@ -6,6 +6,7 @@ import asyncio
 import email
 import io
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,8 @@ from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.factory import open_store
+from imaging_gateway.storage.s3 import S3Store
+from imaging_gateway.storage.zerocopy import OpenBody
 from tests.factories import pydicom_file
 from tests.support.seaweed import SeaweedServer
 
@@ -589,6 +592,122 @@ async def test_object_changed_mid_stream_aborts(
         for part in filter(None, patient.patient_name.replace("=", "^").split("^")):
             assert part not in text
         assert target.key not in text
+
+
+class TappedS3(S3Store):
+    """The S3 adapter itself (its class opens bodies, so WADO relays them), recording the
+    bodies it opens; a key in ``cut`` gets a body whose connection ends after that many
+    bytes (the rest of the object is left unread)."""
+
+    def __init__(self, inner: S3Store, cut: dict[str, int] | None = None) -> None:
+        super().__init__(inner._settings)
+        self.bodies: list[OpenBody] = []
+        self.cut = cut or {}
+        self.streams: list[tuple[str, int]] = []
+
+    async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
+        body = await super().open_body(key, if_match=if_match)
+        assert body is not None
+        if key in self.cut:
+            loop = asyncio.get_running_loop()
+            data = body.initial
+            while len(data) < self.cut[key]:
+                data += await loop.sock_recv(body.sock, self.cut[key] - len(data))
+            body.close()
+            ours, theirs = socket.socketpair()
+            ours.sendall(data[: self.cut[key]])
+            ours.close()  # the "store" goes away mid-body
+            theirs.setblocking(False)
+            body = OpenBody(
+                theirs, length=body.length, etag=body.etag, initial=b"", timeout_s=5.0,
+                release=lambda sock, _whole: sock.close(),
+            )  # fmt: skip
+        self.bodies.append(body)
+        return body
+
+    def read_stream(self, key: str, **kw: Any) -> AsyncIterator[bytes]:
+        self.streams.append((key, kw.get("offset", 0)))
+        return super().read_stream(key, **kw)
+
+
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.seaweedfs)])
+async def s3_corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
+    """The corpus in the plain S3 store only (the zero-copy relay is its adapter's)."""
+    async for made in _corpus(request, tmp_path, request.param):
+        yield made
+
+
+def _s3(corpus: Corpus) -> S3Store:
+    assert isinstance(corpus.store, S3Store)
+    return corpus.store
+
+
+async def test_relay_is_used_and_releases_every_body(s3_corpus: Corpus) -> None:
+    corpus = s3_corpus
+    tapped = TappedS3(_s3(corpus))
+    names = [f"syn{i}" for i in range(6)] * 3
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, f"/instances?names={','.join(names)}")
+        assert [content for _, content in parts] == [OBJECTS[n] for n in names]
+        assert len(tapped.bodies) == len(names) and not tapped.streams
+        assert all(b.delivered == b.length for b in tapped.bodies)
+        assert tapped._idle  # whole bodies leave their connections for the next GET
+    finally:
+        await tapped.close()
+
+
+async def test_relay_resumes_when_the_store_connection_drops(s3_corpus: Corpus) -> None:
+    corpus = s3_corpus
+    store = _s3(corpus)
+    target = corpus.locations["syn1"]
+    tapped = TappedS3(store, cut={target.key: 20_000})  # fits a socket pair's buffer
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, "/instances?names=syn0,syn1,syn2")
+        assert [content for _, content in parts] == [OBJECTS[n] for n in ("syn0", "syn1", "syn2")]
+        # The rest of syn1 came from an ordinary ranged stream, from where the relay stopped.
+        assert tapped.streams == [(target.key, 20_000)]
+        assert served.outcomes == ["complete"]
+    finally:
+        await tapped.close()
+
+
+async def test_client_gone_stops_the_store_reads(s3_corpus: Corpus) -> None:
+    corpus = s3_corpus
+    tapped = TappedS3(_s3(corpus))
+    names = [f"syn{i}" for i in range(6)]  # all opened ahead at once (prefetch window)
+    served = replace_stores(corpus, tapped)
+    loop = asyncio.get_running_loop()
+    try:
+        async with TestClient(TestServer(make_app(served))) as c:
+            # A client with a small receive window that reads 64 KiB and goes away (a reset;
+            # one that closes with nothing unread sends a FIN, and a stalled response then
+            # notices only when the transport sees the end of its input).
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.setblocking(False)
+            await loop.sock_connect(client, (c.server.host, c.server.port))
+            request = f"GET /instances?names={','.join(names)} HTTP/1.1\r\nHost: t\r\n\r\n"
+            await loop.sock_sendall(client, request.encode())
+            got = 0
+            while got < 65536:
+                got += len(await loop.sock_recv(client, 65536))
+            await asyncio.sleep(0.2)  # more arrives unread: closing now resets the connection
+            client.close()
+            for _ in range(500):
+                if served.outcomes:
+                    break
+                await asyncio.sleep(0.02)
+            assert served.outcomes == ["client-gone"]
+        assert tapped.bodies, "the relay was used"
+        opened = [b for b in tapped.bodies if b._release is not None]
+        assert not opened, "every body opened ahead is released"
+        assert sum(b.delivered for b in tapped.bodies) < sum(len(OBJECTS[n]) for n in names)
+    finally:
+        await tapped.close()
 
 
 # ---------------------------------------------------------------------------
