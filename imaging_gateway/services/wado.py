@@ -700,7 +700,11 @@ async def stream_instances(
     ``Content-Length``. Objects are copied from the store in ``chunk_size`` pieces, the next
     :data:`PREFETCH_INSTANCES` instances read concurrently while one is sent; memory holds
     at most about ``PREFETCH_INSTANCES x (READ_AHEAD_CHUNKS + 1) x chunk_size`` (24 MiB),
-    whatever the study size.
+    whatever the study size. When the store opens bodies (``S3Store.open_body``, plain
+    HTTP) and the client's connection is plain TCP, the bytes are spliced store socket ->
+    client socket in the kernel instead (``storage.zerocopy``): the instances ahead are
+    opened (request sent, head read) and wait in their sockets, so nothing is buffered in
+    the process.
 
     Transfer syntaxes are negotiated per stored syntax (``select_instances``): an instance
     whose stored syntax the client accepts is copied byte for byte, without parsing;
