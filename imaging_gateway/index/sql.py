@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imaging_gateway.domain.records import ParsedHeader
-from imaging_gateway.errors import IndexUnavailable, NotFound
+from imaging_gateway.errors import ConfigError, IndexUnavailable, NotFound
 from imaging_gateway.index.qido import (
     install_time_budget,
     mark_session_time_budget,
@@ -44,6 +44,7 @@ from imaging_gateway.index.schema import (
     sync_jobs,
     tombstones,
 )
+from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.settings import IndexSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -137,6 +138,44 @@ def patient_key(header: ParsedHeader, store: str) -> str:
     return f"{scope}|{p.PatientID}"
 
 
+def stored_patient_key(header: ParsedHeader, store: str, phi: PhiCodec | None) -> str:
+    """``patient_key`` as the index stores it: blinded when the index is encrypted."""
+    key = patient_key(header, store)
+    return key if phi is None else phi.patient_key(key)
+
+
+def patient_cells(phi: PhiCodec, key: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored patients columns of one patient (stored key ``key``): its PHI sealed,
+    with the blind indexes. ``values`` holds PatientID, PatientName, PatientBirthDate and
+    national_id in the clear."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"patients.{c}", row=key) for c in PATIENT_PHI
+    }
+    out["PatientID_bidx"] = phi.blind(values["PatientID"], column="patients.PatientID")
+    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
+    out["name_search"] = None
+    return out
+
+
+def study_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored PHI columns of one study: sealed, with the AccessionNumber blind index."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"studies.{c}", row=uid) for c in STUDY_PHI
+    }
+    out["AccessionNumber_bidx"] = phi.blind(
+        values["AccessionNumber"], column="studies.AccessionNumber"
+    )
+    return out
+
+
+PATIENT_PHI = ("PatientID", "PatientName", "PatientBirthDate", "national_id")
+"""Sealed columns of patients (row identity: the stored patient_key)."""
+STUDY_PHI = ("AccessionNumber", "StudyDescription", "ReferringPhysicianName")
+"""Sealed columns of studies (row identity: StudyInstanceUID)."""
+SERIES_PHI = ("SeriesDescription",)
+"""Sealed columns of series (row identity: SeriesInstanceUID)."""
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC.
     if value is not None and value.tzinfo is None:
@@ -169,8 +208,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class SqlIndex:
     """The study index. Open with ``await SqlIndex.open(settings)``; close with ``close()``."""
 
-    def __init__(self, engine: AsyncEngine, search_engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        search_engine: AsyncEngine | None = None,
+        *,
+        phi: PhiCodec | None = None,
+    ) -> None:
         self.engine = engine
+        self.phi = phi
+        """Set when the index's PHI columns are encrypted (``[encryption] enabled``)."""
         self.search_engine = search_engine or engine
         """Engine of QIDO-RS searches: on PostgreSQL its own small pool of autocommit
         connections whose sessions enforce the search time budget (``session_time_budget``),
@@ -180,10 +227,20 @@ class SqlIndex:
         self._key_locks: dict[str, _KeyLock] = {}
 
     @classmethod
-    async def open(cls, settings: IndexSettings, *, migrate: bool = True) -> SqlIndex:
+    async def open(
+        cls,
+        settings: IndexSettings,
+        *,
+        migrate: bool = True,
+        phi: PhiCodec | None = None,
+        check_phi: bool = True,
+    ) -> SqlIndex:
         """Connect and bring the schema to the newest migration.
 
-        Raises ``IndexUnavailable`` when the database cannot be reached.
+        With ``phi`` the index's PHI columns are sealed and looked up by blind index.
+        ``check_phi`` makes sure the database is in that state (``check_phi_state``).
+        Raises ``IndexUnavailable`` when the database cannot be reached, ``ConfigError``
+        and ``KeyNotFound`` / ``IntegrityError`` as ``check_phi_state`` does.
         """
         url = async_url(settings.url, settings.password)
         kwargs: dict[str, Any] = {"echo": settings.echo}
@@ -211,13 +268,18 @@ class SqlIndex:
                 pool_pre_ping=True,
             )
             event.listen(search_engine.sync_engine, "connect", mark_session_time_budget())
-        index = cls(engine, search_engine)
+        index = cls(engine, search_engine, phi=phi)
         try:
             if migrate:
                 await index.migrate()
             else:
                 async with engine.connect() as conn:
                     await conn.execute(sa.text("SELECT 1"))
+            if check_phi:
+                await index.check_phi_state()
+        except ConfigError:
+            await index.close()
+            raise
         except (OperationalError, DBAPIError, OSError) as exc:
             await index.close()
             where = url.render_as_string(hide_password=True)
@@ -237,6 +299,42 @@ class SqlIndex:
 
         async with self.engine.begin() as conn:
             await conn.run_sync(run)
+
+    async def check_phi_state(self) -> None:
+        """Refuse an index whose PHI columns are not in the state the settings say.
+
+        Encrypted settings and patient rows not yet sealed, or plain settings and sealed
+        rows: ``ConfigError`` saying what to do. With encryption, one sealed cell is opened,
+        so a missing key raises ``KeyNotFound`` naming its id and version, and another
+        keyring under the same id ``IntegrityError``, at start-up rather than mid-request.
+        """
+        column = patients.c.PatientID_bidx
+        async with self.engine.connect() as conn:
+            if self.phi is None:
+                sealed = (
+                    await conn.execute(sa.select(patients.c.id).where(column.is_not(None)).limit(1))
+                ).first()
+                if sealed is not None:
+                    raise ConfigError(
+                        "encryption.enabled",
+                        "the index's PHI columns are encrypted; set [encryption] enabled = true "
+                        "with the keyring that sealed them",
+                    )
+                return
+            plain = (
+                await conn.execute(sa.select(patients.c.id).where(column.is_(None)).limit(1))
+            ).first()
+            if plain is not None:
+                raise ConfigError(
+                    "encryption.enabled",
+                    "the index holds patient rows whose PHI columns are not encrypted yet; "
+                    "run `imaging-gateway seal-index` (resumable) before serving",
+                )
+            sample = (
+                await conn.execute(sa.select(patients.c.patient_key, patients.c.PatientID).limit(1))
+            ).first()
+        if sample is not None:
+            self.phi.open(sample[1], column="patients.PatientID", row=sample[0])
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -334,7 +432,7 @@ class SqlIndex:
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
             touched_studies |= await self._drop_orphans(conn, touched_series)
             # Counts, ModalitiesInStudy and name search keys that QIDO-RS matches on.
-            await refresh_derived(conn, touched_studies)
+            await refresh_derived(conn, touched_studies, phi=self.phi)
             await conn.execute(
                 sync_jobs.update()
                 .where(sync_jobs.c.id == job_id)
@@ -382,7 +480,9 @@ class SqlIndex:
                     series_ids = await self._remove_instances(
                         conn, store, keys, tombstone_keys=set(keys), job_id=job_id, now=_now()
                     )
-                    await refresh_derived(conn, await self._drop_orphans(conn, series_ids))
+                    await refresh_derived(
+                        conn, await self._drop_orphans(conn, series_ids), phi=self.phi
+                    )
                 else:
                     result = await conn.execute(
                         quarantine.delete()
@@ -564,11 +664,12 @@ class SqlIndex:
         study_rows: dict[str, dict[str, Any]] = {}
         series_rows: dict[str, dict[str, Any]] = {}
         pkey_of: dict[str, str] = {}
+        phi = self.phi
         for o in in_key_order:
             p = o.header.patient
-            pkey = patient_key(o.header, store)
+            pkey = stored_patient_key(o.header, store, phi)
             pkey_of[o.key] = pkey
-            pat_rows[pkey] = {
+            row: dict[str, Any] = {
                 "patient_key": pkey,
                 "PatientID": p.PatientID,
                 "IssuerOfPatientID": p.IssuerOfPatientID,
@@ -577,6 +678,9 @@ class SqlIndex:
                 "PatientSex": p.PatientSex,
                 "national_id": p.national_id,
             }
+            if phi is not None:
+                row.update(patient_cells(phi, pkey, row))
+            pat_rows[pkey] = row
         patient_ids = await self._upsert_rows(conn, patients, "patient_key", pat_rows)
         for o in in_key_order:
             s = o.header.study
@@ -596,6 +700,10 @@ class SqlIndex:
                     producers[o.key] if producers is not None else hospital or s.institution_code
                 ),
             }
+            if phi is not None:
+                study_rows[s.StudyInstanceUID].update(
+                    study_cells(phi, s.StudyInstanceUID, study_rows[s.StudyInstanceUID])
+                )
         study_ids = await self._upsert_rows(
             conn,
             studies,
@@ -615,6 +723,12 @@ class SqlIndex:
                 "BodyPartExamined": se.BodyPartExamined,
                 "SeriesDate": se.SeriesDate,
             }
+            if phi is not None:
+                series_rows[se.SeriesInstanceUID]["SeriesDescription"] = phi.seal(
+                    se.SeriesDescription,
+                    column="series.SeriesDescription",
+                    row=se.SeriesInstanceUID,
+                )
         series_ids = await self._upsert_rows(
             conn,
             series,
@@ -901,7 +1015,7 @@ class SqlIndex:
         )
         new_conflicts = await self._record_conflicts(conn, store, items, now)
         touched |= await self._drop_orphans(conn, gone_series)
-        await refresh_derived(conn, touched)
+        await refresh_derived(conn, touched, phi=self.phi)
         return new_conflicts
 
     @contextlib.asynccontextmanager
