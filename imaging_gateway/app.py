@@ -34,6 +34,7 @@ from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.services.federation import Federation
 from imaging_gateway.settings import Settings
@@ -80,7 +81,8 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
-    index = await SqlIndex.open(app[SETTINGS].index)
+    settings = app[SETTINGS]
+    index = await SqlIndex.open(settings.index, phi=load_phi_codec(settings))
     app[INDEX] = index
     yield
     await index.close()
@@ -99,8 +101,9 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
         PatientTokens(patient_key),
         break_glass_minutes=s.break_glass_minutes,
         search_engine=app[INDEX].search_engine,
+        phi=app[INDEX].phi,
     )
-    app[CONSENTS] = ConsentStore(engine)
+    app[CONSENTS] = ConsentStore(engine, phi=app[INDEX].phi)
     yield
 
 

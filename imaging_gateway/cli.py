@@ -1,4 +1,5 @@
-"""Command line: serve | sync | index | tokens | keys | federation | seal | audit | demo. Thin."""
+"""Command line: serve | sync | index | tokens | keys | federation | seal | seal-index | audit |
+demo. Thin."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from imaging_gateway.errors import GatewayError
+from imaging_gateway.errors import ConfigError, GatewayError
 from imaging_gateway.settings import Settings, load_settings
 
 log = logging.getLogger("imaging_gateway")
@@ -120,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "for the peers' public_key_file",
         parents=[config_again],
     )
+
+    si = cmd(
+        "seal-index",
+        "encrypt the index's PHI columns in place, or re-seal them under the current key "
+        "version (resumable; needs [encryption] enabled)",
+    )
+    si.add_argument("--batch", type=int, default=500, help="rows per transaction")
 
     se = cmd("seal", "encrypt the plain objects of a store in place (resumable)")
     se.add_argument("--store", required=True, help="name of a [[stores]] entry")
@@ -307,9 +315,18 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
     from imaging_gateway.index.sql import SqlIndex
+    from imaging_gateway.security.phi import load_phi_codec
 
-    index = await SqlIndex.open(settings.index)
+    phi = load_phi_codec(settings)
+    sealing = args.command == "seal-index"
+    if sealing and phi is None:
+        raise ConfigError(
+            "encryption.enabled", "must be true to seal the index (its keyring seals the cells)"
+        )
+    index = await SqlIndex.open(settings.index, phi=phi, check_phi=not sealing)
     try:
+        if sealing:
+            return await _seal_index(index, args)
         if args.command == "sync":
             return await _sync(settings, index, args)
         if args.command == "audit":
@@ -331,6 +348,17 @@ async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await index.close()
+
+
+async def _seal_index(index: Any, args: argparse.Namespace) -> int:
+    from imaging_gateway.index.seal import seal_index
+
+    def progress(table: str, rows: int) -> None:
+        log.info("seal-index: %s: %d rows rewritten", table, rows)
+
+    done = await seal_index(index, batch=args.batch, progress=progress)
+    _print({f"{table}_rewritten": n for table, n in done.items()}, as_json=False)
+    return 0
 
 
 def _print(data: dict[str, Any], *, as_json: bool) -> None:

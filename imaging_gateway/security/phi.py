@@ -24,12 +24,16 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 
 from imaging_gateway.errors import IntegrityError, InvalidQuery
 from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead
 from imaging_gateway.security.keyring import Keyring, check_key_id
+
+if TYPE_CHECKING:
+    from imaging_gateway.settings import Settings
 
 PREFIX = "$ig1$"
 """First characters of every sealed cell (no DICOM value or patient key starts so)."""
@@ -126,6 +130,19 @@ class PhiCodec:
         if plain_key.startswith(BLIND_KEY_PREFIX):
             return plain_key
         return BLIND_KEY_PREFIX + self.keyring.blind_index(plain_key, field="patients.patient_key")
+
+
+def load_phi_codec(settings: Settings) -> PhiCodec | None:
+    """The codec of the index's PHI columns: with ``[encryption] enabled``, over the keyring
+    the stores use; else None (the index is plain). Raises ``ConfigError`` as
+    ``storage.factory.load_store_keys`` does (a missing keyring names its file)."""
+    if not settings.encryption.enabled:
+        return None
+    from imaging_gateway.storage.factory import load_store_keys
+
+    keyring = load_store_keys(settings)
+    assert keyring is not None  # enabled: load_store_keys raises instead
+    return PhiCodec(keyring)
 
 
 def is_sealed(cell: str | None) -> bool:

@@ -1,0 +1,227 @@
+"""seal-index: encrypt the PHI columns of an existing plain index in place, resumably.
+
+Walks patients, studies, series and consents in primary-key order, a batch per
+transaction. Each row's PHI cells are opened (if already sealed: checked against their
+row) or taken as they are (plain), and the row is rewritten when anything is not in the
+encrypted form under the keyring's current key version: plain cells are sealed, cells of
+an older version re-sealed, blind indexes filled, the patient key blinded, ``name_search``
+cleared and the name keys replaced by their blind indexes, the federation token rows
+moved to the blinded key and identity. A batch lands whole or not at all, so a run killed
+at any point leaves every row either plain or sealed, and the next run finishes the job;
+a run over a sealed index changes nothing (it only checks every cell).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from imaging_gateway.index.qido import refresh_patient_names
+from imaging_gateway.index.schema import (
+    consents,
+    federation_patient_tokens,
+    patients,
+    series,
+    studies,
+)
+from imaging_gateway.index.sql import (
+    PATIENT_PHI,
+    SERIES_PHI,
+    STUDY_PHI,
+    SqlIndex,
+    patient_cells,
+    study_cells,
+)
+from imaging_gateway.security.consent import SEALED_COLUMNS as CONSENT_PHI
+from imaging_gateway.security.phi import PhiCodec, is_sealed, key_version
+
+BATCH = 500
+
+Progress = Callable[[str, int], None]
+"""Called after each batch with the table and the rows rewritten so far in it."""
+
+
+async def seal_index(
+    index: SqlIndex, *, batch: int = BATCH, progress: Progress | None = None
+) -> dict[str, int]:
+    """Bring every PHI cell of ``index`` to the sealed form under the current key version.
+
+    Returns the rows rewritten per table. Raises ``IntegrityError`` for a sealed cell
+    that does not open for its row, ``KeyNotFound`` naming the key id and version a cell
+    needs and the keyring does not hold, and what SQLAlchemy raises.
+    """
+    phi = index.phi
+    if phi is None:
+        raise ValueError("seal_index needs an index opened with a PHI codec")
+    done = {
+        "patients": await _seal_patients(index, phi, batch, progress),
+        "studies": await _seal_rows(
+            index,
+            phi,
+            studies,
+            "StudyInstanceUID",
+            STUDY_PHI,
+            batch,
+            progress,
+            lambda uid, plain: study_cells(phi, uid, plain),
+        ),
+        "series": await _seal_rows(
+            index,
+            phi,
+            series,
+            "SeriesInstanceUID",
+            SERIES_PHI,
+            batch,
+            progress,
+            lambda uid, plain: {
+                c: phi.seal(plain[c], column=f"series.{c}", row=uid) for c in SERIES_PHI
+            },
+        ),
+        "consents": await _seal_rows(
+            index,
+            phi,
+            consents,
+            "id",
+            CONSENT_PHI,
+            batch,
+            progress,
+            lambda cid, plain: {
+                **{c: phi.seal(plain[c], column=f"consents.{c}", row=cid) for c in CONSENT_PHI},
+                "national_id_bidx": phi.national_id_index(plain["national_id"]),
+            },
+        ),
+    }
+    return done
+
+
+def _current(cell: str | None, column: str, current: tuple[str, int]) -> bool:
+    """Whether a cell is null or sealed under the current key version."""
+    return cell is None or (is_sealed(cell) and key_version(cell, column) == current)
+
+
+def _plain(phi: PhiCodec, cell: str | None, column: str, row: str) -> str | None:
+    return phi.open(cell, column=column, row=row) if is_sealed(cell) else cell
+
+
+async def _seal_patients(
+    index: SqlIndex, phi: PhiCodec, batch: int, progress: Progress | None
+) -> int:
+    cols = [patients.c[c] for c in PATIENT_PHI]
+    last, rewritten = 0, 0
+    while True:
+        current = phi.keyring.current()
+        async with index.engine.begin() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        sa.select(
+                            patients.c.id,
+                            patients.c.patient_key,
+                            patients.c.PatientID_bidx,
+                            patients.c.name_search,
+                            *cols,
+                        )
+                        .where(patients.c.id > last)
+                        .order_by(patients.c.id)
+                        .limit(batch)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            if not rows:
+                return rewritten
+            last = rows[-1]["id"]
+            changed: list[int] = []
+            for r in rows:
+                old_key = r["patient_key"]
+                key = phi.patient_key(old_key)
+                plain = {c: _plain(phi, r[c], f"patients.{c}", old_key) for c in PATIENT_PHI}
+                if (
+                    key == old_key
+                    and r["PatientID_bidx"] is not None
+                    and r["name_search"] is None
+                    and all(_current(r[c], f"patients.{c}", current) for c in PATIENT_PHI)
+                ):
+                    continue
+                cells = patient_cells(phi, key, plain)
+                await conn.execute(
+                    patients.update()
+                    .where(patients.c.id == r["id"])
+                    .values(patient_key=key, **cells)
+                )
+                await _move_token_row(conn, r["id"], old_key, plain["national_id"], key, cells)
+                changed.append(r["id"])
+            if changed:
+                await refresh_patient_names(conn, changed, phi=phi)
+        rewritten += len(changed)
+        if progress is not None:
+            progress("patients", rewritten)
+
+
+async def _move_token_row(
+    conn: AsyncConnection,
+    patient_id: int,
+    old_key: str,
+    national_id: str | None,
+    key: str,
+    cells: Mapping[str, Any],
+) -> None:
+    """A federation token row that described the plain patient row describes the sealed
+    one (blinded key, the identity's blind index); a stale row stays stale."""
+    t = federation_patient_tokens
+    await conn.execute(
+        t.update()
+        .where(
+            t.c.patient_id == patient_id,
+            t.c.patient_key == old_key,
+            t.c.national_id == national_id,
+        )
+        .values(patient_key=key, national_id=cells["national_id_bidx"])
+    )
+
+
+async def _seal_rows(
+    index: SqlIndex,
+    phi: PhiCodec,
+    table: sa.Table,
+    identity: str,
+    sealed: Sequence[str],
+    batch: int,
+    progress: Progress | None,
+    cells_of: Callable[[str, dict[str, str | None]], dict[str, Any]],
+) -> int:
+    """Seal ``sealed`` columns of ``table``, whose cells are bound to column ``identity``."""
+    name = table.name
+    blind = [c for c in table.c.keys() if c.endswith("_bidx")]
+    pk = table.c.id
+    last: Any = None
+    rewritten = 0
+    while True:
+        current = phi.keyring.current()
+        async with index.engine.begin() as conn:
+            q = sa.select(pk, table.c[identity], *(table.c[c] for c in [*sealed, *blind]))
+            if last is not None:
+                q = q.where(pk > last)
+            rows = (await conn.execute(q.order_by(pk).limit(batch))).mappings().all()
+            if not rows:
+                return rewritten
+            last = rows[-1]["id"]
+            n = 0
+            for r in rows:
+                row_id = str(r[identity])
+                if all(_current(r[c], f"{name}.{c}", current) for c in sealed) and all(
+                    r[b] is not None or r[b.removesuffix("_bidx")] is None for b in blind
+                ):
+                    continue
+                plain = {c: _plain(phi, r[c], f"{name}.{c}", row_id) for c in sealed}
+                await conn.execute(
+                    table.update().where(pk == r["id"]).values(**cells_of(row_id, plain))
+                )
+                n += 1
+        rewritten += n
+        if progress is not None:
+            progress(name, rewritten)
