@@ -321,11 +321,9 @@ class _Plan:
         if column is None:
             raise not_searchable(m.keyword, "matching")
         sealed_as = _SEALED[m.keyword][0]
-        if m.kind == "single":
-            return ("eq", column, self.bind(phi.blind(m.value, column=sealed_as)))
-        if m.kind == "list":
-            return ("in", column, self.bind([phi.blind(v, column=sealed_as) for v in m.values]))
-        raise not_searchable(m.keyword, f"{m.kind} matching")
+        if m.kind != "single":
+            raise not_searchable(m.keyword, f"{m.kind} matching")
+        return ("eq", column, self.bind(phi.blind(m.value, column=sealed_as)))
 
     def other_name(self, column: str, m: AttributeMatch) -> _Op:
         if m.kind == "wildcard":
