@@ -544,8 +544,23 @@ async def _keys_stores(settings: Settings, args: argparse.Namespace) -> int:
             _print(doc, as_json=False)
         return 0
 
-    # retire: every store's last complete rewrap must have moved its keys past the version.
+    # retire: every store's last complete rewrap must have moved its keys past the version,
+    # and the index's PHI data keys must be wrapped past it (opening the index does that).
     version: int = args.version
+    if not args.force and settings.encryption.enabled:
+        from imaging_gateway.index.sql import SqlIndex
+        from imaging_gateway.security.phi import PhiCodec
+
+        index = await SqlIndex.open(settings.index, phi=PhiCodec(ring), check_phi=False)
+        try:
+            wrapped = await index.phi_key_versions()
+        finally:
+            await index.close()
+        if any(key_id == ring.key_id and v <= version for key_id, v in wrapped):
+            raise Conflict(
+                f"keys retire: the index's PHI data key is still wrapped under version "
+                f"{version}; open the index with the current keyring (any command) first"
+            )
     if not args.force:
         behind = [
             name

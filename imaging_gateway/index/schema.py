@@ -254,6 +254,20 @@ federation_patient_tokens = Table(
     Index("ix_federation_patient_tokens_token", "token"),
 )
 
+# The data keys of the encrypted PHI columns (imaging_gateway.security.phi), each only
+# wrapped by the keyring's key-encryption key (key id and version), as an object's data key
+# is. A sealed cell names its key by ``number``. Added in 0006.
+index_keys = Table(
+    "index_keys",
+    metadata,
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("key_id", String(255), nullable=False),
+    Column("key_version", BigInteger, nullable=False),
+    # base64 of the keyring's wrapped-key layout (security.keyring.Keyring.wrap)
+    Column("wrapped", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 # Append-only, hash-chained access log (imaging_gateway.security.audit).
 audit_log = Table(
     "audit_log",

@@ -3,8 +3,8 @@
 Walks patients, studies, series and consents in primary-key order, a batch per
 transaction. Each row's PHI cells are opened (if already sealed: checked against their
 row) or taken as they are (plain), and the row is rewritten when anything is not in the
-encrypted form under the keyring's current key version: plain cells are sealed, cells of
-an older version re-sealed, blind indexes filled, the patient key blinded, ``name_search``
+encrypted form under the current index data key: plain cells are sealed (cells of an
+older index data key re-sealed), blind indexes filled, the patient key blinded, ``name_search``
 cleared and the name keys replaced by their blind indexes, the federation token rows
 moved to the blinded key and identity. A batch lands whole or not at all, so a run killed
 at any point leaves every row either plain or sealed, and the next run finishes the job;
@@ -36,7 +36,7 @@ from imaging_gateway.index.sql import (
     study_cells,
 )
 from imaging_gateway.security.consent import SEALED_COLUMNS as CONSENT_PHI
-from imaging_gateway.security.phi import PhiCodec, is_sealed, key_version
+from imaging_gateway.security.phi import PhiCodec, is_sealed, key_number
 
 BATCH = 500
 
@@ -47,11 +47,11 @@ Progress = Callable[[str, int], None]
 async def seal_index(
     index: SqlIndex, *, batch: int = BATCH, progress: Progress | None = None
 ) -> dict[str, int]:
-    """Bring every PHI cell of ``index`` to the sealed form under the current key version.
+    """Bring every PHI cell of ``index`` to the sealed form under its current data key.
 
-    Returns the rows rewritten per table. Raises ``IntegrityError`` for a sealed cell
-    that does not open for its row, ``KeyNotFound`` naming the key id and version a cell
-    needs and the keyring does not hold, and what SQLAlchemy raises.
+    ``index`` is open with its PHI codec (its data keys loaded). Returns the rows
+    rewritten per table. Raises ``IntegrityError`` for a sealed cell that does not open
+    for its row, and what SQLAlchemy raises.
     """
     phi = index.phi
     if phi is None:
@@ -97,9 +97,9 @@ async def seal_index(
     return done
 
 
-def _current(cell: str | None, column: str, current: tuple[str, int]) -> bool:
-    """Whether a cell is null or sealed under the current key version."""
-    return cell is None or (is_sealed(cell) and key_version(cell, column) == current)
+def _current(cell: str | None, column: str, current: int | None) -> bool:
+    """Whether a cell is null or sealed under the current index data key."""
+    return cell is None or (is_sealed(cell) and key_number(cell, column) == current)
 
 
 def _plain(phi: PhiCodec, cell: str | None, column: str, row: str) -> str | None:
@@ -112,7 +112,7 @@ async def _seal_patients(
     cols = [patients.c[c] for c in PATIENT_PHI]
     last, rewritten = 0, 0
     while True:
-        current = phi.keyring.current()
+        current = phi.current
         async with index.engine.begin() as conn:
             rows = (
                 (
@@ -201,7 +201,7 @@ async def _seal_rows(
     last: Any = None
     rewritten = 0
     while True:
-        current = phi.keyring.current()
+        current = phi.current
         async with index.engine.begin() as conn:
             q = sa.select(pk, table.c[identity], *(table.c[c] for c in [*sealed, *blind]))
             if last is not None:

@@ -7,9 +7,11 @@ One code path serves both databases; the only dialect-specific piece is the
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from imaging_gateway.index.qido import (
 )
 from imaging_gateway.index.schema import (
     conflicts,
+    index_keys,
     instances,
     patients,
     quarantine,
@@ -275,6 +278,8 @@ class SqlIndex:
             else:
                 async with engine.connect() as conn:
                     await conn.execute(sa.text("SELECT 1"))
+            if phi is not None:
+                await index.load_phi_keys()
             if check_phi:
                 await index.check_phi_state()
         except ConfigError:
@@ -300,13 +305,62 @@ class SqlIndex:
         async with self.engine.begin() as conn:
             await conn.run_sync(run)
 
+    async def load_phi_keys(self) -> None:
+        """Unwrap the index's PHI data keys into the codec (made on first use).
+
+        A key wrapped under another key version than the keyring's current one is
+        re-wrapped under it, one row each: after ``keys rotate`` the next open moves the
+        index off the old version, and no cell is re-encrypted. Raises ``KeyNotFound``
+        naming the key id and version a wrapped key needs, ``IntegrityError`` if it does
+        not authenticate (another keyring under the same id).
+        """
+        phi = self.phi
+        assert phi is not None
+        t = index_keys
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(sa.select(t).order_by(t.c.number))).all()
+            if not rows:
+                key = secrets.token_bytes(phi.keyring.suite.key_size)
+                key_id, version, wrapped = phi.wrap_key(1, key)
+                # Two processes opening a new index together: one row wins, both use it.
+                await conn.execute(
+                    self._insert(t).on_conflict_do_nothing(),
+                    {
+                        "number": 1,
+                        "key_id": key_id,
+                        "key_version": version,
+                        "wrapped": base64.b64encode(wrapped).decode("ascii"),
+                        "created_at": _now(),
+                    },
+                )
+                rows = (await conn.execute(sa.select(t).order_by(t.c.number))).all()
+            current = phi.keyring.current()
+            for r in rows:
+                key = phi.install(r.number, r.key_id, r.key_version, base64.b64decode(r.wrapped))
+                if (r.key_id, r.key_version) != current:
+                    key_id, version, wrapped = phi.wrap_key(r.number, key)
+                    await conn.execute(
+                        t.update()
+                        .where(t.c.number == r.number)
+                        .values(
+                            key_id=key_id,
+                            key_version=version,
+                            wrapped=base64.b64encode(wrapped).decode("ascii"),
+                        )
+                    )
+
+    async def phi_key_versions(self) -> set[tuple[str, int]]:
+        """The (key id, version) pairs the index's PHI data keys are wrapped under."""
+        async with self.engine.connect() as conn:
+            q = sa.select(index_keys.c.key_id, index_keys.c.key_version)
+            return {(r[0], int(r[1])) for r in await conn.execute(q)}
+
     async def check_phi_state(self) -> None:
         """Refuse an index whose PHI columns are not in the state the settings say.
 
         Encrypted settings and patient rows not yet sealed, or plain settings and sealed
-        rows: ``ConfigError`` saying what to do. With encryption, one sealed cell is opened,
-        so a missing key raises ``KeyNotFound`` naming its id and version, and another
-        keyring under the same id ``IntegrityError``, at start-up rather than mid-request.
+        rows: ``ConfigError`` saying what to do. With encryption, one sealed cell is opened
+        (``IntegrityError`` at start-up rather than mid-request if it does not).
         """
         column = patients.c.PatientID_bidx
         async with self.engine.connect() as conn:

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from imaging_gateway.errors import ConfigError, IntegrityError, KeyNotFound
 from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
@@ -135,25 +134,6 @@ class Keyring:
                 "key envelope)"
             ) from None
 
-    def derive_key(self, key_id: str, version: int, *, purpose: str) -> bytes:
-        """A subkey of key (``key_id``, ``version``) for ``purpose``, of the suite's key size.
-
-        HKDF (RFC 5869) with SHA-256, or SM3 for an SM4-GCM keyring; different purposes
-        give unrelated keys. Used for what is sealed under a key version directly, without
-        a wrapped data key (the index's PHI columns, ``security.phi``). Raises
-        ``KeyNotFound`` if the version is not held.
-        """
-        hkdf = HKDF(
-            algorithm=self._hash(),
-            length=self.suite.key_size,
-            salt=None,
-            info=b"imaging-gateway/" + purpose.encode("utf-8"),
-        )
-        return hkdf.derive(self._key(key_id, version))
-
-    def _hash(self) -> hashes.HashAlgorithm:
-        return hashes.SM3() if self.suite is Suite.SM4_GCM else hashes.SHA256()
-
     def _key(self, key_id: str, version: int) -> bytes:
         """Raises ``KeyNotFound`` naming the key id and version."""
         if key_id != self.key_id:
@@ -175,7 +155,10 @@ class Keyring:
         f = field.encode("utf-8")
         if not f or len(f) > 0xFFFF:
             raise ValueError("blind index field name must be 1..65535 bytes")
-        mac = hmac.HMAC(self._state.blind_index_key, self._hash())
+        algorithm: hashes.HashAlgorithm = (
+            hashes.SM3() if self.suite is Suite.SM4_GCM else hashes.SHA256()
+        )
+        mac = hmac.HMAC(self._state.blind_index_key, algorithm)
         mac.update(len(f).to_bytes(2, "big") + f + value.encode("utf-8"))
         return mac.finalize().hex()
 
@@ -331,12 +314,6 @@ class FileKeyring(Keyring):
             with contextlib.suppress(ConfigError):
                 self._reload()  # another process may have rotated since we loaded
         return super().unwrap(key_id, version, wrapped, aad)
-
-    def derive_key(self, key_id: str, version: int, *, purpose: str) -> bytes:
-        if key_id == self.key_id and version > max(self._state.keys):
-            with contextlib.suppress(ConfigError):
-                self._reload()
-        return super().derive_key(key_id, version, purpose=purpose)
 
     def _reload(self) -> None:
         doc = _read_keyring_file(self.path, setting=self.setting)

@@ -3,15 +3,17 @@
 With ``[encryption] enabled`` every PHI column of the index holds a *sealed cell* instead of
 the value: ``$ig1$`` followed by unpadded URL-safe base64 of
 
-    key id length (1) || key id || key version (4, big-endian) || nonce (12) || AEAD || tag (16)
+    index key number (4, big-endian) || nonce (12) || AEAD ciphertext || tag (16)
 
-sealed with AES-256-GCM or SM4-GCM (the keyring's suite) under a per-version column key
-derived from the keyring's key-encryption key by HKDF (``Keyring.derive_key``, purpose
-``index-phi/1``). The associated data binds the cell to its place: the column
-(``patients.PatientName``), the row's identity (the stored patient key, the
+sealed with AES-256-GCM or SM4-GCM (the keyring's suite) under an *index data key*: a
+random key kept in the index's own ``index_keys`` table only wrapped by the keyring's
+key-encryption key (key id and version in the row), as every object's data key is
+(envelope encryption). Rotation re-wraps that one row (``SqlIndex.load_phi_keys``, at
+every open); no cell is re-encrypted. The associated data binds a cell to its place: the
+column (``patients.PatientName``), the row's identity (the stored patient key, the
 StudyInstanceUID, SeriesInstanceUID or consent id; never an autoincrement id, which is
-unknown before the insert) and the cell's own key id and version. A cell copied to another
-row or column does not open: ``IntegrityError`` names the column, never the value.
+unknown before the insert) and the index key number. A cell copied to another row or
+column does not open: ``IntegrityError`` names the column, never the value.
 
 Exact lookups go through blind indexes: ``blind`` is the keyring's HMAC (SHA-256 or SM3,
 under its separate blind-index secret) of the value in one column's namespace; equal
@@ -30,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 
 from imaging_gateway.errors import IntegrityError, InvalidQuery
 from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead
-from imaging_gateway.security.keyring import Keyring, check_key_id
+from imaging_gateway.security.keyring import Keyring
 
 if TYPE_CHECKING:
     from imaging_gateway.settings import Settings
@@ -39,37 +41,60 @@ PREFIX = "$ig1$"
 """First characters of every sealed cell (no DICOM value or patient key starts so)."""
 BLIND_KEY_PREFIX = "bi:"
 """First characters of a blinded patient key."""
-PURPOSE = "index-phi/1"
 _AAD_LABEL = b"imaging-gateway/index-phi/1\x00"
+_WRAP_LABEL = b"imaging-gateway/index-phi-key/1\x00"
+_NUMBER = 4
 
 
 class PhiCodec:
     """Seals, opens and blind-indexes the index's PHI cells with one keyring.
 
-    Column keys and their AEAD objects are derived once per (key id, version) and kept:
-    sealing or opening a cell is one AEAD call and a base64 step.
+    The index data keys are installed by ``SqlIndex.load_phi_keys`` (unwrapped once, their
+    AEAD objects kept): sealing or opening a cell is one AEAD call and a base64 step.
     """
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        self._aeads: dict[tuple[str, int], Aead] = {}
+        self._aeads: dict[int, Aead] = {}
+        self.current: int | None = None
+        """The number of the index data key new cells are sealed under."""
 
-    def _aead(self, key_id: str, version: int) -> Aead:
-        """Raises ``KeyNotFound`` naming the key id and version."""
-        aead = self._aeads.get((key_id, version))
+    def wrap_key(self, number: int, key: bytes) -> tuple[str, int, bytes]:
+        """Wrap index data key ``number`` under the keyring's current key version."""
+        return self.keyring.wrap(key, _WRAP_LABEL + number.to_bytes(_NUMBER, "big"))
+
+    def install(self, number: int, key_id: str, version: int, wrapped: bytes) -> bytes:
+        """Unwrap index data key ``number`` and use it; returns the key (for a rewrap).
+
+        Raises ``KeyNotFound`` naming the key id and version when the keyring does not
+        hold them, ``IntegrityError`` when the wrapped key does not authenticate (another
+        keyring under the same id, or an altered row).
+        """
+        key = self.keyring.unwrap(
+            key_id, version, wrapped, _WRAP_LABEL + number.to_bytes(_NUMBER, "big")
+        )
+        self._aeads[number] = Aead(self.keyring.suite, key)
+        self.current = max(self._aeads)
+        return key
+
+    def _aead(self, number: int, column: str) -> Aead:
+        aead = self._aeads.get(number)
         if aead is None:
-            key = self.keyring.derive_key(key_id, version, purpose=PURPOSE)
-            aead = self._aeads[(key_id, version)] = Aead(self.keyring.suite, key)
+            raise IntegrityError(
+                f"index column {column}: a sealed cell names index key {number}, which the "
+                "index's index_keys table does not hold"
+            )
         return aead
 
     def seal(self, value: str | None, *, column: str, row: str) -> str | None:
         """The sealed cell of ``value`` in ``column`` of the row identified by ``row``."""
         if value is None:
             return None
-        key_id, version = self.keyring.current()
-        header = _header(key_id, version)
+        if self.current is None:
+            raise RuntimeError("no index data key installed (SqlIndex.load_phi_keys)")
+        header = self.current.to_bytes(_NUMBER, "big")
         nonce = secrets.token_bytes(NONCE_SIZE)
-        sealed = self._aead(key_id, version).seal(
+        sealed = self._aead(self.current, column).seal(
             nonce, value.encode("utf-8"), _aad(header, column, row)
         )
         return PREFIX + base64.urlsafe_b64encode(header + nonce + sealed).decode("ascii").rstrip(
@@ -80,36 +105,23 @@ class PhiCodec:
         """The value of a sealed cell; None for a null cell.
 
         Raises ``IntegrityError`` naming the column if the cell is not sealed (a plain
-        value where a sealed one belongs), malformed, or does not authenticate for this
-        column and row (altered, or moved from another row); ``KeyNotFound`` naming the key
-        id and version when the keyring does not hold them.
+        value where a sealed one belongs), malformed, names an index key the index does
+        not hold, or does not authenticate for this column and row (altered, or moved
+        from another row).
         """
         if cell is None:
             return None
-        key_id, version, body = _parse(cell, column)
-        header = _header(key_id, version)
+        number, body = _parse(cell, column)
         nonce, sealed = body[:NONCE_SIZE], body[NONCE_SIZE:]
+        aad = _aad(number.to_bytes(_NUMBER, "big"), column, row)
         try:
-            plain = self._aead(key_id, version).open(nonce, sealed, _aad(header, column, row))
+            plain = self._aead(number, column).open(nonce, sealed, aad)
         except InvalidTag:
             raise IntegrityError(
-                f"index column {column}: a sealed cell did not authenticate for its row under "
-                f"key {key_id!r} version {version} (altered, or moved from another row)"
+                f"index column {column}: a sealed cell did not authenticate for its row "
+                "(altered, or moved from another row)"
             ) from None
         return plain.decode("utf-8")
-
-    def reseal(self, cell: str | None, *, column: str, row: str) -> str | None:
-        """The cell sealed under the current key version: a plain value is sealed, a cell
-        under an older version re-sealed, a current one returned as is. Raises as ``open``.
-        """
-        if cell is None:
-            return None
-        if not is_sealed(cell):
-            return self.seal(cell, column=column, row=row)
-        if key_version(cell, column) == self.keyring.current():
-            self.open(cell, column=column, row=row)  # refuses a cell moved from another row
-            return cell
-        return self.seal(self.open(cell, column=column, row=row), column=column, row=row)
 
     def blind(self, value: str | None, *, column: str) -> str | None:
         """The blind index of ``value`` in ``column`` (64 hex digits); None for None."""
@@ -150,10 +162,9 @@ def is_sealed(cell: str | None) -> bool:
     return cell is not None and cell.startswith(PREFIX)
 
 
-def key_version(cell: str, column: str) -> tuple[str, int]:
-    """The (key id, version) a sealed cell names. Raises ``IntegrityError`` if malformed."""
-    key_id, version, _ = _parse(cell, column)
-    return key_id, version
+def key_number(cell: str, column: str) -> int:
+    """The index data key a sealed cell names. Raises ``IntegrityError`` if malformed."""
+    return _parse(cell, column)[0]
 
 
 def not_searchable(keyword: str, what: str) -> InvalidQuery:
@@ -163,17 +174,12 @@ def not_searchable(keyword: str, what: str) -> InvalidQuery:
     )
 
 
-def _header(key_id: str, version: int) -> bytes:
-    raw = check_key_id(key_id)
-    return bytes([len(raw)]) + raw + version.to_bytes(4, "big")
-
-
 def _aad(header: bytes, column: str, row: str) -> bytes:
     c, r = column.encode("utf-8"), row.encode("utf-8")
     return _AAD_LABEL + len(c).to_bytes(2, "big") + c + len(r).to_bytes(4, "big") + r + header
 
 
-def _parse(cell: str, column: str) -> tuple[str, int, bytes]:
+def _parse(cell: str, column: str) -> tuple[int, bytes]:
     if not cell.startswith(PREFIX):
         raise IntegrityError(
             f"index column {column}: found a plain value where a sealed cell belongs "
@@ -182,12 +188,8 @@ def _parse(cell: str, column: str) -> tuple[str, int, bytes]:
     text = cell[len(PREFIX) :]
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        n = raw[0]
-        key_id = raw[1 : 1 + n].decode("utf-8")
-        version = int.from_bytes(raw[1 + n : 5 + n], "big")
-    except (binascii.Error, ValueError, IndexError):
+    except (binascii.Error, ValueError):
         raise IntegrityError(f"index column {column}: a sealed cell is malformed") from None
-    body = raw[5 + n :]
-    if len(body) < NONCE_SIZE + TAG_SIZE or not key_id:
+    if len(raw) < _NUMBER + NONCE_SIZE + TAG_SIZE:
         raise IntegrityError(f"index column {column}: a sealed cell is malformed")
-    return key_id, version, body
+    return int.from_bytes(raw[:_NUMBER], "big"), raw[_NUMBER:]

@@ -1,8 +1,9 @@
-"""Encrypted PHI columns: blind-index columns, and PHI columns wide enough for sealed cells.
+"""Encrypted PHI columns: their data keys, blind-index columns, PHI columns wide enough.
 
 Revision ID: 0006
 
-Adds the blind indexes of imaging_gateway.security.phi (patients.PatientID_bidx and
+Adds the table of wrapped index data keys and the blind indexes of
+imaging_gateway.security.phi (patients.PatientID_bidx and
 national_id_bidx, studies.AccessionNumber_bidx, consents.national_id_bidx). On PostgreSQL
 the PHI columns become TEXT (a sealed cell is longer than the value; SQLite does not
 enforce lengths). Nothing is encrypted here: ``imaging-gateway seal-index`` does that,
@@ -28,6 +29,14 @@ WIDENED = (
 
 
 def upgrade() -> None:
+    op.create_table(
+        "index_keys",
+        sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("key_id", sa.String(255), nullable=False),
+        sa.Column("key_version", sa.BigInteger, nullable=False),
+        sa.Column("wrapped", sa.Text, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
     op.add_column("patients", sa.Column("PatientID_bidx", BLIND))
     op.add_column("patients", sa.Column("national_id_bidx", BLIND))
     op.create_index("ix_patients_patient_id_bidx", "patients", ["PatientID_bidx"])
@@ -67,3 +76,4 @@ def downgrade() -> None:
     op.drop_index("ix_patients_patient_id_bidx", "patients")
     op.drop_column("patients", "national_id_bidx")
     op.drop_column("patients", "PatientID_bidx")
+    op.drop_table("index_keys")
