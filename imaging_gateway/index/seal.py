@@ -8,7 +8,10 @@ older index data key re-sealed), blind indexes filled, the patient key blinded, 
 cleared and the name keys replaced by their blind indexes, the federation token rows
 moved to the blinded key and identity. A batch lands whole or not at all, so a run killed
 at any point leaves every row either plain or sealed, and the next run finishes the job;
-a run over a sealed index changes nothing (it only checks every cell).
+a run over a sealed index changes nothing (it only checks every cell). A run that
+rewrote rows ends by rewriting the database files (SQLite ``VACUUM`` and a WAL
+checkpoint, PostgreSQL ``VACUUM FULL`` of the tables it touched), so the plain versions of
+the rows are not left in freed pages.
 """
 
 from __future__ import annotations
@@ -94,7 +97,23 @@ async def seal_index(
             },
         ),
     }
+    if any(done.values()):
+        await _scrub(index)
     return done
+
+
+async def _scrub(index: SqlIndex) -> None:
+    """Rewrite the database files so the rows' old, plain versions are gone from them
+    (SQLite keeps freed pages and its WAL; PostgreSQL dead tuples until a VACUUM FULL)."""
+    async with index.engine.connect() as conn:
+        auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if index.dialect == "sqlite":
+            await auto.exec_driver_sql("VACUUM")
+            await auto.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            return
+        for table in ("patients", "patient_name_keys", "studies", "series", "consents",
+                      "federation_patient_tokens"):  # fmt: skip
+            await auto.exec_driver_sql(f"VACUUM FULL {table}")
 
 
 def _current(cell: str | None, column: str, current: int | None) -> bool:
