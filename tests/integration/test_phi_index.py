@@ -207,6 +207,11 @@ suite = "{suite.value}"
             assert study["00100010"]["Value"][0]["Alphabetic"] == alphabetic
         got = await client.get("/dicomweb/studies", params={"PatientName": "Zh*"}, headers=auth)
         assert got.status == 400 and "encrypted" in await got.text()
+        # Retrieve (the gate's locate, its audit token from the opened identity).
+        got = await client.get(f"/dicomweb/studies/{stowed[0].study_uid}/metadata", headers=auth)
+        assert got.status == 200
+        (meta,) = await got.json(content_type=None)
+        assert meta["00100020"]["Value"] == [h.patient.PatientID]
 
         strings = phi_strings(synced + stowed)
         # The control: the objects themselves carry them.
