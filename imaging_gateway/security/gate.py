@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as IntegrityError_
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -539,14 +539,22 @@ class Gate:
             # PostgreSQL: the search, then its records in one atomic statement, on an
             # autocommit connection whose session enforces the time budget (the append
             # too: one that runs out of it fails the search, as it should). Nothing is
-            # returned unless the records were committed.
-            async with self.search_engine.connect() as conn:
-                page = await qido.search_in(
-                    conn, query, visible=visible, params=values, max_results=max_results
-                )
-                events = self._search_events(ctx, level=query.level, results=page.results)
-                await self.audit.append_and_commit(conn, events, at=ctx.now)
-            return page
+            # returned unless the records were committed. Pooled connections are not
+            # pinged before use (a round trip per search): one the server closed fails
+            # the read-only search statement, which then runs once more on a new one.
+            for attempt in (1, 2):
+                async with self.search_engine.connect() as conn:
+                    try:
+                        page = await qido.search_in(
+                            conn, query, visible=visible, params=values, max_results=max_results
+                        )
+                    except DBAPIError as exc:
+                        if attempt == 2 or not exc.connection_invalidated:
+                            raise
+                        continue
+                    events = self._search_events(ctx, level=query.level, results=page.results)
+                    await self.audit.append_and_commit(conn, events, at=ctx.now)
+                    return page
         # One connection and one commit for both.
         async with self.engine.begin() as conn:
             page = await qido.search_in(
