@@ -90,8 +90,9 @@ def set_up(
     """Write the three provinces' configs, keys and stores, and index them (idempotent).
 
     Ports are ``port``, ``port + 1`` and ``port + 2``; ``instances_per_series`` as
-    ``generate_instances`` takes it (its modality defaults when None). Returns the provinces (home first)
-    and a patient's home instance with another province holding a study of theirs.
+    ``generate_instances`` takes it (its modality defaults when None). Returns the
+    provinces (home first) and a patient's home instance with another province holding
+    a study of theirs.
     Raises ``ConfigError`` from the settings of a config that was edited wrongly, and
     ``RuntimeError`` when no patient has studies in two provinces.
     """

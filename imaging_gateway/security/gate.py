@@ -57,6 +57,8 @@ from imaging_gateway.security.principals import Principal
 
 log = logging.getLogger(__name__)
 
+_NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
+
 MAX_REASON = 500
 REFUSAL_WINDOW_S = 60.0
 """Refused tokens: at most one audit record per client address and reason in this window."""
@@ -163,6 +165,8 @@ class Gate:
         # (source, reason) -> (monotonic time of its last record, refusals since then)
         self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
         self._tokens_lock = asyncio.Lock()
+        self._tokens_through = 0
+        """Patient rows up to this id have their token (a hint: rows are never removed)."""
 
     # -- unauthenticated callers ---------------------------------------------------------
 
@@ -233,13 +237,21 @@ class Gate:
     async def refresh_patient_tokens(self, *, batch: int = 5000) -> int:
         """Add the keyed token of every patient indexed since the last refresh.
 
-        Incremental by patient row id, so a refresh costs one indexed range query when
-        nothing is new. Only patients with a national identity get a token (a local key
+        Incremental by patient row id: when no patient was added since this process last
+        looked, a refresh is one read of the newest patient row id (every peer request
+        makes one). Only patients with a national identity get a token (a local key
         never matches another province). Returns the number of rows added; raises
         ``IndexUnavailable`` when the index cannot be written.
         """
         t = federation_patient_tokens
         added = 0
+        try:
+            async with self.engine.connect() as conn:
+                newest = (await conn.execute(_NEWEST_PATIENT)).scalar() or 0
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        if newest <= self._tokens_through:
+            return 0
         async with self._tokens_lock:
             try:
                 while True:
@@ -256,6 +268,7 @@ class Gate:
                             )
                         ).all()
                         if not rows:
+                            self._tokens_through = max(self._tokens_through, last or 0)
                             return added
                         await conn.execute(
                             t.insert(),
@@ -272,6 +285,7 @@ class Gate:
                             ],
                         )
                         added += len(rows)
+                    self._tokens_through = max(self._tokens_through, rows[-1][0])
                     if len(rows) < batch:
                         return added
             except IntegrityError_:
