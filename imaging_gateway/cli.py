@@ -268,8 +268,10 @@ def _serve(settings: Settings) -> int:
         )
     if settings.tls.client_cert_routes:
         log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
+    app = create_app(settings)
+    app.on_startup.append(_freeze_startup_heap)
     web.run_app(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         ssl_context=ssl_context,
@@ -277,6 +279,14 @@ def _serve(settings: Settings) -> int:
         print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
     )
     return 0
+
+
+async def _freeze_startup_heap(_app: object) -> None:
+    """Keep what start-up built (the ~120k objects ``serve`` imports after ``main``
+    froze the heap, the open index, caches) out of later cycle collections: a full
+    collection walking them paused a search for 50-60 ms on this machine."""
+    gc.collect()
+    gc.freeze()
 
 
 def _federation_public_key(settings: Settings) -> int:

@@ -268,7 +268,7 @@ class SqlIndex:
                 connect_args=session_time_budget(),
                 pool_size=5,
                 max_overflow=5,
-                pool_pre_ping=True,
+                # No pre-ping: Gate.search retries a search whose pooled connection died.
             )
             event.listen(search_engine.sync_engine, "connect", mark_session_time_budget())
         index = cls(engine, search_engine, phi=phi)

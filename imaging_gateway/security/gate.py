@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as IntegrityError_
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -57,6 +57,8 @@ from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import Principal
 
 log = logging.getLogger(__name__)
+
+_NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
 
 MAX_REASON = 500
 REFUSAL_WINDOW_S = 60.0
@@ -167,6 +169,8 @@ class Gate:
         # (source, reason) -> (monotonic time of its last record, refusals since then)
         self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
         self._tokens_lock = asyncio.Lock()
+        self._tokens_through = 0
+        """Patient rows up to this id have their token (a hint: rows are never removed)."""
 
     # -- unauthenticated callers ---------------------------------------------------------
 
@@ -255,13 +259,21 @@ class Gate:
     async def refresh_patient_tokens(self, *, batch: int = 5000) -> int:
         """Add the keyed token of every patient indexed since the last refresh.
 
-        Incremental by patient row id, so a refresh costs one indexed range query when
-        nothing is new. Only patients with a national identity get a token (a local key
+        Incremental by patient row id: when no patient was added since this process last
+        looked, a refresh is one read of the newest patient row id (every peer request
+        makes one). Only patients with a national identity get a token (a local key
         never matches another province). Returns the number of rows added; raises
         ``IndexUnavailable`` when the index cannot be written.
         """
         t = federation_patient_tokens
         added = 0
+        try:
+            async with self.engine.connect() as conn:
+                newest = (await conn.execute(_NEWEST_PATIENT)).scalar() or 0
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        if newest <= self._tokens_through:
+            return 0
         async with self._tokens_lock:
             try:
                 while True:
@@ -281,6 +293,7 @@ class Gate:
                             )
                         ).all()
                         if not rows:
+                            self._tokens_through = max(self._tokens_through, last or 0)
                             return added
                         await conn.execute(
                             t.insert(),
@@ -300,6 +313,7 @@ class Gate:
                             ],
                         )
                         added += len(rows)
+                    self._tokens_through = max(self._tokens_through, rows[-1][0])
                     if len(rows) < batch:
                         return added
             except IntegrityError_:
@@ -570,19 +584,27 @@ class Gate:
             # PostgreSQL: the search, then its records in one atomic statement, on an
             # autocommit connection whose session enforces the time budget (the append
             # too: one that runs out of it fails the search, as it should). Nothing is
-            # returned unless the records were committed.
-            async with self.search_engine.connect() as conn:
-                page = await qido.search_in(
-                    conn,
-                    query,
-                    visible=visible,
-                    params=values,
-                    max_results=max_results,
-                    phi=self.phi,
-                )
-                events = self._search_events(ctx, level=query.level, results=page.results)
-                await self.audit.append_and_commit(conn, events, at=ctx.now)
-            return page
+            # returned unless the records were committed. Pooled connections are not
+            # pinged before use (a round trip per search): one the server closed fails
+            # the read-only search statement, which then runs once more on a new one.
+            for attempt in (1, 2):
+                async with self.search_engine.connect() as conn:
+                    try:
+                        page = await qido.search_in(
+                            conn,
+                            query,
+                            visible=visible,
+                            params=values,
+                            max_results=max_results,
+                            phi=self.phi,
+                        )
+                    except DBAPIError as exc:
+                        if attempt == 2 or not exc.connection_invalidated:
+                            raise
+                        continue
+                    events = self._search_events(ctx, level=query.level, results=page.results)
+                    await self.audit.append_and_commit(conn, events, at=ctx.now)
+                    return page
         # One connection and one commit for both.
         async with self.engine.begin() as conn:
             page = await qido.search_in(
