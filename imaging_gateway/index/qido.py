@@ -166,7 +166,7 @@ _SEALED: dict[str, tuple[str, str]] = {
     "ReferringPhysicianName": ("studies.ReferringPhysicianName", "_study_uid"),
     "SeriesDescription": ("series.SeriesDescription", "_series_uid"),
 }
-# Sealed keywords matched through a blind index (single value or UID-style list only).
+# Sealed keywords matched through a blind index (single values only).
 _BLIND_MATCHED = {"PatientID": "PatientID_bidx", "AccessionNumber": "AccessionNumber_bidx"}
 _NAME_KEY = "patient_name_keys.key"
 _UNSUPPORTED_NAME = (

@@ -36,15 +36,19 @@ from imaging_gateway.index.sql import (
     STUDY_PHI,
     SqlIndex,
     patient_cells,
+    series_cells,
     study_cells,
 )
 from imaging_gateway.security.consent import SEALED_COLUMNS as CONSENT_PHI
+from imaging_gateway.security.consent import consent_cells
 from imaging_gateway.security.phi import PhiCodec, is_sealed, key_number
 
 BATCH = 500
 
 Progress = Callable[[str, int], None]
 """Called after each batch with the table and the rows rewritten so far in it."""
+CellsOf = Callable[[PhiCodec, str, Mapping[str, str | None]], dict[str, Any]]
+"""The stored PHI columns of one row (codec, row identity, plain values)."""
 
 
 async def seal_index(
@@ -59,44 +63,16 @@ async def seal_index(
     phi = index.phi
     if phi is None:
         raise ValueError("seal_index needs an index opened with a PHI codec")
-    done = {
-        "patients": await _seal_patients(index, phi, batch, progress),
-        "studies": await _seal_rows(
-            index,
-            phi,
-            studies,
-            "StudyInstanceUID",
-            STUDY_PHI,
-            batch,
-            progress,
-            lambda uid, plain: study_cells(phi, uid, plain),
-        ),
-        "series": await _seal_rows(
-            index,
-            phi,
-            series,
-            "SeriesInstanceUID",
-            SERIES_PHI,
-            batch,
-            progress,
-            lambda uid, plain: {
-                c: phi.seal(plain[c], column=f"series.{c}", row=uid) for c in SERIES_PHI
-            },
-        ),
-        "consents": await _seal_rows(
-            index,
-            phi,
-            consents,
-            "id",
-            CONSENT_PHI,
-            batch,
-            progress,
-            lambda cid, plain: {
-                **{c: phi.seal(plain[c], column=f"consents.{c}", row=cid) for c in CONSENT_PHI},
-                "national_id_bidx": phi.national_id_index(plain["national_id"]),
-            },
-        ),
-    }
+    tables: list[tuple[sa.Table, str, Sequence[str], CellsOf]] = [
+        (studies, "StudyInstanceUID", STUDY_PHI, study_cells),
+        (series, "SeriesInstanceUID", SERIES_PHI, series_cells),
+        (consents, "id", CONSENT_PHI, consent_cells),
+    ]
+    done = {"patients": await _seal_patients(index, phi, batch, progress)}
+    for table, identity, sealed, cells_of in tables:
+        done[table.name] = await _seal_rows(
+            index, phi, table, identity, sealed, cells_of, batch=batch, progress=progress
+        )
     if any(done.values()):
         await _scrub(index)
     return done
@@ -209,9 +185,10 @@ async def _seal_rows(
     table: sa.Table,
     identity: str,
     sealed: Sequence[str],
+    cells_of: CellsOf,
+    *,
     batch: int,
     progress: Progress | None,
-    cells_of: Callable[[str, dict[str, str | None]], dict[str, Any]],
 ) -> int:
     """Seal ``sealed`` columns of ``table``, whose cells are bound to column ``identity``."""
     name = table.name
@@ -238,7 +215,7 @@ async def _seal_rows(
                     continue
                 plain = {c: _plain(phi, r[c], f"{name}.{c}", row_id) for c in sealed}
                 await conn.execute(
-                    table.update().where(pk == r["id"]).values(**cells_of(row_id, plain))
+                    table.update().where(pk == r["id"]).values(**cells_of(phi, row_id, plain))
                 )
                 n += 1
         rewritten += n

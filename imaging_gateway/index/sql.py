@@ -171,6 +171,11 @@ def study_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> di
     return out
 
 
+def series_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored PHI columns of one series: sealed."""
+    return {c: phi.seal(values[c], column=f"series.{c}", row=uid) for c in SERIES_PHI}
+
+
 PATIENT_PHI = ("PatientID", "PatientName", "PatientBirthDate", "national_id")
 """Sealed columns of patients (row identity: the stored patient_key)."""
 STUDY_PHI = ("AccessionNumber", "StudyDescription", "ReferringPhysicianName")
@@ -778,11 +783,8 @@ class SqlIndex:
                 "SeriesDate": se.SeriesDate,
             }
             if phi is not None:
-                series_rows[se.SeriesInstanceUID]["SeriesDescription"] = phi.seal(
-                    se.SeriesDescription,
-                    column="series.SeriesDescription",
-                    row=se.SeriesInstanceUID,
-                )
+                row = series_rows[se.SeriesInstanceUID]
+                row.update(series_cells(phi, se.SeriesInstanceUID, row))
         series_ids = await self._upsert_rows(
             conn,
             series,

@@ -205,11 +205,7 @@ class ConsentStore:
         }
         stored = dict(row)
         if self._phi is not None:
-            for column in SEALED_COLUMNS:
-                stored[column] = self._phi.seal(
-                    str(row[column]), column=f"consents.{column}", row=str(row["id"])
-                )
-            stored["national_id_bidx"] = self._phi.national_id_index(request.national_id)
+            stored.update(consent_cells(self._phi, str(row["id"]), stored))
         await conn.execute(consents.insert().values(**stored))
         return _consent(row)
 
@@ -269,6 +265,15 @@ class ConsentStore:
 
 SEALED_COLUMNS = ("national_id", "evidence")
 """Columns of consents sealed in an encrypted index (row identity: the grant's id)."""
+
+
+def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored PHI columns of one grant: sealed, with the identity's blind index."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"consents.{c}", row=consent_id) for c in SEALED_COLUMNS
+    }
+    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
+    return out
 
 
 def may_manage(consent: Consent, principal: Principal) -> bool:
