@@ -124,8 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
     si = cmd(
         "seal-index",
-        "encrypt the index's PHI columns in place, or re-seal them under the current key "
-        "version (resumable; needs [encryption] enabled)",
+        "encrypt the PHI columns of an index built without encryption, in place "
+        "(resumable; needs [encryption] enabled)",
     )
     si.add_argument("--batch", type=int, default=500, help="rows per transaction")
 

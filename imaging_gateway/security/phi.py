@@ -3,17 +3,22 @@
 With ``[encryption] enabled`` every PHI column of the index holds a *sealed cell* instead of
 the value: ``$ig1$`` followed by unpadded URL-safe base64 of
 
-    index key number (4, big-endian) || nonce (12) || AEAD ciphertext || tag (16)
+    index key number (4, big-endian) || salt (16) || AEAD ciphertext || tag (16)
 
-sealed with AES-256-GCM or SM4-GCM (the keyring's suite) under an *index data key*: a
-random key kept in the index's own ``index_keys`` table only wrapped by the keyring's
-key-encryption key (key id and version in the row), as every object's data key is
-(envelope encryption). Rotation re-wraps that one row (``SqlIndex.load_phi_keys``, at
-every open); no cell is re-encrypted. The associated data binds a cell to its place: the
-column (``patients.PatientName``), the row's identity (the stored patient key, the
-StudyInstanceUID, SeriesInstanceUID or consent id; never an autoincrement id, which is
-unknown before the insert) and the index key number. A cell copied to another row or
-column does not open: ``IntegrityError`` names the column, never the value.
+sealed with AES-256-GCM or SM4-GCM (the keyring's suite) under a key of its own:
+HMAC(index data key, salt) (HMAC-SHA-256, or HMAC-SM3 for SM4), with a fixed nonce, as
+each such key seals one cell only. A random 96-bit nonce under one key would be good for
+about 2^32 cells, and every sync re-seals the rows it touches; with a random 128-bit salt
+2^48 cells collide with a chance of ~2^-33 (the idea of XAES-256-GCM: a key per random
+nonce), for ~3 µs a cell. The *index data key* is random, kept in the index's own
+``index_keys`` table only wrapped by the keyring's key-encryption key (key id and version
+in the row), as every object's data key is (envelope encryption). Rotation re-wraps that one row
+(``SqlIndex.load_phi_keys``, at every open); no cell is re-encrypted. The associated
+data binds a cell to its place: the column (``patients.PatientName``), the row's identity
+(the stored patient key, the StudyInstanceUID, SeriesInstanceUID or consent id; never an
+autoincrement id, which is unknown before the insert) and the index key number. A cell
+copied to another row or column does not open: ``IntegrityError`` names the column, never
+the value.
 
 Exact lookups go through blind indexes: ``blind`` is the keyring's HMAC (SHA-256 or SM3,
 under its separate blind-index secret) of the value in one column's namespace; equal
@@ -29,9 +34,10 @@ import secrets
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 
 from imaging_gateway.errors import IntegrityError, InvalidQuery
-from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead
+from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
 from imaging_gateway.security.keyring import Keyring
 
 if TYPE_CHECKING:
@@ -43,19 +49,25 @@ BLIND_KEY_PREFIX = "bi:"
 """First characters of a blinded patient key."""
 _AAD_LABEL = b"imaging-gateway/index-phi/1\x00"
 _WRAP_LABEL = b"imaging-gateway/index-phi-key/1\x00"
+_CELL_KEY_LABEL = b"imaging-gateway/index-phi-cell/1\x00"
 _NUMBER = 4
+_SALT = 16
+_NONCE = bytes(NONCE_SIZE)  # each cell key seals one cell
 
 
 class PhiCodec:
     """Seals, opens and blind-indexes the index's PHI cells with one keyring.
 
-    The index data keys are installed by ``SqlIndex.load_phi_keys`` (unwrapped once, their
-    AEAD objects kept): sealing or opening a cell is one AEAD call and a base64 step.
+    The index data keys are installed by ``SqlIndex.load_phi_keys`` (unwrapped once and
+    kept): sealing or opening a cell is one HMAC, one AEAD call and a base64 step.
     """
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
-        self._aeads: dict[int, Aead] = {}
+        self._keys: dict[int, bytes] = {}
+        self._hash: hashes.HashAlgorithm = (
+            hashes.SM3() if keyring.suite is Suite.SM4_GCM else hashes.SHA256()
+        )
         self.current: int | None = None
         """The number of the index data key new cells are sealed under."""
 
@@ -73,18 +85,21 @@ class PhiCodec:
         key = self.keyring.unwrap(
             key_id, version, wrapped, _WRAP_LABEL + number.to_bytes(_NUMBER, "big")
         )
-        self._aeads[number] = Aead(self.keyring.suite, key)
-        self.current = max(self._aeads)
+        self._keys[number] = key
+        self.current = max(self._keys)
         return key
 
-    def _aead(self, number: int, column: str) -> Aead:
-        aead = self._aeads.get(number)
-        if aead is None:
+    def _aead(self, number: int, salt: bytes, column: str) -> Aead:
+        """The AEAD of one cell: its own key, HMAC(index data key ``number``, salt)."""
+        key = self._keys.get(number)
+        if key is None:
             raise IntegrityError(
                 f"index column {column}: a sealed cell names index key {number}, which the "
                 "index's index_keys table does not hold"
             )
-        return aead
+        mac = hmac.HMAC(key, self._hash)
+        mac.update(_CELL_KEY_LABEL + salt)
+        return Aead(self.keyring.suite, mac.finalize()[: self.keyring.suite.key_size])
 
     def seal(self, value: str | None, *, column: str, row: str) -> str | None:
         """The sealed cell of ``value`` in ``column`` of the row identified by ``row``."""
@@ -93,13 +108,12 @@ class PhiCodec:
         if self.current is None:
             raise RuntimeError("no index data key installed (SqlIndex.load_phi_keys)")
         header = self.current.to_bytes(_NUMBER, "big")
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        sealed = self._aead(self.current, column).seal(
-            nonce, value.encode("utf-8"), _aad(header, column, row)
+        salt = secrets.token_bytes(_SALT)
+        sealed = self._aead(self.current, salt, column).seal(
+            _NONCE, value.encode("utf-8"), _aad(header, column, row)
         )
-        return PREFIX + base64.urlsafe_b64encode(header + nonce + sealed).decode("ascii").rstrip(
-            "="
-        )
+        cell = base64.urlsafe_b64encode(header + salt + sealed).decode("ascii")
+        return PREFIX + cell.rstrip("=")
 
     def open(self, cell: str | None, *, column: str, row: str) -> str | None:
         """The value of a sealed cell; None for a null cell.
@@ -112,10 +126,10 @@ class PhiCodec:
         if cell is None:
             return None
         number, body = _parse(cell, column)
-        nonce, sealed = body[:NONCE_SIZE], body[NONCE_SIZE:]
+        salt, sealed = body[:_SALT], body[_SALT:]
         aad = _aad(number.to_bytes(_NUMBER, "big"), column, row)
         try:
-            plain = self._aead(number, column).open(nonce, sealed, aad)
+            plain = self._aead(number, salt, column).open(_NONCE, sealed, aad)
         except InvalidTag:
             raise IntegrityError(
                 f"index column {column}: a sealed cell did not authenticate for its row "
@@ -190,6 +204,6 @@ def _parse(cell: str, column: str) -> tuple[int, bytes]:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise IntegrityError(f"index column {column}: a sealed cell is malformed") from None
-    if len(raw) < _NUMBER + NONCE_SIZE + TAG_SIZE:
+    if len(raw) < _NUMBER + _SALT + TAG_SIZE:
         raise IntegrityError(f"index column {column}: a sealed cell is malformed")
     return int.from_bytes(raw[:_NUMBER], "big"), raw[_NUMBER:]
