@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imaging_gateway.domain.records import ParsedHeader
-from imaging_gateway.errors import ConfigError, IndexUnavailable, NotFound
+from imaging_gateway.errors import ConfigError, GatewayError, IndexUnavailable, NotFound
 from imaging_gateway.index.qido import (
     install_time_budget,
     mark_session_time_budget,
@@ -245,10 +245,11 @@ class SqlIndex:
     ) -> SqlIndex:
         """Connect and bring the schema to the newest migration.
 
-        With ``phi`` the index's PHI columns are sealed and looked up by blind index.
-        ``check_phi`` makes sure the database is in that state (``check_phi_state``).
-        Raises ``IndexUnavailable`` when the database cannot be reached, ``ConfigError``
-        and ``KeyNotFound`` / ``IntegrityError`` as ``check_phi_state`` does.
+        With ``phi`` the index's PHI columns are sealed and looked up by blind index (its
+        data keys loaded, ``load_phi_keys``). ``check_phi`` makes sure the database is in
+        that state (``check_phi_state``). Raises ``IndexUnavailable`` when the database
+        cannot be reached, ``ConfigError``, ``KeyNotFound`` and ``IntegrityError`` as
+        ``load_phi_keys`` and ``check_phi_state`` do.
         """
         url = async_url(settings.url, settings.password)
         kwargs: dict[str, Any] = {"echo": settings.echo}
@@ -287,7 +288,7 @@ class SqlIndex:
                 await index.load_phi_keys()
             if check_phi:
                 await index.check_phi_state()
-        except ConfigError:
+        except GatewayError:  # a wrong PHI state or key: no engine left open
             await index.close()
             raise
         except (OperationalError, DBAPIError, OSError) as exc:
