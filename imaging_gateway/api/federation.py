@@ -9,7 +9,9 @@ scope; refusals are 401/403 and audited with the assertion's correlation id.
 
 Retrieving: ``/dicomweb/federation/{province}/studies/{uid}[/...]`` streams a study held
 by another province through this gateway, chunk by chunk (memory flat), from the URL the
-registry builds; ``Range`` and ``If-Range`` are passed through.
+registry builds; ``Range``, ``If-Range`` and ``If-None-Match`` are passed through, so a
+client resumes a broken-off retrieve from the holding province's body (206) or learns
+that it has not changed (304).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from imaging_gateway.services.federation import Federation
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_PASS_REQUEST: Final = ("Accept", "Range", "If-Range")
+_PASS_REQUEST: Final = ("Accept", "Range", "If-Range", "If-None-Match")
 _PASS_RESPONSE: Final = (
     "Content-Type",
     "Content-Length",
@@ -60,7 +62,7 @@ _PASS_RESPONSE: Final = (
     "ETag",
     "Last-Modified",
 )
-_PASS_STATUS: Final = frozenset({200, 206, 416})
+_PASS_STATUS: Final = frozenset({200, 206, 304, 416})
 _CHUNK: Final = 64 * 1024
 
 

@@ -493,10 +493,25 @@ async def test_retrieve_through_home_streams_identical_bytes(world: World,
             async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}", headers=me,
                                 ssl=world.client_ssl) as r:
                 assert r.status == 200, await r.text()
-                got = parts(await r.read(), r.headers["Content-Type"])
+                whole, etag = await r.read(), r.headers.get("ETag")
+                got = parts(whole, r.headers["Content-Type"])
             if p != PLAIN:
                 assert sorted(got) == sorted(i.data for i in world.corpus[p]
                                              if i.study_uid == study)
+                # Broken off half-way: the rest from where it stopped, the same version.
+                assert etag is not None
+                half = len(whole) // 2
+                async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}",
+                                    headers={**me, "Range": f"bytes={half}-", "If-Range": etag},
+                                    ssl=world.client_ssl) as r:
+                    assert r.status == 206, await r.text()
+                    assert r.headers["Content-Range"] == \
+                        f"bytes {half}-{len(whole) - 1}/{len(whole)}"
+                    assert whole[:half] + await r.read() == whole
+                async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}",
+                                    headers={**me, "If-None-Match": etag},
+                                    ssl=world.client_ssl) as r:
+                    assert r.status == 304
             else:
                 assert len(got) == 1 and pydicom.dcmread(io.BytesIO(got[0])).PatientID \
                     == world.patient_id
