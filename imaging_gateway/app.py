@@ -26,6 +26,7 @@ from imaging_gateway.api.middlewares import (
 )
 from imaging_gateway.api.openapi import openapi_json
 from imaging_gateway.federation.assertions import MemoryReplayCache
+from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederationClient, load_registry
 from imaging_gateway.federation.fanout import CircuitBreakers
 from imaging_gateway.index.sql import SqlIndex
@@ -136,6 +137,7 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     registry = load_registry(settings)
     key = load_or_create_signing_key(f.signing_key_file, setting="federation.signing_key_file")
+    cache = await _retrieve_cache(app)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=32),
         # Never the environment's proxies: peers are reached at their registered address.
@@ -150,6 +152,17 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
             failure_threshold=f.breaker_failures, cool_down_s=f.breaker_cool_down_s
         ),
         replay_cache=MemoryReplayCache(),
+        cache=cache,
     )
     yield
     await session.close()
+
+
+async def _retrieve_cache(app: web.Application) -> RetrieveCache | None:
+    f = app[SETTINGS].federation
+    if f.cache_store is None:
+        return None
+    cache = RetrieveCache(app[STORES][f.cache_store], max_bytes=f.cache_max_bytes,
+                          ttl_s=f.cache_ttl_s)  # fmt: skip
+    await cache.load()
+    return cache
