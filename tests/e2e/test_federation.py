@@ -38,6 +38,7 @@ from imaging_gateway.dicom.synthetic import HOSPITALS, SyntheticInstance, genera
 from imaging_gateway.federation.assertions import ConsentClaim, issue_assertion
 from imaging_gateway.federation.client import ASSERTION_HEADER
 from imaging_gateway.federation.fanout import holding_province
+from imaging_gateway.security.aead import Suite
 from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
@@ -91,6 +92,14 @@ path = "fed-cache"
 
 [encryption]
 enabled = true
+"""
+
+# Shanghai answers from an encrypted index (PHI columns sealed with SM4-GCM, looked up by
+# blind index): its patient-token rows hold the identity's blind index only.
+SM4_INDEX = """
+[encryption]
+enabled = true
+suite = "SM4-GCM"
 """
 
 PEER = """
@@ -251,13 +260,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             province=p, port=ports[p], pki=pki, peers=peers, deadline=DEADLINE_MS,
             enabled="false" if p == PLAIN else "true",
             store_hospital=f'hospital = "{PLAIN_HOSPITAL}"' if p == PLAIN else "",
-            cache_store=HOME_CACHE_STORE if p == "110000" else "",
+            cache_store={"110000": HOME_CACHE_STORE, "310000": SM4_INDEX}.get(p, ""),
             cache='cache_store = "fed-cache"' if p == "110000" else "",
         ), encoding="utf-8")
         if p == "110000":
             (d / "fed-cache").mkdir()
             FileKeyring.create(d / "data" / "keys" / "keyring.json",
                                setting="encryption.keyring_file", key_id="bj")
+        if p == "310000":
+            FileKeyring.create(d / "data" / "keys" / "keyring.json",
+                               setting="encryption.keyring_file", key_id="sh",
+                               suite=Suite.SM4_GCM)
         gws[p] = GatewayProcess(config, ports[p], ssl_context=client_ssl)
 
     # The plain peer's credential: a bearer token it issued, in an environment variable.
@@ -416,6 +429,17 @@ async def test_with_consent_finds_every_province_and_names_failed_peers(
         assert remote and all(r["role"] == "peer" and r["hospital"] == world.hospital
                               for r in remote), p
         assert {r["patient_token"] for r in remote} == {token}
+
+
+def test_the_encrypted_peer_index_holds_no_identity(world: World) -> None:
+    """Shanghai answered the federated searches above from sealed cells and blind indexes."""
+    def index_bytes(province: str) -> bytes:
+        data = world.gws[province].config.parent / "data"
+        return b"".join(p.read_bytes() for p in data.glob("index.sqlite3*"))
+
+    assert world.national_id.encode() in index_bytes("440000")  # the plain one
+    assert world.national_id.encode() not in index_bytes("310000")
+    assert world.national_id.encode() not in index_bytes("110000")
 
 
 async def test_nothing_identifying_is_sent_to_peers(world: World, consent: dict[str, Any]
