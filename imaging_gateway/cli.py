@@ -548,6 +548,15 @@ async def _keys_stores(settings: Settings, args: argparse.Namespace) -> int:
         }
         if args.stores:
             doc["rewrap"] = records
+        if settings.encryption.enabled:
+            from imaging_gateway.index.sql import SqlIndex
+
+            # Read only: without the codec, opening loads (and re-wraps) no key.
+            index = await SqlIndex.open(settings.index, check_phi=False)
+            try:
+                doc["index_key_versions"] = sorted(v for _, v in await index.phi_key_versions())
+            finally:
+                await index.close()
         if args.json:
             print(json.dumps(doc, ensure_ascii=False))
         else:

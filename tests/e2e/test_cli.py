@@ -143,6 +143,12 @@ def test_seal_index_encrypts_an_existing_index(tmp_path: Path) -> None:
     assert "patients_rewritten  0" in cli(cfg, "seal-index").stdout  # resumes: no work
     summary = json.loads(cli(cfg, "sync", "--store", "fs", "--json").stdout)
     assert summary["unchanged"] == len(instances)
+    cli(cfg, "keys", "rotate")
+    assert json.loads(cli(cfg, "keys", "status", "--json").stdout)["index_key_versions"] == [1]
+    cli(cfg, "keys", "rewrap", "--store", "fs")  # the store's objects (plain: none to move)
+    cli(cfg, "keys", "retire", "1")  # opening the index re-wrapped its key under version 2
+    assert json.loads(cli(cfg, "keys", "status", "--json").stdout)["index_key_versions"] == [2]
+    cli(cfg, "index", "stats")
     raw = b"".join(p.read_bytes() for p in db.parent.glob("index.sqlite3*"))
     assert not [i.national_id for i in instances if i.national_id.encode() in raw]
     assert not [i.patient_id for i in instances if i.patient_id.encode() in raw]
