@@ -29,6 +29,11 @@ Matching (PS3.4 C.2.2.2):
   ReferringPhysicianName: case-sensitive, a single value equal to one of the stored
   component groups, wildcards over the whole stored value.
 
+On an encrypted index (``phi``, see ``imaging_gateway.security.phi``) PatientID and
+AccessionNumber match by blind index (single values), PatientName by the blind indexes of
+its keys (whole fuzzy terms, single values, a literal prefix with one trailing ``*`` per
+group); other matching on sealed columns is refused (400).
+
 Instance results are one per SOPInstanceUID within a series: of several objects
 claiming one SOPInstanceUID (see the conflicts table) the one indexed first is shown.
 """
@@ -169,10 +174,28 @@ _SEALED: dict[str, tuple[str, str]] = {
 # Sealed keywords matched through a blind index (single values only).
 _BLIND_MATCHED = {"PatientID": "PatientID_bidx", "AccessionNumber": "AccessionNumber_bidx"}
 _NAME_KEY = "patient_name_keys.key"
+_NAME_PREFIX = "patient_name_keys.prefix"
+"""Blind-index namespace of the prefixes of a name's group keys (``Zhang*`` matching)."""
 _UNSUPPORTED_NAME = (
-    "wildcard matching (use fuzzymatching=true with whole words, pinyin syllables or "
-    "initials, or a single value)"
+    "wildcard matching other than a trailing * (use fuzzymatching=true with whole words, "
+    "pinyin syllables or initials, a single value, or a value ending in *)"
 )
+
+
+def sealed_name_keys(phi: PhiCodec, name_search: str | None) -> set[str]:
+    """The ``patient_name_keys`` rows of a name in an encrypted index: the blind index of
+    each search key, and of each prefix of each group key (``=z``, ``=zh``, ... ``=zhang^san``)
+    in a namespace of their own, so that ``Zhang*`` is one equality too."""
+    out: set[str] = set()
+    for key in split_keys(name_search):
+        out.add(phi.blind(key, column=_NAME_KEY) or "")
+        if key.startswith(GROUP_MARK):
+            out.update(
+                phi.blind(key[:n], column=_NAME_PREFIX) or "" for n in range(2, len(key) + 1)
+            )
+    return out
+
+
 _STUDY_JOIN = studies.join(_patient, _patient.c.id == studies.c.patient_id)
 _SERIES_JOIN = series.join(studies, studies.c.id == series.c.study_id).join(
     _patient, _patient.c.id == studies.c.patient_id
@@ -302,16 +325,25 @@ class _Plan:
     def sealed_patient_name(self, m: AttributeMatch, phi: PhiCodec) -> _Op | None:
         """PatientName on an encrypted index: every fuzzy term, or every literal group, must
         equal one of the name's blinded keys (no prefixes: a blind index has no order)."""
+        keys: list[tuple[str, str]] = []
         if self.fuzzy:
-            keys = fuzzy_terms(m.value)
+            keys = [(t, _NAME_KEY) for t in fuzzy_terms(m.value)]
         elif m.kind == "single":
-            keys = [k for g in m.value.split(GROUP_MARK)[:3] if (k := group_key(g)) is not None]
-        elif m.value.strip("*" + GROUP_MARK):
-            raise not_searchable("PatientName", _UNSUPPORTED_NAME)
+            groups = m.value.split(GROUP_MARK)[:3]
+            keys = [(k, _NAME_KEY) for g in groups if (k := group_key(g)) is not None]
         else:
-            return None
+            # Each group a literal prefix and one trailing * (as PACS send ``ZHANG*``):
+            # equal to one of the stored prefixes of a group key.
+            for group in m.value.split(GROUP_MARK)[:3]:
+                pattern = group_pattern(group)
+                if pattern is None or pattern.strip("*") == GROUP_MARK:
+                    continue
+                prefix = pattern[:-1]
+                if not pattern.endswith("*") or any(c in prefix for c in "*?"):
+                    raise not_searchable("PatientName", _UNSUPPORTED_NAME)
+                keys.append((prefix, _NAME_PREFIX))
         conds: list[_Op] = [
-            ("keys", ("eq", "key", self.bind(phi.blind(k, column=_NAME_KEY)))) for k in keys
+            ("keys", ("eq", "key", self.bind(phi.blind(k, column=space)))) for k, space in keys
         ]
         return ("and", tuple(conds)) if conds else None
 
@@ -880,9 +912,7 @@ async def refresh_patient_names(
         else:
             plain = phi.open(name, column="patients.PatientName", row=pkey)
             value = None
-            wanted = {
-                phi.blind(k, column=_NAME_KEY) or "" for k in split_keys(name_search_keys(plain))
-            }
+            wanted = sealed_name_keys(phi, name_search_keys(plain))
         if value != name_search:
             renamed.append({"_id": pid, "_v": value})
         have = stored.get(pid, set())
