@@ -67,7 +67,7 @@ name = "fs"
 kind = "fs"
 path = "store"
 {store_hospital}
-{cache_store}
+{tables}
 [tls]
 cert_file = "{pki}/gw-{province}.crt"
 key_file = "{pki}/gw-{province}.key"
@@ -260,7 +260,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             province=p, port=ports[p], pki=pki, peers=peers, deadline=DEADLINE_MS,
             enabled="false" if p == PLAIN else "true",
             store_hospital=f'hospital = "{PLAIN_HOSPITAL}"' if p == PLAIN else "",
-            cache_store={"110000": HOME_CACHE_STORE, "310000": SM4_INDEX}.get(p, ""),
+            tables={"110000": HOME_CACHE_STORE, "310000": SM4_INDEX}.get(p, ""),
             cache='cache_store = "fed-cache"' if p == "110000" else "",
         ), encoding="utf-8")
         if p == "110000":
