@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from tests.support.gateway import cli, free_port
 
 
@@ -66,16 +67,20 @@ def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and "known: fs" in unknown.stderr
 
 
-def test_keys_and_seal_commands(tmp_path: Path) -> None:
-    """keys init | status | rotate | rewrap | retire and seal, as an admin runs them."""
-    from imaging_gateway.dicom.synthetic import generate_instances
-
-    instances = list(generate_instances(seed=4, patients=2, studies_per_patient=1,
+def _small_store(root: Path, *, seed: int) -> list[SyntheticInstance]:
+    """Two patients' one-instance studies written into a local-directory store."""
+    instances = list(generate_instances(seed=seed, patients=2, studies_per_patient=1,
                                         pixel_mode="small", instances_per_series=1))
     for inst in instances:
-        p = tmp_path / "store" / inst.key
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(inst.data)
+        path = root / inst.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(inst.data)
+    return instances
+
+
+def test_keys_and_seal_commands(tmp_path: Path) -> None:
+    """keys init | status | rotate | rewrap | retire and seal, as an admin runs them."""
+    instances = _small_store(tmp_path / "store", seed=4)
     cfg = tmp_path / "g.toml"
     cfg.write_text('[gateway]\ndata_dir = "data"\n[[stores]]\nname = "fs"\nkind = "fs"\n'
                    'path = "store"\n[encryption]\nenabled = true\n', encoding="utf-8")
@@ -115,13 +120,7 @@ def test_keys_and_seal_commands(tmp_path: Path) -> None:
 
 def test_seal_index_encrypts_an_existing_index(tmp_path: Path) -> None:
     """A plain index, then [encryption] enabled: refused until `seal-index`, then served."""
-    from imaging_gateway.dicom.synthetic import generate_instances
-    instances = list(generate_instances(seed=5, patients=2, studies_per_patient=1,
-                                        pixel_mode="small", instances_per_series=1))
-    for inst in instances:
-        p = tmp_path / "store" / inst.key
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(inst.data)
+    instances = _small_store(tmp_path / "store", seed=5)
     cfg = tmp_path / "g.toml"
 
     def config(enabled: bool) -> None:
