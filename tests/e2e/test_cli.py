@@ -46,7 +46,6 @@ timeout_s = 2
 
 
 def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
-
     for inst in generate_instances(seed=3, patients=2, studies_per_patient=1,
                                    pixel_mode="small", instances_per_series=1):
         p = tmp_path / "store" / inst.key
