@@ -17,10 +17,17 @@ so with no ``EncryptedStore`` at all). Then, all in the same run:
   the ratio, goal <= 1.3;
 - rewrap: ``keys rotate`` then ``rewrap_store`` on the AES bucket: objects/s, and the
   bytes it read per object (headers and sidecars only: no body);
-- primitives: AES-256-GCM and SM4-GCM seal and open of 64 KiB segments in one thread, MB/s.
+- primitives: AES-256-GCM and SM4-GCM seal and open of 64 KiB segments in one thread, MB/s;
+- blind_index_lookup (encrypted PHI columns of the index): three SQLite indexes of the
+  same ``--phi-patients`` synthetic patients (one study each, one hospital), plain, AES and
+  SM4, searched in turn through ``Gate.search`` (the audited path of QIDO-RS, no HTTP):
+  a QIDO search by PatientID (one blind-index lookup when encrypted) and a page of 50
+  studies with every attribute (50 rows of sealed cells opened); p50 ms of each, and the
+  bare cost of opening one page's sealed cells (7 a row).
 
     .venv/bin/python bench/crypto.py                    # ~1-2 min on 2 cores
     .venv/bin/python bench/crypto.py --study-mb 100 --rounds 2
+    .venv/bin/python bench/crypto.py --phi-only         # the index figures alone, ~20 s
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import cli, free_port, issue_token, start_gateway
@@ -50,13 +59,23 @@ from bench.wado import (
     upload,
     wado_rate,
 )
+from imaging_gateway.dicom.synthetic import generate_instances
+from imaging_gateway.domain.qido import parse_qido
+from imaging_gateway.index.schema import patients, studies
+from imaging_gateway.index.sql import PATIENT_PHI, STUDY_PHI, SqlIndex
 from imaging_gateway.security.aead import TAG_SIZE, Aead, Suite
+from imaging_gateway.security.audit import AuditLog
+from imaging_gateway.security.gate import AccessContext, Gate
 from imaging_gateway.security.keyring import FileKeyring
-from imaging_gateway.settings import Settings, load_settings
+from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.phi import PhiCodec
+from imaging_gateway.security.principals import Principal
+from imaging_gateway.settings import IndexSettings, Settings, load_settings
 from imaging_gateway.storage.base import ObjectStore, RangeRead
 from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.maintenance import rewrap_store
 from imaging_gateway.storage.s3 import S3Store
+from tests.support.indexing import index_instances
 from tests.support.seaweed import SeaweedServer
 
 GOAL = {"retrieve_ratio": 0.85, "header_read_ratio_max": 1.3}
@@ -131,6 +150,88 @@ def primitive_rates(total_mb: int = 64) -> dict[str, dict[str, float]]:
         mb = n * SEGMENT / 1e6
         out[suite.value] = {"seal_mb_s": round(mb / seal_s, 1), "open_mb_s": round(mb / open_s, 1)}
     return out
+
+
+async def phi_index(n_patients: int, searches: int) -> dict[str, Any]:
+    """QIDO-RS latency on a plain and two encrypted indexes of the same patients."""
+    corpus = list(generate_instances(seed=5, patients=n_patients, studies_per_patient=1,
+                                     pixel_mode="small", instances_per_series=1))  # fmt: skip
+    principal = Principal(subject="pacs-bench", role="hospital", province="110000",
+                          token_id="t", hospital=HOSPITAL)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-phi-") as tmp:
+        gates: dict[str, Gate] = {}
+        indexes: list[SqlIndex] = []
+        try:
+            for name, suite in (("plain", None), ("aes", Suite.AES_256_GCM),
+                                ("sm4", Suite.SM4_GCM)):  # fmt: skip
+                phi = None
+                if suite is not None:
+                    ring = FileKeyring.create(Path(tmp) / f"{name}.json", setting="bench",
+                                              key_id="bench", suite=suite)  # fmt: skip
+                    phi = PhiCodec(ring)
+                index = await SqlIndex.open(
+                    IndexSettings(url=f"sqlite:///{tmp}/{name}.sqlite3"), phi=phi
+                )
+                indexes.append(index)
+                await index_instances(index, corpus, hospital=HOSPITAL)
+                gates[name] = Gate(index.engine, AuditLog(index.engine, b"k" * 32),
+                                   PatientTokens(b"p" * 32), break_glass_minutes=30,
+                                   search_engine=index.search_engine, phi=phi)  # fmt: skip
+            by_id = [parse_qido("study", [("PatientID", i.patient_id)]) for i in corpus]
+            page = parse_qido("study", [("limit", "50"), ("includefield", "all")])
+            lookup: dict[str, list[float]] = {name: [] for name in gates}
+            pages: dict[str, list[float]] = {name: [] for name in gates}
+            for n in range(searches):
+                for name, gate in gates.items():
+                    t0 = time.perf_counter()
+                    found = await gate.search(AccessContext(principal), by_id[n % len(by_id)],
+                                              max_results=50)  # fmt: skip
+                    lookup[name].append(time.perf_counter() - t0)
+                    assert len(found.results) == 1
+                    t0 = time.perf_counter()
+                    found = await gate.search(AccessContext(principal), page, max_results=50)
+                    pages[name].append(time.perf_counter() - t0)
+                    assert len(found.results) == 50
+            opens = {name: await _open_page(index) for name, index in
+                     zip(gates, indexes, strict=True) if index.phi is not None}  # fmt: skip
+        finally:
+            for index in indexes:
+                await index.close()
+
+    def p50(v: list[float]) -> float:
+        return round(statistics.median(v) * 1000, 3)
+
+    return {
+        "patients": n_patients,
+        "searches": searches,
+        "by_patient_id_p50_ms": {name: p50(v) for name, v in lookup.items()},
+        "page_of_50_p50_ms": {name: p50(v) for name, v in pages.items()},
+        "open_page_of_50_cells_ms": {name: round(v * 1000, 3) for name, v in opens.items()},
+    }
+
+
+async def _open_page(index: SqlIndex, rows: int = 50, rounds: int = 50) -> float:
+    """Median seconds to open the sealed cells of ``rows`` studies and their patients."""
+    phi = index.phi
+    assert phi is not None
+    async with index.engine.connect() as conn:
+        q = (
+            sa.select(studies.c.StudyInstanceUID, patients.c.patient_key,
+                      *(studies.c[c] for c in STUDY_PHI), *(patients.c[c] for c in PATIENT_PHI))
+            .select_from(studies.join(patients, patients.c.id == studies.c.patient_id))
+            .limit(rows)
+        )  # fmt: skip
+        got = (await conn.execute(q)).mappings().all()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for r in got:
+            for c in STUDY_PHI:
+                phi.open(r[c], column=f"studies.{c}", row=r["StudyInstanceUID"])
+            for c in PATIENT_PHI:
+                phi.open(r[c], column=f"patients.{c}", row=r["patient_key"])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 async def header_reads(plain: ObjectStore, enc: ObjectStore, keys: list[str], n: int
@@ -278,7 +379,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "bodies_streamed": counting.streams,
                 },
                 "primitives_mb_s": prims,
-                "blind_index_lookup": None,  # PHI columns are not encrypted yet (issue 4)
+                "blind_index_lookup": await phi_index(args.phi_patients, args.phi_searches),
                 "goal": GOAL,
                 "goal_met": {
                     "retrieve_ratio": med["aes"] / med["plain"] >= GOAL["retrieve_ratio"],
@@ -296,7 +397,16 @@ def main() -> None:
     ap.add_argument("--study-mb", type=float, default=200, help="size of the study")
     ap.add_argument("--rounds", type=int, default=3, help="retrieve rounds (medians)")
     ap.add_argument("--header-reads", type=int, default=200, help="64 KiB reads per store")
+    ap.add_argument("--phi-patients", type=int, default=2000, help="patients of the PHI indexes")
+    ap.add_argument("--phi-searches", type=int, default=200, help="searches per PHI index")
+    ap.add_argument("--phi-only", action="store_true", help="only the PHI index figures")
     args = ap.parse_args()
+    if args.phi_only:
+        figures = {"bench": "crypto", "cpus": os.cpu_count(),
+                   "blind_index_lookup": asyncio.run(phi_index(args.phi_patients,
+                                                               args.phi_searches))}  # fmt: skip
+        print(json.dumps(figures))
+        return
     print(json.dumps(asyncio.run(run(args))))
 
 

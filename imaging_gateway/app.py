@@ -26,6 +26,7 @@ from imaging_gateway.api.middlewares import (
 )
 from imaging_gateway.api.openapi import openapi_json
 from imaging_gateway.federation.assertions import MemoryReplayCache
+from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederationClient, load_registry
 from imaging_gateway.federation.fanout import CircuitBreakers
 from imaging_gateway.index.sql import SqlIndex
@@ -34,6 +35,7 @@ from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.services.federation import Federation
 from imaging_gateway.settings import Settings
@@ -80,7 +82,8 @@ async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
-    index = await SqlIndex.open(app[SETTINGS].index)
+    settings = app[SETTINGS]
+    index = await SqlIndex.open(settings.index, phi=load_phi_codec(settings))
     app[INDEX] = index
     yield
     await index.close()
@@ -99,8 +102,9 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
         PatientTokens(patient_key),
         break_glass_minutes=s.break_glass_minutes,
         search_engine=app[INDEX].search_engine,
+        phi=app[INDEX].phi,
     )
-    app[CONSENTS] = ConsentStore(engine)
+    app[CONSENTS] = ConsentStore(engine, phi=app[INDEX].phi)
     yield
 
 
@@ -133,6 +137,7 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     registry = load_registry(settings)
     key = load_or_create_signing_key(f.signing_key_file, setting="federation.signing_key_file")
+    cache = await _retrieve_cache(app)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=32),
         # Never the environment's proxies: peers are reached at their registered address.
@@ -147,6 +152,17 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
             failure_threshold=f.breaker_failures, cool_down_s=f.breaker_cool_down_s
         ),
         replay_cache=MemoryReplayCache(),
+        cache=cache,
     )
     yield
     await session.close()
+
+
+async def _retrieve_cache(app: web.Application) -> RetrieveCache | None:
+    f = app[SETTINGS].federation
+    if f.cache_store is None:
+        return None
+    cache = RetrieveCache(app[STORES][f.cache_store], max_bytes=f.cache_max_bytes,
+                          ttl_s=f.cache_ttl_s)  # fmt: skip
+    await cache.load()
+    return cache

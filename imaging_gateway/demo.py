@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imaging_gateway.dicom.synthetic import HOSPITALS, generate_instances
 from imaging_gateway.index.sql import SqlIndex
+from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings, load_settings
 from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
@@ -61,7 +62,7 @@ async def populate(settings: Settings, *, patients: int) -> int:
 
 
 async def index_demo(settings: Settings) -> dict[str, int]:
-    index = await SqlIndex.open(settings.index)
+    index = await SqlIndex.open(settings.index, phi=load_phi_codec(settings))
     store = open_gateway_store(settings, "demo", load_store_keys(settings))
     try:
         runner = SyncRunner(settings, index, store)

@@ -84,12 +84,15 @@ class DemoProvince:
 
 
 def set_up(
-    directory: Path, *, patients: int, host: str, port: int
+    directory: Path, *, patients: int, host: str, port: int,
+    instances_per_series: int | None = None,
 ) -> tuple[list[DemoProvince], SyntheticInstance, str]:
     """Write the three provinces' configs, keys and stores, and index them (idempotent).
 
-    Ports are ``port``, ``port + 1`` and ``port + 2``. Returns the provinces (home first)
-    and a patient's home instance with another province holding a study of theirs.
+    Ports are ``port``, ``port + 1`` and ``port + 2``; ``instances_per_series`` as
+    ``generate_instances`` takes it (its modality defaults when None). Returns the
+    provinces (home first) and a patient's home instance with another province holding
+    a study of theirs.
     Raises ``ConfigError`` from the settings of a config that was edited wrongly, and
     ``RuntimeError`` when no patient has studies in two provinces.
     """
@@ -112,7 +115,10 @@ def set_up(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-    instances = list(generate_instances(seed=2026, patients=patients, studies_per_patient=3))
+    instances = list(generate_instances(
+        seed=2026, patients=patients, studies_per_patient=3,
+        instances_per_series=instances_per_series,
+    ))
     for province, name in PROVINCES.items():
         d = directory / province
         peers = "".join(

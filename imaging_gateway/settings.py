@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -287,6 +287,11 @@ class FederationSettings:
     allow_plain_http: bool = False
     """Allow ``http://`` peers (loopback demos only; peers are called over TLS)."""
     peers: tuple[PeerSettings, ...] = ()
+    cache_store: str | None = None
+    """A ``[[stores]]`` table of its own for answers retrieved from peers (needs
+    ``[encryption] enabled``); None: no cache (``federation.cache``)."""
+    cache_max_bytes: int = 10 * 1024**3
+    cache_ttl_s: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,6 +596,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     e.finish()
     tls = _tls(_Section("tls", raw.get("tls", {})), base)
     federation = _federation(raw.get("federation", {}), env, base, gateway.province, data_dir)
+    _check_cache_store(federation, gateway, names, encryption)
     return Settings(gateway, index, tuple(stores), sync, security, tls, encryption, federation)
 
 
@@ -630,9 +636,36 @@ def _federation(
         assertion_validity_s=f.int_("assertion_validity_s", 60, minimum=5, maximum=300),
         allow_plain_http=f.bool_("allow_plain_http", False),
         peers=tuple(peers),
+        cache_store=f.opt_str("cache_store"),
+        cache_max_bytes=f.int_("cache_max_bytes", 10 * 1024**3, minimum=1024**2),
+        cache_ttl_s=f.float_("cache_ttl_s", 7 * 24 * 3600.0, minimum=1.0),
     )
     f.finish()
     return federation
+
+
+def _check_cache_store(
+    federation: FederationSettings, gateway: GatewaySettings, names: Sequence[str],
+    encryption: EncryptionSettings,
+) -> None:
+    """The cache of other provinces' studies: a store of its own, encrypted at rest."""
+    name = federation.cache_store
+    if name is None:
+        return
+    if name not in names:
+        known = ", ".join(names) or "none configured"
+        raise ConfigError(
+            "federation.cache_store", f"expected the name of a [[stores]] table (known: {known})"
+        )
+    if name == gateway.write_store:
+        raise ConfigError(
+            "federation.cache_store", "must be a store of its own, not the write store"
+        )
+    if not encryption.enabled:
+        raise ConfigError(
+            "federation.cache_store",
+            "holds other provinces' patient data: turn on [encryption] (enabled = true)",
+        )
 
 
 def _peer(where: str, table: Any, env: Mapping[str, str], base: Path) -> PeerSettings:

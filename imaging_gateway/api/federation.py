@@ -9,7 +9,9 @@ scope; refusals are 401/403 and audited with the assertion's correlation id.
 
 Retrieving: ``/dicomweb/federation/{province}/studies/{uid}[/...]`` streams a study held
 by another province through this gateway, chunk by chunk (memory flat), from the URL the
-registry builds; ``Range`` and ``If-Range`` are passed through.
+registry builds; ``Range``, ``If-Range`` and ``If-None-Match`` are passed through, so a
+client resumes a broken-off retrieve from the holding province's body (206) or learns
+that it has not changed (304).
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from imaging_gateway.api.keys import (
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
+    GatewayError,
     NotAcceptable,
     NotFound,
     PeerUnavailable,
     Unauthenticated,
 )
 from imaging_gateway.federation.assertions import verify_assertion
+from imaging_gateway.federation.cache import CachedAnswer, Fill, RetrieveCache
 from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
 from imaging_gateway.security.gate import PeerGrant
 from imaging_gateway.security.principals import Principal
@@ -51,7 +55,7 @@ from imaging_gateway.services.federation import Federation
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_PASS_REQUEST: Final = ("Accept", "Range", "If-Range")
+_PASS_REQUEST: Final = ("Accept", "Range", "If-Range", "If-None-Match")
 _PASS_RESPONSE: Final = (
     "Content-Type",
     "Content-Length",
@@ -60,7 +64,7 @@ _PASS_RESPONSE: Final = (
     "ETag",
     "Last-Modified",
 )
-_PASS_STATUS: Final = frozenset({200, 206, 416})
+_PASS_STATUS: Final = frozenset({200, 206, 304, 416})
 _CHUNK: Final = 64 * 1024
 
 
@@ -211,14 +215,34 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
         break_glass_reason=found.break_glass_reason,
     )
     headers = {h: request.headers[h] for h in _PASS_REQUEST if h in request.headers}
-    pending = federation.client.retrieve(
-        peer, path, list(request.query.items()),
-        caller if peer.kind == "gateway" else None, headers=headers,
-    )
+    query = list(request.query.items())
+
+    def ask(extra: dict[str, str]) -> Any:
+        return federation.client.retrieve(
+            peer, path, query, caller if peer.kind == "gateway" else None,
+            headers={**headers, **extra},
+        )  # fmt: skip
+
     if tail is not None and tail.endswith("metadata"):
         home = f"{request.scheme}://{request.host}/dicomweb/federation"
-        return await _metadata(pending, federation, province, home)
-    return await _stream(request, pending)
+        return await _metadata(ask({}), federation, province, home)
+    cache = federation.cache
+    if cache is None or any(h in request.headers for h in _PASS_REQUEST[1:]):
+        return await _stream(request, ask({}))  # a client's own conditions: pass them on
+    key = cache.key(province, path, query, request.headers.get("Accept"))
+    cached = await cache.lookup(key)
+    if cached is not None:
+        try:
+            # The holding province decides again; 304 only if it would send these bytes.
+            return await _stream(request, ask({"If-None-Match": cached.etag}),
+                                 cache=(cache, key, cached))  # fmt: skip
+        except _CachedCopyUnreadable:
+            await cache.drop(key)
+    return await _stream(request, ask({}), cache=(cache, key, None))
+
+
+class _CachedCopyUnreadable(Exception):
+    """The peer answered 304 but the cached copy failed before its first byte."""
 
 
 async def _metadata(
@@ -274,11 +298,24 @@ async def _metadata(
     )
 
 
-async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:
-    """Copy the peer's answer to the client chunk by chunk; raises ``PeerUnavailable``."""
+async def _stream(
+    request: web.Request,
+    pending: Any,
+    *,
+    cache: tuple[RetrieveCache, str, CachedAnswer | None] | None = None,
+) -> web.StreamResponse:
+    """Copy the peer's answer to the client chunk by chunk; raises ``PeerUnavailable``.
+
+    With ``cache`` (the cache, the entry's key, the entry asked about with
+    If-None-Match): a 304 serves the entry, and a whole 200 with an ETag and a length is
+    kept as the new entry while it is copied.
+    """
     out: web.StreamResponse | None = None
+    fill: Fill | None = None
     try:
         async with pending as upstream:
+            if upstream.status == 304 and cache is not None and cache[2] is not None:
+                return await _from_cache(request, cache[0], cache[2])
             if upstream.status not in _PASS_STATUS:
                 if upstream.status == 404:
                     raise NotFound("no such study, series or instance")
@@ -289,12 +326,21 @@ async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:
                 status=upstream.status,
                 headers={h: upstream.headers[h] for h in _PASS_RESPONSE if h in upstream.headers},
             )
+            etag, length = upstream.headers.get("ETag"), upstream.content_length
+            if cache is not None and upstream.status == 200 and etag and length is not None:
+                fill = cache[0].fill(cache[1], etag=etag, length=length,
+                                     content_type=upstream.headers.get("Content-Type", ""))
             await out.prepare(request)
             # Whatever has arrived, as it arrives (bounded by the socket reader's buffer):
             # fewer, larger writes than fixed-size chunks, memory still flat.
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)
+                if fill is not None:
+                    await fill.put(chunk)
             await out.write_eof()
+            if fill is not None:
+                await fill.finish()
+                fill = None
             return out
     except (aiohttp.ClientError, TimeoutError) as exc:
         if out is not None:
@@ -304,3 +350,44 @@ async def _stream(request: web.Request, pending: Any) -> web.StreamResponse:
         raise PeerUnavailable(
             f"the holding province cannot be reached ({type(exc).__name__})"
         ) from None
+    finally:
+        if fill is not None:  # the copy broke off: no entry
+            await fill.abort()
+
+
+async def _from_cache(
+    request: web.Request, cache: RetrieveCache, cached: CachedAnswer
+) -> web.StreamResponse:
+    """Serve a cached answer the holding province has just confirmed (304).
+
+    Raises ``_CachedCopyUnreadable`` when the entry fails before its first byte (then
+    the caller asks the peer for the answer itself); a failure later cuts the
+    connection, as any broken stream does.
+    """
+    body = cache.body(cached)
+    try:
+        try:
+            first = await anext(body, b"")
+        except GatewayError as exc:
+            log.warning("federation cache: entry unreadable: %s", type(exc).__name__)
+            raise _CachedCopyUnreadable from None
+        out = web.StreamResponse(headers={"Content-Type": cached.content_type,
+                                          "ETag": cached.etag})  # fmt: skip
+        out.content_length = cached.length
+        await out.prepare(request)
+        try:
+            await out.write(first)
+            async for chunk in body:
+                await out.write(chunk)
+            await out.write_eof()
+        except ConnectionError:
+            pass  # the client went away
+        except GatewayError as exc:
+            log.warning("federation cache: entry broke off: %s", type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+        return out
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()

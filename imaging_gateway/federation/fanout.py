@@ -411,9 +411,11 @@ def _block_prefix(block: int) -> str:
 
 def _drop_own_blocks(dataset: dict[str, Any]) -> None:
     """Remove every IMAGING_GATEWAY block (creator and elements) a source sent."""
-    for block in range(0x10, 0x100):
-        if _first_value(dataset, _creator_tag(block)) == PRIVATE_CREATOR:
-            del dataset[_creator_tag(block)]
+    creators = _creator_tag(0)[:6]  # the creator slots (gggg,0010-00FF) share this start
+    for creator in [k for k in dataset if k.startswith(creators)]:
+        block = int(creator[6:], 16)
+        if 0x10 <= block <= 0xFF and _first_value(dataset, creator) == PRIVATE_CREATOR:
+            del dataset[creator]
             prefix = _block_prefix(block)
             for key in [k for k in dataset if k.startswith(prefix)]:
                 del dataset[key]

@@ -29,6 +29,11 @@ Matching (PS3.4 C.2.2.2):
   ReferringPhysicianName: case-sensitive, a single value equal to one of the stored
   component groups, wildcards over the whole stored value.
 
+On an encrypted index (``phi``, see ``imaging_gateway.security.phi``) PatientID and
+AccessionNumber match by blind index (single values), PatientName by the blind indexes of
+its keys (whole fuzzy terms, single values, a literal prefix with one trailing ``*`` per
+group); other matching on sealed columns is refused (400).
+
 Instance results are one per SOPInstanceUID within a series: of several objects
 claiming one SOPInstanceUID (see the conflicts table) the one indexed first is shown.
 """
@@ -71,6 +76,7 @@ from imaging_gateway.index.schema import (
     series_requests,
     studies,
 )
+from imaging_gateway.security.phi import PhiCodec, not_searchable
 
 __all__ = [
     "COUNT_CAP",
@@ -78,6 +84,7 @@ __all__ = [
     "install_time_budget",
     "mark_session_time_budget",
     "refresh_derived",
+    "refresh_patient_names",
     "search",
     "search_in",
     "session_time_budget",
@@ -141,11 +148,54 @@ _STUDY_HIDDEN: list[sa.ColumnElement[Any]] = [
     _patient.c.national_id.label("_national_id"),
     _patient.c.patient_key.label("_patient_key"),
 ]
+_SERIES_HIDDEN: list[sa.ColumnElement[Any]] = [
+    *_STUDY_HIDDEN,
+    series.c.id.label("_series_id"),
+    # The row identity of the series' sealed cells in an encrypted index.
+    series.c.SeriesInstanceUID.label("_series_uid"),
+]
 _HIDDEN: dict[str, list[sa.ColumnElement[Any]]] = {
     "study": _STUDY_HIDDEN,
-    "series": [*_STUDY_HIDDEN, series.c.id.label("_series_id")],
-    "instance": [*_STUDY_HIDDEN, series.c.id.label("_series_id")],
+    "series": _SERIES_HIDDEN,
+    "instance": _SERIES_HIDDEN,
 }
+
+# An encrypted index (security.phi): keyword -> (sealed column, hidden label of the row
+# identity its cells are bound to).
+_SEALED: dict[str, tuple[str, str]] = {
+    "PatientID": ("patients.PatientID", "_patient_key"),
+    "PatientName": ("patients.PatientName", "_patient_key"),
+    "PatientBirthDate": ("patients.PatientBirthDate", "_patient_key"),
+    "AccessionNumber": ("studies.AccessionNumber", "_study_uid"),
+    "StudyDescription": ("studies.StudyDescription", "_study_uid"),
+    "ReferringPhysicianName": ("studies.ReferringPhysicianName", "_study_uid"),
+    "SeriesDescription": ("series.SeriesDescription", "_series_uid"),
+}
+# Sealed keywords matched through a blind index (single values only).
+_BLIND_MATCHED = {"PatientID": "PatientID_bidx", "AccessionNumber": "AccessionNumber_bidx"}
+_NAME_KEY = "patient_name_keys.key"
+_NAME_PREFIX = "patient_name_keys.prefix"
+"""Blind-index namespace of the prefixes of a name's group keys (``Zhang*`` matching)."""
+_UNSUPPORTED_NAME = (
+    "wildcard matching other than a trailing * (use fuzzymatching=true with whole words, "
+    "pinyin syllables or initials, a single value, or a value ending in *)"
+)
+
+
+def sealed_name_keys(phi: PhiCodec, name_search: str | None) -> set[str]:
+    """The ``patient_name_keys`` rows of a name in an encrypted index: the blind index of
+    each search key, and of each prefix of each group key (``=z``, ``=zh``, ... ``=zhang^san``)
+    in a namespace of their own, so that ``Zhang*`` is one equality too."""
+    out: set[str] = set()
+    for key in split_keys(name_search):
+        out.add(phi.blind(key, column=_NAME_KEY) or "")
+        if key.startswith(GROUP_MARK):
+            out.update(
+                phi.blind(key[:n], column=_NAME_PREFIX) or "" for n in range(2, len(key) + 1)
+            )
+    return out
+
+
 _STUDY_JOIN = studies.join(_patient, _patient.c.id == studies.c.patient_id)
 _SERIES_JOIN = series.join(studies, studies.c.id == series.c.study_id).join(
     _patient, _patient.c.id == studies.c.patient_id
@@ -201,9 +251,10 @@ class _Plan:
     only (``_build``), so a plan and its statement cannot disagree.
     """
 
-    def __init__(self, *, sqlite: bool, fuzzy: bool) -> None:
+    def __init__(self, *, sqlite: bool, fuzzy: bool, phi: PhiCodec | None = None) -> None:
         self.sqlite = sqlite
         self.fuzzy = fuzzy
+        self.phi = phi
         self.values: dict[str, Any] = {}
 
     def bind(self, value: Any) -> str:
@@ -246,6 +297,8 @@ class _Plan:
         return ("eq", column, self.bind(m.value))
 
     def patient_name(self, m: AttributeMatch) -> _Op | None:
+        if self.phi is not None:
+            return self.sealed_patient_name(m, self.phi)
         conds: list[_Op] = []
         if self.fuzzy:
             for term in fuzzy_terms(m.value):
@@ -269,6 +322,41 @@ class _Plan:
                 ))))  # fmt: skip
         return ("and", tuple(conds)) if conds else None
 
+    def sealed_patient_name(self, m: AttributeMatch, phi: PhiCodec) -> _Op | None:
+        """PatientName on an encrypted index: every fuzzy term, or every literal group, must
+        equal one of the name's blinded keys (no prefixes: a blind index has no order)."""
+        keys: list[tuple[str, str]] = []
+        if self.fuzzy:
+            keys = [(t, _NAME_KEY) for t in fuzzy_terms(m.value)]
+        elif m.kind == "single":
+            groups = m.value.split(GROUP_MARK)[:3]
+            keys = [(k, _NAME_KEY) for g in groups if (k := group_key(g)) is not None]
+        else:
+            # Each group a literal prefix and one trailing * (as PACS send ``ZHANG*``):
+            # equal to one of the stored prefixes of a group key.
+            for group in m.value.split(GROUP_MARK)[:3]:
+                pattern = group_pattern(group)
+                if pattern is None or pattern.strip("*") == GROUP_MARK:
+                    continue
+                prefix = pattern[:-1]
+                if not pattern.endswith("*") or any(c in prefix for c in "*?"):
+                    raise not_searchable("PatientName", _UNSUPPORTED_NAME)
+                keys.append((prefix, _NAME_PREFIX))
+        conds: list[_Op] = [
+            ("keys", ("eq", "key", self.bind(phi.blind(k, column=space)))) for k, space in keys
+        ]
+        return ("and", tuple(conds)) if conds else None
+
+    def sealed(self, m: AttributeMatch, phi: PhiCodec) -> _Op:
+        """A sealed column's matching: through its blind index, or refused (400)."""
+        column = _BLIND_MATCHED.get(m.keyword)
+        if column is None:
+            raise not_searchable(m.keyword, "matching")
+        sealed_as = _SEALED[m.keyword][0]
+        if m.kind != "single":
+            raise not_searchable(m.keyword, f"{m.kind} matching")
+        return ("eq", column, self.bind(phi.blind(m.value, column=sealed_as)))
+
     def other_name(self, column: str, m: AttributeMatch) -> _Op:
         if m.kind == "wildcard":
             return self.wildcard(column, m.value)
@@ -286,6 +374,8 @@ class _Plan:
             return None
         if m.keyword == "PatientName":
             return self.patient_name(m)
+        if self.phi is not None and m.keyword in _SEALED:
+            return self.sealed(m, self.phi)
         if m.keyword == "ModalitiesInStudy":
             if m.kind == "wildcard":
                 return ("study-has-series", self.wildcard("Modality", m.value))
@@ -308,6 +398,8 @@ _PLAN_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     **COLUMNS,
     "Modality": series.c.Modality,
     "key": patient_name_keys.c.key,
+    "PatientID_bidx": _patient.c.PatientID_bidx,
+    "AccessionNumber_bidx": studies.c.AccessionNumber_bidx,
     **{f"request:{k}": c for k, c in _REQUEST_ITEM_COLUMNS.items()},
 }
 
@@ -360,11 +452,14 @@ _STATEMENTS_MAX = 512
 
 
 def _statement(
-    query: QidoQuery, visible: ColumnElement[bool], dialect: str
+    query: QidoQuery, visible: ColumnElement[bool], dialect: str, phi: PhiCodec | None = None
 ) -> tuple[sa.Select[Any], dict[str, Any]]:
     """The page statement of ``query`` (LIMIT ``:page_limit`` OFFSET ``:page_offset``)
-    and the values of its bind parameters, except those of ``visible``."""
-    plan = _Plan(sqlite=dialect == "sqlite", fuzzy=query.fuzzymatching)
+    and the values of its bind parameters, except those of ``visible``.
+
+    Raises ``InvalidQuery`` for matching an encrypted index cannot answer (with ``phi``).
+    """
+    plan = _Plan(sqlite=dialect == "sqlite", fuzzy=query.fuzzymatching, phi=phi)
     uids = (
         None if query.study_uid is None else plan.bind(query.study_uid),
         None if query.series_uid is None else plan.bind(query.series_uid),
@@ -569,8 +664,17 @@ Items = dict[int, list[dict[str, str | None]]]
 """Series id -> its RequestAttributesSequence items."""
 
 
-def _result(row: Any, query: QidoQuery, items: Items) -> QidoResult:
+def _result(row: Any, query: QidoQuery, items: Items, phi: PhiCodec | None) -> QidoResult:
     m = row._mapping
+    national_id = m["_national_id"]
+    if phi is not None:
+        # Opened here, where rows become results: each cell checked against its row.
+        m = dict(m)
+        for keyword in query.return_keywords:
+            if keyword in _SEALED and keyword in m:
+                column, row_id = _SEALED[keyword]
+                m[keyword] = phi.open(m[keyword], column=column, row=m[row_id])
+        national_id = phi.open(national_id, column="patients.national_id", row=m["_patient_key"])
     attributes: dict[str, Any] = {}
     for keyword in query.return_keywords:
         if keyword == "ModalitiesInStudy":
@@ -586,7 +690,7 @@ def _result(row: Any, query: QidoQuery, items: Items) -> QidoResult:
     return QidoResult(
         attributes=attributes,
         study_instance_uid=str(m["_study_uid"]),
-        national_id=m["_national_id"],
+        national_id=national_id,
         patient_key=str(m["_patient_key"]),
     )
 
@@ -600,6 +704,7 @@ async def search(
     max_results: int,
     time_budget: float = TIME_BUDGET,
     count_cap: int = COUNT_CAP,
+    phi: PhiCodec | None = None,
 ) -> QidoPage:
     """``search_in`` on a connection of its own; raises what ``search_in`` raises."""
     async with engine.connect() as conn:
@@ -611,6 +716,7 @@ async def search(
             max_results=max_results,
             time_budget=time_budget,
             count_cap=count_cap,
+            phi=phi,
         )
 
 
@@ -623,6 +729,7 @@ async def search_in(
     max_results: int,
     time_budget: float = TIME_BUDGET,
     count_cap: int = COUNT_CAP,
+    phi: PhiCodec | None = None,
 ) -> QidoPage:
     """Answer a QIDO-RS search (PS3.18 10.6) from the index: one page of results.
 
@@ -634,8 +741,13 @@ async def search_in(
     ``limit`` asks; when results were cut, ``more`` is set and a warning says how many
     remain (counted up to ``count_cap``).
 
+    With ``phi`` (an encrypted index) matching goes through blind indexes and sealed
+    cells are opened into the results.
+
     Raises ``QueryTooBroad`` (413) when a statement runs past ``time_budget`` seconds;
-    other database errors propagate as SQLAlchemy raises them.
+    ``InvalidQuery`` for matching an encrypted index cannot answer; ``IntegrityError``
+    / ``KeyNotFound`` for a sealed cell that does not open; other database errors
+    propagate as SQLAlchemy raises them.
     """
     page_size = min(query.limit or max_results, max_results)
     warnings = list(query.warnings)
@@ -644,7 +756,7 @@ async def search_in(
             f"The limit {query.limit} exceeds the maximum of {max_results} results per "
             f"response; at most {max_results} were returned."
         )
-    stmt, values = _statement(query, visible, conn.dialect.name)
+    stmt, values = _statement(query, visible, conn.dialect.name, phi)
     values.update(params or {})
     remaining: int | None = None
     try:
@@ -684,7 +796,7 @@ async def search_in(
             else "There are additional results that can be requested"
         )
     return QidoPage(
-        results=[_result(r, query, items) for r in rows],
+        results=[_result(r, query, items, phi) for r in rows],
         more=more,
         remaining=remaining,
         warnings=tuple(warnings),
@@ -694,7 +806,9 @@ async def search_in(
 # ---------------------------------------------------------------------- derived data
 
 
-async def refresh_derived(conn: AsyncConnection, study_ids: Iterable[int]) -> None:
+async def refresh_derived(
+    conn: AsyncConnection, study_ids: Iterable[int], *, phi: PhiCodec | None = None
+) -> None:
     """Recompute the derived QIDO-RS data of these studies, their series and patients.
 
     Sets studies.ModalitiesInStudy / NumberOfStudyRelatedSeries /
@@ -702,13 +816,15 @@ async def refresh_derived(conn: AsyncConnection, study_ids: Iterable[int]) -> No
     counted once per SOPInstanceUID), and for the studies' patients ``name_search`` and
     their ``patient_name_keys`` rows. Call it in the transaction that changed the studies'
     series or instances, with every such study's id (ids of studies since deleted are
-    ignored). Idempotent. Raises what SQLAlchemy raises.
+    ignored). Idempotent. With ``phi`` (an encrypted index) the name keys are blinded and
+    ``name_search`` stays null. Raises what SQLAlchemy raises.
     """
     ids = sorted(set(study_ids))
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
         await _refresh_counts(conn, chunk)
-        await _refresh_names(conn, chunk)
+        owners = sa.select(studies.c.patient_id).where(studies.c.id.in_(chunk))
+        await refresh_patient_names(conn, owners, phi=phi)
 
 
 async def _refresh_counts(conn: AsyncConnection, study_ids: list[int]) -> None:
@@ -758,13 +874,20 @@ async def _refresh_counts(conn: AsyncConnection, study_ids: list[int]) -> None:
     )
 
 
-async def _refresh_names(conn: AsyncConnection, study_ids: list[int]) -> None:
-    owners = sa.select(studies.c.patient_id).where(studies.c.id.in_(study_ids))
+async def refresh_patient_names(
+    conn: AsyncConnection, patient_ids: Any, *, phi: PhiCodec | None = None
+) -> None:
+    """Bring ``name_search`` and ``patient_name_keys`` of these patients (a list of ids or
+    a subquery of them) up to date with their PatientName. Raises what SQLAlchemy raises,
+    and with ``phi`` what ``PhiCodec.open`` raises."""
     people = (
         await conn.execute(
-            sa.select(patients.c.id, patients.c.PatientName, patients.c.name_search).where(
-                patients.c.id.in_(owners)
-            )
+            sa.select(
+                patients.c.id,
+                patients.c.PatientName,
+                patients.c.name_search,
+                patients.c.patient_key,
+            ).where(patients.c.id.in_(patient_ids))
         )
     ).all()
     if not people:
@@ -782,11 +905,16 @@ async def _refresh_names(conn: AsyncConnection, study_ids: list[int]) -> None:
     renamed: list[dict[str, Any]] = []
     gone: list[tuple[int, str]] = []
     new: list[dict[str, Any]] = []
-    for pid, name, name_search in people:
-        value = name_search_keys(name)
+    for pid, name, name_search, pkey in people:
+        if phi is None:
+            value = name_search_keys(name)
+            wanted = set(split_keys(value))
+        else:
+            plain = phi.open(name, column="patients.PatientName", row=pkey)
+            value = None
+            wanted = sealed_name_keys(phi, name_search_keys(plain))
         if value != name_search:
             renamed.append({"_id": pid, "_v": value})
-        wanted = set(split_keys(value))
         have = stored.get(pid, set())
         gone.extend((pid, k) for k in have - wanted)
         new.extend({"key": k, "patient_id": pid} for k in sorted(wanted - have))

@@ -29,17 +29,24 @@ patients = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     # Local PatientIDs are only unique within their issuer (or, lacking one, the hospital).
     Column("patient_key", String(200), nullable=False, unique=True),
-    Column("PatientID", String(64), nullable=False),
+    Column("PatientID", Text, nullable=False),  # Text since 0006 (sealed cells)
     Column("IssuerOfPatientID", String(64)),
     Column("PatientName", Text),
-    Column("PatientBirthDate", String(8)),
+    Column("PatientBirthDate", Text),
     Column("PatientSex", String(16)),
-    Column("national_id", String(18)),
+    Column("national_id", Text),
     # Search keys for PatientName fuzzy matching (characters, pinyin, initials); see
     # imaging_gateway.domain.names. Added in 0002.
     Column("name_search", Text),
     Index("ix_patients_patient_id", "PatientID"),
     Index("ix_patients_national_id", "national_id"),
+    # With [encryption] enabled (0006, imaging_gateway.security.phi): PatientID,
+    # PatientName, PatientBirthDate and national_id hold sealed cells, patient_key is
+    # blinded, name_search is null, and exact lookups use these blind indexes.
+    Column("PatientID_bidx", String(64)),
+    Column("national_id_bidx", String(64)),
+    Index("ix_patients_patient_id_bidx", "PatientID_bidx"),
+    Index("ix_patients_national_id_bidx", "national_id_bidx"),
 )
 
 studies = Table(
@@ -50,7 +57,7 @@ studies = Table(
     Column("patient_id", Integer, ForeignKey("patients.id"), nullable=False),
     Column("StudyDate", String(8)),
     Column("StudyTime", String(16)),
-    Column("AccessionNumber", String(64)),
+    Column("AccessionNumber", Text),
     Column("StudyID", String(16)),
     Column("StudyDescription", Text),
     Column("ReferringPhysicianName", Text),
@@ -70,6 +77,10 @@ studies = Table(
     Column("ModalitiesInStudy", String(200)),
     Column("NumberOfStudyRelatedSeries", Integer),
     Column("NumberOfStudyRelatedInstances", Integer),
+    # Encrypted index (0006): AccessionNumber, StudyDescription and ReferringPhysicianName
+    # hold sealed cells; AccessionNumber lookups use its blind index.
+    Column("AccessionNumber_bidx", String(64)),
+    Index("ix_studies_accession_bidx", "AccessionNumber_bidx"),
 )
 
 series = Table(
@@ -190,7 +201,7 @@ consents = Table(
     Column("id", String(36), primary_key=True),
     # The patient, by GB 11643 national identity (the patient token of federation is
     # derived from it).
-    Column("national_id", String(18), nullable=False),
+    Column("national_id", Text, nullable=False),
     Column("grantee_hospital", String(32), nullable=False),
     Column("grantee_clinician", String(128)),
     Column("purpose", String(64), nullable=False),
@@ -206,6 +217,9 @@ consents = Table(
     Column("revoked_by", String(128)),
     Index("ix_consents_patient", "national_id"),
     Index("ix_consents_grantee", "grantee_hospital", "national_id"),
+    # Encrypted index (0006): national_id and evidence hold sealed cells.
+    Column("national_id_bidx", String(64)),
+    Index("ix_consents_grantee_bidx", "grantee_hospital", "national_id_bidx"),
 )
 
 # StudyInstanceUID: the study whose request opened the window; None when opened from a
@@ -228,15 +242,30 @@ break_glass = Table(
 # (security.gate.Gate.refresh_patient_tokens) so a peer's request, which names a patient
 # by token only, finds the local patient rows. A row counts only while patient_key and
 # national_id still equal the patient row's (a reused id or a changed identity never
-# matches: fail closed until the next refresh).
+# matches: fail closed until the next refresh). In an encrypted index national_id holds
+# the patient's national_id_bidx instead (0006 widens it on PostgreSQL).
 federation_patient_tokens = Table(
     "federation_patient_tokens",
     metadata,
     Column("patient_id", Integer, primary_key=True, autoincrement=False),
     Column("patient_key", String(200), nullable=False),
-    Column("national_id", String(18)),
+    Column("national_id", String(64)),
     Column("token", String(64), nullable=False),
     Index("ix_federation_patient_tokens_token", "token"),
+)
+
+# The data keys of the encrypted PHI columns (imaging_gateway.security.phi), each only
+# wrapped by the keyring's key-encryption key (key id and version), as an object's data key
+# is. A sealed cell names its key by ``number``. Added in 0006.
+index_keys = Table(
+    "index_keys",
+    metadata,
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("key_id", String(255), nullable=False),
+    Column("key_version", BigInteger, nullable=False),
+    # base64 of the keyring's wrapped-key layout (security.keyring.Keyring.wrap)
+    Column("wrapped", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 # Append-only, hash-chained access log (imaging_gateway.security.audit).

@@ -7,9 +7,11 @@ One code path serves both databases; the only dialect-specific piece is the
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imaging_gateway.domain.records import ParsedHeader
-from imaging_gateway.errors import IndexUnavailable, NotFound
+from imaging_gateway.errors import ConfigError, GatewayError, IndexUnavailable, NotFound
 from imaging_gateway.index.qido import (
     install_time_budget,
     mark_session_time_budget,
@@ -36,6 +38,7 @@ from imaging_gateway.index.qido import (
 )
 from imaging_gateway.index.schema import (
     conflicts,
+    index_keys,
     instances,
     patients,
     quarantine,
@@ -44,6 +47,7 @@ from imaging_gateway.index.schema import (
     sync_jobs,
     tombstones,
 )
+from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.settings import IndexSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -137,6 +141,49 @@ def patient_key(header: ParsedHeader, store: str) -> str:
     return f"{scope}|{p.PatientID}"
 
 
+def stored_patient_key(header: ParsedHeader, store: str, phi: PhiCodec | None) -> str:
+    """``patient_key`` as the index stores it: blinded when the index is encrypted."""
+    key = patient_key(header, store)
+    return key if phi is None else phi.patient_key(key)
+
+
+def patient_cells(phi: PhiCodec, key: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored patients columns of one patient (stored key ``key``): its PHI sealed,
+    with the blind indexes. ``values`` holds PatientID, PatientName, PatientBirthDate and
+    national_id in the clear."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"patients.{c}", row=key) for c in PATIENT_PHI
+    }
+    out["PatientID_bidx"] = phi.blind(values["PatientID"], column="patients.PatientID")
+    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
+    out["name_search"] = None
+    return out
+
+
+def study_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored PHI columns of one study: sealed, with the AccessionNumber blind index."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"studies.{c}", row=uid) for c in STUDY_PHI
+    }
+    out["AccessionNumber_bidx"] = phi.blind(
+        values["AccessionNumber"], column="studies.AccessionNumber"
+    )
+    return out
+
+
+def series_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
+    """The stored PHI columns of one series: sealed."""
+    return {c: phi.seal(values[c], column=f"series.{c}", row=uid) for c in SERIES_PHI}
+
+
+PATIENT_PHI = ("PatientID", "PatientName", "PatientBirthDate", "national_id")
+"""Sealed columns of patients (row identity: the stored patient_key)."""
+STUDY_PHI = ("AccessionNumber", "StudyDescription", "ReferringPhysicianName")
+"""Sealed columns of studies (row identity: StudyInstanceUID)."""
+SERIES_PHI = ("SeriesDescription",)
+"""Sealed columns of series (row identity: SeriesInstanceUID)."""
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC.
     if value is not None and value.tzinfo is None:
@@ -169,8 +216,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class SqlIndex:
     """The study index. Open with ``await SqlIndex.open(settings)``; close with ``close()``."""
 
-    def __init__(self, engine: AsyncEngine, search_engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        search_engine: AsyncEngine | None = None,
+        *,
+        phi: PhiCodec | None = None,
+    ) -> None:
         self.engine = engine
+        self.phi = phi
+        """Set when the index's PHI columns are encrypted (``[encryption] enabled``)."""
         self.search_engine = search_engine or engine
         """Engine of QIDO-RS searches: on PostgreSQL its own small pool of autocommit
         connections whose sessions enforce the search time budget (``session_time_budget``),
@@ -180,10 +235,21 @@ class SqlIndex:
         self._key_locks: dict[str, _KeyLock] = {}
 
     @classmethod
-    async def open(cls, settings: IndexSettings, *, migrate: bool = True) -> SqlIndex:
+    async def open(
+        cls,
+        settings: IndexSettings,
+        *,
+        migrate: bool = True,
+        phi: PhiCodec | None = None,
+        check_phi: bool = True,
+    ) -> SqlIndex:
         """Connect and bring the schema to the newest migration.
 
-        Raises ``IndexUnavailable`` when the database cannot be reached.
+        With ``phi`` the index's PHI columns are sealed and looked up by blind index (its
+        data keys loaded, ``load_phi_keys``). ``check_phi`` makes sure the database is in
+        that state (``check_phi_state``). Raises ``IndexUnavailable`` when the database
+        cannot be reached, ``ConfigError``, ``KeyNotFound`` and ``IntegrityError`` as
+        ``load_phi_keys`` and ``check_phi_state`` do.
         """
         url = async_url(settings.url, settings.password)
         kwargs: dict[str, Any] = {"echo": settings.echo}
@@ -208,16 +274,23 @@ class SqlIndex:
                 connect_args=session_time_budget(),
                 pool_size=5,
                 max_overflow=5,
-                pool_pre_ping=True,
+                # No pre-ping: Gate.search retries a search whose pooled connection died.
             )
             event.listen(search_engine.sync_engine, "connect", mark_session_time_budget())
-        index = cls(engine, search_engine)
+        index = cls(engine, search_engine, phi=phi)
         try:
             if migrate:
                 await index.migrate()
             else:
                 async with engine.connect() as conn:
                     await conn.execute(sa.text("SELECT 1"))
+            if phi is not None:
+                await index.load_phi_keys()
+            if check_phi:
+                await index.check_phi_state()
+        except GatewayError:  # a wrong PHI state or key: no engine left open
+            await index.close()
+            raise
         except (OperationalError, DBAPIError, OSError) as exc:
             await index.close()
             where = url.render_as_string(hide_password=True)
@@ -237,6 +310,91 @@ class SqlIndex:
 
         async with self.engine.begin() as conn:
             await conn.run_sync(run)
+
+    async def load_phi_keys(self) -> None:
+        """Unwrap the index's PHI data keys into the codec (made on first use).
+
+        A key wrapped under another key version than the keyring's current one is
+        re-wrapped under it, one row each: after ``keys rotate`` the next open moves the
+        index off the old version, and no cell is re-encrypted. Raises ``KeyNotFound``
+        naming the key id and version a wrapped key needs, ``IntegrityError`` if it does
+        not authenticate (another keyring under the same id).
+        """
+        phi = self.phi
+        assert phi is not None
+        t = index_keys
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(sa.select(t).order_by(t.c.number))).all()
+            if not rows:
+                key = secrets.token_bytes(phi.keyring.suite.key_size)
+                key_id, version, wrapped = phi.wrap_key(1, key)
+                # Two processes opening a new index together: one row wins, both use it.
+                await conn.execute(
+                    self._insert(t).on_conflict_do_nothing(),
+                    {
+                        "number": 1,
+                        "key_id": key_id,
+                        "key_version": version,
+                        "wrapped": base64.b64encode(wrapped).decode("ascii"),
+                        "created_at": _now(),
+                    },
+                )
+                rows = (await conn.execute(sa.select(t).order_by(t.c.number))).all()
+            current = phi.keyring.current()
+            for r in rows:
+                key = phi.install(r.number, r.key_id, r.key_version, base64.b64decode(r.wrapped))
+                if (r.key_id, r.key_version) != current:
+                    key_id, version, wrapped = phi.wrap_key(r.number, key)
+                    await conn.execute(
+                        t.update()
+                        .where(t.c.number == r.number)
+                        .values(
+                            key_id=key_id,
+                            key_version=version,
+                            wrapped=base64.b64encode(wrapped).decode("ascii"),
+                        )
+                    )
+
+    async def phi_key_versions(self) -> set[tuple[str, int]]:
+        """The (key id, version) pairs the index's PHI data keys are wrapped under."""
+        async with self.engine.connect() as conn:
+            q = sa.select(index_keys.c.key_id, index_keys.c.key_version)
+            return {(r[0], int(r[1])) for r in await conn.execute(q)}
+
+    async def check_phi_state(self) -> None:
+        """Refuse an index whose PHI columns are not in the state the settings say.
+
+        Encrypted settings and patient rows not yet sealed, or plain settings and sealed
+        rows: ``ConfigError`` saying what to do. With encryption, one sealed cell is opened
+        (``IntegrityError`` at start-up rather than mid-request if it does not).
+        """
+        column = patients.c.PatientID_bidx
+        async with self.engine.connect() as conn:
+            if self.phi is None:
+                sealed = (
+                    await conn.execute(sa.select(patients.c.id).where(column.is_not(None)).limit(1))
+                ).first()
+                if sealed is not None:
+                    raise ConfigError(
+                        "encryption.enabled",
+                        "the index's PHI columns are encrypted; set [encryption] enabled = true "
+                        "with the keyring that sealed them",
+                    )
+                return
+            plain = (
+                await conn.execute(sa.select(patients.c.id).where(column.is_(None)).limit(1))
+            ).first()
+            if plain is not None:
+                raise ConfigError(
+                    "encryption.enabled",
+                    "the index holds patient rows whose PHI columns are not encrypted yet; "
+                    "run `imaging-gateway seal-index` (resumable) before serving",
+                )
+            sample = (
+                await conn.execute(sa.select(patients.c.patient_key, patients.c.PatientID).limit(1))
+            ).first()
+        if sample is not None:
+            self.phi.open(sample[1], column="patients.PatientID", row=sample[0])
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -334,7 +492,7 @@ class SqlIndex:
                 new_conflicts = await self._record_conflicts(conn, store, indexed, now)
             touched_studies |= await self._drop_orphans(conn, touched_series)
             # Counts, ModalitiesInStudy and name search keys that QIDO-RS matches on.
-            await refresh_derived(conn, touched_studies)
+            await refresh_derived(conn, touched_studies, phi=self.phi)
             await conn.execute(
                 sync_jobs.update()
                 .where(sync_jobs.c.id == job_id)
@@ -382,7 +540,9 @@ class SqlIndex:
                     series_ids = await self._remove_instances(
                         conn, store, keys, tombstone_keys=set(keys), job_id=job_id, now=_now()
                     )
-                    await refresh_derived(conn, await self._drop_orphans(conn, series_ids))
+                    await refresh_derived(
+                        conn, await self._drop_orphans(conn, series_ids), phi=self.phi
+                    )
                 else:
                     result = await conn.execute(
                         quarantine.delete()
@@ -564,11 +724,12 @@ class SqlIndex:
         study_rows: dict[str, dict[str, Any]] = {}
         series_rows: dict[str, dict[str, Any]] = {}
         pkey_of: dict[str, str] = {}
+        phi = self.phi
         for o in in_key_order:
             p = o.header.patient
-            pkey = patient_key(o.header, store)
+            pkey = stored_patient_key(o.header, store, phi)
             pkey_of[o.key] = pkey
-            pat_rows[pkey] = {
+            row: dict[str, Any] = {
                 "patient_key": pkey,
                 "PatientID": p.PatientID,
                 "IssuerOfPatientID": p.IssuerOfPatientID,
@@ -577,6 +738,9 @@ class SqlIndex:
                 "PatientSex": p.PatientSex,
                 "national_id": p.national_id,
             }
+            if phi is not None:
+                row.update(patient_cells(phi, pkey, row))
+            pat_rows[pkey] = row
         patient_ids = await self._upsert_rows(conn, patients, "patient_key", pat_rows)
         for o in in_key_order:
             s = o.header.study
@@ -596,6 +760,10 @@ class SqlIndex:
                     producers[o.key] if producers is not None else hospital or s.institution_code
                 ),
             }
+            if phi is not None:
+                study_rows[s.StudyInstanceUID].update(
+                    study_cells(phi, s.StudyInstanceUID, study_rows[s.StudyInstanceUID])
+                )
         study_ids = await self._upsert_rows(
             conn,
             studies,
@@ -615,6 +783,9 @@ class SqlIndex:
                 "BodyPartExamined": se.BodyPartExamined,
                 "SeriesDate": se.SeriesDate,
             }
+            if phi is not None:
+                row = series_rows[se.SeriesInstanceUID]
+                row.update(series_cells(phi, se.SeriesInstanceUID, row))
         series_ids = await self._upsert_rows(
             conn,
             series,
@@ -901,7 +1072,7 @@ class SqlIndex:
         )
         new_conflicts = await self._record_conflicts(conn, store, items, now)
         touched |= await self._drop_orphans(conn, gone_series)
-        await refresh_derived(conn, touched)
+        await refresh_derived(conn, touched, phi=self.phi)
         return new_conflicts
 
     @contextlib.asynccontextmanager

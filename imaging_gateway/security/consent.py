@@ -16,6 +16,7 @@ from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
 from imaging_gateway.index.schema import consents
+from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import HOSPITAL_CODE, Principal
 
 PURPOSES = ("treatment", "referral", "second-opinion", "emergency-follow-up", "research")
@@ -173,10 +174,15 @@ def _time(body: Mapping[str, Any], name: str, *, default: datetime | None) -> da
 
 
 class ConsentStore:
-    """Consent grants in the index database."""
+    """Consent grants in the index database.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    With ``phi`` (an encrypted index) a grant's national_id and evidence are sealed cells
+    bound to the grant's id, and grants are found by the identity's blind index.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, phi: PhiCodec | None = None) -> None:
         self._engine = engine
+        self._phi = phi
 
     async def create(
         self, conn: AsyncConnection, request: ConsentRequest, principal: Principal, now: datetime
@@ -197,7 +203,10 @@ class ConsentStore:
             "revoked_at": None,
             "revoked_by": None,
         }
-        await conn.execute(consents.insert().values(**row))
+        stored = dict(row)
+        if self._phi is not None:
+            stored.update(consent_cells(self._phi, str(row["id"]), stored))
+        await conn.execute(consents.insert().values(**stored))
         return _consent(row)
 
     async def get(self, consent_id: str) -> Consent:
@@ -210,7 +219,7 @@ class ConsentStore:
             )
         if row is None:
             raise NotFound("no such consent")
-        return _consent(dict(row))
+        return _consent(self._opened(row))
 
     async def list(
         self,
@@ -220,13 +229,25 @@ class ConsentStore:
         limit: int = 200,
     ) -> list[Consent]:
         q = sa.select(consents).order_by(consents.c.created_at.desc()).limit(limit)
-        if national_id is not None:
+        if national_id is not None and self._phi is not None:
+            q = q.where(consents.c.national_id_bidx == self._phi.national_id_index(national_id))
+        elif national_id is not None:
             q = q.where(consents.c.national_id == national_id)
         if grantee_hospital is not None:
             q = q.where(consents.c.grantee_hospital == grantee_hospital)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(q)).mappings().all()
-        return [_consent(dict(r)) for r in rows]
+        return [_consent(self._opened(r)) for r in rows]
+
+    def _opened(self, row: Any) -> dict[str, Any]:
+        """A stored row with its sealed cells opened. Raises as ``PhiCodec.open``."""
+        out = dict(row)
+        if self._phi is not None:
+            for column in SEALED_COLUMNS:
+                out[column] = self._phi.open(
+                    row[column], column=f"consents.{column}", row=row["id"]
+                )
+        return out
 
     async def revoke(
         self, conn: AsyncConnection, consent: Consent, principal: Principal, now: datetime
@@ -240,6 +261,19 @@ class ConsentStore:
             .values(revoked_at=now, revoked_by=principal.subject)
         )
         return Consent(**{**_fields(consent), "revoked_at": now, "revoked_by": principal.subject})
+
+
+SEALED_COLUMNS = ("national_id", "evidence")
+"""Columns of consents sealed in an encrypted index (row identity: the grant's id)."""
+
+
+def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored PHI columns of one grant: sealed, with the identity's blind index."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"consents.{c}", row=consent_id) for c in SEALED_COLUMNS
+    }
+    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
+    return out
 
 
 def may_manage(consent: Consent, principal: Principal) -> bool:

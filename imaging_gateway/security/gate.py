@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as IntegrityError_
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -49,13 +49,16 @@ from imaging_gateway.index.schema import (
     series,
     studies,
 )
-from imaging_gateway.index.sql import IndexedObject, SqlIndex, patient_key
+from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_key
 from imaging_gateway.security.audit import AuditEvent, AuditLog
 from imaging_gateway.security.consent import Consent, ConsentStore
 from imaging_gateway.security.patient_tokens import PatientTokens
+from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import Principal
 
 log = logging.getLogger(__name__)
+
+_NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
 
 MAX_REASON = 500
 REFUSAL_WINDOW_S = 60.0
@@ -154,8 +157,11 @@ class Gate:
         *,
         break_glass_minutes: int,
         search_engine: AsyncEngine | None = None,
+        phi: PhiCodec | None = None,
     ) -> None:
+        """``phi``: the index's PHI codec when its PHI columns are encrypted."""
         self.engine = engine
+        self.phi = phi
         self.search_engine = search_engine or engine
         self.audit = audit
         self.tokens = tokens
@@ -163,6 +169,8 @@ class Gate:
         # (source, reason) -> (monotonic time of its last record, refusals since then)
         self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
         self._tokens_lock = asyncio.Lock()
+        self._tokens_through = 0
+        """Patient rows up to this id have their token (a hint: rows are never removed)."""
 
     # -- unauthenticated callers ---------------------------------------------------------
 
@@ -218,28 +226,54 @@ class Gate:
         The values are bound into the condition; ``visibility`` gives the same rule with
         them apart, which lets SQLAlchemy reuse the compiled statement.
         """
+        sealed = self.phi is not None
         if principal.role == "hospital" and principal.hospital:
             return _hospital_rule(
                 sa.bindparam(_HOSPITAL, principal.hospital, type_=_TEXT),
                 sa.bindparam(_SUBJECT, principal.subject, type_=_TEXT),
                 sa.bindparam(_NOW, now, type_=_TIME),
+                sealed=sealed,
             )
         if principal.role == "patient" and principal.national_id:
-            return _patient_rule(sa.bindparam(_NATIONAL_ID, principal.national_id, type_=_TEXT))
+            _, values = visibility(principal, now, phi=self.phi)
+            identity = sa.bindparam(_NATIONAL_ID, values[_NATIONAL_ID], type_=_TEXT)
+            return _patient_rule(identity, sealed=sealed)
         return sa.false()
+
+    # -- the encrypted index's cells the gate needs in the clear -----------------------
+
+    def _national_id(self, cell: str | None, stored_key: str) -> str | None:
+        """A patient row's national identity (opened in an encrypted index)."""
+        if self.phi is None:
+            return cell
+        return self.phi.open(cell, column="patients.national_id", row=stored_key)
+
+    def _patient_id_is(self, value: str) -> ColumnElement[bool]:
+        """The condition that a patient row has this PatientID."""
+        if self.phi is None:
+            return patients.c.PatientID == value
+        return patients.c.PatientID_bidx == self.phi.blind(value, column="patients.PatientID")
 
     # -- federation ------------------------------------------------------------------
 
     async def refresh_patient_tokens(self, *, batch: int = 5000) -> int:
         """Add the keyed token of every patient indexed since the last refresh.
 
-        Incremental by patient row id, so a refresh costs one indexed range query when
-        nothing is new. Only patients with a national identity get a token (a local key
+        Incremental by patient row id: when no patient was added since this process last
+        looked, a refresh is one read of the newest patient row id (every peer request
+        makes one). Only patients with a national identity get a token (a local key
         never matches another province). Returns the number of rows added; raises
         ``IndexUnavailable`` when the index cannot be written.
         """
         t = federation_patient_tokens
         added = 0
+        try:
+            async with self.engine.connect() as conn:
+                newest = (await conn.execute(_NEWEST_PATIENT)).scalar() or 0
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        if newest <= self._tokens_through:
+            return 0
         async with self._tokens_lock:
             try:
                 while True:
@@ -248,7 +282,10 @@ class Gate:
                         rows = (
                             await conn.execute(
                                 sa.select(
-                                    patients.c.id, patients.c.patient_key, patients.c.national_id
+                                    patients.c.id,
+                                    patients.c.patient_key,
+                                    patients.c.national_id,
+                                    patients.c.national_id_bidx,
                                 )
                                 .where(patients.c.id > (last or 0))
                                 .order_by(patients.c.id)
@@ -256,6 +293,7 @@ class Gate:
                             )
                         ).all()
                         if not rows:
+                            self._tokens_through = max(self._tokens_through, last or 0)
                             return added
                         await conn.execute(
                             t.insert(),
@@ -263,15 +301,19 @@ class Gate:
                                 {
                                     "patient_id": r[0],
                                     "patient_key": r[1],
-                                    "national_id": r[2],
+                                    # Never the identity itself in an encrypted index.
+                                    "national_id": r[2] if self.phi is None else r[3],
                                     # A row without a national identity holds a token that
                                     # no peer can send (for_national_id never makes it).
-                                    "token": self.tokens.for_patient(r[2], r[1]),
+                                    "token": self.tokens.for_patient(
+                                        self._national_id(r[2], r[1]), r[1]
+                                    ),
                                 }
                                 for r in rows
                             ],
                         )
                         added += len(rows)
+                    self._tokens_through = max(self._tokens_through, rows[-1][0])
                     if len(rows) < batch:
                         return added
             except IntegrityError_:
@@ -303,12 +345,14 @@ class Gate:
         }
         if "PatientID" not in single:
             return "federated search needs PatientID as a single value"
-        q = sa.select(patients.c.national_id).where(patients.c.PatientID == single["PatientID"])
+        q = sa.select(patients.c.national_id, patients.c.patient_key).where(
+            self._patient_id_is(single["PatientID"])
+        )
         if "IssuerOfPatientID" in single:
             q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
         try:
             async with self.engine.connect() as conn:
-                ids = {r[0] for r in (await conn.execute(q)).all()}
+                ids = {self._national_id(r[0], r[1]) for r in (await conn.execute(q)).all()}
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         refused = "no consent grant for this patient here; peers not asked"
@@ -398,7 +442,7 @@ class Gate:
         series_uid: str | None,
         sop_uid: str | None,
     ) -> list[_Located]:
-        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer)
+        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer, phi=self.phi)
         q = (
             sa.select(
                 instances,
@@ -451,7 +495,7 @@ class Gate:
                         NumberOfFrames=r["NumberOfFrames"],
                         InstanceNumber=r["InstanceNumber"],
                     ),
-                    r["national_id"],
+                    self._national_id(r["national_id"], r["patient_key"]),
                     r["patient_key"],
                 )
             )
@@ -467,7 +511,7 @@ class Gate:
                 .where(studies.c.StudyInstanceUID == study_uid)
             )
         ).first()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (self._national_id(row[0], row[1]), row[1])
 
     async def _open_break_glass(
         self, conn: AsyncConnection, ctx: AccessContext, study_uid: str
@@ -484,7 +528,8 @@ class Gate:
         ).first()
         if target is None:
             return False
-        await self._open_window(conn, ctx, patient=target, study_uid=study_uid)
+        patient = (target[0], self._national_id(target[1], target[2]), target[2])
+        await self._open_window(conn, ctx, patient=patient, study_uid=study_uid)
         return True
 
     async def _open_window(
@@ -534,23 +579,36 @@ class Gate:
             await self._open_break_glass_for_search(ctx, query)
         if ctx.peer is not None:
             await self.refresh_patient_tokens()
-        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer)
+        visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer, phi=self.phi)
         if self.search_engine is not self.engine:
             # PostgreSQL: the search, then its records in one atomic statement, on an
             # autocommit connection whose session enforces the time budget (the append
             # too: one that runs out of it fails the search, as it should). Nothing is
-            # returned unless the records were committed.
-            async with self.search_engine.connect() as conn:
-                page = await qido.search_in(
-                    conn, query, visible=visible, params=values, max_results=max_results
-                )
-                events = self._search_events(ctx, level=query.level, results=page.results)
-                await self.audit.append_and_commit(conn, events, at=ctx.now)
-            return page
+            # returned unless the records were committed. Pooled connections are not
+            # pinged before use (a round trip per search): one the server closed fails
+            # the read-only search statement, which then runs once more on a new one.
+            for attempt in (1, 2):
+                async with self.search_engine.connect() as conn:
+                    try:
+                        page = await qido.search_in(
+                            conn,
+                            query,
+                            visible=visible,
+                            params=values,
+                            max_results=max_results,
+                            phi=self.phi,
+                        )
+                    except DBAPIError as exc:
+                        if attempt == 2 or not exc.connection_invalidated:
+                            raise
+                        continue
+                    events = self._search_events(ctx, level=query.level, results=page.results)
+                    await self.audit.append_and_commit(conn, events, at=ctx.now)
+                    return page
         # One connection and one commit for both.
         async with self.engine.begin() as conn:
             page = await qido.search_in(
-                conn, query, visible=visible, params=values, max_results=max_results
+                conn, query, visible=visible, params=values, max_results=max_results, phi=self.phi
             )
             events = self._search_events(ctx, level=query.level, results=page.results)
             await self.audit.append(conn, events, at=ctx.now)
@@ -579,16 +637,22 @@ class Gate:
             for m in query.matches
             if m.keyword in ("PatientID", "IssuerOfPatientID") and m.kind == "single"
         }
-        q = sa.select(patients.c.id, patients.c.national_id, patients.c.patient_key).where(
-            patients.c.PatientID == single.get("PatientID", "")
-        )
+        q = sa.select(
+            patients.c.id,
+            patients.c.national_id,
+            patients.c.patient_key,
+            patients.c.national_id_bidx,
+        ).where(self._patient_id_is(single.get("PatientID", "")))
         if "IssuerOfPatientID" in single:
             q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
         async with self.engine.begin() as conn:
             rows = (await conn.execute(q)).all() if "PatientID" in single else []
-            people = {r[1] or f"row:{r[0]}" for r in rows}
+            # One person: one identity (its blind index in an encrypted index), or one row.
+            people = {(r[1] if self.phi is None else r[3]) or f"row:{r[0]}" for r in rows}
             if len(people) == 1:
-                await self._open_window(conn, ctx, patient=rows[0], study_uid=None)
+                first = rows[0]
+                patient = (first[0], self._national_id(first[1], first[2]), first[2])
+                await self._open_window(conn, ctx, patient=patient, study_uid=None)
                 return
         if not rows and "PatientID" in single:
             return
@@ -639,7 +703,9 @@ class Gate:
                 "id": r["id"],
                 "subject": r["subject"],
                 "hospital": r["hospital"],
-                "patient_token": self.tokens.for_patient(r["national_id"], r["patient_key"]),
+                "patient_token": self.tokens.for_patient(
+                    self._national_id(r["national_id"], r["patient_key"]), r["patient_key"]
+                ),
                 "StudyInstanceUID": r["StudyInstanceUID"],
                 "reason": r["reason"],
                 "opened_at": _iso(r["opened_at"]),
@@ -687,7 +753,9 @@ class Gate:
         """
         try:
             async with self.engine.connect() as conn:
-                return await _store_verdict(conn, ctx.principal, header, store=store)
+                return await _store_verdict(
+                    conn, ctx.principal, header, store=store, phi=self.phi
+                )
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
 
@@ -717,10 +785,14 @@ class Gate:
                 await index.index_stored(
                     conn, store=store, province=province, hospital=p.hospital, items=[item]
                 )
-                check = await _store_verdict(conn, p, h, store=store, own=(store, item.key))
+                check = await _store_verdict(
+                    conn, p, h, store=store, own=(store, item.key), phi=self.phi
+                )
                 if check.verdict != "new":
                     raise _RolledBack(check.verdict)
-                token = self.tokens.for_patient(h.patient.national_id, patient_key(h, store))
+                token = self.tokens.for_patient(
+                    h.patient.national_id, stored_patient_key(h, store, self.phi)
+                )
                 await self.audit.append(
                     conn,
                     [
@@ -753,7 +825,9 @@ class Gate:
         for a in attempts:
             h = a.header
             token = (
-                self.tokens.for_patient(h.patient.national_id, patient_key(h, store))
+                self.tokens.for_patient(
+                    h.patient.national_id, stored_patient_key(h, store, self.phi)
+                )
                 if h is not None
                 else None
             )
@@ -791,19 +865,33 @@ _bg_patient = patients.alias("bg_patient")
 _bg_same = patients.alias("bg_same")
 
 
+def _identity(table: sa.FromClause, *, sealed: bool) -> sa.ColumnElement[Any]:
+    """The column that says who a patient or consent row is about: the national identity,
+    or in an encrypted index its blind index (equal for equal identities, across tables)."""
+    return table.c.national_id_bidx if sealed else table.c.national_id
+
+
 def _hospital_rule(
-    hospital: ColumnElement[str], subject: ColumnElement[str], now: ColumnElement[datetime]
+    hospital: ColumnElement[str],
+    subject: ColumnElement[str],
+    now: ColumnElement[datetime],
+    *,
+    sealed: bool = False,
 ) -> ColumnElement[bool]:
     """A hospital's studies: its own, consented ones, and break-glass windows it opened."""
     return sa.or_(
         studies.c.hospital == hospital,
-        _consented(hospital, subject, now),
-        _broken_glass(hospital, now),
+        _consented(hospital, subject, now, sealed=sealed),
+        _broken_glass(hospital, now, sealed=sealed),
     )
 
 
 def _consented(
-    hospital: ColumnElement[str], subject: ColumnElement[str], now: ColumnElement[datetime]
+    hospital: ColumnElement[str],
+    subject: ColumnElement[str],
+    now: ColumnElement[datetime],
+    *,
+    sealed: bool,
 ) -> ColumnElement[bool]:
     patient = _consent_patient
     clinician_ok = sa.or_(
@@ -818,7 +906,12 @@ def _consented(
     )
     return sa.exists(
         sa.select(sa.literal(1))
-        .select_from(consents.join(patient, patient.c.national_id == consents.c.national_id))
+        .select_from(
+            consents.join(
+                patient,
+                _identity(patient, sealed=sealed) == _identity(consents, sealed=sealed),
+            )
+        )
         .where(
             patient.c.id == studies.c.patient_id,
             consents.c.grantee_hospital == hospital,
@@ -832,7 +925,7 @@ def _consented(
 
 
 def _broken_glass(
-    hospital: ColumnElement[str], now: ColumnElement[datetime]
+    hospital: ColumnElement[str], now: ColumnElement[datetime], *, sealed: bool
 ) -> ColumnElement[bool]:
     """An open window for the study's patient: the same patient row, or the same person
     (national identity) seen under another PatientID."""
@@ -840,8 +933,8 @@ def _broken_glass(
     person = sa.or_(
         same.c.id == opened_for.c.id,
         sa.and_(
-            opened_for.c.national_id.is_not(None),
-            same.c.national_id == opened_for.c.national_id,
+            _identity(opened_for, sealed=sealed).is_not(None),
+            _identity(same, sealed=sealed) == _identity(opened_for, sealed=sealed),
         ),
     )
     return sa.exists(
@@ -859,70 +952,102 @@ def _broken_glass(
     )
 
 
-def _patient_rule(national_id: ColumnElement[str]) -> ColumnElement[bool]:
-    """A patient's studies: those of every patient record with their national identity."""
-    own = sa.select(patients.c.id).where(patients.c.national_id == national_id).scalar_subquery()
+def _patient_rule(national_id: ColumnElement[str], *, sealed: bool = False) -> ColumnElement[bool]:
+    """A patient's studies: those of every patient record with their national identity
+    (``national_id``: the identity, or in an encrypted index its blind index)."""
+    own = (
+        sa.select(patients.c.id)
+        .where(_identity(patients, sealed=sealed) == national_id)
+        .scalar_subquery()
+    )
     return studies.c.patient_id.in_(own)
 
 
-_HOSPITAL_RULE = _hospital_rule(
-    sa.bindparam(_HOSPITAL, type_=_TEXT),
-    sa.bindparam(_SUBJECT, type_=_TEXT),
-    sa.bindparam(_NOW, type_=_TIME),
-)
-_PATIENT_RULE = _patient_rule(sa.bindparam(_NATIONAL_ID, type_=_TEXT))
+# Each rule twice: for a plain index (False) and for an encrypted one (True).
+_HOSPITAL_RULE = {
+    sealed: _hospital_rule(
+        sa.bindparam(_HOSPITAL, type_=_TEXT),
+        sa.bindparam(_SUBJECT, type_=_TEXT),
+        sa.bindparam(_NOW, type_=_TIME),
+        sealed=sealed,
+    )
+    for sealed in (False, True)
+}
+_PATIENT_RULE = {
+    sealed: _patient_rule(sa.bindparam(_NATIONAL_ID, type_=_TEXT), sealed=sealed)
+    for sealed in (False, True)
+}
 _NOTHING: ColumnElement[bool] = sa.false()
 
 _PEER_PATIENT_PARAM = "gate_peer_token"
 _PEER_SCOPE = "gate_peer_scope"
 _peer_tokens = federation_patient_tokens.alias("peer_tokens")
 _peer_patient = patients.alias("peer_patient")
-# A token row counts only while it still describes the patient row (same key and identity).
-_PEER_PATIENTS = (
-    sa.select(_peer_tokens.c.patient_id)
-    .select_from(
-        _peer_tokens.join(
-            _peer_patient,
-            sa.and_(
-                _peer_patient.c.id == _peer_tokens.c.patient_id,
-                _peer_patient.c.patient_key == _peer_tokens.c.patient_key,
-                _peer_patient.c.national_id == _peer_tokens.c.national_id,
-            ),
+
+
+def _peer_rules(*, sealed: bool) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The peer rules (all of the patient's studies, the asserted ones) of an index."""
+    # A token row counts only while it still describes the patient row (same key and
+    # identity; in an encrypted index the token row holds the identity's blind index).
+    patients_of_token = (
+        sa.select(_peer_tokens.c.patient_id)
+        .select_from(
+            _peer_tokens.join(
+                _peer_patient,
+                sa.and_(
+                    _peer_patient.c.id == _peer_tokens.c.patient_id,
+                    _peer_patient.c.patient_key == _peer_tokens.c.patient_key,
+                    _identity(_peer_patient, sealed=sealed) == _peer_tokens.c.national_id,
+                ),
+            )
         )
+        .where(_peer_tokens.c.token == sa.bindparam(_PEER_PATIENT_PARAM, type_=_TEXT))
+        .scalar_subquery()
     )
-    .where(_peer_tokens.c.token == sa.bindparam(_PEER_PATIENT_PARAM, type_=_TEXT))
-    .scalar_subquery()
-)
-_PEER_ALL_RULE = studies.c.patient_id.in_(_PEER_PATIENTS)
-_PEER_SCOPED_RULE = sa.and_(
-    _PEER_ALL_RULE,
-    studies.c.StudyInstanceUID.in_(sa.bindparam(_PEER_SCOPE, expanding=True, type_=_TEXT)),
-)
+    every = studies.c.patient_id.in_(patients_of_token)
+    scoped = sa.and_(
+        every,
+        studies.c.StudyInstanceUID.in_(sa.bindparam(_PEER_SCOPE, expanding=True, type_=_TEXT)),
+    )
+    return every, scoped
+
+
+_PEER_RULES = {sealed: _peer_rules(sealed=sealed) for sealed in (False, True)}
 
 
 def visibility(
-    principal: Principal, now: datetime, *, peer: PeerGrant | None = None
+    principal: Principal,
+    now: datetime,
+    *,
+    peer: PeerGrant | None = None,
+    phi: PhiCodec | None = None,
 ) -> tuple[ColumnElement[bool], dict[str, Any]]:
     """The condition on ``studies`` rows true exactly for the studies ``principal`` may see,
     and the parameter values to execute it with (``Gate.visible`` with the values apart).
 
-    The condition is the same object for every caller of a role: execute it with the
-    values, as in ``conn.execute(select(...).where(condition), values)``.
+    The condition is the same object for every caller of a role (and index: ``phi`` for
+    an encrypted one): execute it with the values, as in
+    ``conn.execute(select(...).where(condition), values)``.
     """
+    sealed = phi is not None
     if principal.role == "hospital" and principal.hospital:
-        return _HOSPITAL_RULE, {
+        return _HOSPITAL_RULE[sealed], {
             _HOSPITAL: principal.hospital,
             _SUBJECT: principal.subject,
             _NOW: now,
         }
     if principal.role == "patient" and principal.national_id:
-        return _PATIENT_RULE, {_NATIONAL_ID: principal.national_id}
+        identity = principal.national_id if phi is None else phi.national_id_index(
+            principal.national_id
+        )
+        return _PATIENT_RULE[sealed], {_NATIONAL_ID: identity}
     if principal.role == "peer" and peer is not None:
         # The asserted patient only; every study of theirs under break-glass or an "all"
         # grant, else the grant's StudyInstanceUIDs.
+        every, scoped = _PEER_RULES[sealed]
         if peer.break_glass_reason is not None or peer.scope == "all":
-            return _PEER_ALL_RULE, {_PEER_PATIENT_PARAM: peer.patient_token}
-        return _PEER_SCOPED_RULE, {
+            return every, {_PEER_PATIENT_PARAM: peer.patient_token}
+        return scoped, {
             _PEER_PATIENT_PARAM: peer.patient_token,
             _PEER_SCOPE: list(peer.scope),
         }
@@ -997,10 +1122,12 @@ async def _store_verdict(
     *,
     store: str,
     own: tuple[str, str] | None = None,
+    phi: PhiCodec | None = None,
 ) -> StoreCheck:
     """The verdict of storing ``header``'s instance into ``store`` for ``principal``.
 
-    ``own`` is the (store, key) just upserted for this instance, which is not a copy.
+    ``own`` is the (store, key) just upserted for this instance, which is not a copy;
+    ``phi`` the codec of an encrypted index (whose patient keys are blinded).
     """
     me = principal.hospital
     study_uid = header.study.StudyInstanceUID
@@ -1025,7 +1152,7 @@ async def _store_verdict(
             sa.select(sa.literal(1))
             .select_from(patients.join(studies, studies.c.patient_id == patients.c.id))
             .where(
-                patients.c.patient_key == patient_key(header, store),
+                patients.c.patient_key == stored_patient_key(header, store, phi),
                 studies.c.hospital.is_distinct_from(me),
             )
             .limit(1)

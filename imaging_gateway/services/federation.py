@@ -24,6 +24,7 @@ from imaging_gateway.federation.assertions import (
     ConsentClaim,
     MemoryReplayCache,
 )
+from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederatedCaller, FederationClient
 from imaging_gateway.federation.fanout import (
     CircuitBreakers,
@@ -123,6 +124,8 @@ class Federation:
     breakers: CircuitBreakers
     replay_cache: MemoryReplayCache
     located: LocatedStudies = field(default_factory=LocatedStudies)
+    cache: RetrieveCache | None = None
+    """Answers retrieved from peers, kept encrypted (``federation.cache_store``)."""
 
     @property
     def deadline_s(self) -> float:

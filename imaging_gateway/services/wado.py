@@ -27,6 +27,7 @@ instance's Retrieve Instance URL, ``.../studies/{study}/series/{series}/instance
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import secrets
@@ -41,7 +42,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -362,25 +363,28 @@ async def _send_multipart(
     parts: AsyncGenerator[_Part, None],
     *,
     layout: Sequence[tuple[str, int]] | None = None,
+    boundary: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Stream ``parts`` as one ``multipart/related`` response.
 
     With ``layout`` (each part's content type and length, known in advance) the body is
-    sent with its ``Content-Length``; otherwise chunked. Either way a cut body reads as
+    sent with its ``Content-Length``; otherwise chunked. ``boundary`` defaults to a
+    random one; ``headers`` are added to the response's. Either way a cut body reads as
     cut: fewer bytes than Content-Length, or no last chunk. The first part's first
     chunk is read before anything is sent, so an error there propagates (the
     middleware answers it). After that, an error aborts the connection; a client that
     goes away ends the stream quietly. Either way the response is returned with
     :data:`STREAM_OUTCOME` set.
     """
-    boundary = secrets.token_hex(16)
+    boundary = boundary or secrets.token_hex(16)
     try:
         part = await anext(parts, None)
         if part is None:
             raise NotFound("nothing to retrieve")
         pending: bytes | OpenBody | None = await anext(part.body, None)
         response = web.StreamResponse(
-            headers={"Content-Type": f"{content_type}; boundary={boundary}"}
+            headers={**(headers or {}), "Content-Type": f"{content_type}; boundary={boundary}"}
         )
         if layout is not None:
             # Known length: aiohttp writes the chunks as they are, where its chunked
@@ -737,19 +741,215 @@ async def stream_instances(
     representation = choice.representation
     content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
     transcoding = any(target is not None for target in targets)
-    parts = _instance_parts(
-        instances,
-        stores,
-        chunk_size=chunk_size,
-        prefetch=PREFETCH_INSTANCES,
-        targets=targets if transcoding else None,
-        max_bytes=transcode_max_bytes,
-        relay=not transcoding and relay_fd(request.transport) is not None,
-    )
+    relay = not transcoding and relay_fd(request.transport) is not None
+
+    def parts() -> AsyncGenerator[_Part, None]:
+        return _instance_parts(
+            instances,
+            stores,
+            chunk_size=chunk_size,
+            prefetch=PREFETCH_INSTANCES,
+            targets=targets if transcoding else None,
+            max_bytes=transcode_max_bytes,
+            relay=relay,
+        )
+
     if transcoding:  # part lengths are known only once each is transcoded
-        return await _send_multipart(request, content_type, parts)
+        return await _send_multipart(request, content_type, parts())
     layout = [(_instance_part_type(instance), instance.size) for instance in instances]
-    return await _send_multipart(request, content_type, parts, layout=layout)
+    etag = _representation_etag(content_type, instances)
+    boundary = _boundary_of(etag)
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    total = _multipart_length(boundary, layout)
+    if _etag_matches(request.headers.get("If-None-Match"), etag):
+        return _sent_whole(web.Response(status=304, headers=headers))
+    wanted = _wanted_range(request, etag, total)
+    if wanted is None:
+        return await _send_multipart(
+            request, content_type, parts(), layout=layout, boundary=boundary, headers=headers
+        )
+    if wanted == "unsatisfiable":
+        return _sent_whole(
+            web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{total}"})
+        )
+    start, stop = wanted
+    return await _send_range(
+        request, f"{content_type}; boundary={boundary}", _body_segments(boundary, instances),
+        stores, start, stop, total, headers, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def _sent_whole(response: web.Response) -> web.Response:
+    response[STREAM_OUTCOME] = "complete"  # nothing more to send than its headers
+    return response
+
+
+# ---------------------------------------------------------------------------
+# Conditional and ranged retrieves (RFC 9110 8.8.3, 13.1, 14): a client that lost a
+# large study half-way asks for the rest with Range and If-Range. The body of an
+# as-stored retrieve is fixed by the indexed versions of its instances, so it has a
+# strong ETag, a boundary derived from it (the same bytes on every request: byte
+# ranges of one body are ranges of the next) and a known length. Transcoded bodies
+# have neither and are always sent whole.
+
+
+def _representation_etag(content_type: str, instances: Sequence[InstanceLocation]) -> str:
+    """A strong ETag of the body: its content type and each part's indexed version."""
+    digest = hashlib.sha256(content_type.encode("utf-8"))
+    for i in instances:
+        digest.update(b"\0".join(
+            (i.store.encode(), i.key.encode(), i.etag.encode(), str(i.size).encode(),
+             (i.TransferSyntaxUID or "").encode(), b"")
+        ))  # fmt: skip
+    return f'"{digest.hexdigest()[:40]}"'
+
+
+def _boundary_of(etag: str) -> str:
+    """The body's boundary: a hash of its ETag, which no part's bytes can contain by
+    design (an object would have to hold a digest of its own ETag)."""
+    return hashlib.sha256(b"multipart boundary " + etag.encode("ascii")).hexdigest()[:32]
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match (weak comparison): ``*`` or a list naming ``etag``."""
+    if header is None:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+def _wanted_range(
+    request: web.Request, etag: str, total: int
+) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The one byte range ``[start, stop)`` asked for, or None to send the whole body.
+
+    Ignored (whole body) unless GET with a single well-formed ``bytes`` range, and when
+    If-Range names another version (strong comparison) or a date (no Last-Modified
+    here); several ranges are answered whole too, as RFC 9110 allows.
+    """
+    if request.method != "GET" or "Range" not in request.headers:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None  # malformed or several ranges
+    start, stop = wanted.start, wanted.stop
+    if start < 0:  # a suffix: the last -start bytes
+        start, stop = max(total + start, 0), total
+    stop = total if stop is None else min(stop, total)
+    if start >= total or start >= stop:
+        return "unsatisfiable"
+    return start, stop
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """A run of the body: literal bytes (part heads, the closing) or a whole object."""
+
+    length: int
+    data: bytes = b""
+    instance: InstanceLocation | None = None
+
+
+def _body_segments(boundary: str, instances: Sequence[InstanceLocation]) -> list[_Segment]:
+    """The body :func:`_send_multipart` sends, as segments (same bytes, in order)."""
+    out: list[_Segment] = []
+    for index, instance in enumerate(instances):
+        head = _part_head(boundary, _instance_part_type(instance), instance.size,
+                          first=index == 0)  # fmt: skip
+        out += [_Segment(len(head), head), _Segment(instance.size, instance=instance)]
+    closing = _closing(boundary)
+    return [*out, _Segment(len(closing), closing)]
+
+
+async def _object_slice(
+    store: ObjectStore, instance: InstanceLocation, offset: int, length: int, chunk_size: int
+) -> AsyncGenerator[bytes, None]:
+    """``length`` bytes of the indexed version from ``offset``, or ``StorageError``."""
+    stream = store.read_stream(
+        instance.key, offset=offset, chunk_size=chunk_size, if_match=instance.etag or None
+    )
+    left = length
+    try:
+        async for chunk in stream:
+            if len(chunk) >= left:
+                yield chunk[:left]
+                left = 0
+                break
+            left -= len(chunk)
+            yield chunk
+    finally:
+        await _close(stream)
+    if left:
+        raise _changed(instance)
+
+
+async def _send_range(
+    request: web.Request,
+    content_type: str,
+    segments: Sequence[_Segment],
+    stores: Mapping[str, ObjectStore],
+    start: int,
+    stop: int,
+    total: int,
+    headers: Mapping[str, str],
+    *,
+    chunk_size: int,
+) -> web.StreamResponse:
+    """206 with bytes ``[start, stop)`` of the body; objects wholly outside are not read.
+
+    Errors before the first byte propagate; later ones abort the connection, as for a
+    whole body (:data:`STREAM_OUTCOME` tells which).
+    """
+    pieces: list[tuple[_Segment, int, int]] = []  # segment, offset in it, bytes
+    position = 0
+    for segment in segments:
+        lo, hi = max(start, position), min(stop, position + segment.length)
+        if lo < hi:
+            pieces.append((segment, lo - position, hi - lo))
+        position += segment.length
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        for segment, offset, length in pieces:
+            if segment.instance is None:
+                yield segment.data[offset : offset + length]
+            else:
+                instance = segment.instance
+                async for chunk in _object_slice(
+                    _store(stores, instance), instance, offset, length, chunk_size
+                ):
+                    yield chunk
+
+    chunks = body()
+    try:
+        first = await anext(chunks, b"")
+        response = web.StreamResponse(status=206, headers={
+            **headers, "Content-Type": content_type,
+            "Content-Range": f"bytes {start}-{stop - 1}/{total}",
+        })  # fmt: skip
+        response.content_length = stop - start
+        response[STREAM_OUTCOME] = "aborted"
+        await response.prepare(request)
+        try:
+            await _write(response, first)
+            async for chunk in chunks:
+                await _write(response, chunk)
+            await response.write_eof()
+        except (_ClientGone, ConnectionError):
+            response[STREAM_OUTCOME] = "client-gone"
+        except Exception as exc:
+            detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+            log.warning("wado: ranged response aborted: %s", detail)
+            await chunks.aclose()
+            _abort(request)
+        else:
+            response[STREAM_OUTCOME] = "complete"
+        return response
+    finally:
+        await chunks.aclose()
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from imaging_gateway.errors import Conflict, GatewayError, ObjectNotFound, StorageError
+from imaging_gateway.errors import (
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    ObjectNotFound,
+    StorageError,
+)
 from imaging_gateway.index.sql import (
     IndexedObject,
     KnownObject,
@@ -107,8 +113,14 @@ class SyncRunner:
 
         An unfinished job of the store (killed, interrupted or failed) is resumed from its
         checkpoint unless ``restart``, which abandons it. Raises ``Conflict`` when a
-        job of this store is running now.
+        job of this store is running now, ``InvalidRequest`` for the federation cache
+        store (it holds copies of other provinces' answers, not this province's studies).
         """
+        if self.store.name == self.settings.federation.cache_store:
+            raise InvalidRequest(
+                f"store {self.store.name!r} is the federation cache (federation.cache_store), "
+                "not a source of studies to index"
+            )
         lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
         lock.acquire()
         self._lock = lock

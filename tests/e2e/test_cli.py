@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from tests.support.gateway import cli, free_port
 
 
@@ -45,8 +46,6 @@ timeout_s = 2
 
 
 def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
-    from imaging_gateway.dicom.synthetic import generate_instances
-
     for inst in generate_instances(seed=3, patients=2, studies_per_patient=1,
                                    pixel_mode="small", instances_per_series=1):
         p = tmp_path / "store" / inst.key
@@ -66,16 +65,20 @@ def test_sync_json_summary_and_stats(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and "known: fs" in unknown.stderr
 
 
-def test_keys_and_seal_commands(tmp_path: Path) -> None:
-    """keys init | status | rotate | rewrap | retire and seal, as an admin runs them."""
-    from imaging_gateway.dicom.synthetic import generate_instances
-
-    instances = list(generate_instances(seed=4, patients=2, studies_per_patient=1,
+def _small_store(root: Path, *, seed: int) -> list[SyntheticInstance]:
+    """Two patients' one-instance studies written into a local-directory store."""
+    instances = list(generate_instances(seed=seed, patients=2, studies_per_patient=1,
                                         pixel_mode="small", instances_per_series=1))
     for inst in instances:
-        p = tmp_path / "store" / inst.key
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(inst.data)
+        path = root / inst.key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(inst.data)
+    return instances
+
+
+def test_keys_and_seal_commands(tmp_path: Path) -> None:
+    """keys init | status | rotate | rewrap | retire and seal, as an admin runs them."""
+    instances = _small_store(tmp_path / "store", seed=4)
     cfg = tmp_path / "g.toml"
     cfg.write_text('[gateway]\ndata_dir = "data"\n[[stores]]\nname = "fs"\nkind = "fs"\n'
                    'path = "store"\n[encryption]\nenabled = true\n', encoding="utf-8")
@@ -111,3 +114,41 @@ def test_keys_and_seal_commands(tmp_path: Path) -> None:
     full = json.loads(cli(cfg, "sync", "--store", "fs", "--full", "--json").stdout)
     assert full["indexed"] == len(instances) and full["quarantined"] == 0
     assert full["listed"] == len(instances)  # the sidecars are not objects to index
+
+
+def test_seal_index_encrypts_an_existing_index(tmp_path: Path) -> None:
+    """A plain index, then [encryption] enabled: refused until `seal-index`, then served."""
+    instances = _small_store(tmp_path / "store", seed=5)
+    cfg = tmp_path / "g.toml"
+
+    def config(enabled: bool) -> None:
+        cfg.write_text('[gateway]\ndata_dir = "data"\n[[stores]]\nname = "fs"\nkind = "fs"\n'
+                       f'path = "store"\n[encryption]\nenabled = {str(enabled).lower()}\n',
+                       encoding="utf-8")
+
+    config(False)
+    cli(cfg, "sync", "--store", "fs")
+    db = tmp_path / "data" / "index.sqlite3"
+    assert db.exists()
+    config(True)
+    cli(cfg, "keys", "init")
+    refused = cli(cfg, "sync", "--store", "fs", check=False)
+    assert refused.returncode == 2 and "seal-index" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    sealed = cli(cfg, "seal-index")
+    assert "patients_rewritten" in sealed.stdout
+    assert "patients_rewritten  0" in cli(cfg, "seal-index").stdout  # resumes: no work
+    summary = json.loads(cli(cfg, "sync", "--store", "fs", "--json").stdout)
+    assert summary["unchanged"] == len(instances)
+    cli(cfg, "keys", "rotate")
+    assert json.loads(cli(cfg, "keys", "status", "--json").stdout)["index_key_versions"] == [1]
+    cli(cfg, "keys", "rewrap", "--store", "fs")  # the store's objects (plain: none to move)
+    cli(cfg, "keys", "retire", "1")  # opening the index re-wrapped its key under version 2
+    assert json.loads(cli(cfg, "keys", "status", "--json").stdout)["index_key_versions"] == [2]
+    cli(cfg, "index", "stats")
+    raw = b"".join(p.read_bytes() for p in db.parent.glob("index.sqlite3*"))
+    assert not [i.national_id for i in instances if i.national_id.encode() in raw]
+    assert not [i.patient_id for i in instances if i.patient_id.encode() in raw]
+    config(False)
+    plain = cli(cfg, "index", "stats", check=False)
+    assert plain.returncode == 2 and "encrypted" in plain.stderr

@@ -38,6 +38,8 @@ from imaging_gateway.dicom.synthetic import HOSPITALS, SyntheticInstance, genera
 from imaging_gateway.federation.assertions import ConsentClaim, issue_assertion
 from imaging_gateway.federation.client import ASSERTION_HEADER
 from imaging_gateway.federation.fanout import holding_province
+from imaging_gateway.security.aead import Suite
+from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from tests.e2e.test_dicomweb import parts
@@ -65,7 +67,7 @@ name = "fs"
 kind = "fs"
 path = "store"
 {store_hospital}
-
+{tables}
 [tls]
 cert_file = "{pki}/gw-{province}.crt"
 key_file = "{pki}/gw-{province}.key"
@@ -77,7 +79,27 @@ enabled = {enabled}
 deadline_ms = {deadline}
 max_answer_bytes = 262144
 breaker_failures = 1000
+{cache}
 {peers}
+"""
+
+# Beijing keeps what it retrieves from other provinces, encrypted (federation/cache.py).
+HOME_CACHE_STORE = """
+[[stores]]
+name = "fed-cache"
+kind = "fs"
+path = "fed-cache"
+
+[encryption]
+enabled = true
+"""
+
+# Shanghai answers from an encrypted index (PHI columns sealed with SM4-GCM, looked up by
+# blind index): its patient-token rows hold the identity's blind index only.
+SM4_INDEX = """
+[encryption]
+enabled = true
+suite = "SM4-GCM"
 """
 
 PEER = """
@@ -238,7 +260,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             province=p, port=ports[p], pki=pki, peers=peers, deadline=DEADLINE_MS,
             enabled="false" if p == PLAIN else "true",
             store_hospital=f'hospital = "{PLAIN_HOSPITAL}"' if p == PLAIN else "",
+            tables={"110000": HOME_CACHE_STORE, "310000": SM4_INDEX}.get(p, ""),
+            cache='cache_store = "fed-cache"' if p == "110000" else "",
         ), encoding="utf-8")
+        if p == "110000":
+            (d / "fed-cache").mkdir()
+            FileKeyring.create(d / "data" / "keys" / "keyring.json",
+                               setting="encryption.keyring_file", key_id="bj")
+        if p == "310000":
+            FileKeyring.create(d / "data" / "keys" / "keyring.json",
+                               setting="encryption.keyring_file", key_id="sh",
+                               suite=Suite.SM4_GCM)
         gws[p] = GatewayProcess(config, ports[p], ssl_context=client_ssl)
 
     # The plain peer's credential: a bearer token it issued, in an environment variable.
@@ -399,6 +431,17 @@ async def test_with_consent_finds_every_province_and_names_failed_peers(
         assert {r["patient_token"] for r in remote} == {token}
 
 
+def test_the_encrypted_peer_index_holds_no_identity(world: World) -> None:
+    """Shanghai answered the federated searches above from sealed cells and blind indexes."""
+    def index_bytes(province: str) -> bytes:
+        data = world.gws[province].config.parent / "data"
+        return b"".join(p.read_bytes() for p in data.glob("index.sqlite3*"))
+
+    assert world.national_id.encode() in index_bytes("440000")  # the plain one
+    assert world.national_id.encode() not in index_bytes("310000")
+    assert world.national_id.encode() not in index_bytes("110000")
+
+
 async def test_nothing_identifying_is_sent_to_peers(world: World, consent: dict[str, Any]
                                                     ) -> None:
     await _federated(world, world.token("110000", world.hospital, "dr-li"))
@@ -493,10 +536,25 @@ async def test_retrieve_through_home_streams_identical_bytes(world: World,
             async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}", headers=me,
                                 ssl=world.client_ssl) as r:
                 assert r.status == 200, await r.text()
-                got = parts(await r.read(), r.headers["Content-Type"])
+                whole, etag = await r.read(), r.headers.get("ETag")
+                got = parts(whole, r.headers["Content-Type"])
             if p != PLAIN:
                 assert sorted(got) == sorted(i.data for i in world.corpus[p]
                                              if i.study_uid == study)
+                # Broken off half-way: the rest from where it stopped, the same version.
+                assert etag is not None
+                half = len(whole) // 2
+                async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}",
+                                    headers={**me, "Range": f"bytes={half}-", "If-Range": etag},
+                                    ssl=world.client_ssl) as r:
+                    assert r.status == 206, await r.text()
+                    assert r.headers["Content-Range"] == \
+                        f"bytes {half}-{len(whole) - 1}/{len(whole)}"
+                    assert whole[:half] + await r.read() == whole
+                async with http.get(f"{base}/dicomweb/federation/{p}/studies/{study}",
+                                    headers={**me, "If-None-Match": etag},
+                                    ssl=world.client_ssl) as r:
+                    assert r.status == 304
             else:
                 assert len(got) == 1 and pydicom.dcmread(io.BytesIO(got[0])).PatientID \
                     == world.patient_id
@@ -515,6 +573,49 @@ async def test_retrieve_through_home_streams_identical_bytes(world: World,
         assert pixel.startswith(f"{base}/dicomweb/federation/440000/studies/{study}/series/")
         async with http.get(pixel, headers=me, ssl=world.client_ssl) as r:
             assert r.status == 200, await r.text()
+
+
+async def test_a_cached_study_is_served_only_after_the_holder_agrees(
+        world: World, consent: dict[str, Any]) -> None:
+    """Beijing's second retrieve of a Shanghai study asks Shanghai again (If-None-Match):
+    Shanghai checks the assertion and consent and answers 304; Beijing then sends its
+    encrypted copy, the same bytes, and nothing of the study is readable at rest."""
+    me = world.token("110000", world.hospital, "dr-li")
+    await _federated(world, me)
+    study = sorted(world.studies("310000"))[-1]
+    url = f"{world.gws['110000'].base}/dicomweb/federation/310000/studies/{study}"
+    holder = world.gws["310000"]
+    answers: list[bytes] = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.get(url, headers=me, ssl=world.client_ssl) as r:
+                assert r.status == 200, await r.text()
+                answers.append(await r.read())
+    assert answers[0] == answers[1]
+    assert sorted(parts(answers[1], r.headers["Content-Type"])) == sorted(
+        i.data for i in world.corpus["310000"] if i.study_uid == study)
+    path = f'"GET /dicomweb/studies/{study}"'
+    statuses = [line.split(path)[1].split()[0] for line in holder.logs().splitlines()
+                if path in line]
+    # The first answer was copied into the cache (here or by an earlier test), the
+    # second came from it once Shanghai had agreed.
+    assert "200" in statuses and statuses[-1] == "304", statuses
+    cached = [p for p in (world.root / "110000" / "fed-cache").rglob("*") if p.is_file()]
+    assert cached
+    patient_id = next(i.patient_id for i in world.corpus["310000"] if i.study_uid == study)
+    for p in cached:
+        raw = p.read_bytes()
+        assert b"DICM" not in raw and patient_id.encode() not in raw
+    # Not a source of studies: a sync of it is refused.
+    home = world.gws["110000"]
+    key = load_or_create_signing_key(home.config.parent / "data" / "keys" / "token-signing.pem")
+    admin = TokenAuthority(key, province="110000", max_ttl_s=3600).issue(
+        subject="admin", role="admin", ttl_s=600)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{home.base}/admin/sync-jobs", json={"store": "fed-cache"},
+            headers={"Authorization": f"Bearer {admin}"}, ssl=world.client_ssl) as r:
+        assert r.status == 400
+        assert "federation cache" in (await r.json())["message"]
 
 
 async def test_series_search_and_retrieve_audit_share_correlation(

@@ -349,3 +349,30 @@ async def test_break_glass_from_a_search_by_patient_id(world) -> None:
                      ("denied", "search must name one patient"),
                      ("denied", "not a hospital clinician")]
     assert (await gate.audit.verify()).ok
+
+
+@pytest.mark.parametrize("index_url", ["postgres"], indirect=True)  # a server to close them
+async def test_a_search_survives_pooled_connections_the_server_closed(world) -> None:
+    """PostgreSQL's search connections are not pinged before use: when the server has
+    closed them (a restart, an idle timeout), the search runs once more on a new one."""
+    gate, _, corpus = world
+    code = sorted({i.hospital.code for i in corpus})[0]
+    expected = studies_of(corpus, hospital=code)
+
+    async def search() -> set[str]:
+        page = await gate.search(AccessContext(hospital(code)), parse_qido("study", {}),
+                                 max_results=100)
+        return {r.study_instance_uid for r in page.results}
+
+    assert await search() == expected  # leaves a connection in the pool
+    async with gate.search_engine.connect() as conn:
+        pids = {r[0] for r in await conn.execute(sa.text("SELECT pg_backend_pid()"))}
+    async with gate.engine.connect() as conn:
+        for pid in pids:
+            await conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    async with gate.engine.connect() as conn:
+        before = (await conn.execute(sa.select(sa.func.count()).select_from(audit_log))).scalar()
+    assert await search() == expected
+    async with gate.engine.connect() as conn:
+        after = (await conn.execute(sa.select(sa.func.count()).select_from(audit_log))).scalar()
+    assert after > before

@@ -123,3 +123,19 @@ async def test_federation_subject_needs_a_grant_or_break_glass(world: tuple) -> 
                                             ("federated-search", "ok"),
                                             ("federated-search", "ok")]
     assert "correlation=c0ffee00-0000-4000-8000-000000000002" in rows[0][2]
+
+
+async def test_patients_indexed_after_a_peer_request_are_found_by_the_next(
+        index: SqlIndex) -> None:
+    corpus = make_corpus(seed=11, patients=4, studies_per_patient=1)
+    people = sorted({i.national_id for i in corpus})
+    first = [i for i in corpus if i.national_id != people[-1]]
+    later = [i for i in corpus if i.national_id == people[-1]]
+    await index_instances(index, first)
+    gate = Gate(index.engine, AuditLog(index.engine, b"k" * 32), PatientTokens(b"p" * 32),
+                break_glass_minutes=30)
+    assert await _found(gate, _peer_ctx(gate, people[0]))
+    assert await _found(gate, _peer_ctx(gate, people[-1])) == set()
+    assert await gate.refresh_patient_tokens() == 0  # nothing new: no write
+    await index_instances(index, later)
+    assert await _found(gate, _peer_ctx(gate, people[-1])) == {i.study_uid for i in later}

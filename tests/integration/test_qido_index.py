@@ -453,6 +453,11 @@ SLOW = sa.literal_column(
     "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) "
     "SELECT count(*) FROM c)"
 ) > 0
+# Far beyond the 2 s default budget on any machine (SLOW can finish in ~2 s on a fast one).
+SLOWER = sa.literal_column(
+    "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 500000000) "
+    "SELECT count(*) FROM c)"
+) > 0
 
 
 async def test_too_broad_is_refused_and_the_connection_recovers(index: SqlIndex) -> None:
@@ -490,7 +495,7 @@ async def test_the_search_engine_enforces_the_default_budget_in_its_sessions(
     sa.event.listen(index.search_engine.sync_engine, "before_cursor_execute", note)
     try:
         with pytest.raises(QueryTooBroad):
-            await search(index.search_engine, parse_qido("study", {}), visible=SLOW,
+            await search(index.search_engine, parse_qido("study", {}), visible=SLOWER,
                          max_results=100)
     finally:
         sa.event.remove(index.search_engine.sync_engine, "before_cursor_execute", note)

@@ -126,6 +126,12 @@ def test_env_overrides_keys(tmp_path: Path) -> None:
          "federation.peers[0].credential_env"),
         ('[[federation.peers]]\nprovince = "310000"\nkind = "pacs"\nbase_url = "https://a/d"',
          "federation.peers[0].kind"),
+        ('[federation]\ncache_store = "nope"', "federation.cache_store"),
+        ('[gateway]\nwrite_store = "c"\n[[stores]]\nname = "c"\nkind = "fs"\npath = "c"\n'
+         '[encryption]\nenabled = true\n[federation]\ncache_store = "c"', "federation.cache_store"),
+        ('[[stores]]\nname = "c"\nkind = "fs"\npath = "c"\n[federation]\ncache_store = "c"',
+         "federation.cache_store"),  # unencrypted
+        ('[federation]\ncache_max_bytes = 10', "federation.cache_max_bytes"),
         ("not toml [", "gateway.toml"),
     ],
 )
