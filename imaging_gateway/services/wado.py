@@ -568,10 +568,7 @@ class _Opening:
         from where the relay stopped, pinned to the same version.
         """
         instance = self._instance
-        try:
-            body = await self._task
-        except asyncio.CancelledError:
-            raise
+        body = await self._task
         if body is None:
             async for chunk in _instance_chunks(self._store, instance, chunk_size):
                 yield chunk
