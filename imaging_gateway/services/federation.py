@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from imaging_gateway.domain.qido import Level, QidoQuery
@@ -77,6 +78,12 @@ _PATIENT_KEYS: Final = frozenset(
     }
 )
 _PAGING: Final = frozenset({"limit", "offset", "federated"})
+
+_ANSWER_RESERVE_S: Final = 0.12
+"""Of the deadline, what is kept for cancelled calls to unwind (fanout's 50 ms grace),
+merging, and writing the answer."""
+_MIN_PEER_S: Final = 0.05
+"""The least time peers get, however much of the deadline the request already spent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,22 +283,22 @@ async def federated_search(
     patient_id = single["PatientID"]
     issuer = single.get("IssuerOfPatientID")
     path = _peer_path(level, study_uid, series_uid)
+    # The deadline is the whole answer's: what the request has spent so far (the local
+    # search, the subject's checks) and what the answer still needs come off the peers'.
+    spent = (datetime.now(UTC) - ctx.now).total_seconds()
+    budget = max(federation.deadline_s - _ANSWER_RESERVE_S - max(spent, 0.0), _MIN_PEER_S)
 
     async def call(peer: Peer) -> list[dict[str, Any]]:
         q = peer_query(pairs, kind=peer.kind, limit=limit, offset=offset)
         datasets = await federation.client.search(
-            peer, path, q, caller if peer.kind == "gateway" else None,
-            timeout_s=federation.deadline_s,
+            peer, path, q, caller if peer.kind == "gateway" else None, timeout_s=budget
         )
         for d in datasets:
             _as_home_patient(d, patient_id, issuer)
         return datasets
 
     result: FanOutResult[list[dict[str, Any]]] = await fan_out(
-        list(federation.registry),
-        call,
-        deadline_s=federation.deadline_s,
-        breakers=federation.breakers,
+        list(federation.registry), call, deadline_s=budget, breakers=federation.breakers
     )
     remote = result.values
     datasets = page(remote)

@@ -398,8 +398,13 @@ async def test_with_consent_finds_every_province_and_names_failed_peers(
         assert world.studies(p) <= set(found), p
         assert all(found[u] == p for u in world.studies(p))
     assert found[world.plain_study] == PLAIN
-    # Within the deadline (plus the fan-out's unwind and the local work), not after 5 s.
-    assert elapsed < DEADLINE_MS / 1000 + 1.0
+    # The whole answer within the deadline, not after the slow peer's 5 s (the margin is
+    # this client's: a new TLS connection and the transfer).
+    assert elapsed < DEADLINE_MS / 1000 + 0.3
+    served = [float(line.rsplit(" ", 1)[1].removesuffix("ms"))
+              for line in world.gws["110000"].logs().splitlines()
+              if '"GET /dicomweb/studies"' in line]
+    assert served and served[-1] < DEADLINE_MS, served  # as the gateway timed it
     warning = headers["Warning"]
     assert f"peer {SLOW} timed out" in warning
     assert f"peer {DEAD} failed" in warning
