@@ -41,6 +41,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -522,26 +523,43 @@ class _Pipe:
 
 
 async def _instance_chunks(
-    store: ObjectStore, instance: InstanceLocation, chunk_size: int
+    store: ObjectStore,
+    instance: InstanceLocation,
+    chunk_size: int,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+    etag: str | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The indexed version of one object, chunk by chunk, or an error before its end.
 
-    One ``read_stream`` pinned to the indexed ETag (``if_match``): the store refuses
-    another version before the first chunk and keeps any resume on this one. The byte
-    count is checked on the way (more than the indexed size fails before those bytes go
-    out; fewer fails at the end), so bytes of another version never end a part normally.
+    From ``offset``, ``length`` bytes (default: to the end). One ``read_stream`` pinned to
+    the indexed ETag (``if_match``; ``etag`` when the store named another form of it):
+    the store refuses another version before the first chunk and keeps any resume on
+    this one. The byte count is checked on the way (more than the indexed size fails
+    before those bytes go out; fewer fails at the end), so bytes of another version
+    never end a part normally.
     """
-    stream = store.read_stream(instance.key, chunk_size=chunk_size, if_match=instance.etag or None)
-    sent = 0
+    end = instance.size if length is None else offset + length
+    stream = store.read_stream(
+        instance.key, offset=offset, chunk_size=chunk_size,
+        if_match=(etag or instance.etag) or None,
+    )  # fmt: skip
+    at = offset
     try:
         async for chunk in stream:
-            sent += len(chunk)
-            if sent > instance.size:
-                raise _changed(instance)
-            yield chunk
+            if at + len(chunk) > end:
+                if length is None:
+                    raise _changed(instance)  # more than the indexed size
+                chunk = chunk[: end - at]
+            at += len(chunk)
+            if chunk:
+                yield chunk
+            if length is not None and at == end:
+                break
     finally:
         await _close(stream)
-    if sent != instance.size:
+    if at != end:
         raise _changed(instance)
 
 
@@ -579,22 +597,12 @@ class _Opening:
             yield body
         finally:
             body.close()
-        done = body.delivered
-        if done >= instance.size:
-            return
-        stream = self._store.read_stream(
-            instance.key, offset=done, chunk_size=chunk_size, if_match=body.etag or None
-        )
-        try:
-            async for chunk in stream:
-                done += len(chunk)
-                if done > instance.size:
-                    raise _changed(instance)
-                yield chunk
-        finally:
-            await _close(stream)
-        if done != instance.size:
-            raise _changed(instance)
+        if body.delivered < instance.size:
+            async with aclosing(_instance_chunks(
+                self._store, instance, chunk_size, offset=body.delivered, etag=body.etag
+            )) as rest:  # fmt: skip
+                async for chunk in rest:
+                    yield chunk
 
     async def close(self) -> None:
         """Cancel the open, or close the body opened and not relayed."""
@@ -862,28 +870,6 @@ def _body_segments(boundary: str, instances: Sequence[InstanceLocation]) -> list
     return [*out, _Segment(len(closing), closing)]
 
 
-async def _object_slice(
-    store: ObjectStore, instance: InstanceLocation, offset: int, length: int, chunk_size: int
-) -> AsyncGenerator[bytes, None]:
-    """``length`` bytes of the indexed version from ``offset``, or ``StorageError``."""
-    stream = store.read_stream(
-        instance.key, offset=offset, chunk_size=chunk_size, if_match=instance.etag or None
-    )
-    left = length
-    try:
-        async for chunk in stream:
-            if len(chunk) >= left:
-                yield chunk[:left]
-                left = 0
-                break
-            left -= len(chunk)
-            yield chunk
-    finally:
-        await _close(stream)
-    if left:
-        raise _changed(instance)
-
-
 async def _send_range(
     request: web.Request,
     content_type: str,
@@ -915,10 +901,11 @@ async def _send_range(
                 yield segment.data[offset : offset + length]
             else:
                 instance = segment.instance
-                async for chunk in _object_slice(
-                    _store(stores, instance), instance, offset, length, chunk_size
-                ):
-                    yield chunk
+                async with aclosing(_instance_chunks(
+                    _store(stores, instance), instance, chunk_size, offset=offset, length=length
+                )) as part:  # fmt: skip
+                    async for chunk in part:
+                        yield chunk
 
     chunks = body()
     try:
