@@ -51,6 +51,7 @@ from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
 from imaging_gateway.security.gate import PeerGrant
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.federation import Federation
+from imaging_gateway.storage.base import close_stream
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -388,6 +389,4 @@ async def _from_cache(
                 request.transport.abort()
         return out
     finally:
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_stream(body)

@@ -86,7 +86,7 @@ from imaging_gateway.errors import (
 from imaging_gateway.index.sql import IndexedObject, SqlIndex
 from imaging_gateway.security.gate import AccessContext, Gate, StoreAttempt
 from imaging_gateway.settings import Settings, StoreSettings
-from imaging_gateway.storage.base import ObjectInfo, ObjectStore
+from imaging_gateway.storage.base import ObjectInfo, ObjectStore, close_stream
 
 log = logging.getLogger(__name__)
 
@@ -414,9 +414,7 @@ async def _same_content(head: bytes, part: _Part, stored: AsyncIterator[bytes]) 
                     break
         return same and not pending
     finally:
-        close = getattr(stored, "aclose", None)
-        if close is not None:
-            await close()
+        await close_stream(stored)
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import struct
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Callable,
     Coroutine,
     Mapping,
@@ -84,7 +83,7 @@ from imaging_gateway.errors import (
     NotFound,
     StorageError,
 )
-from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.storage.base import ObjectStore, close_stream
 from imaging_gateway.storage.zerocopy import (
     BodyOpener,
     OpenBody,
@@ -175,12 +174,6 @@ async def _read(store: ObjectStore, instance: InstanceLocation, offset: int, len
     read = await store.read_range(instance.key, offset, length)
     _check_version(instance, read.etag, read.total_size)
     return read.data
-
-
-async def _close(iterator: AsyncIterator[bytes]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def _gather(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -558,7 +551,7 @@ async def _instance_chunks(
             if length is not None and at == end:
                 break
     finally:
-        await _close(stream)
+        await close_stream(stream)
     if at != end:
         raise _changed(instance)
 

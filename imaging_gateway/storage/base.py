@@ -93,3 +93,11 @@ class ObjectStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+async def close_stream(stream: AsyncIterator[bytes]) -> None:
+    """Close a ``read_stream`` iterator early (an async generator: releases its GET);
+    other iterators need no closing."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

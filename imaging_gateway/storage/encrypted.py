@@ -101,7 +101,13 @@ from imaging_gateway.security.envelope import (
     rewrap,
 )
 from imaging_gateway.security.keyring import KeyProvider
-from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore, RangeRead
+from imaging_gateway.storage.base import (
+    ListPage,
+    ObjectInfo,
+    ObjectStore,
+    RangeRead,
+    close_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +183,6 @@ def _decode_sidecar(data: bytes, fixed: FixedHeader) -> KeyEnvelope | None:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-async def _aclose(stream: AsyncIterator[bytes]) -> None:
-    """Close an async generator early (releases the inner GET); other iterators need not."""
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()
 
 
 class EncryptedStore:
@@ -474,7 +473,7 @@ class EncryptedStore:
                 async for chunk in stream:
                     yield chunk
             finally:
-                await _aclose(stream)
+                await close_stream(stream)
             return
 
     async def _stream_from(
@@ -541,7 +540,7 @@ class EncryptedStore:
             ):
                 yield chunk
         finally:
-            await _aclose(source)
+            await close_stream(source)
 
     async def _decrypt(
         self,
