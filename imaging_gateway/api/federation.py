@@ -56,7 +56,9 @@ from imaging_gateway.storage.base import close_stream
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_PASS_REQUEST: Final = ("Accept", "Range", "If-Range", "If-None-Match")
+_CONDITIONS: Final = ("Range", "If-Range", "If-None-Match")
+"""A client's own conditions on a retrieve, passed to the peer as they are."""
+_PASS_REQUEST: Final = ("Accept", *_CONDITIONS)
 _PASS_RESPONSE: Final = (
     "Content-Type",
     "Content-Length",
@@ -228,7 +230,7 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
         home = f"{request.scheme}://{request.host}/dicomweb/federation"
         return await _metadata(ask({}), federation, province, home)
     cache = federation.cache
-    if cache is None or any(h in request.headers for h in _PASS_REQUEST[1:]):
+    if cache is None or any(h in request.headers for h in _CONDITIONS):
         return await _stream(request, ask({}))  # a client's own conditions: pass them on
     key = cache.key(province, path, query, request.headers.get("Accept"))
     cached = await cache.lookup(key)

@@ -79,10 +79,22 @@ class RetrieveCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         """Least recently used first."""
+        self._bytes = 0
+        """The entries' sizes, summed."""
 
     @property
     def size(self) -> int:
-        return sum(e.size for e in self._entries.values())
+        return self._bytes
+
+    def _remember(self, key: str, entry: _Entry) -> None:
+        self._forget(key)
+        self._entries[key] = entry
+        self._bytes += entry.size
+
+    def _forget(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.size
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -100,7 +112,7 @@ class RetrieveCache:
                 break
             after = page.objects[-1].key
         for stored_at, key, size in sorted(found):
-            self._entries[key] = _Entry(size, stored_at)
+            self._remember(key, _Entry(size, stored_at))
         await self._evict()
         log.info("federation cache: %d entries, %d bytes", len(self), self.size)
 
@@ -159,15 +171,14 @@ class RetrieveCache:
 
     async def drop(self, key: str) -> None:
         """Forget and delete one entry; a store that fails leaves it to a later eviction."""
-        self._entries.pop(key, None)
+        self._forget(key)
         try:
             await self.store.delete(key)
         except GatewayError as exc:
             log.warning("federation cache: could not delete an entry: %s", exc.message)
 
     async def _added(self, key: str, size: int) -> None:
-        self._entries.pop(key, None)
-        self._entries[key] = _Entry(size, self._clock())
+        self._remember(key, _Entry(size, self._clock()))
         await self._evict()
 
     async def _evict(self) -> None:
