@@ -170,7 +170,7 @@ class Gate:
         self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
         self._tokens_lock = asyncio.Lock()
         self._tokens_through = 0
-        """Patient rows up to this id have their token (a hint: rows are never removed)."""
+        """Patient rows up to this id were given their token by this process or another."""
 
     # -- unauthenticated callers ---------------------------------------------------------
 
