@@ -351,6 +351,24 @@ def _multipart_length(boundary: str, parts: Sequence[tuple[str, int]]) -> int:
     return total
 
 
+def _multipart_response(
+    content_type: str,
+    boundary: str,
+    layout: Sequence[tuple[str, int]] | None,
+    headers: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={**(headers or {}), "Content-Type": f"{content_type}; boundary={boundary}"}
+    )
+    if layout is not None:
+        # Known length: aiohttp writes the chunks as they are, where its chunked
+        # writer joins each one with its size line (a copy of every byte).
+        response.content_length = _multipart_length(boundary, layout)
+    else:
+        response.enable_chunked_encoding()
+    return response
+
+
 async def _send_multipart(
     request: web.Request,
     content_type: str,
@@ -372,23 +390,23 @@ async def _send_multipart(
     :data:`STREAM_OUTCOME` set.
     """
     boundary = boundary or secrets.token_hex(16)
+    if request.method == "HEAD" and layout is not None:
+        # The index gives every header: nothing of the study is opened or read.
+        await parts.aclose()
+        response = _multipart_response(content_type, boundary, layout, headers)
+        await response.prepare(request)
+        await response.write_eof()
+        response[STREAM_OUTCOME] = "complete"
+        return response
     try:
         part = await anext(parts, None)
         if part is None:
             raise NotFound("nothing to retrieve")
         pending: bytes | OpenBody | None = await anext(part.body, None)
-        response = web.StreamResponse(
-            headers={**(headers or {}), "Content-Type": f"{content_type}; boundary={boundary}"}
-        )
-        if layout is not None:
-            # Known length: aiohttp writes the chunks as they are, where its chunked
-            # writer joins each one with its size line (a copy of every byte).
-            response.content_length = _multipart_length(boundary, layout)
-        else:
-            response.enable_chunked_encoding()
+        response = _multipart_response(content_type, boundary, layout, headers)
         response[STREAM_OUTCOME] = "aborted"
         await response.prepare(request)
-        if request.method == "HEAD":  # the headers say it all; do not read the study
+        if request.method == "HEAD":  # transcoded: the first part was needed for the headers
             await response.write_eof()
             response[STREAM_OUTCOME] = "complete"
             return response
