@@ -12,6 +12,11 @@ hospital), then:
   study by presigned URL with plain aiohttp, ``--raw-concurrency`` in flight, bodies read
   and dropped) and ``GET /dicomweb/studies/{uid}`` through the gateway (hospital token,
   the multipart body read and dropped); MB/s of object bytes (10^6), medians, ratio;
+- hop floor: in the same rounds, the cheapest relay this machine allows: a thread of
+  this process, blocking sockets and no framing, splicing each object's presigned GET
+  (``--raw-concurrency`` requests in flight ahead) into one client connection. It is what
+  any extra hop between the store and the client costs on these cores (the store, the
+  relay and the client share them), so the gateway is also read against it;
 - memory: a fresh gateway process streams the 2 GB study to a client that reads as fast
   as it can; its VmHWM (from /proc) before and after, and the highest VmRSS sampled
   every 20 ms; then the same study's raw GET rate once more for the record.
@@ -25,18 +30,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import fcntl
 import io
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from pydicom import dcmread
@@ -58,6 +67,7 @@ from imaging_gateway.services.wado import PREFETCH_INSTANCES
 from imaging_gateway.settings import load_settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.s3 import S3Store
+from imaging_gateway.storage.zerocopy import PIPE_SIZE
 from tests.support.seaweed import SeaweedServer
 
 GOAL = {"throughput_ratio": 0.8, "peak_rss_mib": 200, "study_gb": 2}
@@ -223,6 +233,89 @@ async def wado_rate(base: str, token: str, study: Study) -> tuple[float, int]:
     return study.bytes / elapsed / 1e6, got
 
 
+class HopFloor:
+    """A minimal relay on a loopback port: each GET gets the study's objects, spliced.
+
+    One connection at a time, in a thread: ``concurrency`` kept-alive connections to the
+    store each hold one presigned GET in flight ahead; each response head is read and
+    dropped, its body spliced socket -> pipe -> client with blocking calls. The body is
+    the objects' bytes alone (no multipart framing: ~100 bytes a part, nothing here).
+    """
+
+    def __init__(self, store: S3Store, study: Study, concurrency: int) -> None:
+        self._store = store
+        self._study = study
+        self._concurrency = concurrency
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with client:
+                client.recv(1 << 16)  # the request: one GET, read and not looked at
+                self._relay(client)
+
+    def _relay(self, client: socket.socket) -> None:
+        study, n = self._study, self._concurrency
+        targets = [urlsplit(self._store.presign_get(k, 3600)) for k in study.keys]
+        where = (targets[0].hostname or "127.0.0.1", targets[0].port or 80)
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % study.bytes)
+        upstream = [socket.create_connection(where) for _ in range(n)]
+        pipe_r, pipe_w = os.pipe()
+        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # as the gateway's relay
+        try:
+
+            def ask(i: int) -> None:
+                t = targets[i]
+                upstream[i % n].sendall(
+                    f"GET {t.path}?{t.query} HTTP/1.1\r\nHost: {t.netloc}\r\n\r\n".encode()
+                )
+
+            for i in range(min(n, len(targets))):
+                ask(i)
+            for i, size in enumerate(study.sizes):
+                sock = upstream[i % n]
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):  # byte by byte: the body stays unread
+                    head += sock.recv(1)
+                left = size
+                while left:
+                    got = os.splice(sock.fileno(), pipe_w, min(left, PIPE_SIZE))
+                    if not got:
+                        raise EOFError("store closed a response early")
+                    left -= got
+                    while got:
+                        got -= os.splice(pipe_r, client.fileno(), got)
+                if i + n < len(targets):
+                    ask(i + n)
+        finally:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            for sock in upstream:
+                sock.close()
+
+
+async def floor_rate(floor: HopFloor, study: Study) -> float:
+    """MB/s of one study through ``floor``, read as ``wado_rate`` reads the gateway's."""
+    async with aiohttp.ClientSession() as http:
+        got = 0
+        t0 = time.perf_counter()
+        async with http.get(floor.url) as r:
+            async for chunk in r.content.iter_chunked(READ_CHUNK):
+                got += len(chunk)
+        elapsed = time.perf_counter() - t0
+    assert got == study.bytes, (got, study.bytes)
+    return study.bytes / elapsed / 1e6
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     weed = SeaweedServer().start()
     gw = None
@@ -266,11 +359,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Throughput: alternate raw and gateway rounds (medians).
                 gw = start_gateway(cfg, port, env)
                 await wado_rate(gw.base, token, small)  # warm-up (connections, caches)
+                floor = HopFloor(store, small, args.raw_concurrency)
+                await floor_rate(floor, small)
                 raws: list[float] = []
                 wados: list[float] = []
+                floors: list[float] = []
                 for _ in range(args.rounds):
                     raws.append(await raw_rate(store, small, args.raw_concurrency))
                     wados.append((await wado_rate(gw.base, token, small))[0])
+                    floors.append(await floor_rate(floor, small))
+                floor.close()
                 gw.stop()
 
                 # Memory: a fresh process streams the 2 GB study.
@@ -288,6 +386,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await store.close()
             raw, wado = statistics.median(raws), statistics.median(wados)
+            hop = statistics.median(floors)
             return {
                 "bench": "wado",
                 "cpus": os.cpu_count(),
@@ -303,6 +402,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "wado_mb_s": round(wado, 1),
                     "ratio": round(wado / raw, 3),
                     "round_ratios": [round(w / r, 3) for r, w in zip(raws, wados, strict=True)],
+                    "hop_floor_mb_s": round(hop, 1),
+                    "hop_floor_ratio": round(hop / raw, 3),
+                    "wado_vs_hop_floor": round(wado / hop, 3),
                 },
                 "memory": {
                     "study_mb": round(big.bytes / 1e6, 1),
@@ -332,7 +434,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--throughput-mb", type=float, default=400, help="throughput study size")
     ap.add_argument("--study-gb", type=float, default=2.0, help="memory study size")
-    ap.add_argument("--rounds", type=int, default=3, help="raw/gateway rounds (medians)")
+    ap.add_argument("--rounds", type=int, default=7, help="raw/gateway rounds (medians)")
     ap.add_argument(
         "--raw-concurrency",
         type=int,
