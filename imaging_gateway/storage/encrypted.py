@@ -29,6 +29,20 @@ final segment is checked as final, so truncation fails at the end instead of loo
 complete. Tampering, truncation and wrong keys raise ``IntegrityError`` or
 ``KeyNotFound`` whose message names the store and the object key (never plaintext).
 
+Relayed reads. WADO-RS sends whole objects through ``zerocopy.Relay`` when the inner
+store opens bodies (``S3Store.open_body``, plain HTTP). ``open_body`` lets the inner store
+send the GET, reads the first bytes of the body from its socket and decides: a plain
+object goes back as the inner body, spliced in the kernel as from an unwrapped store; an
+encrypted one has its header parsed and its data key unwrapped (``_cipher``: sidecars
+too) and becomes a ``DecryptingBody``, which the Relay receives, verifies and decrypts
+whole segments at a time in two preallocated buffers and writes to the client socket. It
+cannot be a splice (the plaintext exists only in the process), but each byte is copied
+three times (into the process, by the cipher, out of it) against about seven through
+aiohttp, with the same segment checks as ``read_stream`` and the same errors; its sizes
+are plaintext, so a relay whose store connection ended early is resumed with
+``read_stream`` from a plaintext offset. An object whose stored size the format cannot
+have is left to ``read_stream`` (``open_body`` answers None).
+
 Rewrap without reading bodies. An S3 object cannot be rewritten in place, and rewriting
 it whole would read and write every body. So the in-object header keeps the key envelope
 it was written with, and ``rewrap_object`` writes, for an object whose header names a
