@@ -37,7 +37,7 @@ encrypted one has its header parsed and its data key unwrapped (``_cipher``: sid
 too) and becomes a ``DecryptingBody``, which the Relay receives, verifies and decrypts
 whole segments at a time in two preallocated buffers and writes to the client socket. It
 cannot be a splice (the plaintext exists only in the process), but each byte is copied
-three times (into the process, by the cipher, out of it) against about seven through
+three times (into the process, by the cipher, out of it) against six or more through
 aiohttp, with the same segment checks as ``read_stream`` and the same errors; its sizes
 are plaintext, so a relay whose store connection ended early is resumed with
 ``read_stream`` from a plaintext offset. An object whose stored size the format cannot
