@@ -225,7 +225,8 @@ class Relay:
     """Splices ``OpenBody`` bodies into one client connection, in the order given.
 
     Holds a duplicate of the client socket's descriptor (so that waiting for it to be
-    writable does not touch the transport's own registration) and one pipe. Bytes are
+    writable does not touch the transport's own registration) and one pipe (and, once an
+    encrypted body came, the two decrypting buffers, reused for the next ones). Bytes are
     only spliced while the transport's own buffer is empty, so they never overtake
     bytes written through the transport. ``close`` releases both.
     """
@@ -240,6 +241,7 @@ class Relay:
         except OSError:
             pass  # the default pipe size (64 KiB) works, with more system calls
         self._in_pipe = 0
+        self._decrypt_buffers: tuple[memoryview, memoryview] | None = None
 
     def close(self) -> None:
         for fd in (self._out, self._pipe_r, self._pipe_w):
@@ -248,6 +250,7 @@ class Relay:
             except OSError:
                 pass
         self._out = self._pipe_r = self._pipe_w = -1
+        self._decrypt_buffers = None
 
     async def _ready(self, *, read: int | None, write: bool, within_s: float | None) -> None:
         """Wait until ``read`` is readable or the client socket writable (either).
@@ -385,6 +388,14 @@ class Relay:
                         upstream_done = True  # the store stalled: the caller resumes or fails
         return body.delivered
 
+    def _buffers(self, cipher_size: int, plain_size: int) -> tuple[memoryview, memoryview]:
+        """The decrypting relay's two buffers, kept for the response's next body."""
+        held = self._decrypt_buffers
+        if held is None or (len(held[0]), len(held[1])) != (cipher_size, plain_size):
+            held = (memoryview(bytearray(cipher_size)), memoryview(bytearray(plain_size)))
+            self._decrypt_buffers = held
+        return held
+
     async def _relay_decrypting(self, body: DecryptingBody) -> int:
         """``relay`` of an encrypted body: receive, verify and decrypt, write (module doc).
 
@@ -402,11 +413,8 @@ class Relay:
         final = max(1, -(-body.stored // step)) - 1
         final_bytes = body.stored - final * step
         batch = max(1, DECRYPT_BATCH // step)
-        cipher_buf = bytearray(batch * step)
-        plain_buf = bytearray(batch * size)
-        cipher = memoryview(cipher_buf)
-        plain = memoryview(plain_buf)
-        capacity = len(cipher_buf)
+        cipher, plain = self._buffers(batch * step, batch * size)
+        capacity = len(cipher)
         initial = memoryview(body.initial)
         body.initial = b""
         sock = body.sock
