@@ -286,6 +286,13 @@ def rewrap(
     return _wrap(dek, fixed, keys if to is None else to)
 
 
+def _segment_failed(index: int) -> IntegrityError:
+    return IntegrityError(
+        f"segment {index} of the encrypted object did not authenticate (altered, "
+        "truncated, extended, reordered or taken from another object)"
+    )
+
+
 class SegmentCipher:
     """The data key of one object, sealing and opening its segments by number."""
 
@@ -326,10 +333,18 @@ class SegmentCipher:
         try:
             return self._aead.open(self._nonce(index, last=last), ciphertext, self._aad)
         except InvalidTag:
-            raise IntegrityError(
-                f"segment {index} of the encrypted object did not authenticate (altered, "
-                "truncated, extended, reordered or taken from another object)"
-            ) from None
+            raise _segment_failed(index) from None
+
+    def open_into(self, index: int, ciphertext: Bytes, out: memoryview, *, last: bool) -> int:
+        """``open`` into ``out`` (``len(ciphertext) - TAG_SIZE`` bytes); returns that length.
+
+        Raises ``IntegrityError`` if the segment fails; ``out`` may then hold unverified
+        bytes, so nothing of it may be used unless this returned.
+        """
+        try:
+            return self._aead.open_into(self._nonce(index, last=last), ciphertext, self._aad, out)
+        except InvalidTag:
+            raise _segment_failed(index) from None
 
     def decrypt_range(self, plan: SegmentRange, data: Bytes) -> bytes:
         """Decrypt the bytes ``[plan.start, plan.end)`` of the object; return the range asked.

@@ -89,6 +89,7 @@ from imaging_gateway.storage.zerocopy import (
     OpenBody,
     Relay,
     RelayTargetGone,
+    opens_bodies,
     relay_fd,
 )
 
@@ -578,8 +579,10 @@ class _Opening:
     """The body of one object opened ahead for a relay: the GET sent, its head read.
 
     The bytes wait in the kernel (the socket's receive buffer) until the relay splices
-    them, so reading ahead costs no process memory. A store that cannot open a body so
-    (``open_body`` gives None) is streamed the ordinary way when its turn comes.
+    them (or decrypts them, for an encrypted object: its header is read and its data key
+    unwrapped when it is opened), so reading ahead costs no process memory. A store
+    that cannot open a body so (``open_body`` gives None) is streamed the ordinary way
+    when its turn comes.
     """
 
     def __init__(self, store: ObjectStore, instance: InstanceLocation) -> None:
@@ -625,11 +628,6 @@ class _Opening:
                 body.close()
 
 
-def _relayable(store: ObjectStore) -> bool:
-    """The store's own class opens bodies for a relay (not a wrapper passing it on)."""
-    return callable(getattr(type(store), "open_body", None))
-
-
 def _instance_part_type(instance: InstanceLocation, syntax: str | None = None) -> str:
     return Representation(
         "application/dicom", syntax or instance.TransferSyntaxUID, multipart=True
@@ -670,7 +668,7 @@ async def _instance_parts(
             while scheduled < len(ahead) and len(window) < prefetch:
                 next_one = instances[ahead[scheduled]]
                 next_store = _store(stores, next_one)
-                if relay and _relayable(next_store):
+                if relay and opens_bodies(next_store):
                     window.append(_Opening(next_store, next_one))
                 else:
                     source = _instance_chunks(next_store, next_one, chunk_size)
@@ -724,7 +722,11 @@ async def stream_instances(
     HTTP) and the client's connection is plain TCP, the bytes are spliced store socket ->
     client socket in the kernel instead (``storage.zerocopy``): the instances ahead are
     opened (request sent, head read) and wait in their sockets, so nothing is buffered in
-    the process.
+    the process. Through an ``EncryptedStore`` over such a store, plain objects are
+    spliced the same way and encrypted ones relayed decrypting (``DecryptingBody``:
+    received, verified and decrypted segment by segment in two small buffers, written to
+    the client socket); their sizes and offsets are plaintext, so the rest of a body
+    whose store connection ended early is read as for a plain one.
 
     Transfer syntaxes are negotiated per stored syntax (``select_instances``): an instance
     whose stored syntax the client accepts is copied byte for byte, without parsing;

@@ -29,6 +29,20 @@ final segment is checked as final, so truncation fails at the end instead of loo
 complete. Tampering, truncation and wrong keys raise ``IntegrityError`` or
 ``KeyNotFound`` whose message names the store and the object key (never plaintext).
 
+Relayed reads. WADO-RS sends whole objects through ``zerocopy.Relay`` when the inner
+store opens bodies (``S3Store.open_body``, plain HTTP). ``open_body`` lets the inner store
+send the GET, reads the first bytes of the body from its socket and decides: a plain
+object goes back as the inner body, spliced in the kernel as from an unwrapped store; an
+encrypted one has its header parsed and its data key unwrapped (``_cipher``: sidecars
+too) and becomes a ``DecryptingBody``, which the Relay receives, verifies and decrypts
+whole segments at a time in two preallocated buffers and writes to the client socket. It
+cannot be a splice (the plaintext exists only in the process), but each byte is copied
+three times (into the process, by the cipher, out of it) against six or more through
+aiohttp, with the same segment checks as ``read_stream`` and the same errors; its sizes
+are plaintext, so a relay whose store connection ended early is resumed with
+``read_stream`` from a plaintext offset. An object whose stored size the format cannot
+have is left to ``read_stream`` (``open_body`` answers None).
+
 Rewrap without reading bodies. An S3 object cannot be rewritten in place, and rewriting
 it whole would read and write every body. So the in-object header keeps the key envelope
 it was written with, and ``rewrap_object`` writes, for an object whose header names a
@@ -68,10 +82,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from imaging_gateway.errors import (
     GatewayError,
@@ -107,6 +122,12 @@ from imaging_gateway.storage.base import (
     ObjectStore,
     RangeRead,
     close_stream,
+)
+from imaging_gateway.storage.zerocopy import (
+    BodyOpener,
+    DecryptingBody,
+    OpenBody,
+    opens_bodies,
 )
 
 log = logging.getLogger(__name__)
@@ -183,6 +204,43 @@ def _decode_sidecar(data: bytes, fixed: FixedHeader) -> KeyEnvelope | None:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+class _SegmentOpener:
+    """``zerocopy.SegmentOpener`` of one object: its cipher, failures named with store and key."""
+
+    tag_size = TAG_SIZE
+
+    def __init__(self, store: EncryptedStore, key: str, cipher: SegmentCipher) -> None:
+        self._store = store
+        self._key = key
+        self._cipher = cipher
+        self.segment_size = cipher.fixed.segment_size
+        self.threaded = cipher.fixed.suite is Suite.SM4_GCM
+
+    def open_into(self, index: int, ciphertext: memoryview, out: memoryview, *, last: bool) -> int:
+        try:
+            return self._cipher.open_into(index, ciphertext, out, last=last)
+        except IntegrityError as exc:
+            raise self._store._named(self._key, exc) from None
+
+
+async def _recv_more(sock: socket.socket, data: bytes, upto: int, timeout_s: float) -> bytes:
+    """``data`` and what follows it in the socket, up to ``upto`` bytes.
+
+    Fewer when the connection ends, fails or stalls for ``timeout_s`` first.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while len(data) < upto:
+                more = await loop.sock_recv(sock, upto - len(data))
+                if not more:
+                    break
+                data += more
+    except (OSError, TimeoutError):
+        pass
+    return data
 
 
 class EncryptedStore:
@@ -505,6 +563,80 @@ class EncryptedStore:
             skip=plan.skip, chunk_size=chunk_size,
         ):
             yield chunk
+
+    # -- the zero-copy relay (storage.zerocopy) ------------------------------------------
+
+    @property
+    def can_open_bodies(self) -> bool:
+        """Bodies can be opened for a relay when the wrapped store opens them."""
+        return opens_bodies(self.inner)
+
+    async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
+        """The object's body opened for ``zerocopy.Relay``: plain spliced, encrypted decrypted.
+
+        The inner store opens the body (one GET; None when it cannot: the caller takes
+        ``read_stream``). Its first bytes (those that came with the response head, more
+        from the socket if needed) tell a plain object, returned as the inner body for a
+        splice, from an encrypted one: its header is parsed and its data key unwrapped
+        (``_cipher``, sidecars included), and a ``DecryptingBody`` is returned whose
+        ``length`` is the plaintext size. Why not a splice: every segment has to be
+        verified and decrypted in the process. What it costs instead: the ciphertext is
+        copied kernel -> user once, decrypted into a second buffer, written user ->
+        kernel once (``Relay._relay_decrypting``), segments opened exactly as
+        ``read_stream`` opens them, with the same errors. An object whose stored size no
+        object of the format has (cut or extended by a partial segment), or whose
+        connection ends inside its header, is left to ``read_stream`` (None), which
+        reports it where it meets it. Raises ``IntegrityError`` (malformed header) and
+        ``KeyNotFound`` naming store and key, and what the inner ``open_body`` raises.
+        """
+        if not opens_bodies(self.inner):
+            return None
+        body = await cast(BodyOpener, self.inner).open_body(key, if_match=if_match)
+        if body is None:
+            return None
+        try:
+            return await self._open_body(key, body)
+        except BaseException:
+            body.close()
+            raise
+
+    async def _open_body(self, key: str, body: OpenBody) -> OpenBody | None:
+        wanted = min(body.length, HEADER_PREFIX_LENGTH)
+        head = await _recv_more(body.sock, body.initial, wanted, body.timeout_s)
+        if len(head) < wanted:
+            body.close()
+            return None  # the connection ended at once: a fresh read
+        if not is_encrypted(head[:5]):
+            body.initial = head
+            self._remember(key, Layout(body.etag, body.length, None))
+            return body
+        try:
+            wanted = min(header_length(head), body.length)
+        except IntegrityError as exc:
+            raise self._named(key, exc) from None
+        head = await _recv_more(body.sock, head, wanted, body.timeout_s)
+        if len(head) < wanted:
+            body.close()
+            return None  # the connection ended inside the header: a fresh read
+        try:
+            header = parse_header(head)  # IntegrityError if longer than the object
+        except IntegrityError as exc:
+            raise self._named(key, exc) from None
+        layout = Layout(body.etag, body.length, header)
+        try:
+            length = layout.plaintext_size
+        except IntegrityError:
+            body.close()
+            return None
+        cipher = await self._cipher(key, header)
+        self._remember(key, layout)
+        return DecryptingBody(
+            body,
+            opener=_SegmentOpener(self, key, cipher),
+            length=length,
+            stored=body.length - header.length,
+            initial=head[header.length :],
+        )
 
     async def _stream_from_start(
         self, key: str, chunk_size: int, if_match: str | None

@@ -720,6 +720,15 @@ class S3Store:
                     ) from exc
                 await asyncio.sleep(self._retry.delay(failures, retry_after))
 
+    @property
+    def can_open_bodies(self) -> bool:
+        """``open_body`` can hand over bodies: a plain-HTTP endpoint (``zerocopy.opens_bodies``).
+
+        Over https every body would come back None, and WADO would give up its read-ahead
+        for nothing.
+        """
+        return self._endpoint.startswith("http://")
+
     async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
         """GET the whole object and return its body unread, for a zero-copy relay.
 
@@ -731,7 +740,7 @@ class S3Store:
         use ``read_stream``. Raises ``ObjectNotFound``, ``StorageError`` (including
         "object changed while it was being read"), ``StoreUnavailable``.
         """
-        if not self._endpoint.startswith("http://"):
+        if not self.can_open_bodies:
             return None
         url = self._object_url(key)
         parts = urlsplit(url)

@@ -12,6 +12,23 @@ reads the response head and hands over an ``OpenBody``: the socket with the body
 still unread in it. ``Relay`` (one per response) splices it into the client's socket when
 that is a plain TCP or Unix socket (no TLS) and the response has a Content-Length (no
 chunk framing to write between the bytes). Everything else takes the ordinary path.
+
+Encrypted objects (``EncryptedStore.open_body``) cannot be spliced: every segment must
+be verified and decrypted in the process, so the bytes have to come up into user space
+once. ``DecryptingBody`` is such a body (the socket positioned after the object's header,
+and a ``SegmentOpener`` holding the data key); the Relay moves it with the same loop
+shape and readiness waits as a splice, copying as little as that allows: the ciphertext
+is received (``recv_into``, kernel -> user, once) into a preallocated buffer of a few
+segments, the whole segments in it are verified and decrypted into a second
+preallocated buffer (``decrypt_into``: the cipher's output is the only other copy), and
+that plaintext is written to the client socket (``os.write``, user -> kernel, once).
+Against the ordinary aiohttp path that saves the parser's body pieces, the chunk joins,
+the per-segment ``bytes`` objects and the transport's buffer, and keeps memory flat
+(two buffers of ``DECRYPT_BATCH`` bytes per response, whatever the study size).
+A segment's bytes go out only after its tag verified (a failing ``decrypt_into`` may
+already have written into the buffer: nothing of it is sent), so a tampered or
+truncated object ends the relay with the opener's ``IntegrityError`` before any of its
+bad segment reaches the client, exactly where the ordinary path would raise it.
 """
 
 from __future__ import annotations
@@ -24,7 +41,18 @@ import socket
 from collections.abc import Callable
 from typing import Final, Protocol
 
-__all__ = ["PIPE_SIZE", "BodyOpener", "OpenBody", "Relay", "RelayTargetGone", "relay_fd"]
+__all__ = [
+    "DECRYPT_BATCH",
+    "PIPE_SIZE",
+    "BodyOpener",
+    "DecryptingBody",
+    "OpenBody",
+    "Relay",
+    "RelayTargetGone",
+    "SegmentOpener",
+    "opens_bodies",
+    "relay_fd",
+]
 
 PIPE_SIZE: Final = 1 << 20
 """Bytes the relay's pipe holds (``F_SETPIPE_SZ``; the kernel may give less)."""
@@ -37,6 +65,8 @@ A client that closes its end while the response is stalled on its full receive w
 sends a FIN, not a reset; the client socket never becomes writable again, but the
 transport sees the end of its input and starts closing.
 """
+DECRYPT_BATCH: Final = 1 << 20
+"""Bytes of ciphertext a decrypting relay receives and opens at a time (whole segments)."""
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
@@ -78,7 +108,90 @@ class OpenBody:
         """Give the socket back: reusable only when the whole body went through it."""
         release, self._release = self._release, None
         if release is not None:
-            release(self.sock, self.delivered == self.length)
+            release(self.sock, self._read_whole())
+
+    def _read_whole(self) -> bool:
+        return self.delivered == self.length
+
+
+class SegmentOpener(Protocol):
+    """Verifies and decrypts the segments of one encrypted object (its data key)."""
+
+    @property
+    def segment_size(self) -> int:
+        """Plaintext bytes of every segment but the last."""
+        ...
+
+    @property
+    def tag_size(self) -> int:
+        """Bytes each segment has on top of its plaintext (its tag)."""
+        ...
+
+    @property
+    def threaded(self) -> bool:
+        """The cipher is slow enough to be run in a worker thread, off the event loop."""
+        ...
+
+    def open_into(self, index: int, ciphertext: memoryview, out: memoryview, *, last: bool) -> int:
+        """Verify segment ``index`` and decrypt it into ``out``; its plaintext length.
+
+        Raises ``IntegrityError`` (naming the object) if it does not authenticate;
+        ``out`` may then hold unverified bytes, which must not be used.
+        """
+        ...
+
+
+class DecryptingBody(OpenBody):
+    """The segments of an encrypted object still in the kernel, for a decrypting relay.
+
+    The socket is positioned after the object's header (``initial`` holds the segment
+    bytes that arrived with it). ``stored`` is the ciphertext bytes of the segments (the
+    object's size less its header), already checked to be a valid size for the segment
+    size; ``length`` and ``delivered`` count *plaintext* bytes, so a caller resumes an
+    early-ended relay from a plaintext offset, as it does for a plain body.
+    """
+
+    __slots__ = ("opener", "received", "stored")
+
+    def __init__(
+        self,
+        body: OpenBody,
+        *,
+        opener: SegmentOpener,
+        length: int,
+        stored: int,
+        initial: bytes,
+    ) -> None:
+        """Take over ``body`` (its socket and its release), which must not be used after."""
+        release, body._release = body._release, None
+        assert release is not None, "the body was already released"
+        super().__init__(
+            body.sock,
+            length=length,
+            etag=body.etag,
+            initial=initial,
+            timeout_s=body.timeout_s,
+            release=release,
+        )
+        self.opener = opener
+        self.stored = stored
+        self.received = 0
+        """Ciphertext bytes taken from the body so far (``initial`` included)."""
+
+    def _read_whole(self) -> bool:
+        return self.received == self.stored
+
+
+def opens_bodies(store: object) -> bool:
+    """True if ``store`` can hand bodies to a relay (``BodyOpener``), as far as its type says.
+
+    A wrapper store (``EncryptedStore``) has ``open_body`` in its class but opens bodies
+    only when the store it wraps does: it says so with a ``can_open_bodies`` attribute.
+    ``open_body`` may still answer None for one object (the ordinary path then).
+    """
+    if not callable(getattr(type(store), "open_body", None)):
+        return False
+    return bool(getattr(store, "can_open_bodies", True))
 
 
 class BodyOpener(Protocol):
@@ -112,7 +225,8 @@ class Relay:
     """Splices ``OpenBody`` bodies into one client connection, in the order given.
 
     Holds a duplicate of the client socket's descriptor (so that waiting for it to be
-    writable does not touch the transport's own registration) and one pipe. Bytes are
+    writable does not touch the transport's own registration) and one pipe (and, once an
+    encrypted body came, the two decrypting buffers, reused for the next ones). Bytes are
     only spliced while the transport's own buffer is empty, so they never overtake
     bytes written through the transport. ``close`` releases both.
     """
@@ -127,6 +241,7 @@ class Relay:
         except OSError:
             pass  # the default pipe size (64 KiB) works, with more system calls
         self._in_pipe = 0
+        self._decrypt_buffers: tuple[memoryview, memoryview] | None = None
 
     def close(self) -> None:
         for fd in (self._out, self._pipe_r, self._pipe_w):
@@ -135,6 +250,7 @@ class Relay:
             except OSError:
                 pass
         self._out = self._pipe_r = self._pipe_w = -1
+        self._decrypt_buffers = None
 
     async def _ready(self, *, read: int | None, write: bool, within_s: float | None) -> None:
         """Wait until ``read`` is readable or the client socket writable (either).
@@ -205,11 +321,17 @@ class Relay:
         Returns early (fewer than ``body.length`` delivered) when the store's connection
         fails or ends before the body does: every byte received by then has reached the
         client, so the caller can resume from ``body.delivered``. Raises
-        ``RelayTargetGone`` when the client's connection fails.
+        ``RelayTargetGone`` when the client's connection fails. A ``DecryptingBody`` is
+        decrypted on the way (``_relay_decrypting``): then the bytes delivered are
+        plaintext, an early end keeps back the segment it cut (resumed from its start),
+        and a segment that fails raises the opener's ``IntegrityError`` before any of
+        it is sent.
         """
         if self._transport.is_closing():
             raise RelayTargetGone
         await self._flushed()
+        if isinstance(body, DecryptingBody):
+            return await self._relay_decrypting(body)
         head = memoryview(body.initial)[: body.length - body.delivered]
         while head:
             sent = self._send(head)
@@ -261,6 +383,132 @@ class Relay:
                 )
             except TimeoutError:
                 if wait_read and not self._in_pipe:
+                    stalled += _CHECK_S
+                    if stalled >= body.timeout_s:
+                        upstream_done = True  # the store stalled: the caller resumes or fails
+        return body.delivered
+
+    def _buffers(self, cipher_size: int, plain_size: int) -> tuple[memoryview, memoryview]:
+        """The decrypting relay's two buffers, kept for the response's next body."""
+        held = self._decrypt_buffers
+        if held is None or (len(held[0]), len(held[1])) != (cipher_size, plain_size):
+            held = (memoryview(bytearray(cipher_size)), memoryview(bytearray(plain_size)))
+            self._decrypt_buffers = held
+        return held
+
+    async def _relay_decrypting(self, body: DecryptingBody) -> int:
+        """``relay`` of an encrypted body: receive, verify and decrypt, write (module doc).
+
+        The ciphertext buffer holds whole segments from its start: segment ``index``
+        first, then as many more as fit (``DECRYPT_BATCH``); once the plaintext of the
+        previous batch is all written, the whole segments received are opened at once
+        into the plaintext buffer and the cut one left is moved to the front. Receiving
+        goes on while the plaintext is being written. Only the final segment (the
+        object's size says which it is) is opened as last; with the size checked
+        beforehand, a body that lost its final segment or gained bytes fails its tag.
+        """
+        opener = body.opener
+        size, tag = opener.segment_size, opener.tag_size
+        step = size + tag
+        final = max(1, -(-body.stored // step)) - 1
+        final_bytes = body.stored - final * step
+        batch = max(1, DECRYPT_BATCH // step)
+        cipher, plain = self._buffers(batch * step, batch * size)
+        capacity = len(cipher)
+        initial = memoryview(body.initial)
+        body.initial = b""
+        sock = body.sock
+        src = sock.fileno()
+        have = 0  # ciphertext bytes in the buffer, segment ``index`` first
+        index = 0  # the next segment to open
+        out_at = out_end = 0  # plaintext of the opened batch, written up to ``out_at``
+        upstream_done = body.received >= body.stored
+        since_yield = 0
+        stalled = 0.0
+
+        def complete() -> tuple[int, int]:
+            """(segments, bytes) wholly in the buffer, from ``index``."""
+            count = pos = 0
+            while index + count <= final:
+                need = step if index + count < final else final_bytes
+                if pos + need > have:
+                    break
+                pos += need
+                count += 1
+            return count, pos
+
+        def open_batch(count: int) -> int:
+            pos = out = 0
+            for k in range(count):
+                i = index + k
+                need = step if i < final else final_bytes
+                out += opener.open_into(
+                    i, cipher[pos : pos + need], plain[out : out + need - tag],
+                    last=i == final,
+                )  # fmt: skip
+                pos += need
+            return out
+
+        while True:
+            progress = 0
+            if not upstream_done and have < capacity:
+                want = min(capacity - have, body.stored - body.received)
+                if initial:
+                    got = min(want, len(initial))
+                    cipher[have : have + got] = initial[:got]
+                    initial = initial[got:]
+                else:
+                    try:
+                        got = sock.recv_into(cipher[have : have + want])
+                    except BlockingIOError:
+                        got = -1
+                    except OSError:
+                        got = 0  # reset or the like: the store's side ended
+                    if got == 0:
+                        upstream_done = True  # ended early: the caller resumes or fails
+                if got > 0:
+                    have += got
+                    body.received += got
+                    progress += got
+                    upstream_done = body.received >= body.stored
+            if out_at == out_end:
+                count, used = complete()
+                if count:
+                    if opener.threaded:
+                        out_end = await asyncio.to_thread(open_batch, count)
+                    else:
+                        out_end = open_batch(count)
+                    out_at = 0
+                    index += count
+                    rest = have - used
+                    if rest:  # the start of a cut segment (memoryview copies overlap safely)
+                        cipher[:rest] = cipher[used:have]
+                    have = rest
+                    progress += 1
+                elif index > final or upstream_done:
+                    break  # everything delivered, or the store's side ended (resume)
+            if out_at < out_end:
+                sent = self._send(plain[out_at:out_end])
+                out_at += sent
+                body.delivered += sent
+                progress += sent
+            if progress:
+                stalled = 0.0
+                since_yield += progress
+                if since_yield >= _YIELD_EVERY:
+                    since_yield = 0
+                    await asyncio.sleep(0)
+                continue
+            if self._transport.is_closing():
+                raise RelayTargetGone
+            wait_read = not upstream_done and have < capacity
+            wait_write = out_at < out_end
+            try:
+                await self._ready(
+                    read=src if wait_read else None, write=wait_write, within_s=_CHECK_S
+                )
+            except TimeoutError:
+                if wait_read and not wait_write:
                     stalled += _CHECK_S
                     if stalled >= body.timeout_s:
                         upstream_done = True  # the store stalled: the caller resumes or fails

@@ -29,6 +29,8 @@ from imaging_gateway.dicom.mediatypes import select_metadata
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
+from imaging_gateway.security.aead import TAG_SIZE, Suite
+from imaging_gateway.security.envelope import plaintext_length
 from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.services import wado
 from imaging_gateway.settings import StoreSettings
@@ -36,7 +38,7 @@ from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.factory import open_store
 from imaging_gateway.storage.s3 import S3Store
-from imaging_gateway.storage.zerocopy import OpenBody
+from imaging_gateway.storage.zerocopy import DecryptingBody, OpenBody
 from tests.factories import pydicom_file
 from tests.support.seaweed import SeaweedServer
 
@@ -48,6 +50,8 @@ STORES = ["fs", pytest.param("s3", marks=pytest.mark.seaweedfs), *ENCRYPTED_STOR
 DICOM = 'multipart/related; type="application/dicom"'
 OCTET = 'multipart/related; type="application/octet-stream"'
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+SEGMENT = 4096
+"""Plaintext bytes per segment of the encrypted stores."""
 
 PYDICOM_FILES = {
     "ct": "CT_small.dcm",  # explicit VR LE, trailing (FFFC,FFFC) after the pixel data
@@ -221,11 +225,12 @@ async def _corpus(
                 timeout_s=10.0,
             )
         )
-    if kind.endswith("-encrypted"):
+    if "-encrypted" in kind:
         # The same suite through the one read path of encrypted objects: 4 KiB segments,
         # so frames, bulk data and streams cross many segment boundaries.
         ring = FileKeyring.create(tmp_path / "keyring.json", setting="test", key_id="wado")
-        store = EncryptedStore(store, ring, encrypt_writes=True, segment_size=4096)
+        suite = Suite.SM4_GCM if kind.endswith("-sm4") else Suite.AES_256_GCM
+        store = EncryptedStore(store, ring, encrypt_writes=True, suite=suite, segment_size=SEGMENT)
     corpus = Corpus(store=store, prefix="studies/", stores={store.name: store})
     await asyncio.gather(*(corpus.put(name, data) for name, data in OBJECTS.items()))
     try:
@@ -777,6 +782,192 @@ async def test_client_gone_stops_the_store_reads(s3_corpus: Corpus) -> None:
         opened = [b for b in tapped.bodies if b._release is not None]
         assert not opened, "every body opened ahead is released"
         assert sum(b.delivered for b in tapped.bodies) < sum(len(OBJECTS[n]) for n in names)
+    finally:
+        await tapped.close()
+
+
+class TappedEncrypted(EncryptedStore):
+    """An ``EncryptedStore`` (same keys, suite, segments) over a ``TappedS3``, recording the
+    bodies it opens for the relay: ``DecryptingBody`` for an encrypted object."""
+
+    def __init__(self, store: EncryptedStore, cut: dict[str, int] | None = None) -> None:
+        assert isinstance(store.inner, S3Store)
+        self.tapped = TappedS3(store.inner, cut=cut)
+        super().__init__(
+            self.tapped, store.keys, encrypt_writes=True, suite=store.suite,
+            segment_size=store.segment_size,
+        )  # fmt: skip
+        self.opened: dict[str, OpenBody] = {}
+
+    async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
+        body = await super().open_body(key, if_match=if_match)
+        assert body is not None
+        self.opened[key] = body
+        return body
+
+
+ENCRYPTED_S3 = [
+    pytest.param("s3-encrypted", marks=pytest.mark.seaweedfs),
+    pytest.param("s3-encrypted-sm4", marks=pytest.mark.seaweedfs),
+]
+
+
+@pytest.fixture(params=ENCRYPTED_S3)
+async def enc_s3_corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
+    """The corpus encrypted (AES-256-GCM, SM4-GCM) in an S3 store, whose bodies the
+    decrypting relay moves."""
+    async for made in _corpus(request, tmp_path, request.param):
+        yield made
+
+
+def _encrypted(corpus: Corpus) -> EncryptedStore:
+    assert isinstance(corpus.store, EncryptedStore)
+    return corpus.store
+
+
+async def _raw(store: EncryptedStore, key: str) -> bytes:
+    return b"".join([chunk async for chunk in store.inner.read_stream(key)])
+
+
+async def test_decrypting_relay_is_byte_exact_and_splices_plain_objects(
+    enc_s3_corpus: Corpus,
+) -> None:
+    corpus = enc_s3_corpus
+    store = _encrypted(corpus)
+    # Plain objects beside the encrypted ones (hospital uploads): written to the bucket as
+    # they are, read back through the same encrypted store.
+    plain = Corpus(store=store.inner, prefix="plain/", stores={})
+    for name in ("syn3", "ct"):
+        corpus.locations[f"plain_{name}"] = await plain.put(name, OBJECTS[name])
+    names = [f"syn{i}" for i in range(6)] + ["plain_syn3", "ct", "plain_ct", "syn0"]
+    tapped = TappedEncrypted(store)
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, f"/instances?names={','.join(names)}")
+        want = [OBJECTS[n.removeprefix("plain_")] for n in names]
+        assert [content for _, content in parts] == want
+        assert served.outcomes == ["complete"]
+        assert not tapped.tapped.streams, "every body went through the relay"
+        for name in names:
+            body = tapped.opened[corpus.locations[name].key]
+            assert isinstance(body, DecryptingBody) == (not name.startswith("plain_")), name
+            assert body.delivered == body.length == corpus.locations[name].size
+        assert tapped.tapped._idle, "whole bodies leave their connections for the next GET"
+    finally:
+        await tapped.close()
+
+
+def _damaged(raw: bytes, header: int, damage: str) -> tuple[bytes, int]:
+    """The object damaged, and the first segment the relay must refuse."""
+    step = SEGMENT + TAG_SIZE
+    final = (len(raw) - header - 1) // step
+    if damage == "tampered":
+        pos = header + 5 * step + 100
+        return raw[:pos] + bytes([raw[pos] ^ 0x01]) + raw[pos + 1 :], 5
+    if damage == "cut-at-boundary":  # the final segment gone: the one before is not final
+        return raw[: header + final * step], final - 1
+    if damage == "cut-mid-segment":
+        return raw[: header + 7 * step + 2000], 7
+    assert damage == "extra-bytes"
+    return raw + bytes(40), final
+
+
+@pytest.mark.parametrize(
+    "damage", ["tampered", "cut-at-boundary", "cut-mid-segment", "extra-bytes"]
+)
+async def test_decrypting_relay_stops_before_a_bad_segment(
+    enc_s3_corpus: Corpus, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of the bad segment or after it reaches the client; the response is cut,
+    logged as the ordinary path logs an integrity failure, naming the object."""
+    corpus = enc_s3_corpus
+    store = _encrypted(corpus)
+    location = corpus.locations["syn1"]
+    layout = await store.layout(location.key)
+    assert layout.header is not None
+    header = layout.header.length
+    data, bad = _damaged(await _raw(store, location.key), header, damage)
+    info = await store.inner.write_stream(location.key, _chunks(data))
+    # As if the index had been synced from the damaged bucket: its ETag, and the plaintext
+    # size its stored size gives (a valid size for the format, so the relay takes it).
+    size = plaintext_length(len(data), header_length=header, segment_size=SEGMENT)
+    corpus.locations["syn1"] = replace(location, etag=info.etag, size=size)
+    caplog.set_level(logging.INFO)
+    tapped = TappedEncrypted(store)
+    received = bytearray()
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            response = await c.get("/instances?names=syn0,syn1,syn2")
+            assert response.status == 200
+            boundary = _boundary(response.headers["Content-Type"]).encode()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(_read_until_cut(response, received), 10)
+            response.close()
+            for _ in range(100):
+                if served.outcomes:
+                    break
+                await asyncio.sleep(0.02)
+        assert served.outcomes == ["aborted"]
+        assert isinstance(tapped.opened[location.key], DecryptingBody)
+    finally:
+        await tapped.close()
+    first, delimiter, second = bytes(received).partition(b"\r\n--" + boundary)
+    assert delimiter and OBJECTS["syn0"] in first
+    assert b"\r\n--" + boundary not in second, "the damaged part must not look complete"
+    content = second.partition(b"\r\n\r\n")[2]
+    assert len(content) <= bad * SEGMENT and OBJECTS["syn1"].startswith(content)
+    aborts = [r.getMessage() for r in caplog.records if "aborted during part 2" in r.getMessage()]
+    assert aborts and f"segment {bad} " in aborts[0] and location.key in aborts[0], aborts
+
+
+async def test_decrypting_relay_resumes_when_the_store_connection_drops(
+    enc_s3_corpus: Corpus,
+) -> None:
+    corpus = enc_s3_corpus
+    store = _encrypted(corpus)
+    target = corpus.locations["syn1"]
+    layout = await store.layout(target.key)
+    assert layout.header is not None
+    tapped = TappedEncrypted(store, cut={target.key: 20_000})  # fits a socket pair's buffer
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, "/instances?names=syn0,syn1,syn2")
+        assert [content for _, content in parts] == [OBJECTS[n] for n in ("syn0", "syn1", "syn2")]
+        assert served.outcomes == ["complete"]
+        # The relay sent the segments wholly received; the rest came from an ordinary
+        # ranged stream from the start of the cut segment, pinned to the same version.
+        body = tapped.opened[target.key]
+        assert isinstance(body, DecryptingBody)
+        whole = (20_000 - layout.header.length) // (SEGMENT + TAG_SIZE)
+        assert body.delivered == whole * SEGMENT
+        start = layout.header.length + whole * (SEGMENT + TAG_SIZE)
+        assert tapped.tapped.streams == [(target.key, start)]
+    finally:
+        await tapped.close()
+
+
+async def test_decrypting_relay_reads_rewrapped_envelopes(enc_s3_corpus: Corpus) -> None:
+    """Objects whose header names a retired key version relay with their sidecar's."""
+    corpus = enc_s3_corpus
+    store = _encrypted(corpus)
+    ring = store.keys
+    assert isinstance(ring, FileKeyring)
+    names = [f"syn{i}" for i in range(3)]
+    assert ring.rotate() == 2
+    for name in names:
+        assert await store.rewrap_object(corpus.locations[name].key) == "rewrapped"
+    ring.retire(1)
+    tapped = TappedEncrypted(store)  # fresh caches: the sidecars are read
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, f"/instances?names={','.join(names)}")
+        assert [content for _, content in parts] == [OBJECTS[n] for n in names]
+        assert all(isinstance(tapped.opened[corpus.locations[n].key], DecryptingBody) for n in names)
+        assert not tapped.tapped.streams
     finally:
         await tapped.close()
 
