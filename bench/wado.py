@@ -238,7 +238,8 @@ class HopFloor:
 
     One connection at a time, in a thread: ``concurrency`` kept-alive connections to the
     store each hold one presigned GET in flight ahead; each response head is read and
-    dropped, its body spliced socket -> pipe -> client with blocking calls. The body is
+    dropped (the body bytes that came with it written on), the rest of its body spliced
+    socket -> pipe -> client with blocking calls. The body is
     the objects' bytes alone (no multipart framing: ~100 bytes a part, nothing here).
     """
 
@@ -284,9 +285,14 @@ class HopFloor:
             for i, size in enumerate(study.sizes):
                 sock = upstream[i % n]
                 head = b""
-                while not head.endswith(b"\r\n\r\n"):  # byte by byte: the body stays unread
-                    head += sock.recv(1)
-                left = size
+                while b"\r\n\r\n" not in head:
+                    more = sock.recv(1 << 16)
+                    if not more:
+                        raise EOFError("store closed a connection before a response")
+                    head += more
+                start = head[head.index(b"\r\n\r\n") + 4 :]  # body bytes read with the head
+                client.sendall(start)
+                left = size - len(start)
                 while left:
                     got = os.splice(sock.fileno(), pipe_w, min(left, PIPE_SIZE))
                     if not got:
