@@ -568,8 +568,15 @@ class EncryptedStore:
 
     @property
     def can_open_bodies(self) -> bool:
-        """Bodies can be opened for a relay when the wrapped store opens them."""
-        return opens_bodies(self.inner)
+        """Bodies can be opened for a relay when the wrapped store opens them.
+
+        Not in a store that writes SM4-GCM: where the cipher itself is the limit (~110
+        MB/s a core without SM4 instructions), the ordinary path is faster, as it
+        decrypts the instances it reads ahead on every core (measured: 0.91 of the bare
+        one-core SM4 rate, the relay 0.80, one body at a time). SM4 objects met in an
+        AES store are still relayed, decrypted in a worker thread.
+        """
+        return self.suite is not Suite.SM4_GCM and opens_bodies(self.inner)
 
     async def open_body(self, key: str, *, if_match: str | None = None) -> OpenBody | None:
         """The object's body opened for ``zerocopy.Relay``: plain spliced, encrypted decrypted.

@@ -787,14 +787,18 @@ async def test_client_gone_stops_the_store_reads(s3_corpus: Corpus) -> None:
 
 
 class TappedEncrypted(EncryptedStore):
-    """An ``EncryptedStore`` (same keys, suite, segments) over a ``TappedS3``, recording the
-    bodies it opens for the relay: ``DecryptingBody`` for an encrypted object."""
+    """An ``EncryptedStore`` (same keys and segments) over a ``TappedS3``, recording the
+    bodies it opens for the relay: ``DecryptingBody`` for an encrypted object.
+
+    It writes AES-256-GCM whatever ``store`` writes: a store writing SM4-GCM opens no
+    bodies (the ordinary path decrypts on more cores), but SM4 objects in an AES store
+    (the province changed suites) are relayed, and so tested here."""
 
     def __init__(self, store: EncryptedStore, cut: dict[str, int] | None = None) -> None:
         assert isinstance(store.inner, S3Store)
         self.tapped = TappedS3(store.inner, cut=cut)
         super().__init__(
-            self.tapped, store.keys, encrypt_writes=True, suite=store.suite,
+            self.tapped, store.keys, encrypt_writes=True, suite=Suite.AES_256_GCM,
             segment_size=store.segment_size,
         )  # fmt: skip
         self.opened: dict[str, OpenBody] = {}
@@ -856,6 +860,25 @@ async def test_decrypting_relay_is_byte_exact_and_splices_plain_objects(
         assert tapped.tapped._idle, "whole bodies leave their connections for the next GET"
     finally:
         await tapped.close()
+
+
+async def test_a_store_writing_sm4_streams_the_ordinary_way(enc_s3_corpus: Corpus) -> None:
+    """SM4-GCM is the limit where it is written (no SM4 instructions): its bodies are read
+    ahead and decrypted on every core, not relayed one at a time."""
+    store = _encrypted(enc_s3_corpus)
+    reader = TappedEncrypted(store)
+    assert reader.can_open_bodies
+    sm4 = EncryptedStore(reader.tapped, store.keys, encrypt_writes=True, suite=Suite.SM4_GCM)
+    assert not sm4.can_open_bodies
+    names = ["syn0", "ct", "syn1"]
+    try:
+        served = replace_stores(enc_s3_corpus, sm4)
+        async with TestClient(TestServer(make_app(served))) as c:
+            parts = await get_once(c, f"/instances?names={','.join(names)}")
+        assert [content for _, content in parts] == [OBJECTS[n] for n in names]
+        assert len(reader.tapped.streams) == len(names), "each read by read_stream"
+    finally:
+        await reader.close()
 
 
 def _damaged(raw: bytes, header: int, damage: str) -> tuple[bytes, int]:
