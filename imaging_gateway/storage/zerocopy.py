@@ -39,7 +39,7 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 __all__ = [
     "DECRYPT_BATCH",
@@ -221,6 +221,60 @@ def relay_fd(transport: asyncio.BaseTransport | None) -> int | None:
     return fd if fd >= 0 else None
 
 
+def _from_store(read: Callable[..., int], *args: Any, **kwargs: Any) -> int:
+    """Bytes a non-blocking read from the store's socket took: -1 none yet, 0 it ended.
+
+    A reset or the like counts as the end: the caller resumes or fails.
+    """
+    try:
+        return read(*args, **kwargs)
+    except BlockingIOError:
+        return -1
+    except OSError:
+        return 0
+
+
+class _Pace:
+    """The waiting of one relay loop, after each pass over both sockets.
+
+    A pass that moved bytes goes straight on (giving other tasks a turn every
+    ``_YIELD_EVERY`` bytes); one that moved none waits until the store's socket is
+    readable (``read``) or the client's writable (``write``), looking at the client's
+    transport every ``_CHECK_S``, and tells when the store has sent nothing, with nothing
+    left to write, for ``timeout_s``.
+    """
+
+    __slots__ = ("_relay", "_since_yield", "_src", "_stalled", "_timeout_s")
+
+    def __init__(self, relay: Relay, src: int, timeout_s: float) -> None:
+        self._relay = relay
+        self._src = src
+        self._timeout_s = timeout_s
+        self._since_yield = 0
+        self._stalled = 0.0
+
+    async def after(self, progress: int, *, read: bool, write: bool) -> bool:
+        """Pace the next pass; True when the store stalled (``RelayTargetGone``: client gone)."""
+        if progress:
+            self._stalled = 0.0
+            self._since_yield += progress
+            if self._since_yield >= _YIELD_EVERY:
+                self._since_yield = 0
+                await asyncio.sleep(0)
+            return False
+        if self._relay._transport.is_closing():
+            raise RelayTargetGone
+        try:
+            await self._relay._ready(
+                read=self._src if read else None, write=write, within_s=_CHECK_S
+            )
+        except TimeoutError:
+            if read and not write:
+                self._stalled += _CHECK_S
+                return self._stalled >= self._timeout_s
+        return False
+
+
 class Relay:
     """Splices ``OpenBody`` bodies into one client connection, in the order given.
 
@@ -343,18 +397,12 @@ class Relay:
         src = body.sock.fileno()
         received = body.delivered
         upstream_done = received >= body.length
-        since_yield = 0
-        stalled = 0.0
+        pace = _Pace(self, src, body.timeout_s)
         while not upstream_done or self._in_pipe:
             progress = 0
             want = min(body.length - received, PIPE_SIZE - self._in_pipe)
             if not upstream_done and want > 0:
-                try:
-                    got = os.splice(src, self._pipe_w, want, flags=_FLAGS)
-                except BlockingIOError:
-                    got = -1
-                except OSError:
-                    got = 0  # reset or the like: the store's side ended
+                got = _from_store(os.splice, src, self._pipe_w, want, flags=_FLAGS)
                 if got == 0:
                     upstream_done = True  # ended early: the caller resumes or fails
                     continue
@@ -367,25 +415,9 @@ class Relay:
                 moved = self._pipe_to_client()
                 body.delivered += moved
                 progress += moved
-            if progress:
-                stalled = 0.0
-                since_yield += progress
-                if since_yield >= _YIELD_EVERY:
-                    since_yield = 0
-                    await asyncio.sleep(0)
-                continue
-            if self._transport.is_closing():
-                raise RelayTargetGone
             wait_read = not upstream_done and self._in_pipe < PIPE_SIZE
-            try:
-                await self._ready(
-                    read=src if wait_read else None, write=self._in_pipe > 0, within_s=_CHECK_S
-                )
-            except TimeoutError:
-                if wait_read and not self._in_pipe:
-                    stalled += _CHECK_S
-                    if stalled >= body.timeout_s:
-                        upstream_done = True  # the store stalled: the caller resumes or fails
+            if await pace.after(progress, read=wait_read, write=self._in_pipe > 0):
+                upstream_done = True  # the store stalled: the caller resumes or fails
         return body.delivered
 
     def _buffers(self, cipher_size: int, plain_size: int) -> tuple[memoryview, memoryview]:
@@ -423,8 +455,7 @@ class Relay:
         index = 0  # the next segment to open
         out_at = out_end = 0  # plaintext of the opened batch, written up to ``out_at``
         upstream_done = body.received >= body.stored
-        since_yield = 0
-        stalled = 0.0
+        pace = _Pace(self, src, body.timeout_s)
 
         def complete() -> tuple[int, int]:
             """(segments, bytes) wholly in the buffer, from ``index``."""
@@ -458,12 +489,7 @@ class Relay:
                     cipher[have : have + got] = initial[:got]
                     initial = initial[got:]
                 else:
-                    try:
-                        got = sock.recv_into(cipher[have : have + want])
-                    except BlockingIOError:
-                        got = -1
-                    except OSError:
-                        got = 0  # reset or the like: the store's side ended
+                    got = _from_store(sock.recv_into, cipher[have : have + want])
                     if got == 0:
                         upstream_done = True  # ended early: the caller resumes or fails
                 if got > 0:
@@ -492,24 +518,7 @@ class Relay:
                 out_at += sent
                 body.delivered += sent
                 progress += sent
-            if progress:
-                stalled = 0.0
-                since_yield += progress
-                if since_yield >= _YIELD_EVERY:
-                    since_yield = 0
-                    await asyncio.sleep(0)
-                continue
-            if self._transport.is_closing():
-                raise RelayTargetGone
             wait_read = not upstream_done and have < capacity
-            wait_write = out_at < out_end
-            try:
-                await self._ready(
-                    read=src if wait_read else None, write=wait_write, within_s=_CHECK_S
-                )
-            except TimeoutError:
-                if wait_read and not wait_write:
-                    stalled += _CHECK_S
-                    if stalled >= body.timeout_s:
-                        upstream_done = True  # the store stalled: the caller resumes or fails
+            if await pace.after(progress, read=wait_read, write=out_at < out_end):
+                upstream_done = True  # the store stalled: the caller resumes or fails
         return body.delivered

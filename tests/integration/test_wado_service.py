@@ -620,6 +620,24 @@ async def _read_until_cut(response: aiohttp.ClientResponse, into: bytearray) -> 
         into += piece
 
 
+async def _get_cut(
+    client: TestClient[Any, Any], path: str, corpus: Corpus, into: bytearray
+) -> bytes:
+    """GET ``path``, whose body must be cut: its boundary, with the bytes that came in
+    ``into``, once the handler has recorded its outcome (in ``corpus.outcomes``)."""
+    response = await client.get(path)
+    assert response.status == 200
+    boundary = _boundary(response.headers["Content-Type"]).encode()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(_read_until_cut(response, into), 10)
+    response.close()
+    for _ in range(100):
+        if corpus.outcomes:
+            break
+        await asyncio.sleep(0.02)
+    return boundary
+
+
 @pytest.mark.parametrize("change", ["delete", "same-size", "longer", "shorter"])
 async def test_object_changed_mid_stream_aborts(
     corpus: Corpus, change: str, caplog: pytest.LogCaptureFixture
@@ -922,16 +940,7 @@ async def test_decrypting_relay_stops_before_a_bad_segment(
     try:
         served = replace_stores(corpus, tapped)
         async with TestClient(TestServer(make_app(served))) as c:
-            response = await c.get("/instances?names=syn0,syn1,syn2")
-            assert response.status == 200
-            boundary = _boundary(response.headers["Content-Type"]).encode()
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await asyncio.wait_for(_read_until_cut(response, received), 10)
-            response.close()
-            for _ in range(100):
-                if served.outcomes:
-                    break
-                await asyncio.sleep(0.02)
+            boundary = await _get_cut(c, "/instances?names=syn0,syn1,syn2", served, received)
         assert served.outcomes == ["aborted"]
         assert isinstance(tapped.opened[location.key], DecryptingBody)
     finally:
@@ -1401,16 +1410,8 @@ async def test_tampered_encrypted_object_is_refused(
 
     received = bytearray()
     async with TestClient(TestServer(make_app(corpus))) as test_client:
-        response = await test_client.get("/instances?chunk=65536&names=syn0,syn1")
-        assert response.status == 200
-        boundary = _boundary(response.headers["Content-Type"]).encode()
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await asyncio.wait_for(_read_until_cut(response, received), 10)
-        response.close()
-        for _ in range(100):
-            if corpus.outcomes:
-                break
-            await asyncio.sleep(0.02)
+        path = "/instances?chunk=65536&names=syn0,syn1"
+        boundary = await _get_cut(test_client, path, corpus, received)
         metadata = await test_client.get("/metadata?names=syn2")
         problem = await metadata.json(content_type=None)
     assert corpus.outcomes == ["aborted"]
