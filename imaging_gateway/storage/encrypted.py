@@ -637,12 +637,28 @@ class EncryptedStore:
             return None
         cipher = await self._cipher(key, header)
         self._remember(key, layout)
+        stored = body.length - header.length
+        # The first segment is verified now, while the body is opened ahead: an object
+        # that fails there is refused before any of it is sent (for the first instance,
+        # before the response starts, as read_stream's first chunk would be). The relay
+        # opens it again (one segment: microseconds with AES).
+        first = min(header.fixed.segment_size + TAG_SIZE, stored)
+        segments = await _recv_more(body.sock, head[header.length :], first, body.timeout_s)
+        if len(segments) < first:
+            body.close()
+            return None  # the connection ended inside the first segment: a fresh read
+        opener = _SegmentOpener(self, key, cipher)
+        scratch = memoryview(bytearray(first - TAG_SIZE))
+
+        def verify() -> int:
+            return opener.open_into(0, memoryview(segments)[:first], scratch, last=first == stored)
+
+        if opener.threaded:
+            await asyncio.to_thread(verify)
+        else:
+            verify()
         return DecryptingBody(
-            body,
-            opener=_SegmentOpener(self, key, cipher),
-            length=length,
-            stored=body.length - header.length,
-            initial=head[header.length :],
+            body, opener=opener, length=length, stored=stored, initial=segments
         )
 
     async def _stream_from_start(

@@ -954,6 +954,40 @@ async def test_decrypting_relay_stops_before_a_bad_segment(
     assert aborts and f"segment {bad} " in aborts[0] and location.key in aborts[0], aborts
 
 
+async def test_decrypting_relay_refuses_a_bad_first_segment_before_the_response(
+    enc_s3_corpus: Corpus,
+) -> None:
+    """The first segment is verified when the body is opened: a first instance that fails
+    there gets the integrity error (naming the object), not a 200 that is then cut; a
+    later one cuts the response before any of it is sent."""
+    corpus = enc_s3_corpus
+    store = _encrypted(corpus)
+    for name in ("syn1", "syn2"):
+        location = corpus.locations[name]
+        layout = await store.layout(location.key)
+        assert layout.header is not None
+        raw = await _raw(store, location.key)
+        damaged = _flip_segment(raw, layout.header.length, 0)
+        info = await store.inner.write_stream(location.key, _chunks(damaged))
+        corpus.locations[name] = replace(location, etag=info.etag)
+    tapped = TappedEncrypted(store)
+    received = bytearray()
+    try:
+        served = replace_stores(corpus, tapped)
+        async with TestClient(TestServer(make_app(served))) as c:
+            async with c.get("/instances?names=syn1,syn0") as response:
+                problem = await response.json(content_type=None)
+            assert response.status == 500 and problem["error"] == "integrity-error", problem
+            assert corpus.locations["syn1"].key in problem["message"]
+            boundary = await _get_cut(c, "/instances?names=syn0,syn2", served, received)
+        assert served.outcomes == ["aborted"]
+    finally:
+        await tapped.close()
+    first, delimiter, second = bytes(received).partition(b"\r\n--" + boundary)
+    assert delimiter and OBJECTS["syn0"] in first
+    assert second.partition(b"\r\n\r\n")[2] == b"", "nothing of the damaged object"
+
+
 async def test_decrypting_relay_resumes_when_the_store_connection_drops(
     enc_s3_corpus: Corpus,
 ) -> None:
@@ -1384,7 +1418,7 @@ def test_parameter_parsers() -> None:
 
 
 def _flip_segment(data: bytes, header_length: int, segment: int) -> bytes:
-    pos = header_length + segment * (4096 + 16) + 100
+    pos = header_length + segment * (SEGMENT + TAG_SIZE) + 100
     return data[:pos] + bytes([data[pos] ^ 0x01]) + data[pos + 1 :]
 
 
