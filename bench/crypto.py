@@ -395,7 +395,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--study-mb", type=float, default=200, help="size of the study")
-    ap.add_argument("--rounds", type=int, default=5, help="retrieve rounds (medians)")
+    ap.add_argument("--rounds", type=int, default=7, help="retrieve rounds (medians)")
     ap.add_argument("--header-reads", type=int, default=200, help="64 KiB reads per store")
     ap.add_argument("--phi-patients", type=int, default=2000, help="patients of the PHI indexes")
     ap.add_argument("--phi-searches", type=int, default=200, help="searches per PHI index")
