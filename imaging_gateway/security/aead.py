@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import AEADDecryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 Bytes = bytes | bytearray | memoryview
@@ -84,10 +84,7 @@ class Aead:
         if len(data) < TAG_SIZE:
             raise InvalidTag
         view = memoryview(data)
-        dec = Cipher(
-            algorithms.SM4(self._key), modes.GCM(nonce, bytes(view[-TAG_SIZE:]))
-        ).decryptor()
-        dec.authenticate_additional_data(aad)
+        dec = self._sm4_decryptor(nonce, view, aad)
         # GCM's decryptor hands out plaintext before finalize() checks the tag; it is held
         # here and only returned once the tag has verified.
         body = dec.update(view[:-TAG_SIZE])
@@ -109,11 +106,16 @@ class Aead:
             self._aes.decrypt_into(nonce, data, aad, out)
             return size
         view = memoryview(data)
-        dec = Cipher(
-            algorithms.SM4(self._key), modes.GCM(nonce, bytes(view[-TAG_SIZE:]))
-        ).decryptor()
-        dec.authenticate_additional_data(aad)
+        dec = self._sm4_decryptor(nonce, view, aad)
         if size:
             dec.update_into(view[:-TAG_SIZE], out)
         dec.finalize()
         return size
+
+    def _sm4_decryptor(self, nonce: bytes, view: memoryview, aad: bytes) -> AEADDecryptionContext:
+        """An SM4-GCM decryptor for ciphertext || tag ``view``: its tag and ``aad`` given."""
+        dec = Cipher(
+            algorithms.SM4(self._key), modes.GCM(nonce, bytes(view[-TAG_SIZE:]))
+        ).decryptor()
+        dec.authenticate_additional_data(aad)
+        return dec
