@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import ENCODED_VR, read_dataset, read_partial, read_sequence
 from pydicom.multival import MultiValue
@@ -25,8 +25,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     PrivateTransferSyntaxes,
 )
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-from pydicom.values import convert_string, convert_UI
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
+from pydicom.values import convert_string, convert_UI, convert_value
 
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.records import (
@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_NATIONAL_ID_ISSUERS",
     "NeedMoreData",
     "NotParseable",
+    "decode_text_values",
     "parse_header",
 ]
 
@@ -1036,3 +1037,80 @@ def _national_id(
         return normalized
     read.warn("national-id-checksum-invalid")
     return None
+
+
+# ECMA-35 (ISO 2022) escape sequence: ESC, intermediate bytes, a final byte.
+_ESCAPE_SEQUENCE = re.compile("\x1b[\x20-\x2f]*[\x30-\x7e]?")
+_UTF8 = ["UTF8"]
+# The VRs whose values (0008,0005) applies to (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+
+
+def decode_text_values(ds: Dataset) -> None:
+    """Decode every text value of ``ds`` to Unicode in place, as the index decodes it.
+
+    For payloads that are UTF-8 whatever the object's character sets (DICOM JSON,
+    PS3.18 F.2; the Native DICOM Model, PS3.19 A.1): each SH, LO, ST, LT, UC, UT and PN
+    value, in sequence items too, is decoded with the character sets in force where it
+    stands ((0008,0005) of its dataset, else of the enclosing one, PS3.5 7.5.3), with
+    the index's decoder where pydicom's is wrong (ISO 2022 IR 58, whose G1 escape
+    sequences pydicom keeps in the text; GBK/GB18030 trail bytes that are backslashes),
+    and no escape sequence is left in any value. Every (0008,0005) then says
+    ``ISO_IR 192``, and the top level gets one if it had none. Elements pydicom cannot
+    convert are left as they are (the caller decides what to do with them).
+    Raises nothing.
+    """
+    marked: list[Dataset] = []
+    _decode_dataset(ds, _DEFAULT_ENCODINGS, marked)
+    for dataset in marked:
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+    if "SpecificCharacterSet" not in ds:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+
+
+def _decode_dataset(ds: Dataset, inherited: list[str], marked: list[Dataset]) -> None:
+    encodings = inherited
+    if _CHARSET in ds:
+        marked.append(ds)
+        try:
+            value = ds[_CHARSET].value
+            values = list(value) if isinstance(value, MultiValue) else [value or ""]
+            encodings = list(convert_encodings(values if len(values) > 1 else values[0]))
+        except Exception:  # noqa: S110 - unreadable: the enclosing sets stay in force
+            pass
+    for tag in list(ds.keys()):
+        try:
+            raw = ds.get_item(tag)
+            element = ds[tag]
+        except Exception:  # noqa: S112 - not convertible: left for the caller
+            continue
+        vr = element.VR
+        if vr == "SQ":
+            for item in element.value or []:
+                if isinstance(item, Dataset):
+                    _decode_dataset(item, encodings, marked)
+            continue
+        if vr not in _TEXT_VRS or element.value is None:
+            continue
+        value = element.value
+        if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+            text = _decode_raw(raw.value, encodings)
+            if text is not None:
+                # pydicom splits, strips and builds the PN objects as it always does,
+                # from the UTF-8 form of the text decoded here.
+                utf8 = raw._replace(value=text.encode("utf-8"), length=-1)
+                value = convert_value(vr, utf8, _UTF8)
+        value = _without_escapes(vr, value)
+        if value is not element.value:
+            ds[tag] = DataElement(tag, vr, value)
+
+
+def _without_escapes(vr: str, value: Any) -> Any:
+    """``value`` without ISO 2022 escape sequences (the same object when it has none)."""
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    texts = [str(v) for v in values]
+    if not any("\x1b" in text for text in texts):
+        return value
+    clean = [_ESCAPE_SEQUENCE.sub("", text) for text in texts]
+    out: list[Any] = [PersonName(t) if vr == "PN" else t for t in clean]
+    return out if len(out) > 1 else out[0]

@@ -186,6 +186,11 @@ _DT_RE = re.compile(
 _INT_RE = re.compile(r"[+-]?[0-9]{1,12}")
 _MAX_VALUE = 1024
 _PARAMETERS: Final[frozenset[str]] = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
+# Added to every result whatever the level (see dicom.dicomjson.to_dicom_json).
+_ALWAYS_RETURNED: Final[frozenset[str]] = frozenset({"RetrieveURL", "SpecificCharacterSet"})
+# Bounds on what a warning lists, so a long includefield cannot make a huge header.
+_MAX_NAMES = 20
+_MAX_NAME = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +483,24 @@ def _parse_match(path: tuple[str, ...], vr: str, raw: str, param: str) -> Attrib
     return AttributeMatch(path, vr, "single", value=raw)
 
 
+def _attribute_name(path: tuple[str, ...] | None, name: str) -> str:
+    """How a warning names an attribute: its keywords, or for a private tag the tag as
+    given; only keyword and tag characters, whatever the input held (a control
+    character in a header field would make the response unsendable)."""
+    if path is not None:
+        return ".".join(path)
+    return re.sub(r"[^A-Za-z0-9.]", "", name)[:_MAX_NAME] or "?"
+
+
+def _name_list(names: Iterable[str]) -> str:
+    """``a, b, c``, at most :data:`_MAX_NAMES` of them, then how many more."""
+    listed = list(names)
+    text = ", ".join(listed[:_MAX_NAMES])
+    if len(listed) > _MAX_NAMES:
+        text += f" and {len(listed) - _MAX_NAMES} more"
+    return text
+
+
 def _parse_int(value: str, param: str, *, minimum: int) -> int:
     if not re.fullmatch(r"[0-9]{1,10}", value):
         raise InvalidQuery(f"{param}: {value!r} is not a non-negative integer")
@@ -531,6 +554,9 @@ def parse_qido(
     offset: int | None = None
     warnings: list[str] = []
     ignored: list[str] = []
+    # includefield attributes that are not returned (PS3.18 8.3.4: never silently).
+    not_held: dict[str, None] = {}
+    other_level: dict[str, None] = {}
 
     for name, raw in _items(params):
         if name in _PARAMETERS:
@@ -542,11 +568,17 @@ def parse_qido(
                     if not item:
                         raise InvalidQuery("includefield: empty attribute in the list")
                     path, _vr = _attribute_path(item, "includefield")
-                    if path is None:
+                    spec = None if path is None else ATTRIBUTES.get(path[0])
+                    if path is None or spec is None:
+                        not_held[_attribute_name(path, item)] = None
                         continue
-                    spec = ATTRIBUTES.get(path[0])
-                    if spec is not None and _LEVEL_RANK[spec.level] <= rank:
+                    if len(path) > 1 and path[-1] not in SEQUENCE_ITEMS.get(path[0], ()):
+                        # The sequence is returned with the item attributes it holds.
+                        not_held[_attribute_name(path, item)] = None
+                    if _LEVEL_RANK[spec.level] <= rank:
                         include[path[0]] = None
+                    elif path[0] not in DEFAULT_RETURN[level] and path[0] not in _ALWAYS_RETURNED:
+                        other_level[path[0]] = None
                 continue
             if name in seen:
                 raise InvalidQuery(f"{name}: given more than once")
@@ -603,6 +635,16 @@ def parse_qido(
         warnings.append(
             "The following attributes are not supported as matching keys and were ignored: "
             + ", ".join(ignored)
+        )
+    if not_held:
+        warnings.append(
+            "includefield: not returned, this gateway's index does not hold them: "
+            + _name_list(not_held)
+        )
+    if other_level:
+        warnings.append(
+            f"includefield: not returned, not attributes of a {level} result: "
+            + _name_list(other_level)
         )
     if fuzzy and any(m.keyword == "ReferringPhysicianName" for m in matches):
         warnings.append(

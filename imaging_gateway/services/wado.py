@@ -55,6 +55,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
+from imaging_gateway.dicom.headers import decode_text_values
 from imaging_gateway.dicom.mediatypes import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -984,6 +985,8 @@ def _metadata_json(
 ) -> tuple[tuple[float, str, float, str], dict[str, Any]]:
     """One instance's DICOM JSON (PS3.18 F.2) with BulkDataURIs, and its sort key."""
     ds = header.dataset
+    # DICOM JSON is UTF-8 (PS3.18 F.2): text decoded with the instance's character sets.
+    decode_text_values(ds)
     paths: dict[int, str] = {}
     _element_paths(ds, "", paths)
 

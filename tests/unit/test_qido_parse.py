@@ -169,6 +169,34 @@ def test_unsupported_attributes_are_ignored_with_a_warning() -> None:
     assert "not supported" in q.warnings[0]
 
 
+def test_includefield_not_returned_is_named_in_a_warning() -> None:
+    q = parse_qido("study", MultiDict([
+        ("includefield", "Manufacturer,00180050,StudyDescription,BodyPartExamined"),
+        ("includefield", "RequestAttributesSequence.ScheduledProcedureStepDescription"),
+        ("includefield", "RetrieveURL,SpecificCharacterSet,InstanceAvailability,00091010"),
+    ]))
+    assert q.include == ("StudyDescription",)
+    assert q.warnings == (
+        "includefield: not returned, this gateway's index does not hold them: Manufacturer, "
+        "SliceThickness, RequestAttributesSequence.ScheduledProcedureStepDescription, 00091010",
+        "includefield: not returned, not attributes of a study result: BodyPartExamined, "
+        "RequestAttributesSequence",
+    )
+    # A sequence is returned with the item attributes the index holds; the others are named.
+    q = parse_qido("series", {"includefield": "00400275.ScheduledProcedureStepDescription"})
+    assert "RequestAttributesSequence" in q.include
+    assert q.warnings == ("includefield: not returned, this gateway's index does not hold them: "
+                          "RequestAttributesSequence.ScheduledProcedureStepDescription",)
+    # Held at the level searched, or returned anyway: no warning.
+    q = parse_qido("series", {"includefield": "BodyPartExamined,StudyDescription,RetrieveURL"})
+    assert q.warnings == () and "BodyPartExamined" in q.include
+    assert parse_qido("study", {"includefield": "all"}).warnings == ()
+    # A long list is cut, not echoed whole.
+    many = ",".join(f"{0x00091000 + n:08X}" for n in range(50))
+    (text,) = parse_qido("study", {"includefield": many}).warnings
+    assert text.endswith("00091013 and 30 more") and len(text) < 400
+
+
 def test_unknown_lowercase_parameters_are_ignored_with_a_warning() -> None:
     q = parse_qido("study", {"federated": "true", "PatientID": "1"})
     assert len(q.matches) == 1
