@@ -957,6 +957,8 @@ def _records(
     charset = read.strings(ds, "SpecificCharacterSet", _DEFAULT_ENCODINGS)
     encodings = read.encodings(ds, _DEFAULT_ENCODINGS)
     patient_id = read.text(ds, "PatientID", encodings) or ""
+    if not patient_id.strip():
+        patient_id = ""  # blank: no identity (PatientRecord.identified)
     issuer = read.text(ds, "IssuerOfPatientID", encodings)
     patient = PatientRecord(
         PatientID=patient_id,

@@ -134,11 +134,22 @@ def patient_key(header: ParsedHeader, store: str) -> str:
     """The index's key of the patient of ``header`` read from ``store``.
 
     A local PatientID is unique only within its issuer, else within the producing
-    institution, else (lacking both) within the store.
+    institution, else (lacking both) within the store. A study without a usable PatientID
+    (missing, empty or blank) gets a patient of its own, ``|study:<StudyInstanceUID>``:
+    nothing says two such studies are one person's, and merging them would show one
+    person's name on another's study and let a consent or break-glass for one open all.
+    That key never equals an identified one: their scope is never empty, so one that
+    starts with ``|`` has a second ``|`` before its PatientID, where a UID has none.
     """
     p = header.patient
+    if not p.identified:
+        return f"{UNIDENTIFIED_PREFIX}{header.study.StudyInstanceUID}"
     scope = p.IssuerOfPatientID or header.study.institution_code or f"store:{store}"
     return f"{scope}|{p.PatientID}"
+
+
+UNIDENTIFIED_PREFIX = "|study:"
+"""Start of the plain patient_key of a study's own patient (no usable PatientID)."""
 
 
 def stored_patient_key(header: ParsedHeader, store: str, phi: PhiCodec | None) -> str:
