@@ -31,7 +31,7 @@ from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.factory import open_store
 from imaging_gateway.sync.runner import SyncRunner
-from tests.factories import NATIONAL_ID, dataset_bytes, minimal_dataset
+from tests.factories import NATIONAL_ID, PYDICOM_DATA, dataset_bytes, minimal_dataset
 from tests.integration.test_sync_s3 import put, real_world_objects, settings_for
 from tests.support.seaweed import SeaweedServer
 
@@ -237,3 +237,40 @@ async def test_stow_of_an_instance_without_patient_id(synced: Synced) -> None:
                     studies.c.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.3001"
                 ).scalar_subquery()))).scalar_one()
     assert n == 1
+
+
+# --- 4. ACR-NEMA dates and times: indexed, matched and returned in the DICOM form ----------
+
+
+@pytest.mark.seaweedfs
+async def test_acr_nema_dates_and_times_are_matched_and_returned_normalized(
+    synced: Synced,
+) -> None:
+    legacy = pydicom.dcmread(PYDICOM_DATA / "test_files" / "ExplVR_BigEnd.dcm",
+                             stop_before_pixels=True)
+    assert (legacy.StudyDate, legacy.StudyTime) == ("1997.04.24", "14:04:38")
+    uid = str(legacy.StudyInstanceUID)
+
+    async def found(params: dict[str, str]) -> dict[str, Any]:
+        return {r.study_instance_uid: r.attributes for r in await synced.search(params)}
+
+    for params in ({"StudyDate": "19970424"}, {"StudyDate": "19970101-19971231"},
+                   {"StudyDate": "-19970424"}, {"StudyDate": "19970424-"},
+                   {"StudyTime": "1404"}, {"StudyTime": "1400-1405"},
+                   {"StudyDate": "19970424", "StudyTime": "140438"}):
+        results = await found(params)
+        assert uid in results, params
+        assert (results[uid]["StudyDate"], results[uid]["StudyTime"]) == ("19970424", "140438")
+    for params in ({"StudyDate": "19970425-"}, {"StudyDate": "-19970423"},
+                   {"StudyTime": "1405-"}):
+        assert uid not in await found(params), params
+
+    # WADO-RS metadata gives the values in the same form.
+    located = await synced.gate.locate(AccessContext(hospital(OWNER), now=NOW),
+                                       action="metadata", study_uid=uid)
+    documents = await retrieve_metadata(located, {"s3": synced.store},
+                                        bulkdata_base=lambda _: "http://gateway/bulk")
+    assert documents
+    for document in documents:
+        assert document["00080020"] == {"vr": "DA", "Value": ["19970424"]}
+        assert document["00080030"] == {"vr": "TM", "Value": ["140438"]}
