@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from imaging_gateway.domain.records import (
@@ -15,6 +17,10 @@ from imaging_gateway.domain.records import (
 )
 from imaging_gateway.index.schema import conflicts, instances, patients, studies
 from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex
+from imaging_gateway.security.aead import Suite
+from imaging_gateway.security.keyring import FileKeyring
+from imaging_gateway.security.phi import PhiCodec
+from imaging_gateway.settings import IndexSettings
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -230,3 +236,45 @@ async def test_migration_0007_splits_patients_merged_for_lack_of_a_patient_id(
             .join(patients, patients.c.id == studies.c.patient_id))).all())
     assert again == {"1.2.5": "Li^Na", "1.2.6": "Zhou^Yu", "1.2.7": "Sun^Li",
                      "1.2.8": "Qian^Ke", "1.2.9": "Wang^Wei=王^伟"}
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_an_object_without_patient_id_leaves_its_study_with_its_patient(
+    index_url: str, tmp_path: Path, encrypted: bool
+) -> None:
+    """A report or secondary capture without PatientID in a study of an identified patient
+    keeps the study that patient's, whether they arrive in one page or in two, in either
+    order; a study with no identified object at all has a patient of its own."""
+    phi = None
+    if encrypted:
+        ring = FileKeyring.create(tmp_path / "keyring.json", setting="encryption.keyring_file",
+                                  key_id="gateway-110000", suite=Suite.AES_256_GCM)
+        phi = PhiCodec(ring)
+    index = await SqlIndex.open(IndexSettings(url=index_url), phi=phi)
+    try:
+        job = await index.create_job("s1", "full")
+        # 1.2.3: identified, then a report without PatientID in a later page.
+        await apply(index, job.id, indexed=[obj("a/1.dcm")], cursor="a/1.dcm")
+        await apply(index, job.id, indexed=[
+            obj("a/2.dcm", series="1.2.3.9", patient="", name="Report^Only"),
+            # 1.2.4: the object without PatientID first in key order, in one page.
+            obj("b/1.dcm", study="1.2.4", series="1.2.4.9", patient="", name=None),
+            obj("b/2.dcm", study="1.2.4", series="1.2.4.1", patient="MRN2", name="Li^Lei"),
+            # 1.2.5: identified object last... and 1.2.6 has no identified object at all.
+            obj("c/1.dcm", study="1.2.5", series="1.2.5.1", patient="MRN2", name="Li^Lei"),
+            obj("c/2.dcm", study="1.2.5", series="1.2.5.9", patient=" ", name=None),
+            obj("d/1.dcm", study="1.2.6", series="1.2.6.1", patient="", name="Zhou^Yu"),
+        ], cursor="d/1.dcm")
+        async with index.engine.connect() as conn:
+            owner = dict((await conn.execute(
+                sa.select(studies.c.StudyInstanceUID, patients.c.patient_key)
+                .join(patients, patients.c.id == studies.c.patient_id))).all())
+        key = (lambda k: k) if phi is None else phi.patient_key
+        assert owner == {
+            "1.2.3": key("H11010800028|MRN1"),
+            "1.2.4": key("H11010800028|MRN2"),
+            "1.2.5": key("H11010800028|MRN2"),
+            "1.2.6": key("|study:1.2.6"),
+        }
+    finally:
+        await index.close()
