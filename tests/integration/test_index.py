@@ -278,3 +278,44 @@ async def test_an_object_without_patient_id_leaves_its_study_with_its_patient(
         }
     finally:
         await index.close()
+
+
+async def test_a_full_sync_splits_an_encrypted_index_merged_before_0007(
+    index_url: str, tmp_path: Path
+) -> None:
+    """Migration 0007 cannot see a sealed blank PatientID; the next full sync moves each
+    study without PatientID from the merged patient to a patient of its own."""
+    from imaging_gateway.index.sql import patient_cells
+
+    ring = FileKeyring.create(tmp_path / "keyring.json", setting="encryption.keyring_file",
+                              key_id="gateway-110000", suite=Suite.AES_256_GCM)
+    phi = PhiCodec(ring)
+    index = await SqlIndex.open(IndexSettings(url=index_url), phi=phi)
+    try:
+        page = [obj("a/1.dcm", study="1.2.5", series="1.2.5.1", patient="", name="Li^Na"),
+                obj("a/2.dcm", study="1.2.6", series="1.2.6.1", patient="", name="Zhou^Yu")]
+        job = await index.create_job("s1", "full")
+        await apply(index, job.id, indexed=page, cursor="a/2.dcm")
+        # As an index before 0007 held them: one patient "H11010800028|" for both.
+        merged_key = phi.patient_key("H11010800028|")
+        async with index.engine.begin() as conn:
+            ids = dict((await conn.execute(sa.select(studies.c.StudyInstanceUID,
+                                                     studies.c.patient_id))).all())
+            cells = patient_cells(phi, merged_key, {
+                "PatientID": "", "PatientName": "Zhou^Yu", "PatientBirthDate": "19800101",
+                "national_id": None})
+            await conn.execute(patients.update().where(patients.c.id == ids["1.2.5"])
+                               .values(patient_key=merged_key, **cells))
+            await conn.execute(studies.update().where(studies.c.StudyInstanceUID == "1.2.6")
+                               .values(patient_id=ids["1.2.5"]))
+            await conn.execute(patients.delete().where(patients.c.id == ids["1.2.6"]))
+        job = await index.create_job("s1", "full")
+        await apply(index, job.id, indexed=page, cursor="a/2.dcm")
+        async with index.engine.connect() as conn:
+            owner = dict((await conn.execute(
+                sa.select(studies.c.StudyInstanceUID, patients.c.patient_key)
+                .join(patients, patients.c.id == studies.c.patient_id))).all())
+        assert owner == {"1.2.5": phi.patient_key("|study:1.2.5"),
+                         "1.2.6": phi.patient_key("|study:1.2.6")}
+    finally:
+        await index.close()
