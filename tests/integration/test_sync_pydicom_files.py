@@ -172,8 +172,6 @@ async def test_studies_without_patient_id_are_not_merged(synced: Synced) -> None
     tokens = {synced.gate.tokens.for_patient(results[u].national_id, results[u].patient_key)
               for u in anonymous}
     assert len(tokens) == len(anonymous)
-    # An empty or blank PatientID matches nobody's study in particular.
-    assert not await synced.search({"PatientID": " "})
 
 
 @pytest.mark.seaweedfs
