@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import datetime
 import io
 import re
 import struct
@@ -29,6 +28,7 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 from pydicom.values import convert_string, convert_UI, convert_value
 
 from imaging_gateway.dicom.national_id import is_valid_resident_id
+from imaging_gateway.dicom.temporal import normalize_date, normalize_time
 from imaging_gateway.domain.records import (
     InstanceRecord,
     ParsedHeader,
@@ -61,9 +61,6 @@ _LOOKAHEAD = 12
 # PS3.5 9.1: UIDs are dot-separated digit components, at most 64 characters.
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _UID_MAX = 64
-_DATE_RE = re.compile(r"[0-9]{8}")
-# PS3.5 6.2 TM: HH[MM[SS[.F{1,6}]]]
-_TIME_RE = re.compile(r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?")
 # pydicom 3.0 decodes ISO 2022 IR 58 fragments with Python's gb2312 codec, which keeps
 # the G1 designation escape (PS3.5 6.1.2.5.3, Annex K.2) in the text: strip it.
 _IR58_ESCAPE = "\x1b$)A"
@@ -788,27 +785,26 @@ class _Reader:
         return "\\".join(_normalize_pn(part) for part in parts).strip("\\") or None
 
     def date(self, ds: _Dataset, keyword: str) -> str | None:
+        """A DA value as ``YYYYMMDD`` (ACR-NEMA ``YYYY.MM.DD`` too); None with a warning
+        when it is not a calendar date."""
         text = self.text(ds, keyword, _DEFAULT_ENCODINGS)
         if text is None:
             return None
-        if _DATE_RE.fullmatch(text):
-            try:
-                datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
-            except ValueError:
-                pass
-            else:
-                return text
-        self.warn(f"invalid-date: {keyword}")
-        return None
+        date = normalize_date(text)
+        if date is None:
+            self.warn(f"invalid-date: {keyword}")
+        return date
 
     def time(self, ds: _Dataset, keyword: str) -> str | None:
+        """A TM value as ``HH[MM[SS[.F]]]`` (ACR-NEMA ``HH:MM:SS.F`` too); None with a
+        warning when it is not a time of day."""
         text = self.text(ds, keyword, _DEFAULT_ENCODINGS)
         if text is None:
             return None
-        if _TIME_RE.fullmatch(text):
-            return text
-        self.warn(f"invalid-time: {keyword}")
-        return None
+        time = normalize_time(text)
+        if time is None:
+            self.warn(f"invalid-time: {keyword}")
+        return time
 
     def integer_string(self, ds: _Dataset, keyword: str) -> int | None:
         """An IS value (PS3.5 6.2); None with a warning when it is not one integer."""
@@ -958,6 +954,8 @@ def _records(
     charset = read.strings(ds, "SpecificCharacterSet", _DEFAULT_ENCODINGS)
     encodings = read.encodings(ds, _DEFAULT_ENCODINGS)
     patient_id = read.text(ds, "PatientID", encodings) or ""
+    if not patient_id.strip():
+        patient_id = ""  # blank: no identity (PatientRecord.identified)
     issuer = read.text(ds, "IssuerOfPatientID", encodings)
     patient = PatientRecord(
         PatientID=patient_id,

@@ -18,6 +18,16 @@ class PatientRecord:
     national_id: str | None = None
     """GB 11643 resident identity number, present only when its checksum is valid."""
 
+    @property
+    def identified(self) -> bool:
+        """Whether PatientID names a patient: present and not empty or blank.
+
+        Without one nothing ties this object to any other object's patient (PS3.3
+        C.7.1.1: PatientID is type 2, so it may be empty); the index then gives each
+        study a patient of its own.
+        """
+        return bool(self.PatientID.strip())
+
 
 @dataclass(frozen=True, slots=True)
 class StudyRecord:

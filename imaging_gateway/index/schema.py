@@ -28,6 +28,7 @@ patients = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     # Local PatientIDs are only unique within their issuer (or, lacking one, the hospital).
+    # A study without a usable PatientID has a patient of its own (0007, sql.patient_key).
     Column("patient_key", String(200), nullable=False, unique=True),
     Column("PatientID", Text, nullable=False),  # Text since 0006 (sealed cells)
     Column("IssuerOfPatientID", String(64)),

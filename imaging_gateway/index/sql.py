@@ -134,11 +134,22 @@ def patient_key(header: ParsedHeader, store: str) -> str:
     """The index's key of the patient of ``header`` read from ``store``.
 
     A local PatientID is unique only within its issuer, else within the producing
-    institution, else (lacking both) within the store.
+    institution, else (lacking both) within the store. A study without a usable PatientID
+    (missing, empty or blank) gets a patient of its own, ``|study:<StudyInstanceUID>``:
+    nothing says two such studies are one person's, and merging them would show one
+    person's name on another's study and let a consent or break-glass for one open all.
+    That key never equals an identified one: their scope is never empty, so one that
+    starts with ``|`` has a second ``|`` before its PatientID, where a UID has none.
     """
     p = header.patient
+    if not p.identified:
+        return f"{UNIDENTIFIED_PREFIX}{header.study.StudyInstanceUID}"
     scope = p.IssuerOfPatientID or header.study.institution_code or f"store:{store}"
     return f"{scope}|{p.PatientID}"
+
+
+UNIDENTIFIED_PREFIX = "|study:"
+"""Start of the plain patient_key of a study's own patient (no usable PatientID)."""
 
 
 def stored_patient_key(header: ParsedHeader, store: str, phi: PhiCodec | None) -> str:
@@ -725,10 +736,25 @@ class SqlIndex:
         series_rows: dict[str, dict[str, Any]] = {}
         pkey_of: dict[str, str] = {}
         phi = self.phi
+        # A study an object names an identified patient for stays that patient's: an object
+        # of it without a usable PatientID (a report, a secondary capture) does not take it
+        # to a patient of its own (patient_key), whether the study's identified object is
+        # in this page (the last one in key order) or already indexed.
+        named: dict[str, str] = {}
+        for o in in_key_order:
+            pkey_of[o.key] = stored_patient_key(o.header, store, phi)
+            if o.header.patient.identified:
+                named[o.header.study.StudyInstanceUID] = pkey_of[o.key]
+        anonymous = {
+            o.header.study.StudyInstanceUID for o in in_key_order if not o.header.patient.identified
+        }
+        held = await self._identified_patients(conn, sorted(anonymous - set(named)))
         for o in in_key_order:
             p = o.header.patient
-            pkey = stored_patient_key(o.header, store, phi)
-            pkey_of[o.key] = pkey
+            uid = o.header.study.StudyInstanceUID
+            if not p.identified and (uid in named or uid in held):
+                continue
+            pkey = pkey_of[o.key]
             row: dict[str, Any] = {
                 "patient_key": pkey,
                 "PatientID": p.PatientID,
@@ -744,9 +770,17 @@ class SqlIndex:
         patient_ids = await self._upsert_rows(conn, patients, "patient_key", pat_rows)
         for o in in_key_order:
             s = o.header.study
+            if o.header.patient.identified:
+                patient_id = patient_ids[pkey_of[o.key]]
+            elif s.StudyInstanceUID in named:
+                patient_id = patient_ids[named[s.StudyInstanceUID]]
+            elif s.StudyInstanceUID in held:
+                patient_id = held[s.StudyInstanceUID]
+            else:
+                patient_id = patient_ids[pkey_of[o.key]]
             study_rows[s.StudyInstanceUID] = {
                 "StudyInstanceUID": s.StudyInstanceUID,
-                "patient_id": patient_ids[pkey_of[o.key]],
+                "patient_id": patient_id,
                 "StudyDate": s.StudyDate,
                 "StudyTime": s.StudyTime,
                 "AccessionNumber": s.AccessionNumber,
@@ -831,6 +865,28 @@ class SqlIndex:
         )
         await conn.execute(stmt, inst_rows)
         return old_series - set(series_ids.values()), set(study_ids.values())
+
+    async def _identified_patients(
+        self, conn: AsyncConnection, study_uids: Sequence[str]
+    ) -> dict[str, int]:
+        """StudyInstanceUID -> patient row id, of those studies indexed under a patient with
+        a usable PatientID (a sealed one compared by its blind index)."""
+        if not study_uids:
+            return {}
+        if self.phi is None:
+            usable = sa.func.trim(patients.c.PatientID) != ""
+        else:
+            blank = self.phi.blind("", column="patients.PatientID")
+            usable = patients.c.PatientID_bidx != blank
+        out: dict[str, int] = {}
+        for chunk in _chunks(study_uids):
+            q = (
+                sa.select(studies.c.StudyInstanceUID, studies.c.patient_id)
+                .join(patients, patients.c.id == studies.c.patient_id)
+                .where(studies.c.StudyInstanceUID.in_(chunk), usable)
+            )
+            out.update({uid: pid for uid, pid in (await conn.execute(q)).all()})
+        return out
 
     async def _record_conflicts(
         self, conn: AsyncConnection, store: str, items: Sequence[IndexedObject], now: datetime

@@ -67,6 +67,7 @@ from imaging_gateway.dicom.mediatypes import (
     select_rendered,
     select_thumbnail,
 )
+from imaging_gateway.dicom.temporal import normalize_dicom_json
 from imaging_gateway.dicom.transcode import (
     can_decode,
     convert_frame,
@@ -1010,6 +1011,8 @@ def _metadata_json(
         out[key] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{key}"}
     # The stored transfer syntax, the attribute QIDO-RS instance results use for it.
     out.setdefault("00083002", {"vr": "UI", "Value": [header.transfer_syntax]})
+    # Dates and times as QIDO-RS returns them: ACR-NEMA forms in the DICOM form (PS3.5 6.2).
+    normalize_dicom_json(out)
     series_number = _int_value(ds, "SeriesNumber")
     instance_number = instance.InstanceNumber
     if instance_number is None:

@@ -39,14 +39,25 @@ async def put(store: object, key: str, data: bytes) -> None:
     await store.write_stream(key, body())  # type: ignore[attr-defined]
 
 
-def settings_for(tmp_path: Path, weed: SeaweedServer, bucket: str, kind: str) -> Settings:
+def settings_for(
+    tmp_path: Path,
+    weed: SeaweedServer,
+    bucket: str,
+    kind: str,
+    *,
+    index_url: str | None = None,
+    store_extra: str = "",
+) -> Settings:
+    """Settings syncing ``bucket`` as store "s3" (SQLite index unless ``index_url``);
+    ``store_extra`` adds TOML lines to the store's table."""
     cfg = tmp_path / "gateway.toml"
+    index_url = index_url or f"sqlite:///{tmp_path / 'index.sqlite3'}"
     cfg.write_text(
         f"""
 [gateway]
 data_dir = "data"
 [index]
-url = "sqlite:///{tmp_path / "index.sqlite3"}"
+url = "{index_url}"
 [sync]
 page_size = 10
 [[stores]]
@@ -56,7 +67,7 @@ endpoint = "{weed.endpoint}"
 bucket = "{bucket}"
 access_key_env = "AK"
 secret_key_env = "SK"
-""",
+{store_extra}""",
         encoding="utf-8",
     )
     return load_settings(cfg, environ={"AK": weed.access_key, "SK": weed.secret_key})

@@ -17,6 +17,7 @@ from pydicom.uid import (
 )
 
 from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
+from imaging_gateway.dicom.temporal import normalize_date, normalize_dicom_json, normalize_time
 from imaging_gateway.domain.records import ParsedHeader
 from tests.factories import (
     NATIONAL_ID,
@@ -215,6 +216,84 @@ def test_malformed_optional_fields_become_warnings_without_values() -> None:
     }
     for value in ("2025", "8:30", "1949", "2A"):
         assert all(value not in warning for warning in header.warnings)
+
+
+def test_acr_nema_dates_and_times_are_read_in_the_dicom_form() -> None:
+    """PS3.5 6.2: readers accept the ACR-NEMA 300 forms YYYY.MM.DD and HH:MM:SS.frac;
+    the records hold the DICOM form (what QIDO-RS matches and returns)."""
+    # pydicom's own file: StudyDate 1997.04.24, StudyTime 14:04:38.
+    header = parse_header(pydicom_file("ExplVR_BigEnd.dcm"), complete=True)
+    assert (header.study.StudyDate, header.study.StudyTime) == ("19970424", "140438")
+    assert not [w for w in header.warnings if w.startswith(("invalid-date", "invalid-time"))]
+    raw = with_values(
+        minimal_dataset(),
+        {
+            0x00080020: ("DA", "1993.08.22"),  # StudyDate
+            0x00080030: ("TM", "07:09:07.0705"),  # StudyTime
+            0x00080021: ("DA", "1993.02.29"),  # SeriesDate: no such day
+            0x00100030: ("DA", "1949.12.31"),  # PatientBirthDate
+        },
+    )
+    header = parse_header(raw, complete=True)
+    assert (header.study.StudyDate, header.study.StudyTime) == ("19930822", "070907.0705")
+    assert header.patient.PatientBirthDate == "19491231"
+    assert header.series.SeriesDate is None
+    assert header.warnings == ("invalid-date: SeriesDate",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("19930822", "19930822"),
+        ("1993.08.22", "19930822"),
+        ("1993.0822", None),
+        ("1993-08-22", None),
+        ("1993.02.30", None),
+        ("199308", None),
+    ],
+)
+def test_normalize_date(value: str, expected: str | None) -> None:
+    assert normalize_date(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("070907.0705", "070907.0705"),
+        ("07:09:07.0705", "070907.0705"),
+        ("07:09:07", "070907"),
+        ("07:09", "0709"),
+        ("07", "07"),
+        ("235960", "235960"),
+        ("0709:07", None),
+        ("07:0907", None),
+        ("7:09", None),
+        ("24:00", None),
+        ("0760", None),
+        ("070907.", None),
+        ("07:09:07.1234567", None),
+    ],
+)
+def test_normalize_time(value: str, expected: str | None) -> None:
+    assert normalize_time(value) == expected
+
+
+def test_normalize_dicom_json_rewrites_dates_and_times_in_sequences_too() -> None:
+    dataset = {
+        "00080020": {"vr": "DA", "Value": ["1997.04.24"]},
+        "00080030": {"vr": "TM", "Value": ["14:04:38", "not a time"]},
+        "00081111": {"vr": "SQ", "Value": [{"00080021": {"vr": "DA", "Value": ["2001.02.03"]}}]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "1997.04.24"}]},
+        "00080023": {"vr": "DA"},
+    }
+    normalize_dicom_json(dataset)
+    assert dataset == {
+        "00080020": {"vr": "DA", "Value": ["19970424"]},
+        "00080030": {"vr": "TM", "Value": ["140438", "not a time"]},
+        "00081111": {"vr": "SQ", "Value": [{"00080021": {"vr": "DA", "Value": ["20010203"]}}]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "1997.04.24"}]},
+        "00080023": {"vr": "DA"},
+    }
 
 
 def national_id_dataset(number: str, issuer: str = "CN-RESIDENT-ID") -> Dataset:
