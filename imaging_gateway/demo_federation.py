@@ -98,17 +98,33 @@ def set_up(
     """
     from imaging_gateway.demo import index_demo
 
+    directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
     load_or_create_secret(
         directory / "patient-token.key", setting="security.patient_token_key_file"
     )
     ports = {p: port + n for n, p in enumerate(PROVINCES)}
     out: list[DemoProvince] = []
-    for province in PROVINCES:
+    configs: dict[str, Path] = {}
+    for province, name in PROVINCES.items():
         d = directory / province
         d.mkdir(exist_ok=True)
+        peers = "".join(
+            PEER.format(province=p, name=n, host=host, port=ports[p])
+            for p, n in PROVINCES.items()
+            if p != province
+        )
+        config = configs[province] = d / "gateway.toml"
+        config.write_text(
+            CONFIG.format(province=province, name=name, host=host, port=ports[province],
+                          peers=peers),
+            encoding="utf-8",
+        )
+        # The signing key where the province's settings look for it; its public half
+        # where the peers' configs name it.
         key = load_or_create_signing_key(
-            d / "keys" / "federation-signing.pem", setting="federation.signing_key_file"
+            load_settings(config).federation.signing_key_file,
+            setting="federation.signing_key_file",
         )
         (d / "federation-public.pem").write_bytes(
             key.public_key().public_bytes(
@@ -119,22 +135,9 @@ def set_up(
         seed=2026, patients=patients, studies_per_patient=3,
         instances_per_series=instances_per_series,
     ))
-    for province, name in PROVINCES.items():
+    for province in PROVINCES:
         d = directory / province
-        peers = "".join(
-            PEER.format(province=p, name=n, host=host, port=ports[p])
-            for p, n in PROVINCES.items()
-            if p != province
-        )
-        config = d / "gateway.toml"
-        config.write_text(
-            CONFIG.format(province=province, name=name, host=host, port=ports[province],
-                          peers=peers),
-            encoding="utf-8",
-        )
-        # The federation signing key lives where the config says by default.
-        default_key = d / "keys" / "federation-signing.pem"
-        assert load_settings(config).federation.signing_key_file == default_key
+        config = configs[province]
         store = d / "store"
         for inst in instances:
             if inst.hospital.province == province:
