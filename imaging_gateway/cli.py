@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
             )
         settings = load_settings(args.config)
+        prepare_data_dir(settings)
         if args.command == "serve":
             return _serve(settings)
         if args.command == "tokens":
@@ -247,6 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imaging-gateway: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create ``gateway.data_dir`` (the gateway's own folder) and check it takes files.
+
+    Raises ``ConfigError`` naming ``gateway.data_dir`` and the cause when it cannot be
+    created or written (a path under a regular file, a read-only mount, no permission).
+    """
+    path = settings.gateway.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "gateway.data_dir", f"cannot create or write {path}: {exc.strerror or exc}"
+        ) from None
 
 
 def _serve(settings: Settings) -> int:
@@ -270,14 +291,26 @@ def _serve(settings: Settings) -> int:
         log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        access_log_class=SafeAccessLogger,
-        print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            ssl_context=ssl_context,
+            access_log_class=SafeAccessLogger,
+            print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
+        )
+    except OSError as exc:
+        # Binding the listening socket is the only OSError run_app lets out on purpose.
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                "gateway.listen", f"{host}:{port} is already in use (another process listens there)"
+            ) from None
+        if exc.errno in {errno.EADDRNOTAVAIL, errno.EACCES}:
+            raise ConfigError(
+                "gateway.listen", f"cannot listen on {host}:{port}: {os.strerror(exc.errno)}"
+            ) from None
+        raise
     return 0
 
 

@@ -106,6 +106,9 @@ class IndexSettings:
     """``sqlite:///path`` or ``postgresql://user@host:port/db`` (no password in the URL)."""
     password: str | None = field(default=None, repr=False)
     echo: bool = False
+    create_folder: bool = False
+    """Create a missing folder of the SQLite file: only for one in ``gateway.data_dir``,
+    which the gateway owns; elsewhere a missing folder is a wrong ``index.url``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,12 +528,19 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     i = _Section("index", raw.get("index", {}))
     url = i.str_("url", f"sqlite:///{data_dir / 'index.sqlite3'}")
     parts = urlsplit(url)
+    create_folder = False
     if parts.scheme == "sqlite":
         if not url.startswith("sqlite:///"):
             raise ConfigError("index.url", "expected sqlite:///PATH")
+        if i.opt_str("password_env") is not None:
+            raise ConfigError(
+                "index.password_env", "only for a postgresql:// index.url; SQLite has no password"
+            )
         db_path = url[len("sqlite:///") :]
         if db_path != ":memory:":
-            url = f"sqlite:///{_path(base, db_path)}"
+            db_file = _path(base, db_path)
+            url = f"sqlite:///{db_file}"
+            create_folder = db_file.parent == data_dir
     elif parts.scheme in {"postgresql", "postgres"}:
         if parts.password:
             raise ConfigError(
@@ -539,7 +549,10 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     else:
         raise ConfigError("index.url", f"expected sqlite:///... or postgresql://..., got {url!r}")
     index = IndexSettings(
-        url=url, password=i.secret_from_env("password", env), echo=i.bool_("echo", False)
+        url=url,
+        password=i.secret_from_env("password", env),
+        echo=i.bool_("echo", False),
+        create_folder=create_folder,
     )
     i.finish()
 

@@ -203,6 +203,47 @@ def async_url(url: str, password: str | None) -> URL:
     return u
 
 
+def _sqlite_folder(folder: Path, *, create: bool) -> None:
+    """Make sure the SQLite file's folder exists; create it only when the gateway owns it.
+
+    Raises ``ConfigError`` naming ``index.url`` when the folder is missing (and not
+    ours to create) or cannot be created: a mistyped path must not become a new, empty
+    index in a folder nobody asked for.
+    """
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                "index.url", f"cannot create the folder {folder}: {exc.strerror or exc}"
+            ) from None
+    elif not folder.is_dir():
+        raise ConfigError(
+            "index.url", f"the folder {folder} does not exist (create it, or correct the path)"
+        )
+
+
+# SQLSTATE classes 28 (invalid authorization) and 3D000 (no such database): the server
+# answered and refused, which a retry or a network fix will not cure.
+_REFUSALS = {
+    "28000": "authentication refused: the role does not exist or may not log in",
+    "28P01": "authentication refused: wrong password (index.password_env)",
+    "3D000": "the database does not exist",
+}
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """What a PostgreSQL server's refusal to let us in says, or None if it is not one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None) or getattr(getattr(seen, "orig", None),
+                                                           "sqlstate", None)
+        if isinstance(state, str) and state in _REFUSALS:
+            return _REFUSALS[state]
+        seen = seen.__cause__
+    return None
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -255,7 +296,7 @@ class SqlIndex:
         kwargs: dict[str, Any] = {"echo": settings.echo}
         if url.drivername.startswith("sqlite"):
             if url.database and url.database != ":memory:":
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+                _sqlite_folder(Path(url.database).parent, create=settings.create_folder)
             # SQLite has one writer; a few connections (each with its page cache and
             # thread) are all a sync job can use, and they bound memory.
             kwargs.update(pool_size=3, max_overflow=2)
@@ -294,6 +335,9 @@ class SqlIndex:
         except (OperationalError, DBAPIError, OSError) as exc:
             await index.close()
             where = url.render_as_string(hide_password=True)
+            refused = _refusal(exc)
+            if refused is not None:
+                raise ConfigError("index.url", f"{where}: {refused}") from exc
             raise IndexUnavailable(
                 f"index database {where} unreachable: {exc.__class__.__name__}"
             ) from exc

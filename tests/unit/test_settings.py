@@ -209,7 +209,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     text = example.read_text(encoding="utf-8")
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
     internal = {"listen_host", "listen_port", "access_key", "secret_key", "password",
-                "credential", "peers"}
+                "credential", "peers", "create_folder"}
     for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
                 mod.SecuritySettings, mod.TlsSettings, mod.EncryptionSettings,
                 mod.FederationSettings, mod.PeerSettings):
