@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config_again])
     jobs.add_argument("--store", default=None)
     jobs.add_argument("--json", action="store_true")
+    quar = isub.add_parser(
+        "quarantine", help="objects a sync could not index, with the reason",
+        parents=[config_again],
+    )
+    quar.add_argument("--store", default=None, help="only this store's")
+    quar.add_argument("--json", action="store_true", help="a JSON array")
 
     t = cmd("tokens", "bearer tokens")
     tsub = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
@@ -387,10 +393,35 @@ async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
                         f"{j['id']}  {j['store']:<16} {j['mode']:<11} {j['status']:<11} "
                         f"{j['created_at']}  {j['counters']}"
                     )
+        elif args.index_command == "quarantine":
+            await _quarantine(index, store=args.store, as_json=args.json)
         # "migrate" needs nothing more: opening the index migrated it.
         return 0
     finally:
         await index.close()
+
+
+async def _quarantine(index: Any, *, store: str | None, as_json: bool) -> None:
+    """Print every quarantined object (store, key, reason, last seen), page by page."""
+    after: tuple[str, str] | None = None
+    first = True
+    if as_json:
+        print("[", end="")
+    while True:
+        page = await index.list_quarantine(store=store, after=after, limit=1000)
+        for entry in page:
+            if as_json:
+                print(("\n  " if first else ",\n  ")
+                      + json.dumps(entry.as_json(), ensure_ascii=False), end="")
+            else:
+                print(f"{entry.store}  {entry.key}  {entry.reason}  "
+                      f"(last seen {entry.last_seen.isoformat()})")
+            first = False
+        if len(page) < 1000:
+            break
+        after = (page[-1].store, page[-1].key)
+    if as_json:
+        print("\n]" if not first else "]")
 
 
 async def _seal_index(index: Any, args: argparse.Namespace) -> int:

@@ -117,6 +117,30 @@ class SyncJob:
 JOB_OPEN_STATES = ("running", "interrupted", "failed")
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """An object a sync job could not index, and why (``reason``: code and detail)."""
+
+    store: str
+    key: str
+    etag: str
+    size: int
+    reason: str
+    first_seen: datetime
+    last_seen: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "key": self.key,
+            "etag": self.etag,
+            "size": self.size,
+            "reason": self.reason,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
 # Rows per IN (...) list: well under SQLite's and asyncpg's bound-parameter limits.
 IN_CHUNK = 900
 
@@ -1001,6 +1025,41 @@ class SqlIndex:
             q = q.where(sync_jobs.c.store == store)
         async with self.engine.connect() as conn:
             return [self._job(r) for r in (await conn.execute(q)).all()]
+
+    async def list_quarantine(
+        self, *, store: str | None = None, after: tuple[str, str] | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        """Quarantined objects in (store, key) order, the first ``limit`` after ``after``.
+
+        Keyset paging on the primary key: pass the (store, key) of a page's last entry
+        to get the next page; entries added or removed meanwhile shift nothing. Raises
+        ``IndexUnavailable`` as every query does.
+        """
+        q = sa.select(quarantine).order_by(quarantine.c.store, quarantine.c.key).limit(limit)
+        if store is not None:
+            q = q.where(quarantine.c.store == store)
+        if after is not None:
+            after_store, after_key = after
+            q = q.where(
+                sa.or_(
+                    quarantine.c.store > after_store,
+                    sa.and_(quarantine.c.store == after_store, quarantine.c.key > after_key),
+                )
+            )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        out: list[QuarantineEntry] = []
+        for row in rows:
+            m = row._mapping
+            first, last = _aware(m["first_seen"]), _aware(m["last_seen"])
+            assert first is not None and last is not None  # NOT NULL columns
+            out.append(
+                QuarantineEntry(
+                    store=m["store"], key=m["key"], etag=m["etag"], size=int(m["size"]),
+                    reason=m["reason"], first_seen=first, last_seen=last,
+                )
+            )
+        return out
 
     async def open_job(self, store: str) -> SyncJob | None:
         """The newest unfinished job of ``store`` (running when killed, interrupted or failed)."""
