@@ -100,10 +100,9 @@ def set_up(
     Raises ``ConfigError`` from the settings of a config that was edited wrongly, and
     ``RuntimeError`` when no patient has studies in two provinces.
     """
-    from imaging_gateway.demo import index_demo
+    from imaging_gateway.demo import index_demo, make_demo_dir
 
-    directory = directory.absolute()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_demo_dir(directory)
     load_or_create_secret(
         directory / "patient-token.key", setting="security.patient_token_key_file"
     )

@@ -192,6 +192,11 @@ def test_unusable_data_dir_is_one_line(tmp_path: Path) -> None:
                    encoding="utf-8")
     for args in (("index", "stats"), ("serve",), ("tokens", "issue", "--role", "admin")):
         _one_line_exit_2(cli(cfg, *args, check=False), "gateway.data_dir", "afile")
+    demo = subprocess.run(
+        [sys.executable, "-m", "imaging_gateway", "demo", "--dir", str(tmp_path / "afile" / "d"),
+         "--patients", "1", "--no-serve"], capture_output=True, text=True, timeout=300,
+    )
+    _one_line_exit_2(demo, "--dir", "afile")
 
 
 def test_password_env_with_sqlite_is_one_line(tmp_path: Path) -> None:
