@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs = isub.add_parser("jobs", help="recent sync jobs", parents=[config_again])
     jobs.add_argument("--store", default=None)
     jobs.add_argument("--json", action="store_true")
+    quar = isub.add_parser(
+        "quarantine", help="objects a sync could not index, with the reason",
+        parents=[config_again],
+    )
+    quar.add_argument("--store", default=None, help="only this store's")
+    quar.add_argument("--json", action="store_true", help="a JSON array")
 
     t = cmd("tokens", "bearer tokens")
     tsub = t.add_subparsers(dest="tokens_command", required=True, metavar="SUBCOMMAND")
@@ -230,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
             )
         settings = load_settings(args.config)
+        prepare_data_dir(settings)
         if args.command == "serve":
             return _serve(settings)
         if args.command == "tokens":
@@ -247,6 +257,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imaging-gateway: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Create ``gateway.data_dir`` (the gateway's own folder) and check it takes files.
+
+    Raises ``ConfigError`` naming ``gateway.data_dir`` and the cause when it cannot be
+    created or written (a path under a regular file, a read-only mount, no permission).
+    """
+    path = settings.gateway.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "gateway.data_dir", f"cannot create or write {path}: {exc.strerror or exc}"
+        ) from None
 
 
 def _serve(settings: Settings) -> int:
@@ -270,14 +297,26 @@ def _serve(settings: Settings) -> int:
         log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        access_log_class=SafeAccessLogger,
-        print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            ssl_context=ssl_context,
+            access_log_class=SafeAccessLogger,
+            print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
+        )
+    except OSError as exc:
+        # Binding the listening socket is the only OSError run_app lets out on purpose.
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                "gateway.listen", f"{host}:{port} is already in use (another process listens there)"
+            ) from None
+        if exc.errno in {errno.EADDRNOTAVAIL, errno.EACCES}:
+            raise ConfigError(
+                "gateway.listen", f"cannot listen on {host}:{port}: {os.strerror(exc.errno)}"
+            ) from None
+        raise
     return 0
 
 
@@ -354,10 +393,35 @@ async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
                         f"{j['id']}  {j['store']:<16} {j['mode']:<11} {j['status']:<11} "
                         f"{j['created_at']}  {j['counters']}"
                     )
+        elif args.index_command == "quarantine":
+            await _quarantine(index, store=args.store, as_json=args.json)
         # "migrate" needs nothing more: opening the index migrated it.
         return 0
     finally:
         await index.close()
+
+
+async def _quarantine(index: Any, *, store: str | None, as_json: bool) -> None:
+    """Print every quarantined object (store, key, reason, last seen), page by page."""
+    after: tuple[str, str] | None = None
+    first = True
+    if as_json:
+        print("[", end="")
+    while True:
+        page = await index.list_quarantine(store=store, after=after, limit=1000)
+        for entry in page:
+            if as_json:
+                print(("\n  " if first else ",\n  ")
+                      + json.dumps(entry.as_json(), ensure_ascii=False), end="")
+            else:
+                print(f"{entry.store}  {entry.key}  {entry.reason}  "
+                      f"(last seen {entry.last_seen.isoformat()})")
+            first = False
+        if len(page) < 1000:
+            break
+        after = (page[-1].store, page[-1].key)
+    if as_json:
+        print("\n]" if not first else "]")
 
 
 async def _seal_index(index: Any, args: argparse.Namespace) -> int:

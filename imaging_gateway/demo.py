@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from imaging_gateway.dicom.synthetic import HOSPITALS, generate_instances
+from imaging_gateway.errors import ConfigError
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
@@ -74,9 +75,21 @@ async def index_demo(settings: Settings) -> dict[str, int]:
         await index.close()
 
 
+def make_demo_dir(directory: Path) -> Path:
+    """Create the demo's folder (``--dir``); returns it absolute.
+
+    Raises ``ConfigError`` naming ``--dir`` when it cannot be created.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("--dir", f"cannot create {directory}: {exc.strerror or exc}") from None
+    return directory.absolute()
+
+
 def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int:
     """Set up (idempotently) and index the demo; then serve unless ``serve`` is False."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_demo_dir(directory)
     config = directory / "gateway.toml"
     if not config.exists():
         config.write_text(DEMO_CONFIG.format(listen=listen), encoding="utf-8")

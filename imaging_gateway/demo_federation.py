@@ -12,8 +12,11 @@ remote study's metadata streamed through the home gateway.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ import aiohttp
 from cryptography.hazmat.primitives import serialization
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
+from imaging_gateway.errors import ConfigError, GatewayError
 from imaging_gateway.federation.fanout import holding_province
 from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
@@ -96,19 +100,34 @@ def set_up(
     Raises ``ConfigError`` from the settings of a config that was edited wrongly, and
     ``RuntimeError`` when no patient has studies in two provinces.
     """
-    from imaging_gateway.demo import index_demo
+    from imaging_gateway.demo import index_demo, make_demo_dir
 
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_demo_dir(directory)
     load_or_create_secret(
         directory / "patient-token.key", setting="security.patient_token_key_file"
     )
     ports = {p: port + n for n, p in enumerate(PROVINCES)}
     out: list[DemoProvince] = []
-    for province in PROVINCES:
+    configs: dict[str, Path] = {}
+    for province, name in PROVINCES.items():
         d = directory / province
         d.mkdir(exist_ok=True)
+        peers = "".join(
+            PEER.format(province=p, name=n, host=host, port=ports[p])
+            for p, n in PROVINCES.items()
+            if p != province
+        )
+        config = configs[province] = d / "gateway.toml"
+        config.write_text(
+            CONFIG.format(province=province, name=name, host=host, port=ports[province],
+                          peers=peers),
+            encoding="utf-8",
+        )
+        # The signing key where the province's settings look for it; its public half
+        # where the peers' configs name it.
         key = load_or_create_signing_key(
-            d / "keys" / "federation-signing.pem", setting="federation.signing_key_file"
+            load_settings(config).federation.signing_key_file,
+            setting="federation.signing_key_file",
         )
         (d / "federation-public.pem").write_bytes(
             key.public_key().public_bytes(
@@ -119,22 +138,9 @@ def set_up(
         seed=2026, patients=patients, studies_per_patient=3,
         instances_per_series=instances_per_series,
     ))
-    for province, name in PROVINCES.items():
+    for province in PROVINCES:
         d = directory / province
-        peers = "".join(
-            PEER.format(province=p, name=n, host=host, port=ports[p])
-            for p, n in PROVINCES.items()
-            if p != province
-        )
-        config = d / "gateway.toml"
-        config.write_text(
-            CONFIG.format(province=province, name=name, host=host, port=ports[province],
-                          peers=peers),
-            encoding="utf-8",
-        )
-        # The federation signing key lives where the config says by default.
-        default_key = d / "keys" / "federation-signing.pem"
-        assert load_settings(config).federation.signing_key_file == default_key
+        config = configs[province]
         store = d / "store"
         for inst in instances:
             if inst.hospital.province == province:
@@ -160,12 +166,14 @@ async def _request(
 
 
 async def _wait(
-    http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes], within_s: float = 60.0
+    http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes], log: Path,
+    within_s: float = 60.0,
 ) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the gateway at {base} exited ({proc.returncode})")
+            raise GatewayError(f"the demo gateway at {base} exited ({proc.returncode}); "
+                               f"see {log}")
         try:
             async with http.get(f"{base}/healthz") as r:
                 if r.status == 200:
@@ -173,7 +181,7 @@ async def _wait(
         except aiohttp.ClientError:
             pass
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"the gateway at {base} did not come up")
+    raise GatewayError(f"the demo gateway at {base} did not come up; see {log}")
 
 
 def _cross_province_patient(
@@ -193,15 +201,29 @@ def _cross_province_patient(
 def run_federation_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int:
     """Set up and start three provinces; show a cross-province search and retrieve.
 
-    Serves until interrupted unless ``serve`` is False (then the processes stop after the
-    showcase). Returns the exit status.
+    Serves until interrupted (SIGINT or SIGTERM) unless ``serve`` is False (then the
+    processes stop after the showcase); either way the three gateway processes are
+    stopped before this returns. Returns the exit status. Raises ``ConfigError`` naming
+    ``--listen`` when one of its three ports is taken, ``GatewayError`` when a gateway
+    exits before it answers.
     """
     host, _, port_s = listen.rpartition(":")
-    provinces, inst, other = set_up(
-        directory, patients=patients, host=host or "127.0.0.1", port=int(port_s)
-    )
+    host = host or "127.0.0.1"
+    _check_ports_free(host, int(port_s))
     procs: list[subprocess.Popen[bytes]] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def stop(signum: int, _frame: object) -> None:
+        # Unwind through the finally below, which stops the three gateways (they are
+        # our children: a SIGTERM to this process alone would leave them serving).
+        raise SystemExit(128 + signum)
+
+    for sig in previous:
+        signal.signal(sig, stop)
     try:
+        provinces, inst, other = set_up(
+            directory, patients=patients, host=host, port=int(port_s)
+        )
         for p in provinces:
             with (p.directory / "gateway.log").open("wb") as log:
                 # Our own interpreter and module with a path we wrote: no untrusted input.
@@ -212,18 +234,46 @@ def run_federation_demo(directory: Path, *, patients: int, listen: str, serve: b
         found = asyncio.run(_showcase(provinces, procs, inst, other))
         if not serve:
             return 0 if found else 1
-        print("demo: serving; Ctrl-C stops all three")
+        print("demo: serving; Ctrl-C (or SIGTERM) stops all three", flush=True)
         for proc in procs:
             proc.wait()
         return 0
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for sig in previous:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_all(procs)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every gateway still running, then wait for each (SIGKILL after 10 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _check_ports_free(host: str, port: int) -> None:
+    """Raise ``ConfigError`` naming ``--listen`` when ``port`` .. ``port + 2`` is taken."""
+    for p in range(port, port + len(PROVINCES)):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                s.bind((host.strip("[]"), p))
+            except OSError as exc:
+                cause = "is already in use" if exc.errno == errno.EADDRINUSE else (
+                    f"cannot be listened on: {exc.strerror}")
+                raise ConfigError(
+                    "--listen",
+                    f"{host}:{p} {cause} (the federation demo listens on --listen's port "
+                    "and the next two)",
+                ) from None
 
 
 async def _showcase(
@@ -246,7 +296,7 @@ async def _showcase(
     )
     async with aiohttp.ClientSession() as http:
         for p, proc in zip(provinces, procs, strict=True):
-            await _wait(http, p.base, proc)
+            await _wait(http, p.base, proc, p.directory / "gateway.log")
         until = (datetime.now(UTC) + timedelta(days=1)).isoformat()
         status, grant, _ = await _request(http, f"{home.base}/consents", pacs, body={
             "national_id": inst.national_id, "purpose": "treatment",

@@ -106,6 +106,9 @@ class IndexSettings:
     """``sqlite:///path`` or ``postgresql://user@host:port/db`` (no password in the URL)."""
     password: str | None = field(default=None, repr=False)
     echo: bool = False
+    create_folder: bool = False
+    """Create a missing folder of the SQLite file: only for one in ``gateway.data_dir``,
+    which the gateway owns; elsewhere a missing folder is a wrong ``index.url``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +345,10 @@ def load_settings(path: Path | None, *, environ: Mapping[str, str] | None = None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(path), f"is not valid TOML ({exc})") from None
     raw = _apply_env(raw, env)
-    base_dir = path.parent if path is not None else Path.cwd()
+    # One rule for every path, from the file or an IMAGING_GATEWAY_* variable: relative to
+    # the config file's folder (the current directory without a file), resolved here once,
+    # so every later user gets absolute paths and nothing joins them again.
+    base_dir = (path.absolute().parent if path is not None else Path.cwd().absolute())
     return _build(raw, env, base_dir)
 
 
@@ -470,8 +476,15 @@ class _Section:
 
 
 def _path(base: Path, value: str) -> Path:
+    """``value`` as an absolute path: relative ones are joined to ``base`` (absolute)."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def _path_or(section: _Section, key: str, base: Path, default: Path) -> Path:
+    """The path at ``key`` (relative to ``base``), else ``default`` (already absolute)."""
+    value = section.opt_str(key)
+    return default if value is None else _path(base, value)
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
@@ -515,12 +528,19 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     i = _Section("index", raw.get("index", {}))
     url = i.str_("url", f"sqlite:///{data_dir / 'index.sqlite3'}")
     parts = urlsplit(url)
+    create_folder = False
     if parts.scheme == "sqlite":
         if not url.startswith("sqlite:///"):
             raise ConfigError("index.url", "expected sqlite:///PATH")
+        if i.opt_str("password_env") is not None:
+            raise ConfigError(
+                "index.password_env", "only for a postgresql:// index.url; SQLite has no password"
+            )
         db_path = url[len("sqlite:///") :]
         if db_path != ":memory:":
-            url = f"sqlite:///{_path(base, db_path)}"
+            db_file = _path(base, db_path)
+            url = f"sqlite:///{db_file}"
+            create_folder = db_file.parent == data_dir
     elif parts.scheme in {"postgresql", "postgres"}:
         if parts.password:
             raise ConfigError(
@@ -529,7 +549,10 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     else:
         raise ConfigError("index.url", f"expected sqlite:///... or postgresql://..., got {url!r}")
     index = IndexSettings(
-        url=url, password=i.secret_from_env("password", env), echo=i.bool_("echo", False)
+        url=url,
+        password=i.secret_from_env("password", env),
+        echo=i.bool_("echo", False),
+        create_folder=create_folder,
     )
     i.finish()
 
@@ -560,16 +583,12 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
 
     s = _Section("security", raw.get("security", {}))
     security = SecuritySettings(
-        token_key_file=_path(
-            base, s.str_("token_key_file", str(data_dir / "keys" / "token-signing.pem"))
-        ),
+        token_key_file=_path_or(s, "token_key_file", base, data_dir / "keys" / "token-signing.pem"),
         token_max_ttl_s=s.int_("token_max_ttl_s", 90 * 24 * 3600, minimum=60),
-        patient_token_key_file=_path(
-            base, s.str_("patient_token_key_file", str(data_dir / "keys" / "patient-token.key"))
+        patient_token_key_file=_path_or(
+            s, "patient_token_key_file", base, data_dir / "keys" / "patient-token.key"
         ),
-        audit_key_file=_path(
-            base, s.str_("audit_key_file", str(data_dir / "keys" / "audit-chain.key"))
-        ),
+        audit_key_file=_path_or(s, "audit_key_file", base, data_dir / "keys" / "audit-chain.key"),
         break_glass_minutes=s.int_("break_glass_minutes", 30, minimum=1, maximum=24 * 60),
         consent_max_days=s.int_("consent_max_days", 365, minimum=1, maximum=3650),
         search_max_results=s.int_("search_max_results", 1000, minimum=1, maximum=100_000),
@@ -584,9 +603,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
             "encryption.suite", f"expected one of {', '.join(ENCRYPTION_SUITES)}, got {suite!r}"
         )
     encryption = EncryptionSettings(
-        keyring_file=_path(
-            base, e.str_("keyring_file", str(data_dir / "keys" / "keyring.json"))
-        ),
+        keyring_file=_path_or(e, "keyring_file", base, data_dir / "keys" / "keyring.json"),
         enabled=e.bool_("enabled", False),
         suite=suite,
         segment_size=e.int_(
@@ -622,8 +639,8 @@ def _federation(
             raise ConfigError(f"federation.peers[{n}].province", "one peer per province")
         peers.append(peer)
     federation = FederationSettings(
-        signing_key_file=_path(
-            base, f.str_("signing_key_file", str(data_dir / "keys" / "federation-signing.pem"))
+        signing_key_file=_path_or(
+            f, "signing_key_file", base, data_dir / "keys" / "federation-signing.pem"
         ),
         enabled=f.bool_("enabled", False),
         deadline_ms=f.int_("deadline_ms", 1500, minimum=50, maximum=60_000),

@@ -1,7 +1,9 @@
-"""Admin routes: sync jobs and index statistics (role ``admin``)."""
+"""Admin routes: sync jobs, index statistics and quarantine (role ``admin``)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -50,16 +52,21 @@ async def create_sync_job(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/admin/sync-jobs")
-async def list_sync_jobs(request: web.Request) -> web.Response:
-    _admin(request)
-    store = request.query.get("store")
+def _limit(request: web.Request, default: int) -> int:
     try:
-        limit = int(request.query.get("limit", "50"))
+        limit = int(request.query.get("limit", str(default)))
     except ValueError:
         raise InvalidRequest("limit must be an integer") from None
     if not 1 <= limit <= 1000:
         raise InvalidRequest("limit must be between 1 and 1000")
+    return limit
+
+
+@routes.get("/admin/sync-jobs")
+async def list_sync_jobs(request: web.Request) -> web.Response:
+    _admin(request)
+    store = request.query.get("store")
+    limit = _limit(request, 50)
     jobs = await request.app[INDEX].list_jobs(store=store, limit=limit)
     return web.json_response([_job_json(request, j) for j in jobs])
 
@@ -75,3 +82,45 @@ async def get_sync_job(request: web.Request) -> web.Response:
 async def index_stats(request: web.Request) -> web.Response:
     _admin(request)
     return web.json_response(await request.app[INDEX].stats())
+
+
+def _encode_cursor(store: str, key: str) -> str:
+    raw = json.dumps([store, key], ensure_ascii=False, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(text: str) -> tuple[str, str]:
+    """The (store, key) a ``next`` cursor stands for; ``InvalidRequest`` naming it if not."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, ValueError):
+        value = None
+    if not (
+        isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+    ):
+        raise InvalidRequest("cursor must be the 'next' value of a previous page")
+    return value[0], value[1]
+
+
+@routes.get("/admin/quarantine")
+async def list_quarantine(request: web.Request) -> web.Response:
+    """Quarantined objects and why, by store and key: ``?store=&limit=&cursor=``.
+
+    Answers ``{"items": [...], "next": cursor or null}``; pass ``next`` as ``cursor`` for
+    the following page (keyset paging: stable while syncs add or remove entries).
+    """
+    _admin(request)
+    limit = _limit(request, 100)
+    cursor = request.query.get("cursor")
+    after = None if cursor is None else _decode_cursor(cursor)
+    entries = await request.app[INDEX].list_quarantine(
+        store=request.query.get("store"), after=after, limit=limit + 1
+    )
+    page = entries[:limit]
+    more = len(entries) > limit
+    return web.json_response(
+        {
+            "items": [e.as_json() for e in page],
+            "next": _encode_cursor(page[-1].store, page[-1].key) if more else None,
+        }
+    )

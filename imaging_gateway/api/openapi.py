@@ -33,7 +33,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             "parameters": [
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 for name in _PARAM.findall(raw)
-            ],
+            ] + _QUERY.get((path, method), []),
             "responses": _responses(path, route.handler.__name__),
         }
         if path in _PUBLIC:
@@ -57,6 +57,26 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": dict(sorted(paths.items())),
     }
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}
+
+
+_LIMIT = {"type": "integer", "minimum": 1, "maximum": 1000}
+# Query parameters of the admin listings (the DICOMweb ones are those of PS3.18).
+_QUERY: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("/admin/sync-jobs", "get"): [
+        _query("store", "only this store's jobs", {"type": "string"}),
+        _query("limit", "at most this many (default 50)", _LIMIT),
+    ],
+    ("/admin/quarantine", "get"): [
+        _query("store", "only this store's objects", {"type": "string"}),
+        _query("limit", "page size (default 100)", _LIMIT),
+        _query("cursor", "the previous page's `next`", {"type": "string"}),
+    ],
+}
 
 
 def _tag(path: str) -> str:

@@ -117,6 +117,30 @@ class SyncJob:
 JOB_OPEN_STATES = ("running", "interrupted", "failed")
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """An object a sync job could not index, and why (``reason``: code and detail)."""
+
+    store: str
+    key: str
+    etag: str
+    size: int
+    reason: str
+    first_seen: datetime
+    last_seen: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "key": self.key,
+            "etag": self.etag,
+            "size": self.size,
+            "reason": self.reason,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
 # Rows per IN (...) list: well under SQLite's and asyncpg's bound-parameter limits.
 IN_CHUNK = 900
 
@@ -214,6 +238,47 @@ def async_url(url: str, password: str | None) -> URL:
     return u
 
 
+def _sqlite_folder(folder: Path, *, create: bool) -> None:
+    """Make sure the SQLite file's folder exists; create it only when the gateway owns it.
+
+    Raises ``ConfigError`` naming ``index.url`` when the folder is missing (and not
+    ours to create) or cannot be created: a mistyped path must not become a new, empty
+    index in a folder nobody asked for.
+    """
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                "index.url", f"cannot create the folder {folder}: {exc.strerror or exc}"
+            ) from None
+    elif not folder.is_dir():
+        raise ConfigError(
+            "index.url", f"the folder {folder} does not exist (create it, or correct the path)"
+        )
+
+
+# SQLSTATE classes 28 (invalid authorization) and 3D000 (no such database): the server
+# answered and refused, which a retry or a network fix will not cure.
+_REFUSALS = {
+    "28000": "authentication refused: the role does not exist or may not log in",
+    "28P01": "authentication refused: wrong password (index.password_env)",
+    "3D000": "the database does not exist",
+}
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """What a PostgreSQL server's refusal to let us in says, or None if it is not one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None) or getattr(getattr(seen, "orig", None),
+                                                           "sqlstate", None)
+        if isinstance(state, str) and state in _REFUSALS:
+            return _REFUSALS[state]
+        seen = seen.__cause__
+    return None
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -266,7 +331,7 @@ class SqlIndex:
         kwargs: dict[str, Any] = {"echo": settings.echo}
         if url.drivername.startswith("sqlite"):
             if url.database and url.database != ":memory:":
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+                _sqlite_folder(Path(url.database).parent, create=settings.create_folder)
             # SQLite has one writer; a few connections (each with its page cache and
             # thread) are all a sync job can use, and they bound memory.
             kwargs.update(pool_size=3, max_overflow=2)
@@ -305,6 +370,9 @@ class SqlIndex:
         except (OperationalError, DBAPIError, OSError) as exc:
             await index.close()
             where = url.render_as_string(hide_password=True)
+            refused = _refusal(exc)
+            if refused is not None:
+                raise ConfigError("index.url", f"{where}: {refused}") from exc
             raise IndexUnavailable(
                 f"index database {where} unreachable: {exc.__class__.__name__}"
             ) from exc
@@ -1013,6 +1081,41 @@ class SqlIndex:
             q = q.where(sync_jobs.c.store == store)
         async with self.engine.connect() as conn:
             return [self._job(r) for r in (await conn.execute(q)).all()]
+
+    async def list_quarantine(
+        self, *, store: str | None = None, after: tuple[str, str] | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        """Quarantined objects in (store, key) order, the first ``limit`` after ``after``.
+
+        Keyset paging on the primary key: pass the (store, key) of a page's last entry
+        to get the next page; entries added or removed meanwhile shift nothing. Raises
+        ``IndexUnavailable`` as every query does.
+        """
+        q = sa.select(quarantine).order_by(quarantine.c.store, quarantine.c.key).limit(limit)
+        if store is not None:
+            q = q.where(quarantine.c.store == store)
+        if after is not None:
+            after_store, after_key = after
+            q = q.where(
+                sa.or_(
+                    quarantine.c.store > after_store,
+                    sa.and_(quarantine.c.store == after_store, quarantine.c.key > after_key),
+                )
+            )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        out: list[QuarantineEntry] = []
+        for row in rows:
+            m = row._mapping
+            first, last = _aware(m["first_seen"]), _aware(m["last_seen"])
+            assert first is not None and last is not None  # NOT NULL columns
+            out.append(
+                QuarantineEntry(
+                    store=m["store"], key=m["key"], etag=m["etag"], size=int(m["size"]),
+                    reason=m["reason"], first_seen=first, last_seen=last,
+                )
+            )
+        return out
 
     async def open_job(self, store: str) -> SyncJob | None:
         """The newest unfinished job of ``store`` (running when killed, interrupted or failed)."""

@@ -39,11 +39,14 @@ def load_or_create_secret(path: Path, *, setting: str, size: int = 32) -> bytes:
     A new file appears complete or not at all (written aside, then linked into place),
     so processes starting together agree on one key and none reads a half-written one.
     The parent directory is created with mode 0700. Raises ``ConfigError`` as
-    ``load_secret`` does.
+    ``load_secret`` does, and naming ``setting`` when the file cannot be created.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        except OSError as exc:
+            raise ConfigError(setting, f"cannot create {path}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(secrets.token_bytes(size))

@@ -31,17 +31,22 @@ def load_or_create_signing_key(
 
     Used for the token key and the federation assertion key (``setting`` names the
     key in errors). Raises ``ConfigError`` if the file exists but is not an Ed25519
-    private key.
+    private key, or cannot be created.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise  # created meanwhile by another process: as before, not a config error
+        except OSError as exc:
+            raise ConfigError(setting, f"cannot create {path}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         return key

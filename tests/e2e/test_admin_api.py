@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +97,55 @@ async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.
     assert "PATIENT-SECRET" not in logs
     assert admin["Authorization"].split()[1] not in logs
     assert "Traceback" not in logs
+
+
+async def test_quarantine_listed_with_reasons_paged(
+    gateway: GatewayProcess, http: aiohttp.ClientSession
+) -> None:
+    """The admin sees each quarantined object and why, over HTTP (keyset pages) and the CLI."""
+    base = gateway.base
+    cli(gateway.config, "sync", "--store", "bj-fs", "--no-progress")
+    admin = {"Authorization": "Bearer " + token(gateway, "--role", "admin")}
+    expected = {key: reason for key, _data, reason in corrupt_samples()}
+
+    seen: list[dict[str, object]] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        url = f"{base}/admin/quarantine?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        async with http.get(url, headers=admin) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        pages += 1
+        cursor = page["next"]
+        if cursor is None:
+            break
+        assert pages < 10
+    assert pages >= 3
+    keys = [item["key"] for item in seen]
+    assert keys == sorted(expected) and len(set(keys)) == len(keys)
+    for item in seen:
+        assert item["store"] == "bj-fs"
+        assert str(item["reason"]).startswith(expected[str(item["key"])]), item
+        assert item["size"] >= 0 and item["first_seen"] and item["last_seen"]
+    async with http.get(f"{base}/admin/quarantine?store=nope", headers=admin) as r:
+        assert r.status == 200 and (await r.json()) == {"items": [], "next": None}
+
+    hospital = {"Authorization": "Bearer " + token(
+        gateway, "--role", "hospital", "--hospital", "H11010800028")}
+    async with http.get(f"{base}/admin/quarantine", headers=hospital) as r:
+        assert r.status == 403 and (await r.json())["error"] == "forbidden"
+    for bad, name in (("limit=0", "limit"), ("limit=x", "limit"), ("cursor=%%%", "cursor"),
+                      ("cursor=bm90LWpzb24", "cursor")):
+        async with http.get(f"{base}/admin/quarantine?{bad}", headers=admin) as r:
+            body = await r.json()
+            assert r.status == 400 and name in body["message"], (bad, body)
+
+    rows = json.loads(cli(gateway.config, "index", "quarantine", "--json").stdout)
+    assert [(r["key"], r["reason"]) for r in rows] == [(s["key"], s["reason"]) for s in seen]
+    assert json.loads(
+        cli(gateway.config, "index", "quarantine", "--store", "nope", "--json").stdout) == []
+    text = cli(gateway.config, "index", "quarantine").stdout
+    assert all(key in text and expected[key] in text for key in expected)

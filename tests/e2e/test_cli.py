@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
@@ -152,3 +155,76 @@ def test_seal_index_encrypts_an_existing_index(tmp_path: Path) -> None:
     config(False)
     plain = cli(cfg, "index", "stats", check=False)
     assert plain.returncode == 2 and "encrypted" in plain.stderr
+
+
+def _one_line_exit_2(out: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The start-up error contract: exit 2, one stderr line naming the key or cause."""
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = tmp_path / "g.toml"
+        cfg.write_text(f'[gateway]\nlisten = "127.0.0.1:{port}"\n', encoding="utf-8")
+        _one_line_exit_2(cli(cfg, "serve", check=False), "gateway.listen", f"{port}", "in use")
+        demo = subprocess.run(
+            [sys.executable, "-m", "imaging_gateway", "demo", "--dir", str(tmp_path / "demo"),
+             "--patients", "1", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=300,
+        )
+        _one_line_exit_2(demo, "listen", f"{port}", "in use")
+
+
+def test_unusable_data_dir_is_one_line(tmp_path: Path) -> None:
+    """root ignores modes: a data_dir under a regular file is one nobody can create."""
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(f'[gateway]\ndata_dir = "afile/data"\nlisten = "127.0.0.1:{free_port()}"\n',
+                   encoding="utf-8")
+    for args in (("index", "stats"), ("serve",), ("tokens", "issue", "--role", "admin")):
+        _one_line_exit_2(cli(cfg, *args, check=False), "gateway.data_dir", "afile")
+    demo = subprocess.run(
+        [sys.executable, "-m", "imaging_gateway", "demo", "--dir", str(tmp_path / "afile" / "d"),
+         "--patients", "1", "--no-serve"], capture_output=True, text=True, timeout=300,
+    )
+    _one_line_exit_2(demo, "--dir", "afile")
+
+
+def test_password_env_with_sqlite_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[index]\nurl = "sqlite:///index.sqlite3"\npassword_env = "IG_PW"\n',
+                   encoding="utf-8")
+    _one_line_exit_2(cli(cfg, "index", "stats", env={"IG_PW": "pw"}, check=False),
+                     "index.password_env")
+
+
+def test_sqlite_path_in_a_missing_folder_is_refused_not_created(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\ndata_dir = "data"\n[index]\nurl = "sqlite:///nope/sub/i.sqlite3"\n',
+                   encoding="utf-8")
+    for args in (("index", "stats"), ("serve",)):
+        _one_line_exit_2(cli(cfg, *args, check=False), "index.url", "nope")
+    assert not (tmp_path / "nope").exists()
+    # The default index under data_dir, which the gateway owns, is created.
+    cfg.write_text('[gateway]\ndata_dir = "data"\n', encoding="utf-8")
+    assert cli(cfg, "index", "stats").returncode == 0
+    assert (tmp_path / "data" / "index.sqlite3").is_file()
+
+
+def test_wrong_postgresql_role_says_authentication_not_unreachable(tmp_path: Path) -> None:
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[index]\nurl = "postgresql://no_such_role@127.0.0.1:5432/test"\n'
+                   'password_env = "IG_PW"\n', encoding="utf-8")
+    out = cli(cfg, "index", "stats", env={"IG_PW": "s3cr3t-pw"}, check=False)
+    line = _one_line_exit_2(out, "index.url", "no_such_role")
+    assert "authentication" in line and "unreachable" not in line
+    assert "s3cr3t-pw" not in out.stderr + out.stdout

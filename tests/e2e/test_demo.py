@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support.gateway import free_port
+from tests.support.gateway import GatewayProcess, free_port
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -62,3 +62,36 @@ def _healthy(port: int) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def test_readme_commands_with_relative_paths_share_one_key(tmp_path: Path) -> None:
+    """From the repo root: `demo --dir demo-data`, then the README's commands with
+    `--config demo-data/gateway.toml` and with the absolute path all use the same keys
+    (a token the demo printed is accepted by `serve --config /abs/...`), and
+    `audit verify` finds the audit key; nothing lands in demo-data/demo-data."""
+    port = free_port()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imaging_gateway", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    demo = run("demo", "--dir", "demo-data", "--patients", "2", "--no-serve",
+               "--listen", f"127.0.0.1:{port}")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    tokens = dict(re.findall(r"export (\w+)=(\S+)", demo.stdout))
+    relative = run("tokens", "issue", "--config", "demo-data/gateway.toml", "--role", "admin")
+    assert relative.returncode == 0, relative.stderr[-3000:]
+    assert not (tmp_path / "demo-data" / "demo-data").exists()
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("token-signing.pem")] == [
+        Path("demo-data/keys/token-signing.pem")
+    ]
+    gw = GatewayProcess((tmp_path / "demo-data" / "gateway.toml").absolute(), port)
+    gw.start(timeout=60)
+    try:
+        for token in (tokens["TOKEN"], relative.stdout.strip()):
+            status, body = _get(f"{gw.base}/admin/index/stats", token)
+            assert status == 200, body
+    finally:
+        gw.stop()
+    verify = run("audit", "verify", "--config", "demo-data/gateway.toml")
+    assert verify.returncode == 0 and "intact" in verify.stdout, verify.stderr[-3000:]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -42,3 +45,95 @@ def test_demo_federation_finds_and_opens_a_study_of_another_province(tmp_path: P
     assert "through Beijing: HTTP 200" in out
     for p in ("110000", "310000", "440000"):
         assert (tmp_path / "demo" / p / "index.sqlite3").exists()
+
+
+def _children(pid: int) -> set[int]:
+    """The process ids whose parent is ``pid`` (from /proc)."""
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # SO_REUSEADDR: connections in TIME_WAIT do not count, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_sigterm_to_the_demo_stops_its_three_gateways(tmp_path: Path) -> None:
+    """`demo --federation` from the repo root (relative --dir), serving; SIGTERM to it
+    stops the three gateway processes and frees their ports."""
+    port = _three_free_ports()
+    out = tmp_path / "demo.out"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imaging_gateway", "demo", "--federation", "--dir",
+             "demo-data", "--patients", "8", "--listen", f"127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ),
+        )
+    try:
+        # Generous wait for readiness: set-up indexes three provinces first.
+        for _ in range(2400):
+            if all(_healthy(p) for p in (port, port + 1, port + 2)):
+                break
+            assert proc.poll() is None, out.read_text()[-3000:]
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the demo never served: {out.read_text()[-3000:]}")
+        gateways = _children(proc.pid)
+        assert len(gateways) == 3, gateways
+        assert not any(_port_free(p) for p in (port, port + 1, port + 2))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        assert not [pid for pid in gateways if _alive(pid)], out.read_text()[-3000:]
+        assert all(_port_free(p) for p in (port, port + 1, port + 2))
+        assert "Traceback" not in out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _children(proc.pid) | locals().get("gateways", set()):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_demo_port_in_use_is_one_line(tmp_path: Path) -> None:
+    port = _three_free_ports()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port + 1))
+        held.listen()
+        out = subprocess.run(
+            [sys.executable, "-m", "imaging_gateway", "demo", "--federation", "--no-serve",
+             "--dir", str(tmp_path / "demo"), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=240,
+        )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--listen" in lines[0] and f"{port + 1}" in lines[0], lines

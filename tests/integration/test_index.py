@@ -319,3 +319,27 @@ async def test_a_full_sync_splits_an_encrypted_index_merged_before_0007(
                          "1.2.6": phi.patient_key("|study:1.2.6")}
     finally:
         await index.close()
+
+
+async def test_quarantine_listing_pages_by_store_and_key(index: SqlIndex) -> None:
+    """Keyset pages over (store, key) in byte order, across stores, filtered by store."""
+    keys = {"s1": ["a/1.dcm", "a/2.dcm", "b/é.dcm", "B/z.dcm"], "s2": ["a/1.dcm", "c.dcm"]}
+    for store, names in keys.items():
+        job = await index.create_job(store, "full")
+        await index.apply_page(
+            store=store, province="110000", job_id=job.id, indexed=[], deleted=[], cursor=None,
+            counters={}, quarantined=[QuarantinedObject(k, "q", n, f"not-dicom: {k}")
+                                      for n, k in enumerate(names)],
+        )
+    expected = [(s, k) for s in sorted(keys) for k in sorted(keys[s], key=str.encode)]
+    seen: list[tuple[str, str]] = []
+    after: tuple[str, str] | None = None
+    while page := await index.list_quarantine(after=after, limit=2):
+        assert len(page) <= 2
+        seen += [(e.store, e.key) for e in page]
+        after = (page[-1].store, page[-1].key)
+    assert seen == expected
+    only = await index.list_quarantine(store="s1", after=("s1", "a/1.dcm"), limit=10)
+    assert [(e.key, e.reason, e.size) for e in only] == [
+        ("a/2.dcm", "not-dicom: a/2.dcm", 1), ("b/é.dcm", "not-dicom: b/é.dcm", 2)]
+    assert only[0].first_seen.tzinfo is not None

@@ -46,6 +46,9 @@ def test_every_route_is_documented(tmp_path: Path) -> None:
         content = doc["paths"][path]["get"]["responses"]["200"]["content"]
         assert list(content) == ["application/dicom+json", xml], path
     assert "content" not in retrieve["responses"]["200"]  # instances: multipart DICOM
+    quarantine = doc["paths"]["/admin/quarantine"]["get"]
+    assert quarantine["tags"] == ["admin"] and "403" in quarantine["responses"]
+    assert [p["name"] for p in quarantine["parameters"]] == ["store", "limit", "cursor"]
     ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
     assert len(ids) == len(set(ids))
 

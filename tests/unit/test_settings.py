@@ -209,7 +209,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     text = example.read_text(encoding="utf-8")
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, flags=re.M))
     internal = {"listen_host", "listen_port", "access_key", "secret_key", "password",
-                "credential", "peers"}
+                "credential", "peers", "create_folder"}
     for cls in (mod.GatewaySettings, mod.IndexSettings, mod.StoreSettings, mod.SyncSettings,
                 mod.SecuritySettings, mod.TlsSettings, mod.EncryptionSettings,
                 mod.FederationSettings, mod.PeerSettings):
@@ -362,3 +362,78 @@ credential_env = "JS_TOKEN"
     assert s.signing_key_file == tmp_path / "data" / "keys" / "federation-signing.pem"
     env = {"IMAGING_GATEWAY_FEDERATION__DEADLINE_MS": "300", "JS_TOKEN": "x"}
     assert load_settings(write(tmp_path, text), environ=env).federation.deadline_ms == 300
+
+
+def _all_paths(s: object) -> list[Path]:
+    """Every Path held anywhere in a Settings tree, and the SQLite index file."""
+    from dataclasses import fields, is_dataclass
+
+    found: list[Path] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, Path):
+            found.append(v)
+        elif is_dataclass(v) and not isinstance(v, type):
+            for f in fields(v):
+                walk(getattr(v, f.name))
+        elif isinstance(v, tuple):
+            for x in v:
+                walk(x)
+
+    walk(s)
+    return found
+
+
+RELATIVE = """
+[gateway]
+data_dir = "data"
+[security]
+audit_key_file = "keys/audit.key"
+[[stores]]
+name = "local"
+kind = "fs"
+path = "store"
+"""
+
+
+def test_relative_paths_are_joined_to_the_config_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config named by a relative path (``--config demo-data/gateway.toml`` from the repo
+    root) resolves every path once, against the config's folder: absolute, never doubled."""
+    (tmp_path / "demo-data").mkdir()
+    (tmp_path / "demo-data" / "gateway.toml").write_text(RELATIVE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(Path("demo-data/gateway.toml"), environ={})
+    home = tmp_path / "demo-data"
+    assert s.gateway.data_dir == home / "data"
+    assert s.security.token_key_file == home / "data" / "keys" / "token-signing.pem"
+    assert s.security.audit_key_file == home / "keys" / "audit.key"
+    assert s.federation.signing_key_file == home / "data" / "keys" / "federation-signing.pem"
+    assert s.encryption.keyring_file == home / "data" / "keys" / "keyring.json"
+    assert s.store("local").path == home / "store"
+    assert s.index.url == f"sqlite:///{home / 'data' / 'index.sqlite3'}"
+    assert all(p.is_absolute() for p in _all_paths(s))
+    # The same file named by its absolute path gives the same settings.
+    assert load_settings(home / "gateway.toml", environ={}) == s
+
+
+def test_env_and_default_paths_follow_the_same_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMAGING_GATEWAY_* paths are relative to the config's folder; with no file, to the
+    current directory; defaults too."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "g.toml").write_text("", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    env = {"IMAGING_GATEWAY_GATEWAY__DATA_DIR": "var",
+           "IMAGING_GATEWAY_SECURITY__TOKEN_KEY_FILE": "k/token.pem"}
+    s = load_settings(Path("cfg/g.toml"), environ=env)
+    assert s.gateway.data_dir == tmp_path / "cfg" / "var"
+    assert s.security.token_key_file == tmp_path / "cfg" / "k" / "token.pem"
+    assert s.security.audit_key_file == tmp_path / "cfg" / "var" / "keys" / "audit-chain.key"
+    bare = load_settings(None, environ=env)
+    assert bare.gateway.data_dir == tmp_path / "var"
+    assert bare.security.token_key_file == tmp_path / "k" / "token.pem"
+    assert bare.index.url == f"sqlite:///{tmp_path / 'var' / 'index.sqlite3'}"
+    assert all(p.is_absolute() for p in _all_paths(s) + _all_paths(bare))
