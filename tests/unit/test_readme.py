@@ -28,3 +28,22 @@ def test_links_name_only_files_in_the_repository() -> None:
             continue
         assert (root / target).resolve().is_relative_to(root), target
         assert (root / target).exists(), target
+
+
+def _commands() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"\A# [^\n]+\n\n```sh\n(.*?)\n```", text, flags=re.DOTALL)
+    assert block is not None, "README.md does not open with its commands"
+    return block.group(1).splitlines()
+
+
+def test_ci_runs_the_readmes_set_up_and_exactly_its_test_command() -> None:
+    demo, tests = _commands()
+    setup, _, test_command = tests.partition(" && ")
+    assert setup == ".ci/setup"
+    assert "sudo" not in demo + tests  # the machines run the commands as root, without sudo
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    steps = [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert steps[0] == setup and steps[-1] == test_command
+    setup_script = (README.parent / ".ci" / "setup").read_text(encoding="utf-8")
+    assert "apt-get update" in setup_script and "tests.support.ohif" in setup_script
