@@ -101,5 +101,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if principal.role == "admin" and (
         request.path == PATIENT_DATA_PREFIX or request.path.startswith(PATIENT_DATA_PREFIX + "/")
     ):
-        raise Forbidden("admins read no patient data: /dicomweb needs a hospital or patient token")
+        reason = "admins read no patient data: /dicomweb needs a hospital or patient token"
+        await request.app[GATE].refused_token(
+            source=request.remote, reason=reason, role="admin", subject=principal.subject,
+            action="dicomweb",
+        )
+        raise Forbidden(reason)
     return await handler(request)

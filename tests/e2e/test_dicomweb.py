@@ -219,6 +219,10 @@ async def test_admin_is_refused_on_every_dicomweb_route(province: Province,
                 **admin, "Content-Type": 'multipart/related; type="application/dicom"; '
                                          "boundary=x"}) as r:
             assert r.status == 403, (path, r.status)
+    # Audited (flood-limited like refused tokens: one record per address and reason a minute).
+    refused = [(r["role"], r["action"], r["outcome"]) for r in await audit_rows(province)
+               if r["role"] == "admin"]
+    assert refused == [("admin", "dicomweb", "denied")]
     # The same routes still serve the hospital that produced the study.
     async with http.get(f"{base}/studies/{s}/metadata",
                         headers=province.hospital(inst.hospital.code)) as r:
