@@ -351,16 +351,14 @@ def consent(world: World) -> dict[str, Any]:
 
 
 async def _federated(world: World, headers: dict[str, str], **extra: str
-                     ) -> tuple[int, dict[str, str], list[dict[str, Any]], float]:
+                     ) -> tuple[int, dict[str, str], list[dict[str, Any]]]:
     params = {"PatientID": world.patient_id, "IssuerOfPatientID": world.hospital,
               "federated": "true", **extra}
-    started = time.monotonic()
     async with aiohttp.ClientSession() as http, http.get(
             f"{world.gws['110000'].base}/dicomweb/studies", params=params, headers=headers,
             ssl=world.client_ssl) as r:
         body = await r.read()
-        elapsed = time.monotonic() - started
-        return r.status, dict(r.headers), json.loads(body) if body else [], elapsed
+        return r.status, dict(r.headers), json.loads(body) if body else []
 
 
 def _uids(datasets: list[dict[str, Any]]) -> dict[str, str | None]:
@@ -376,7 +374,7 @@ def _correlation(row: dict[str, Any]) -> str | None:
 
 
 async def test_without_consent_no_peer_is_asked(world: World) -> None:
-    status, headers, datasets, _ = await _federated(
+    status, headers, datasets = await _federated(
         world, world.token("110000", world.other_hospital, "dr-wu"))
     assert status in (200, 204)
     assert "no consent grant" in headers["Warning"]
@@ -391,7 +389,7 @@ async def test_without_consent_no_peer_is_asked(world: World) -> None:
 async def test_with_consent_finds_every_province_and_names_failed_peers(
         world: World, consent: dict[str, Any]) -> None:
     # 130000 never answers: that an answer comes at all is the deadline's doing.
-    status, headers, datasets, _ = await _federated(
+    status, headers, datasets = await _federated(
         world, world.token("110000", world.hospital, "dr-li"))
     assert status == 200
     found = _uids(datasets)
@@ -511,7 +509,7 @@ async def test_peer_without_client_certificate_is_refused(world: World) -> None:
 async def test_break_glass_across_provinces(world: World) -> None:
     headers = {**world.token("110000", world.other_hospital, "dr-er"),
                "X-Break-Glass-Reason": "unconscious patient, trauma bay 2"}
-    status, answer, datasets, _ = await _federated(world, headers)
+    status, answer, datasets = await _federated(world, headers)
     assert status == 200
     assert world.studies("310000") <= set(_uids(datasets))
     cid = answer["X-Correlation-ID"]
