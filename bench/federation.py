@@ -114,7 +114,12 @@ def _restart_home(home: GatewayProcess, config: Path, peers: str) -> GatewayProc
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="bench-federation-"))
+    """The figures; every file it writes (stores, indexes, keys: ~870 MB) goes with it."""
+    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+        return await _run(args, Path(tmp))
+
+
+async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     port = min(free_port(), 65000)
     # set_up runs its own event loop (asyncio.run): keep it off this one.
     provinces, inst, other = await asyncio.to_thread(
@@ -123,12 +128,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     gws = {p.province: GatewayProcess(p.config, int(p.base.rsplit(":", 1)[1]))
            for p in provinces}
-    for gw in gws.values():
-        gw.start(timeout=120)
+    runners: list[web.AppRunner] = []
     home_cfg = provinces[0].config
     result: dict[str, Any] = {"bench": "federation", "patients": args.patients,
                               "rounds": args.rounds}
     try:
+        for gw in gws.values():
+            gw.start(timeout=120)
         me = {"Authorization": "Bearer " + _token(home_cfg, HOME, inst.hospital.code)}
         home = gws[HOME].base
         async with aiohttp.ClientSession() as http:
@@ -201,6 +207,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                    "peer_named_in_warning": named}
         for runner in runners:
             await runner.cleanup()
+        runners = []
 
         # 31 peers, every one a real HTTP endpoint answering an empty result.
         codes = sorted(c for c in PROVINCE_CODES if c != HOME)[:31]
@@ -217,9 +224,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 assert warning is None, warning
                 wide.append(t)
             result["fanout_31_peers"] = summarize_ms(wide)
+    finally:
         for runner in runners:
             await runner.cleanup()
-    finally:
         for gw in gws.values():
             gw.stop()
     return result

@@ -20,6 +20,8 @@ from imaging_gateway.security.tls import client_certificate, route_needing_certi
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+PATIENT_DATA_PREFIX = "/dicomweb"
+"""Every route under it reads or writes patient data: never an admin's."""
 
 
 def problem(status: int, code: str, message: str) -> web.Response:
@@ -73,8 +75,10 @@ async def client_certificate_middleware(
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer tokens; a peer gateway's signed assertion on ``GET /dicomweb/...`` instead.
 
-    Raises ``Unauthenticated`` (audited, flood-limited) and, for an assertion sent to
-    anything but a DICOMweb read, ``Forbidden``.
+    Raises ``Unauthenticated`` (audited, flood-limited) and ``Forbidden`` for an
+    assertion sent to anything but a DICOMweb read and for an admin token on any
+    ``/dicomweb`` route (admins read no patient data: a refusal by role, 403, rather than
+    the empty answer the gate's filter would give).
     """
     if request.path in PUBLIC_PATHS:
         return await handler(request)
@@ -89,8 +93,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("a bearer token is required")
-        request[PRINCIPAL] = request.app[TOKENS].verify(token.strip())
+        principal = request.app[TOKENS].verify(token.strip())
     except Unauthenticated as exc:
         await request.app[GATE].refused_token(source=request.remote, reason=exc.message)
         raise
+    request[PRINCIPAL] = principal
+    if principal.role == "admin" and (
+        request.path == PATIENT_DATA_PREFIX or request.path.startswith(PATIENT_DATA_PREFIX + "/")
+    ):
+        reason = "admins read no patient data: /dicomweb needs a hospital or patient token"
+        await request.app[GATE].refused_token(
+            source=request.remote, reason=reason, role="admin", subject=principal.subject,
+            action="dicomweb",
+        )
+        raise Forbidden(reason)
     return await handler(request)

@@ -170,8 +170,9 @@ async def test_nothing_reaches_a_study_without_a_grant(province: Province,
     async with http.get(f"{base}/studies", params={"PatientID": "*"}, headers=er) as r:
         assert r.status == 400
 
-    # Admins and peers read no patient data at all; no token is 401.
-    for who in (province.bearer("--role", "admin"), province.bearer("--role", "peer")):
+    # A peer's bearer token (no signed assertion) reads no patient data; an admin's is
+    # refused outright (test_admin_is_refused_on_every_dicomweb_route); no token is 401.
+    for who in (province.bearer("--role", "peer"),):
         async with http.get(f"{base}/studies", headers=who) as r:
             assert r.status == 204
         async with http.get(f"{base}/studies/{foreign}", headers=who) as r:
@@ -188,6 +189,47 @@ async def test_nothing_reaches_a_study_without_a_grant(province: Province,
                        ("authenticate", "denied", "127.0.0.1", "invalid token")]
     logs = province.gw.logs()
     assert patient_id not in logs and nid not in logs and "Traceback" not in logs
+
+
+async def test_admin_is_refused_on_every_dicomweb_route(province: Province,
+                                                         http: aiohttp.ClientSession) -> None:
+    """Admins read no patient data: every /dicomweb route kind answers 403, not 204 or 404."""
+    base = f"{province.gw.base}/dicomweb"
+    admin = province.bearer("--role", "admin")
+    inst = province.corpus[0]
+    s, se, i = inst.study_uid, inst.series_uid, inst.sop_uid
+    gets = [
+        "", "/studies", "/series", "/instances", f"/studies/{s}/series",
+        f"/studies/{s}/instances", f"/studies/{s}/series/{se}/instances",
+        "/studies?PatientID=*&federated=true",
+        f"/studies/{s}", f"/studies/{s}/series/{se}", f"/studies/{s}/series/{se}/instances/{i}",
+        f"/studies/{s}/metadata", f"/studies/{s}/series/{se}/metadata",
+        f"/studies/{s}/series/{se}/instances/{i}/metadata",
+        f"/studies/{s}/series/{se}/instances/{i}/frames/1",
+        f"/studies/{s}/series/{se}/instances/{i}/bulkdata/7FE00010",
+        f"/studies/{s}/rendered", f"/studies/{s}/series/{se}/instances/{i}/thumbnail",
+        f"/federation/310000/studies/{s}", f"/federation/310000/studies/{s}/metadata",
+    ]
+    for path in gets:
+        async with http.get(base + path, headers=admin) as r:
+            assert r.status == 403, (path, r.status)
+            assert (await r.json())["error"] == "forbidden", path
+    for path in ("/studies", f"/studies/{s}"):  # STOW-RS
+        async with http.post(base + path, data=b"--x--", headers={
+                **admin, "Content-Type": 'multipart/related; type="application/dicom"; '
+                                         "boundary=x"}) as r:
+            assert r.status == 403, (path, r.status)
+    # Audited (flood-limited like refused tokens: one record per address and reason a minute).
+    refused = [(r["role"], r["action"], r["outcome"]) for r in await audit_rows(province)
+               if r["role"] == "admin"]
+    assert refused == [("admin", "dicomweb", "denied")]
+    # The same routes still serve the hospital that produced the study.
+    async with http.get(f"{base}/studies/{s}/metadata",
+                        headers=province.hospital(inst.hospital.code)) as r:
+        assert r.status == 200
+    # The admin's own routes still serve the admin.
+    async with http.get(f"{province.gw.base}/admin/index/stats", headers=admin) as r:
+        assert r.status == 200
 
 
 async def test_bad_queries_are_400_and_xml_on_request(province: Province,

@@ -35,59 +35,14 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking"]
 
-# OHIF's own configuration for a dynamic DICOMweb server (the data source settings of its
-# platform/app/public/config/local_orthanc.js), pointed at the gateway. OHIF 3.13 asks its userAuthenticationService for the
-# Authorization header of every QIDO-RS/WADO-RS request (the data source's
-# ``requestOptions.auth`` is not consulted any more). Two ways to fill it, both OHIF's own:
-# the viewer route's ``?token=`` parameter (a launch link), or, for the study list too,
-# the config as a function of the services manager whose data source's onConfiguration
-# hook installs the header when the source is initialized.
-APP_CONFIG = """window.config = ({ servicesManager }) => ({
-  routerBasename: '/',
-  extensions: [],
-  modes: [],
-  showStudyList: true,
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: false,
-  defaultDataSourceName: 'gateway',
-  dataSources: [{
-    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-    sourceName: 'gateway',
-    configuration: {
-      friendlyName: 'imaging-gateway',
-      name: 'imaging-gateway',
-      qidoRoot: %(root)s,
-      wadoRoot: %(root)s,
-      wadoUriRoot: %(root)s,
-      qidoSupportsIncludeField: true,
-      supportsFuzzyMatching: true,
-      supportsWildcard: true,
-      imageRendering: 'wadors',
-      thumbnailRendering: 'wadors',
-      enableStudyLazyLoad: true,
-      bulkDataURI: { enabled: true },
-      omitQuotationForMultipartRequest: true,%(hook)s
-    },
-  }],
-});
-"""
+# The gateway's data source for OHIF is the README's app-config.js block, loaded as written
+# with only the server URL and the token replaced (ohif.readme_app_config): what a
+# hospital copies is what is tested. OHIF 3.13 asks its userAuthenticationService for the
+# Authorization header of every QIDO-RS/WADO-RS request; the block's onConfiguration hook
+# installs it, so the study list works too. The second test uses OHIF's own shipped config
+# with the viewer route's ``?token=`` parameter instead.
 SHIPPED_SERVER = "https://d14fa38qiwhyfd.cloudfront.net/dicomweb"
 """The public demo server in OHIF's shipped app-config.js (qidoRoot, wadoRoot, wadoUriRoot)."""
-AUTH_HOOK = """
-      onConfiguration: (config) => {
-        servicesManager.services.userAuthenticationService.setServiceImplementation({
-          getAuthorizationHeader: () => ({ Authorization: %s }),
-        });
-        return config;
-      },"""
-
-
-def app_config(dicomweb: str, token: str | None) -> str:
-    """OHIF's app-config.js for the gateway; with ``token``, sent on every request."""
-    hook = AUTH_HOOK % json.dumps(f"Bearer {token}") if token else ""
-    return APP_CONFIG % {"root": json.dumps(dicomweb), "hook": hook}
-
-
 @dataclass
 class Trace:
     """What the browser saw: console errors, failed or refused requests to the gateway."""
@@ -180,7 +135,7 @@ def province(tmp_path_factory: pytest.TempPathFactory, viewer_port: int) -> Iter
 async def setup(province: Province, viewer_port: int) -> AsyncIterator[Setup]:
     _, home, _ = province.shared_patient()
     token = province.token("--role", "hospital", "--hospital", home, "--subject", "ohif")
-    config = app_config(f"{province.gw.base}/dicomweb", token)
+    config = ohif.readme_app_config(f"{province.gw.base}/dicomweb", token)
     runner = web.AppRunner(viewer_app(ohif.DIST, config), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", viewer_port)

@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import socket
-import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -453,7 +452,6 @@ async def test_unreachable_endpoint_gives_store_unavailable(kind: str) -> None:
         timeout_s=2.0,
     )
     store = open_store(settings)
-    started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable) as caught:
             await store.read_range("x.dcm", 0, 10)
@@ -463,7 +461,6 @@ async def test_unreachable_endpoint_gives_store_unavailable(kind: str) -> None:
     assert f"down-{kind}" in message and settings.endpoint in message
     assert "after 3 attempts" in message
     assert "very-secret-value" not in message and "x.dcm" not in message
-    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("kind", REMOTE)

@@ -273,7 +273,12 @@ async def test_second_job_on_same_store_is_refused(env: tuple[Settings, SqlIndex
 
 def test_sigkill_mid_job_then_cli_resume(tmp_path: Path, index_url: str,
                                          objs: dict[str, bytes]) -> None:
-    """A real process killed with SIGKILL; the same command resumes to the same index."""
+    """A real process killed with SIGKILL; the same command resumes to the same index.
+
+    The first run's store stalls for good after a few header reads
+    (``tests.support.stalled_sync``), so it is always killed mid-job, after a checkpoint
+    and before its end, however fast or loaded the machine.
+    """
     import json
     import signal
     import subprocess
@@ -283,27 +288,33 @@ def test_sigkill_mid_job_then_cli_resume(tmp_path: Path, index_url: str,
     settings = settings_for(tmp_path, index_url, page_size=2)
     write_store(tmp_path / "store", objs)
     config = tmp_path / "gateway.toml"
-    cmd = [sys.executable, "-m", "imaging_gateway", "sync", "--config", str(config),
-           "--store", "bj", "--json", "--no-progress"]
+    args = ["sync", "--config", str(config), "--store", "bj", "--json", "--no-progress"]
+    repo = Path(__file__).resolve().parents[2]
     slow_env = {**os.environ, "IMAGING_GATEWAY_SYNC__CONCURRENCY": "1"}
-    proc = subprocess.Popen(cmd, env=slow_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stalled = subprocess.Popen([sys.executable, "-m", "tests.support.stalled_sync", "6", *args],
+                               cwd=repo, env=slow_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
 
-    async def cursor() -> str | None:
+    async def checkpoint() -> tuple[str | None, int]:
         index = await SqlIndex.open(settings.index)
         try:
             job = await index.open_job("bj")
-            return job.cursor if job else None
+            return (job.cursor, job.counters.get("listed", 0)) if job else (None, 0)
         finally:
             await index.close()
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if asyncio.run(cursor()) is not None:
-            break
-        time.sleep(0.02)
-    killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        # Stalled, the process cannot end by itself: it is killed once a page has landed.
+        while (cursor := asyncio.run(checkpoint()))[0] is None:
+            assert stalled.poll() is None, stalled.communicate()[1].decode()[-2000:]
+            time.sleep(0.05)
+    finally:
+        stalled.send_signal(signal.SIGKILL)
+        stalled.wait()
+    assert stalled.returncode == -signal.SIGKILL
+    assert 0 < cursor[1] < len(objs)  # killed mid-job: some pages in, not all
+
+    cmd = [sys.executable, "-m", "imaging_gateway", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
@@ -323,7 +334,6 @@ def test_sigkill_mid_job_then_cli_resume(tmp_path: Path, index_url: str,
             await ref.close()
 
     asyncio.run(compare())
-    assert killed, "the first run finished before it could be killed"
 
 
 class RewritingStore:

@@ -1,7 +1,7 @@
 """Misbehaving peers for federation tests: one process, one HTTPS site per mode.
 
 ``python -m tests.support.fake_peer --cert C --key K --log L slow=PORT garbage=PORT
-oversized=PORT``. ``slow`` answers a valid empty DICOM JSON array after 5 s; ``garbage``
+oversized=PORT``. ``slow`` is stalled: it never answers (only the caller's deadline ends the request); ``garbage``
 answers 200 with a non-JSON body typed application/dicom+json; ``oversized`` streams a
 JSON array far larger than any sane answer cap. Every request's path, query and
 headers are appended to the log (one JSON line each) so a test can check what a peer is
@@ -25,8 +25,7 @@ def site(mode: str, log: Path) -> web.Application:
             fh.write(json.dumps({"mode": mode, "path": request.path_qs,
                                  "headers": dict(request.headers)}) + "\n")
         if mode == "slow":
-            await asyncio.sleep(5)
-            return web.Response(text="[]", content_type="application/dicom+json")
+            await asyncio.Event().wait()  # until the process ends
         if mode == "garbage":
             return web.Response(text="<html>not json</html>", content_type="application/dicom+json")
         resp = web.StreamResponse(headers={"Content-Type": "application/dicom+json"})

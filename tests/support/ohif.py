@@ -7,6 +7,8 @@ test does it on first use; a bundle that cannot be fetched fails the test.
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,6 +20,28 @@ OHIF_VERSION = "3.13.2"
 REPO = Path(__file__).resolve().parents[2]
 DIST = REPO / ".cache" / "ohif" / OHIF_VERSION / "dist"
 FETCH_COMMAND = "python -m tests.support.ohif"
+README = REPO / "README.md"
+README_MARK = "<!-- ohif-app-config:"
+README_SERVER = "'https://gw.province.example/dicomweb'"
+README_TOKEN = "'Bearer TOKEN'"
+
+
+def readme_app_config(dicomweb: str, token: str) -> str:
+    """The README's OHIF ``app-config.js`` block as written, only its URL and token replaced.
+
+    The block is the first ``js`` code block after the ``<!-- ohif-app-config: ... -->``
+    marker. Raises ``AssertionError`` when the marker, the block or the placeholders
+    (the server URL three times, the token once) are not there.
+    """
+    text = README.read_text(encoding="utf-8")
+    start = text.find(README_MARK)
+    assert start >= 0, f"README.md has no {README_MARK!r} marker"
+    block = re.search(r"^```js\n(.*?)^```$", text[start:], flags=re.MULTILINE | re.DOTALL)
+    assert block is not None, "no ```js block after the README's OHIF marker"
+    config = block.group(1)
+    assert config.count(README_SERVER) == 3 and config.count(README_TOKEN) == 1, config
+    return config.replace(README_SERVER, json.dumps(dicomweb)).replace(
+        README_TOKEN, json.dumps(f"Bearer {token}"))
 
 
 def missing() -> str | None:
