@@ -173,8 +173,8 @@ async def _federated_search(
 
 
 def _warnings(request: web.Request, texts: tuple[str, ...]) -> str:
-    agent = request.host or "imaging-gateway"
-    return ", ".join(f'299 {agent} "{t.replace(chr(34), chr(39))}"' for t in texts)
+    # One builder for every Warning field: texts can quote the request (parameter names).
+    return warning_header(texts, agent=request.host or "imaging-gateway") or ""
 
 
 def _multipart_related(parts: list[bytes], media_type: str) -> tuple[bytes, str]:

@@ -1,0 +1,56 @@
+"""Hostile request bytes against a served gateway (SQLite and PostgreSQL): whatever a
+client writes, the answer arrives, is JSON or DICOM JSON, carries no raw input in a
+header, and nothing of the request's content reaches the gateway's log."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import quote
+
+from tests.e2e.conftest import Province
+from tests.support import rawhttp
+
+# Bytes a header may carry: visible ASCII, space, tab (RFC 9110 5.5; obs-text aside).
+_HEADER_SAFE = re.compile(rb"[\t\x20-\x7e]*")
+FAKE_ID = "110101199003077777"  # a well-formed fake national ID (GB 11643)
+FAKE_TOKEN = "eyFAKEBEARERTOKENSTARTabcdef"
+
+
+def _assert_clean_head(resp: rawhttp.RawResponse) -> None:
+    for line in resp.head.split(b"\r\n"):
+        assert _HEADER_SAFE.fullmatch(line), line
+
+
+async def test_unknown_parameter_names_are_never_echoed_raw_into_a_header(
+    province: Province,
+) -> None:
+    _, home, _ = province.shared_patient()
+    auth = province.hospital(home)
+    port = province.gw.port
+    # (raw name, as the Warning header names it)
+    names = [("a\rb", "a%0Db"), ("a\nb", "a%0Ab"), ("a\x01b", "a%01b"), ("a\x7fb", "a%7Fb"),
+             ('a"b\\c', "a'b%5Cc"), ("a患者", "a%E6%82%A3%E8%80%85"), ("a%b", "a%25b")]
+    for name, shown in names:
+        path = f"/dicomweb/studies?{quote(name, safe='')}=1&limit=1"
+        resp = await rawhttp.exchange(port, rawhttp.get(path, port=port, headers=auth))
+        assert resp is not None, f"no answer at all for {name!r}"
+        assert resp.status == 200, (name, resp.status, resp.body[:300])
+        _assert_clean_head(resp)
+        warning = resp.header("Warning")
+        assert warning is not None and warning.startswith("299 "), resp.head
+        # The name is named (percent-encoded as it was sent), never raw.
+        assert f"The query parameter {shown} is not supported" in warning, (name, warning)
+        assert len(json.loads(resp.body)) == 1
+    # An attribute-like name with a control character: a JSON 4xx or an ignored key,
+    # never a header carrying it.
+    path = "/dicomweb/studies?Patient%0dID=1&limit=1"
+    resp = await rawhttp.exchange(port, rawhttp.get(path, port=port, headers=auth))
+    assert resp is not None
+    _assert_clean_head(resp)
+    assert resp.status in (200, 400), resp.head
+    if resp.status == 400:
+        assert json.loads(resp.body)["error"] == "invalid-query"
+    else:
+        assert "Patient%0DID" in (resp.header("Warning") or "")
+    assert "Traceback" not in province.gw.logs()
