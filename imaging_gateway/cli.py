@@ -253,6 +253,7 @@ def _serve(settings: Settings) -> int:
     from aiohttp import web
 
     from imaging_gateway.api.logging import SafeAccessLogger
+    from imaging_gateway.api.server import serve
     from imaging_gateway.app import create_app
     from imaging_gateway.security.tls import is_loopback, server_context
 
@@ -270,14 +271,21 @@ def _serve(settings: Settings) -> int:
         log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=ssl_context,
-        access_log_class=SafeAccessLogger,
-        print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
-    )
+    # Not web.run_app: its runner answers malformed requests in text quoting them and
+    # logs their bytes (api.server).
+    try:
+        asyncio.run(
+            serve(
+                app,
+                host=host,
+                port=port,
+                ssl_context=ssl_context,
+                access_log_class=SafeAccessLogger,
+                on_serving=lambda: log.info("serving on %s://%s:%d", scheme, host, port),
+            )
+        )
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
     return 0
 
 

@@ -54,3 +54,50 @@ async def test_unknown_parameter_names_are_never_echoed_raw_into_a_header(
     else:
         assert "Patient%0DID" in (resp.header("Warning") or "")
     assert "Traceback" not in province.gw.logs()
+
+
+async def test_oversized_request_line_and_header_answer_json_and_log_no_content(
+    province: Province,
+) -> None:
+    _, home, _ = province.shared_patient()
+    auth = province.hospital(home)
+    port = province.gw.port
+    pad = "A" * 9000
+    cases = [
+        # request line over 8190 bytes, the identifier in its first hundred bytes
+        rawhttp.get(f"/dicomweb/studies?PatientID={FAKE_ID}&x={pad}", port=port, headers=auth),
+        rawhttp.get(f"/consents?patient={FAKE_ID}&x={pad}", port=port, headers=auth),
+        # one header over 8190 bytes: a bearer token, a custom header with the ID
+        rawhttp.get("/dicomweb/studies", port=port,
+                    headers={"Authorization": f"Bearer {FAKE_TOKEN}{pad}"}),
+        rawhttp.get("/dicomweb/studies", port=port,
+                    headers={**auth, "X-Patient": f"{FAKE_ID}{pad}"}),
+    ]
+    for request in cases:
+        resp = await rawhttp.exchange(port, request)
+        assert resp is not None
+        assert 400 <= resp.status < 500, resp.head
+        _assert_clean_head(resp)
+        assert (resp.header("Content-Type") or "").startswith("application/json"), resp.head
+        body = json.loads(resp.body)
+        assert set(body) == {"error", "message"} and body["error"], body
+        text = resp.body.decode()
+        assert FAKE_ID not in text and FAKE_TOKEN not in text and "AAAA" not in text, text
+    # An ordinary search by PatientID is logged without its query string either, nor is
+    # an identifier in a path (an encoded "?" makes the query part of the path).
+    ok = rawhttp.get(f"/dicomweb/studies?PatientID={FAKE_ID}", port=port, headers=auth)
+    resp = await rawhttp.exchange(port, ok)
+    assert resp is not None and resp.status in (200, 204)
+    for path in (f"/dicomweb/studies%3FPatientID%3D{FAKE_ID}", f"/{FAKE_ID}",
+                 f"/dicomweb/studies/{FAKE_ID}",
+                 f"/dicomweb/studies/1.2/series/1.3/instances/1.4/bulkdata/{FAKE_ID}"):
+        resp = await rawhttp.exchange(port, rawhttp.get(path, port=port, headers=auth))
+        assert resp is not None and resp.status == 404, resp
+        assert FAKE_ID not in resp.body.decode()
+    logs = province.gw.logs()
+    assert FAKE_ID not in logs
+    assert FAKE_TOKEN not in logs
+    assert "AAAAAAAA" not in logs
+    assert "Traceback" not in logs
+    # ... while the access log still names what was asked for, UIDs included.
+    assert '"GET /dicomweb/studies/1.2/series/1.3/instances/1.4/bulkdata/{path}" 404' in logs
