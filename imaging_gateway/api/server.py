@@ -35,12 +35,13 @@ _HEADER_FRAMES = frozenset({"cb_on_header_field", "cb_on_header_value", "parse_h
 
 
 def _innermost_frame(exc: BaseException) -> str:
+    """The function the exception was raised in (Cython names it ``module.function``)."""
     tb = exc.__traceback__
     name = ""
     while tb is not None:
         name = tb.tb_frame.f_code.co_name
         tb = tb.tb_next
-    return name
+    return name.rsplit(".", 1)[-1]
 
 
 class GatewayRequestHandler(RequestHandler):
@@ -128,10 +129,12 @@ async def serve(
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM (then ``web.GracefulExit`` is raised, as
     ``web.run_app`` does); the app's cleanup runs on the way out."""
+    # keepalive_timeout as web.run_app sets it (the handler's own default is an hour).
     if access_log_class is None:
-        runner = GatewayRunner(app, handle_signals=True)
+        runner = GatewayRunner(app, handle_signals=True, keepalive_timeout=75.0)
     else:
-        runner = GatewayRunner(app, handle_signals=True, access_log_class=access_log_class)
+        runner = GatewayRunner(app, handle_signals=True, keepalive_timeout=75.0,
+                               access_log_class=access_log_class)  # fmt: skip
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
