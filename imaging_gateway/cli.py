@@ -280,6 +280,7 @@ def _serve(settings: Settings) -> int:
     from aiohttp import web
 
     from imaging_gateway.api.logging import SafeAccessLogger
+    from imaging_gateway.api.server import serve
     from imaging_gateway.app import create_app
     from imaging_gateway.security.tls import is_loopback, server_context
 
@@ -297,17 +298,23 @@ def _serve(settings: Settings) -> int:
         log.info("client certificates required on: %s", ", ".join(settings.tls.client_cert_routes))
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
+    # Not web.run_app: its runner answers malformed requests in text quoting them and
+    # logs their bytes (api.server).
     try:
-        web.run_app(
-            app,
-            host=host,
-            port=port,
-            ssl_context=ssl_context,
-            access_log_class=SafeAccessLogger,
-            print=lambda *a: log.info("serving on %s://%s:%d", scheme, host, port),
+        asyncio.run(
+            serve(
+                app,
+                host=host,
+                port=port,
+                ssl_context=ssl_context,
+                access_log_class=SafeAccessLogger,
+                on_serving=lambda: log.info("serving on %s://%s:%d", scheme, host, port),
+            )
         )
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
     except OSError as exc:
-        # Binding the listening socket is the only OSError run_app lets out on purpose.
+        # Binding the listening socket is the only OSError serve lets out on purpose.
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
                 "gateway.listen", f"{host}:{port} is already in use (another process listens there)"

@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ Ownership = Literal["store", "prefix", "institution"]
 OWNERSHIPS: tuple[Ownership, ...] = ("store", "prefix", "institution")
 TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
 TLS_VERSIONS: tuple[TlsVersion, ...] = ("TLSv1.2", "TLSv1.3")
+IPNetwork = IPv4Network | IPv6Network
 
 # Keys that would hold a secret in the file itself. The file names environment
 # variables instead (``*_env``), so a leaked config file leaks nothing.
@@ -98,6 +100,12 @@ class GatewaySettings:
     transcode_max_bytes: int = 512 * 1024 * 1024
     """Most memory one WADO-RS transcoding may take (stored plus decoded bytes of an
     instance or frame); larger ones are refused with 406 and are sent only as stored."""
+    public_base_url: str | None = None
+    """``scheme://host[:port][/prefix]`` clients reach the gateway at, without a trailing
+    slash; every absolute URL the gateway writes starts with it. None: derived from each
+    request (``api.urls``)."""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Peers whose ``X-Forwarded-Proto/Host/Prefix`` headers are believed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +495,39 @@ def _path_or(section: _Section, key: str, base: Path, default: Path) -> Path:
     return default if value is None else _path(base, value)
 
 
+def _public_base_url(value: str | None) -> str | None:
+    """``gateway.public_base_url`` without its trailing slash; ``ConfigError`` unless it is
+    an absolute http(s) URL with a host and no user, query or fragment."""
+    if value is None:
+        return None
+    expected = "an absolute http(s) URL such as https://pacs.example.cn[:port][/prefix]"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError("gateway.public_base_url", expected) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("gateway.public_base_url", expected)
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ConfigError("gateway.public_base_url", f"{expected}, without a query or fragment")
+    if parts.username is not None or any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError("gateway.public_base_url", f"{expected}, without user or spaces")
+    return value.rstrip("/")
+
+
+def _networks(key: str, values: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """IP addresses or CIDR blocks (``10.0.0.0/8``, ``::1``); ``ConfigError`` naming ``key``."""
+    out: list[IPNetwork] = []
+    for value in values:
+        try:
+            out.append(ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                key, f"expected IP addresses or CIDR blocks (10.0.0.0/8), got {value!r}"
+            ) from None
+    return tuple(out)
+
+
 def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     unknown = sorted(set(raw) - _SECTIONS)
     if unknown:
@@ -522,6 +563,8 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         transcode_max_bytes=g.int_(
             "transcode_max_bytes", 512 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
         ),
+        public_base_url=_public_base_url(g.opt_str("public_base_url")),
+        trusted_proxies=_networks("gateway.trusted_proxies", g.str_list("trusted_proxies", [])),
     )
     g.finish()
 

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from imaging_gateway.api.keys import INDEX, PRINCIPAL, SYNC
+from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import InvalidRequest
 from imaging_gateway.security.principals import Principal
 
@@ -34,6 +35,7 @@ def _job_json(request: web.Request, job: Any) -> dict[str, Any]:
 async def create_sync_job(request: web.Request) -> web.Response:
     """Start a sync job: ``{"store": NAME, "mode": "incremental"|"full", "restart": false}``."""
     _admin(request)
+    base = public_base(request)  # a bad Host is refused before the job starts
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -48,7 +50,9 @@ async def create_sync_job(request: web.Request) -> web.Response:
         raise InvalidRequest("restart must be true or false")
     job = await request.app[SYNC].start(body["store"], mode=mode, restart=restart)
     return web.json_response(
-        _job_json(request, job), status=202, headers={"Location": f"/admin/sync-jobs/{job.id}"}
+        _job_json(request, job),
+        status=202,
+        headers={"Location": f"{base}/admin/sync-jobs/{job.id}"},
     )
 
 

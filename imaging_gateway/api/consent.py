@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from imaging_gateway.api.keys import CONSENTS, GATE, PEER_GRANT, PRINCIPAL, SETTINGS
+from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import InvalidRequest, NotFound
 from imaging_gateway.security.consent import may_manage, parse_consent_request
 from imaging_gateway.security.gate import AccessContext
@@ -46,6 +47,7 @@ async def _json_body(request: web.Request) -> Any:
 async def create_consent(request: web.Request) -> web.Response:
     """Record a patient's grant (hospital: to itself; admin: to any hospital)."""
     ctx = access_context(request)
+    base = public_base(request)  # a bad Host is refused before anything is recorded
     settings = request.app[SETTINGS].security
     consent_request = parse_consent_request(
         await _json_body(request),
@@ -69,7 +71,7 @@ async def create_consent(request: web.Request) -> web.Response:
             at=ctx.now,
         )
     return web.json_response(
-        consent.as_json(ctx.now), status=201, headers={"Location": f"/consents/{consent.id}"}
+        consent.as_json(ctx.now), status=201, headers={"Location": f"{base}/consents/{consent.id}"}
     )
 
 

@@ -28,6 +28,7 @@ from imaging_gateway.api.keys import (
     SETTINGS,
     STORES,
 )
+from imaging_gateway.api.urls import public_authority, public_base
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
@@ -63,7 +64,7 @@ def _ctx(request: web.Request) -> AccessContext:
 
 
 def _base(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}{PREFIX}"
+    return f"{public_base(request)}{PREFIX}"
 
 
 # -- QIDO-RS -------------------------------------------------------------------------
@@ -161,7 +162,7 @@ async def _federated_search(
     }
     texts = (*page.warnings, *answer.warnings)
     if texts:
-        headers["Warning"] = warning_header(texts, agent=request.host or "imaging-gateway") or ""
+        headers["Warning"] = warning_header(texts, agent=public_authority(request)) or ""
     if not answer.datasets:
         return web.Response(status=204, headers=headers)
     return web.Response(
@@ -173,8 +174,8 @@ async def _federated_search(
 
 
 def _warnings(request: web.Request, texts: tuple[str, ...]) -> str:
-    agent = request.host or "imaging-gateway"
-    return ", ".join(f'299 {agent} "{t.replace(chr(34), chr(39))}"' for t in texts)
+    # One builder for every Warning field: texts can quote the request (parameter names).
+    return warning_header(texts, agent=public_authority(request)) or ""
 
 
 def _multipart_related(parts: list[bytes], media_type: str) -> tuple[bytes, str]:

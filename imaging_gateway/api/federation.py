@@ -36,6 +36,7 @@ from imaging_gateway.api.keys import (
     PRINCIPAL,
     SETTINGS,
 )
+from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
@@ -227,7 +228,7 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
         )  # fmt: skip
 
     if tail is not None and tail.endswith("metadata"):
-        home = f"{request.scheme}://{request.host}/dicomweb/federation"
+        home = f"{public_base(request)}/dicomweb/federation"
         return await _metadata(ask({}), federation, province, home)
     cache = federation.cache
     if cache is None or any(h in request.headers for h in _CONDITIONS):

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from imaging_gateway.api.federation import authenticate_peer, peer_assertion
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
+from imaging_gateway.api.logging import route_of, stack_without_message
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
@@ -42,9 +43,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 400:
             return problem(exc.status, "http-error", exc.reason)
         raise
-    except Exception:
-        # Path only: query strings may carry patient identifiers.
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except Exception as exc:
+        # The route, not the path or query, and no message: all can carry identifiers.
+        log.error("unhandled error on %s %s: %s", request.method, route_of(request),
+                  stack_without_message(exc))  # fmt: skip
         return problem(500, "internal-error", "internal error")
 
 

@@ -36,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.errors import PeerUnavailable
@@ -53,6 +54,7 @@ __all__ = [
     "PeerAnswerError",
     "PeerOutcome",
     "fan_out",
+    "header_text",
     "holding_province",
     "merge_studies",
     "tag_dataset",
@@ -356,14 +358,28 @@ def warning_texts(result: FanOutResult[Any]) -> tuple[str, ...]:
 def warning_header(texts: Sequence[str], *, agent: str) -> str | None:
     """A ``Warning`` field value: ``299 {agent} "peer 440000 timed out", ...``; None if empty.
 
-    PS3.18 8.3 / RFC 7234 5.5 warn-code 299 (miscellaneous persistent warning), as the
-    local search writes it; ``agent`` is the gateway's host or name (spaces become ``-``
-    so it stays one token), double quotes in texts become single quotes.
+    PS3.18 8.3 / RFC 7234 5.5 warn-code 299 (miscellaneous persistent warning), for the
+    local search and the fan-out alike; ``agent`` is the gateway's host or name (other
+    characters than a token's become ``-`` so it stays one token), double quotes in
+    texts become single quotes. Texts can quote the request (an unknown parameter's
+    name): anything but visible ASCII and space is percent-encoded (UTF-8), as are
+    ``%`` and ``\\``, so no control character or raw input byte reaches the header
+    (aiohttp refuses CR and LF there and would send no answer at all).
     """
     if not texts:
         return None
     token = re.sub(r"[^A-Za-z0-9!#$%&'*+.^_`|~:\[\]-]", "-", agent.strip()) or "imaging-gateway"
-    return ", ".join(f'299 {token} "{_short(t).replace(chr(34), chr(39))}"' for t in texts)
+    return ", ".join(f'299 {token} "{header_text(t)}"' for t in texts)
+
+
+# Visible ASCII and space, less the quote (replaced), the escape and percent (encoded).
+_HEADER_TEXT_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"%\\')
+
+
+def header_text(text: str) -> str:
+    """``text`` made safe inside a quoted header value: ``"`` -> ``'``, and every byte
+    of anything but visible ASCII and space percent-encoded (``a\\rb`` -> ``a%0Db``)."""
+    return quote(text.replace('"', "'"), safe=_HEADER_TEXT_SAFE)
 
 
 # -- merging study results -----------------------------------------------------------

@@ -67,7 +67,7 @@ async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.
     async with http.post(f"{base}/admin/sync-jobs", headers=admin, json={"store": "bj-fs"}) as r:
         assert r.status == 202
         job = await r.json()
-        assert r.headers["Location"] == f"/admin/sync-jobs/{job['id']}"
+        assert r.headers["Location"] == f"{base}/admin/sync-jobs/{job['id']}"
     for _ in range(200):
         async with http.get(f"{base}/admin/sync-jobs/{job['id']}", headers=admin) as r:
             job = await r.json()

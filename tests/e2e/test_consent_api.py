@@ -35,7 +35,7 @@ async def test_consent_lifecycle_over_http(province: Province,
         assert r.status == 201, await r.text()
         consent = await r.json()
     assert consent["grantee_hospital"] == other and consent["active"] is True
-    assert r.headers["Location"] == f"/consents/{consent['id']}"
+    assert r.headers["Location"] == f"{base}/consents/{consent['id']}"
 
     async with http.get(f"{base}/consents", params={"patient": nid}, headers=grantee) as r:
         assert [c["id"] for c in await r.json()] == [consent["id"]]

@@ -271,6 +271,10 @@ def test_warning_header() -> None:
         '299 imaging-gateway-110000 "peer 440000 timed out"'
     )
     assert warning_header((), agent="x") is None
+    # Texts quoting the request never put a raw byte of it in the header.
+    assert warning_header(("parameter a\r\nb 患 50% \\",), agent="gw\x01x") == (
+        '299 gw-x "parameter a%0D%0Ab %E6%82%A3 50%25 %5C"'
+    )
     assert result.metadata() == [
         {"province": "110000", "status": "ok", "elapsed_ms": 0.0},
         {"province": "440000", "status": "timeout", "elapsed_ms": 1500.0},

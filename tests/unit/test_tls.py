@@ -174,8 +174,7 @@ def test_is_loopback() -> None:
 
 
 def _serve_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> dict[str, object]:
-    from aiohttp import web
-
+    from imaging_gateway.api import server
     from imaging_gateway.cli import _serve
     from imaging_gateway.settings import load_settings
 
@@ -183,10 +182,10 @@ def _serve_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> d
     cfg.write_text(text, encoding="utf-8")
     seen: dict[str, object] = {}
 
-    def run_app(app: object, **kw: object) -> None:
+    async def serve(app: object, **kw: object) -> None:
         seen.update(kw)
 
-    monkeypatch.setattr(web, "run_app", run_app)
+    monkeypatch.setattr(server, "serve", serve)
     assert _serve(load_settings(cfg, environ={})) == 0
     return seen
 
