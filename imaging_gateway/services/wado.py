@@ -96,6 +96,8 @@ from imaging_gateway.storage.zerocopy import (
 __all__ = [
     "BULK_DATA_THRESHOLD",
     "CHUNK_SIZE",
+    "MAX_FRAME_LIST",
+    "MAX_VIEWPORT",
     "STREAM_OUTCOME",
     "THUMBNAIL_VIEWPORT",
     "TRANSCODE_MAX_BYTES",
@@ -131,6 +133,10 @@ BULK_DATA_THRESHOLD: Final = 1024
 """pydicom's threshold, in base64 characters: binary values over 768 bytes become URIs."""
 THUMBNAIL_VIEWPORT: Final = (128, 128)
 DEFAULT_JPEG_QUALITY: Final = 90
+MAX_FRAME_LIST: Final = 1024
+"""Most frames one Retrieve Frames request may list (the instance's NumberOfFrames too)."""
+MAX_VIEWPORT: Final = 65535
+"""Largest viewport width or height: no image has more rows or columns (US, PS3.5 6.2)."""
 TRANSCODE_MAX_BYTES: Final = 512 << 20
 """Default bound on the memory one transcoded instance may take (stored + decoded bytes)."""
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
@@ -1134,12 +1140,21 @@ class _FrameSource:
         return EXPLICIT_VR_LITTLE_ENDIAN if ts in NATIVE_LITTLE_ENDIAN else ts
 
     def check(self, numbers: Sequence[int]) -> None:
-        """``InvalidRequest`` for an empty list or numbers < 1; ``NotFound`` past the last."""
+        """``InvalidRequest`` for an empty list, numbers < 1, repeats or more numbers than
+        the instance has frames; ``NotFound`` for a number past the last."""
         if not numbers:
-            raise InvalidRequest("the frame list is empty")
+            raise InvalidRequest("frames: the frame list is empty")
+        n = self.number_of_frames
+        if len(numbers) > n:
+            raise InvalidRequest(
+                f"frames: {len(numbers)} frames listed; the instance has {n} "
+                f"frame{'s' if n != 1 else ''}"
+            )
+        if len(set(numbers)) != len(numbers):
+            raise InvalidRequest("frames: a frame is listed twice")
         for number in numbers:
             if number < 1:
-                raise InvalidRequest("frame numbers start at 1")
+                raise InvalidRequest("frames: frame numbers start at 1")
             if number > self.number_of_frames:
                 raise NotFound(
                     f"frame {number} does not exist; the instance has "
@@ -1487,7 +1502,6 @@ def _render(
     window: tuple[float, float] | None,
     quality: int,
     viewport: tuple[int, int] | None,
-    upscale: bool,
 ) -> bytes:
     ds = single_frame_dataset(header, frame, syntax)
     try:
@@ -1497,9 +1511,9 @@ def _render(
     image = Image.fromarray(np.ascontiguousarray(_display(pixels, ds, window)))
     if viewport is not None:
         width, height = image.size
-        scale = min(viewport[0] / width, viewport[1] / height)
-        if not upscale:
-            scale = min(scale, 1.0)
+        # PS3.18 8.3.5.1.3 lets the server keep the aspect and size down; enlarging adds
+        # no information and its cost grows with the viewport, not with the image.
+        scale = min(viewport[0] / width, viewport[1] / height, 1.0)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS)
@@ -1518,8 +1532,8 @@ def _check_render_parameters(
         raise InvalidRequest("the window width must be greater than 0")
     if quality is not None and not 1 <= quality <= 100:
         raise InvalidRequest("quality is 1 to 100")
-    if viewport is not None and (viewport[0] < 1 or viewport[1] < 1):
-        raise InvalidRequest("the viewport is two positive numbers of pixels")
+    if viewport is not None and not all(1 <= v <= MAX_VIEWPORT for v in viewport):
+        raise InvalidRequest(f"viewport: width and height are 1 to {MAX_VIEWPORT} pixels")
 
 
 async def _render_instance(
@@ -1531,7 +1545,6 @@ async def _render_instance(
     quality: int | None,
     viewport: tuple[int, int] | None,
     frame: int,
-    upscale: bool,
 ) -> tuple[bytes, str]:
     _check_render_parameters(window, quality, viewport)
     store = _store(stores, instance)
@@ -1553,7 +1566,6 @@ async def _render_instance(
         window=window,
         quality=quality or DEFAULT_JPEG_QUALITY,
         viewport=viewport,
-        upscale=upscale,
     )
     return body, representation.media_type
 
@@ -1574,8 +1586,9 @@ async def retrieve_rendered(
     JPEG baseline/extended and JPEG 2000 through Pillow), applies the Modality LUT, the
     window (``window`` = (center, width) in modality units, else the header's first
     WindowCenter/WindowWidth, else a VOI LUT, else min-max), inverts MONOCHROME1, and
-    passes colour through. ``viewport`` = (width, height) scales the image to fit,
-    keeping its aspect ratio. ``quality`` (1-100, default 90) applies to JPEG. Returns
+    passes colour through. ``viewport`` = (width, height, each 1 to :data:`MAX_VIEWPORT`)
+    scales the image down to fit, keeping its aspect ratio; it is never enlarged, so the
+    output is at most the frame's own size. ``quality`` (1-100, default 90) applies to JPEG. Returns
     (body, media type).
 
     Raises ``NotAcceptable`` (Accept refuses JPEG and PNG, or no decoder for the stored
@@ -1586,7 +1599,7 @@ async def retrieve_rendered(
     representation = select_rendered(accept)
     return await _render_instance(
         instance, stores, representation,
-        window=window, quality=quality, viewport=viewport, frame=frame, upscale=True,
+        window=window, quality=quality, viewport=viewport, frame=frame,
     )  # fmt: skip
 
 
@@ -1610,7 +1623,6 @@ async def retrieve_thumbnail(
     return await _render_instance(
         instance, stores, representation,
         window=None, quality=quality, viewport=viewport or THUMBNAIL_VIEWPORT, frame=frame,
-        upscale=False,
     )  # fmt: skip
 
 
@@ -1645,15 +1657,31 @@ def representative_instance(instances: Sequence[InstanceLocation]) -> InstanceLo
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """``"1,3,5"`` -> [1, 3, 5] (order and repeats kept). ``InvalidRequest`` if malformed."""
+    """``"1,3,5"`` -> [1, 3, 5] (order kept).
+
+    Raises ``InvalidRequest`` (naming ``frames``) when malformed, when a frame is listed
+    twice (each repeat would be read and sent again: PS3.18 8.3.3.1 lists frames, it
+    does not ask for copies) or when more than :data:`MAX_FRAME_LIST` frames are listed.
+    The instance's own bound (its NumberOfFrames) is checked once its header is read.
+    """
+    pieces = text.split(",")
+    if len(pieces) > MAX_FRAME_LIST:
+        raise InvalidRequest(
+            f"frames: at most {MAX_FRAME_LIST} frames a request ({len(pieces)} listed); "
+            "retrieve the pixel data's bulk data URI for all frames"
+        )
     numbers: list[int] = []
-    for piece in text.split(","):
+    seen: set[int] = set()
+    for piece in pieces:
         piece = piece.strip()
         if not piece.isdigit() or len(piece) > 9:
-            raise InvalidRequest("a frame list is comma-separated frame numbers from 1")
+            raise InvalidRequest("frames: a frame list is comma-separated frame numbers from 1")
         number = int(piece)
         if number < 1:
-            raise InvalidRequest("frame numbers start at 1")
+            raise InvalidRequest("frames: frame numbers start at 1")
+        if number in seen:
+            raise InvalidRequest(f"frames: frame {number} is listed twice")
+        seen.add(number)
         numbers.append(number)
     return numbers
 
@@ -1677,13 +1705,16 @@ def parse_window(text: str) -> tuple[float, float]:
 
 
 def parse_viewport(text: str) -> tuple[int, int]:
-    """``"vw,vh"`` -> (vw, vh). Source regions (sx,sy,sw,sh) are refused: ``InvalidRequest``."""
+    """``"vw,vh"`` -> (vw, vh), each 1 to :data:`MAX_VIEWPORT`.
+
+    Source regions (sx,sy,sw,sh) and impossible sizes are refused: ``InvalidRequest``.
+    """
     pieces = [p.strip() for p in text.split(",")]
-    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 5 for p in pieces):
+    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 9 for p in pieces):
         raise InvalidRequest("viewport is width,height in pixels")
     width, height = int(pieces[0]), int(pieces[1])
-    if width < 1 or height < 1:
-        raise InvalidRequest("viewport is width,height in pixels")
+    if not (1 <= width <= MAX_VIEWPORT and 1 <= height <= MAX_VIEWPORT):
+        raise InvalidRequest(f"viewport: width and height are 1 to {MAX_VIEWPORT} pixels")
     return width, height
 
 

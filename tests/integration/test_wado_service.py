@@ -1165,7 +1165,7 @@ class RecordingStore:
 @pytest.mark.parametrize(
     ("name", "numbers", "part_type"),
     [
-        ("dose", [1, 5, 15, 5], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("dose", [1, 5, 15, 2], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("ct", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("syn2", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("mr_implicit", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
@@ -1311,8 +1311,9 @@ async def test_rendered_parameters(client: TestClient[Any, Any]) -> None:
     tall = await _image(client, "/inst/j2k/rendered?viewport=100,100")
     assert tall.size == (25, 100)  # 256 x 1024 kept in proportion
     big = await _image(client, "/inst/mr/rendered?viewport=128,128")
-    assert big.size == (128, 128)  # rendered may enlarge
-    for query in ("window=1,0", "quality=0", "viewport=0,10", "viewport=1,2,3,4", "window=a,b"):
+    assert big.size == (64, 64)  # never enlarged past the image's own size
+    for query in ("window=1,0", "quality=0", "viewport=0,10", "viewport=1,2,3,4", "window=a,b",
+                  "viewport=65536,10"):
         async with client.get(f"/inst/mr/rendered?{query}") as response:
             assert response.status == 400, query
 
@@ -1387,7 +1388,7 @@ async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
 
 
 def test_parameter_parsers() -> None:
-    assert wado.parse_frame_list("3,1,3") == [3, 1, 3]
+    assert wado.parse_frame_list("3,1,2") == [3, 1, 2]
     assert wado.parse_window("40,400") == (40.0, 400.0)
     assert wado.parse_window("-600.5, 1500, linear") == (-600.5, 1500.0)
     assert wado.parse_viewport("512,256") == (512, 256)
@@ -1399,6 +1400,9 @@ def test_parameter_parsers() -> None:
         (wado.parse_frame_list, "0"),
         (wado.parse_frame_list, "1,-2"),
         (wado.parse_frame_list, "1.5"),
+        (wado.parse_frame_list, "3,1,3"),
+        (wado.parse_frame_list, ",".join(str(n) for n in range(1, wado.MAX_FRAME_LIST + 2))),
+        (wado.parse_viewport, "65536,10"),
         (wado.parse_window, "40"),
         (wado.parse_window, "40,0"),
         (wado.parse_window, "40,400,sigmoid"),
