@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_NATIONAL_ID_ISSUERS",
     "NeedMoreData",
     "NotParseable",
+    "check_pixel_data_extent",
     "parse_header",
 ]
 
@@ -576,6 +577,92 @@ def _pixel_data_cut(data: bytes, offset: int, *, implicit: bool, little: bool) -
     else:
         header, (length,) = 8, struct.unpack_from(f"{order}H", data, offset + 6)
     return bool(length != 0xFFFFFFFF and offset + header + length > len(data))
+
+
+def check_pixel_data_extent(data: bytes, header: ParsedHeader, *, object_size: int) -> None:
+    """Raise ``NotParseable("truncated: ...")`` if the object is shorter than its header says.
+
+    ``data`` is the object's first bytes as given to :func:`parse_header` (its header
+    and whatever followed in the same read), ``object_size`` the whole object's size
+    (from the listing or the read). Only what ``data`` shows is checked, so a sync
+    needs no read beyond its header read:
+
+    * a defined-length pixel data value (native) must end inside the object;
+    * encapsulated pixel data (PS3.5 A.4): its Basic Offset Table must end inside the
+      object, the last frame it declares must start inside it (with room for an item
+      header), and every fragment item seen in ``data`` must end inside it; when
+      ``data`` is the whole object, the fragments must end with the Sequence Delimitation
+      Item. A whole Deflated object whose deflate stream ends before its end is truncated
+      (``truncated-pixel-data`` from :func:`parse_header`); a deflated prefix cannot be
+      checked without inflating the whole object, and is not.
+    """
+    if "truncated-pixel-data" in header.warnings:
+        raise NotParseable("truncated: the object ends inside its pixel data")
+    syntax = header.instance.TransferSyntaxUID
+    offset = header.header_bytes
+    if syntax == DeflatedExplicitVRLittleEndian or offset + 8 > len(data):
+        return
+    little = syntax != ExplicitVRBigEndian
+    order = "<" if little else ">"
+    group, element = struct.unpack_from(f"{order}HH", data, offset)
+    tag = group << 16 | element
+    if tag not in _PIXEL_TAGS:
+        return
+    name = f"({group:04X},{element:04X})"
+    vr = data[offset + 4 : offset + 6]
+    if syntax == ImplicitVRLittleEndian or not (vr[0] in _VR_CHARS and vr[1] in _VR_CHARS):
+        size, (length,) = 8, struct.unpack_from(f"{order}L", data, offset + 4)
+    elif vr in _LONG_VRS:
+        if offset + 12 > len(data):
+            return
+        size, (length,) = 12, struct.unpack_from(f"{order}L", data, offset + 8)
+    else:
+        size, (length,) = 8, struct.unpack_from(f"{order}H", data, offset + 6)
+    value = offset + size
+    if length != _UNDEFINED:
+        if value + length > object_size:
+            raise NotParseable(
+                f"truncated: pixel data {name} declares {length} bytes; the object ends "
+                f"{value + length - object_size} bytes short of them"
+            )
+        return
+    _check_fragments(data, value, object_size, order)
+
+
+def _check_fragments(data: bytes, at: int, object_size: int, order: str) -> None:
+    """The encapsulated items from ``at`` (the Basic Offset Table first) against the size."""
+    item = struct.Struct(f"{order}HHL").unpack_from
+    if at + 8 > len(data):
+        return
+    group, element, length = item(data, at)
+    if (group << 16 | element) != _ITEM or length == _UNDEFINED:
+        return  # malformed, not short: pydicom's problem when the pixels are read
+    first = at + 8 + length
+    if first > object_size:
+        raise NotParseable("truncated: the object ends inside its Basic Offset Table")
+    if length and first <= len(data):
+        offsets = struct.unpack_from(f"{order}{length // 4}L", data, at + 8)
+        last = first + max(offsets)
+        if last + 8 > object_size:
+            raise NotParseable(
+                f"truncated: the object ends before the last frame its Basic Offset Table "
+                f"declares ({len(offsets)} frames)"
+            )
+    at = first
+    while at + 8 <= len(data):
+        group, element, length = item(data, at)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return
+        if tag != _ITEM or length == _UNDEFINED:
+            return
+        if at + 8 + length > object_size:
+            raise NotParseable("truncated: the object ends inside a pixel data fragment")
+        at += 8 + length
+    if len(data) >= object_size:
+        raise NotParseable(
+            "truncated: encapsulated pixel data ends without its Sequence Delimitation Item"
+        )
 
 
 def _plausible_dataset_start(data: bytes) -> bool:

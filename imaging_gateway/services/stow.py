@@ -71,7 +71,12 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
 from imaging_gateway.dicom.dicomxml import dataset_to_xml
-from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
+from imaging_gateway.dicom.headers import (
+    NeedMoreData,
+    NotParseable,
+    check_pixel_data_extent,
+    parse_header,
+)
 from imaging_gateway.dicom.mediatypes import Representation, select
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import (
@@ -358,8 +363,14 @@ async def _read_head(
             continue
         except NotParseable as exc:
             raise _Refused(failure_for(exc.reason), exc.reason.split(":", 1)[0]) from None
-        if "truncated-pixel-data" in header.warnings:
-            raise _Refused(CANNOT_UNDERSTAND, "truncated")
+        if ended:
+            # The whole part is here: its pixel data (native length, or encapsulated
+            # items up to their delimiter) must end inside it. A longer part is checked
+            # at its end while it streams (pixel_extent).
+            try:
+                check_pixel_data_extent(bytes(head), header, object_size=len(head))
+            except NotParseable:
+                raise _Refused(CANNOT_UNDERSTAND, "truncated") from None
         if header.instance.TransferSyntaxUID != _DEFLATED:
             # The pixel data element's own header, for the truncation check while streaming
             # (a header parsed from a prefix lies wholly inside it: 12 bytes more at most).

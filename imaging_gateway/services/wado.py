@@ -148,6 +148,7 @@ _PIXEL_TAGS: Final = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: "OW"}
 _EXTENDED_OFFSET_TABLE: Final = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS: Final = 0x7FE00002
 _ITEM: Final = 0xFFFEE000
+_SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 _UNDEFINED: Final = 0xFFFFFFFF
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
@@ -1126,6 +1127,12 @@ class _FrameSource:
             needed = source.number_of_frames * source._frame_length
             if header.value_length < needed:
                 raise IntegrityError("pixel data is shorter than its frames")
+            if header.value_offset and header.value_offset + needed > instance.size:
+                # Whatever the index says: a frame that cannot be read whole is not sent.
+                raise IntegrityError(
+                    f"store {instance.store!r}: the object ends inside its pixel data "
+                    "(truncated); its frames cannot be read whole"
+                )
         return source
 
     @property
@@ -1162,10 +1169,17 @@ class _FrameSource:
                 )
 
     async def _bytes(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``; ``IntegrityError`` if the object ends first."""
         data = self.header.data
         if offset + length <= len(data):
             return data[offset : offset + length]
-        return await _read(self._store, self._instance, offset, length)
+        got = await _read(self._store, self._instance, offset, length)
+        if len(got) != length:
+            raise IntegrityError(
+                f"store {self._instance.store!r}: the object ends inside its pixel data "
+                "(truncated); the frame cannot be read whole"
+            )
+        return got
 
     async def _whole_pixel_value(self) -> bytes:
         """The pixel data value from a full parse (deflated objects, odd layouts)."""
@@ -1264,13 +1278,36 @@ def _check_ranges(frames: Sequence[tuple[int, int]], end: int) -> None:
 
 def _join_fragments(items: bytes) -> bytes:
     """The fragments in a run of encapsulated items (up to a delimiter or the end)."""
+    _check_items(items)
     try:
         return b"".join(generate_fragments(items))
     except Exception:
         raise IntegrityError("encapsulated pixel data has malformed fragment items") from None
 
 
+def _check_items(items: bytes) -> None:
+    """``IntegrityError`` unless every item in ``items`` is whole (PS3.5 A.4).
+
+    pydicom's ``generate_fragments`` hands back a short last fragment when the object
+    ends inside it; such a frame must never be sent.
+    """
+    at = 0
+    while at + 8 <= len(items):
+        group, element, length = struct.unpack_from("<HHL", items, at)
+        if (group << 16 | element) == _SEQUENCE_DELIMITER:
+            return
+        if (group << 16 | element) != _ITEM or length == _UNDEFINED:
+            raise IntegrityError("encapsulated pixel data has malformed fragment items")
+        at += 8 + length
+    if at != len(items):
+        raise IntegrityError(
+            "the object ends inside its encapsulated pixel data (truncated); "
+            "the frame cannot be read whole"
+        )
+
+
 def _frame_from_value(value: bytes, index: int, number_of_frames: int) -> bytes:
+    _check_items(value)
     try:
         return bytes(get_frame(value, index, number_of_frames=number_of_frames))
     except Exception:

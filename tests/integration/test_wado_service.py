@@ -1253,6 +1253,35 @@ async def test_frames_negotiation(
         assert syntax == pydicom.dcmread(io.BytesIO(OBJECTS[name])).file_meta.TransferSyntaxUID
 
 
+async def test_a_truncated_object_never_gives_a_short_frame(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    """Indexed as whole (an index from before the sync checked), yet cut: never a 200."""
+    ct = pydicom_file("CT_small.dcm")  # 128 x 128 x 16 bits: 32,768 bytes of pixels
+    await corpus.put("ct_cut", ct[:-12000])
+    j2k = pydicom_file("examples_jpeg2k.dcm")  # one frame, one 152 KB fragment
+    await corpus.put("j2k_cut", j2k[:100_000])
+    ybr = pydicom_file("examples_ybr_color.dcm")  # 30 JPEG frames, Basic Offset Table
+    offsets = pydicom.encaps.parse_basic_offsets(ybr[35040 + 12 :])
+    assert len(offsets) == 30
+    # Cut inside the last frame: the other 29 are whole, the last is not.
+    await corpus.put("ybr_cut", ybr[: 35040 + 12 + 8 + 120 + offsets[-1] + 100])
+    for url in (
+        "/inst/ct_cut/frames/1",
+        "/inst/ct_cut/rendered",
+        "/inst/ct_cut/bulkdata/7FE00010",
+        "/inst/j2k_cut/frames/1",
+        "/inst/ybr_cut/frames/30",
+    ):
+        async with client.get(url, headers={"Accept": "*/*"}) as response:
+            assert response.status == 500, (url, response.status)
+            body = await response.json()
+            assert body["error"] == "integrity-error", url
+            assert "truncated" in body["message"], (url, body)
+    parts = await get_parts(client, "/inst/ybr_cut/frames/29", "*/*")
+    assert len(parts[1]) == 1
+
+
 async def test_frame_numbers_out_of_range(client: TestClient[Any, Any], corpus: Corpus) -> None:
     for url, status in [
         ("/inst/dose/frames/16", 404),
