@@ -98,6 +98,10 @@ class GatewaySettings:
     transcode_max_bytes: int = 512 * 1024 * 1024
     """Most memory one WADO-RS transcoding may take (stored plus decoded bytes of an
     instance or frame); larger ones are refused with 406 and are sent only as stored."""
+    inflate_max_bytes: int = 64 * 1024 * 1024
+    """Most bytes a Deflated Explicit VR Little Endian dataset is inflated to when WADO-RS
+    reads it whole (metadata, frames, rendered, bulk data); beyond, 406 (sent only as
+    stored). Header parses (sync, STOW) inflate at most ``sync.max_header_bytes``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +512,9 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         write_store=g.opt_str("write_store"),
         transcode_max_bytes=g.int_(
             "transcode_max_bytes", 512 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
+        ),
+        inflate_max_bytes=g.int_(
+            "inflate_max_bytes", 64 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
         ),
     )
     g.finish()

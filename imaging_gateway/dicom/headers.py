@@ -28,6 +28,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.values import convert_string, convert_UI
 
+from imaging_gateway.dicom.deflate import DEFAULT_INFLATE_MAX_BYTES
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.records import (
     InstanceRecord,
@@ -166,6 +167,7 @@ def parse_header(
     *,
     complete: bool,
     national_id_issuers: frozenset[str] | tuple[str, ...] = DEFAULT_NATIONAL_ID_ISSUERS,
+    max_inflated_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
 ) -> ParsedHeader:
     """Parse the header of one DICOM object into a :class:`ParsedHeader`.
 
@@ -178,7 +180,9 @@ def parse_header(
     ``header_bytes`` is where the pixel data element starts (or the object's size when it
     has none). For Deflated Explicit VR Little Endian, where the header has no byte extent,
     it is the file meta plus the deflate stream up to the header, in whole 4 KiB steps
-    (enough to parse the header; it may exceed the object's size).
+    (enough to parse the header; it may exceed the object's size). A deflated dataset is
+    inflated at most ``max_inflated_bytes`` (a 1 MB object can inflate to gigabytes); a
+    header that does not end within them is ``header-too-large``.
 
     Raises:
         NeedMoreData: ``complete`` is False and the header is not wholly inside ``data``
@@ -188,7 +192,8 @@ def parse_header(
             size: then read the whole object and call again with ``complete=True``.
         NotParseable: the object cannot be indexed. ``reason`` starts with ``empty``,
             ``not-dicom``, ``truncated`` (only with ``complete=True``), ``missing-uid``,
-            ``invalid-uid`` or ``unreadable``, then ``": "`` and an explanation naming at
+            ``invalid-uid``, ``header-too-large`` (deflated) or ``unreadable``, then
+            ``": "`` and an explanation naming at
             most tags and keywords, never values.
     """
     size = len(data)
@@ -206,11 +211,17 @@ def parse_header(
         fast = _read_explicit_le(data, complete=complete, issuers=national_id_issuers)
         if fast is not None:
             return fast
-    return _read_with_pydicom(data, complete=complete, issuers=national_id_issuers)
+    return _read_with_pydicom(
+        data, complete=complete, issuers=national_id_issuers, max_inflated=max_inflated_bytes
+    )
 
 
 def _read_with_pydicom(
-    data: bytes, *, complete: bool, issuers: frozenset[str] | tuple[str, ...]
+    data: bytes,
+    *,
+    complete: bool,
+    issuers: frozenset[str] | tuple[str, ...],
+    max_inflated: int,
 ) -> ParsedHeader:
     """parse_header for any object pydicom reads, watching its reads for cuts."""
     size = len(data)
@@ -221,7 +232,9 @@ def _read_with_pydicom(
         # our own stop condition to also learn where each top-level element ends.
         ds: Dataset = read_partial(probe, stop_when=top, force=True, specific_tags=_TOP_LEVEL_TAGS)
     except _DeflatedDataset as deflated:
-        return _parse_deflated(data, deflated.offset, complete=complete, issuers=issuers)
+        return _parse_deflated(
+            data, deflated.offset, complete=complete, issuers=issuers, max_inflated=max_inflated
+        )
     except Exception as exc:
         _raise_for_cut(probe, top, complete=complete, failed=True)
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
@@ -681,11 +694,13 @@ def _parse_deflated(
     *,
     complete: bool,
     issuers: frozenset[str] | tuple[str, ...],
+    max_inflated: int,
 ) -> ParsedHeader:
     """Parse a Deflated Explicit VR Little Endian object (PS3.5 A.5) from a prefix.
 
     The dataset after the file meta is one raw deflate stream; a prefix of the stream
     inflates to a prefix of the dataset, which is then checked like any other prefix.
+    At most ``max_inflated`` bytes are inflated: a prefix of the dataset too.
     """
     try:
         file_meta: Dataset = read_partial(io.BytesIO(data[:meta_end]), force=True).file_meta
@@ -693,10 +708,12 @@ def _parse_deflated(
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = inflater.decompress(data[meta_end:])
+        inflated = inflater.decompress(data[meta_end:], max_inflated)
     except zlib.error:
         raise NotParseable("unreadable: invalid deflate stream") from None
     stream_ended = inflater.eof
+    # Output stopped at the bound with input left: what follows is not known here.
+    bounded = not stream_ended and bool(inflater.unconsumed_tail)
     probe = _Probe(inflated, intercept_read_all=False)
     top = _TopLevel(probe)
     failure: Exception | None = None
@@ -711,6 +728,10 @@ def _parse_deflated(
     except Exception as exc:
         failure = exc
     if probe.short_reads and not stream_ended:
+        if bounded:
+            raise NotParseable(
+                f"header-too-large: the deflated header inflates past {max_inflated} bytes"
+            )
         if complete:
             raise NotParseable("truncated: deflate stream ends inside the header")
         # Guess the compressed size from the ratio so far; pixel data is deflated too, so
@@ -723,7 +744,7 @@ def _parse_deflated(
     _raise_for_cut(probe, top, complete=stream_ended, failed=failure is not None)
     if failure is not None:
         raise NotParseable(f"unreadable: {_scrub(failure)}")
-    cut_pixels = complete and not stream_ended and top.at_pixel_data
+    cut_pixels = complete and not stream_ended and not bounded and top.at_pixel_data
     return _records(
         ds,
         file_meta,

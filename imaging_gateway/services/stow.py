@@ -25,8 +25,8 @@ atomically); an object whose indexing is refused is deleted again.
 Per instance (PS3.18 Annex I, Table I.2-2 Failure Reason; PS3.7 Annex C for 0111 and 0124):
 
 ======  ==============================================================================
-0xA700  refused, out of resources: header longer than ``sync.max_header_bytes``, or the
-        write store unavailable after its retries
+0xA700  refused, out of resources: header longer than ``sync.max_header_bytes`` (for a
+        deflated object: once inflated), or the write store unavailable after its retries
 0xA900  data set does not match its SOP class: a required UID missing or malformed, or
         the series already belongs to another of the caller's studies
 0xA901  the StudyInstanceUID differs from the ``{study}`` of the request URL
@@ -147,6 +147,8 @@ def failure_for(reason: str) -> int:
     code = reason.split(":", 1)[0]
     if code in ("missing-uid", "invalid-uid"):
         return DATA_SET_MISMATCH
+    if code == "header-too-large":  # a deflated header inflating past the bound
+        return OUT_OF_RESOURCES
     return CANNOT_UNDERSTAND
 
 
@@ -355,7 +357,9 @@ async def _read_head(
         if len(head) < _PREAMBLE_END or head[128:_PREAMBLE_END] != b"DICM":
             raise _Refused(CANNOT_UNDERSTAND, "not-part10")
         try:
-            header = parse_header(bytes(head), complete=ended, national_id_issuers=issuers)
+            header = parse_header(
+                bytes(head), complete=ended, national_id_issuers=issuers, max_inflated_bytes=limit
+            )
         except NeedMoreData as exc:
             if len(head) >= limit:
                 raise _Refused(OUT_OF_RESOURCES, "header-too-large") from None

@@ -48,13 +48,17 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, get_frame, parse_basic_offsets
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
+from imaging_gateway.dicom.deflate import (
+    DEFAULT_INFLATE_MAX_BYTES,
+    InflateLimitExceeded,
+    read_part10,
+)
 from imaging_gateway.dicom.mediatypes import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -96,6 +100,7 @@ from imaging_gateway.storage.zerocopy import (
 __all__ = [
     "BULK_DATA_THRESHOLD",
     "CHUNK_SIZE",
+    "INFLATE_MAX_BYTES",
     "MAX_FRAME_LIST",
     "MAX_VIEWPORT",
     "STREAM_OUTCOME",
@@ -137,6 +142,8 @@ MAX_FRAME_LIST: Final = 1024
 """Most frames one Retrieve Frames request may list (the instance's NumberOfFrames too)."""
 MAX_VIEWPORT: Final = 65535
 """Largest viewport width or height: no image has more rows or columns (US, PS3.5 6.2)."""
+INFLATE_MAX_BYTES: Final = DEFAULT_INFLATE_MAX_BYTES
+"""Default bound on what a deflated object is inflated to when read whole (PS3.5 A.5)."""
 TRANSCODE_MAX_BYTES: Final = 512 << 20
 """Default bound on the memory one transcoded instance may take (stored + decoded bytes)."""
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
@@ -216,6 +223,8 @@ class _Header:
     """Offset in the object of the pixel data value (after the element header)."""
     value_length: int | None = None
     """Length of a native pixel data value; None for encapsulated (undefined length)."""
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES
+    """Bound on the inflated dataset when a deflated object is parsed whole."""
 
 
 async def _read_header_bytes(
@@ -236,10 +245,35 @@ async def _read_header_bytes(
     return await _read(store, instance, 0, want), False
 
 
-def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _Header:
-    """Parse header bytes read from the indexed version; ``IntegrityError`` if unreadable."""
+def _too_large_to_inflate(instance: InstanceLocation, exc: InflateLimitExceeded) -> NotAcceptable:
+    return NotAcceptable(
+        f"store {instance.store!r}: a deflated object inflates to more than "
+        f"{exc.max_bytes} bytes (gateway.inflate_max_bytes); it is sent only as stored "
+        "(transfer-syntax=*)"
+    )
+
+
+def _read_whole(instance: InstanceLocation, data: bytes, max_inflated: int) -> Dataset:
+    """The whole object parsed, a deflated one inflated at most ``max_inflated`` bytes."""
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return read_part10(data, max_inflated=max_inflated)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
+
+
+def _parse_header(
+    instance: InstanceLocation,
+    data: bytes,
+    *,
+    whole: bool,
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
+) -> _Header:
+    """Parse header bytes read from the indexed version; ``IntegrityError`` if unreadable,
+    ``NotAcceptable`` if a deflated object inflates past ``inflate_max_bytes``."""
+    try:
+        ds = read_part10(data, max_inflated=inflate_max_bytes, stop_before_pixels=True)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
     except Exception as exc:
         raise IntegrityError(
             f"store {instance.store!r}: an indexed object's header cannot be read "
@@ -253,11 +287,11 @@ def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _H
             transfer_syntax = _IMPLICIT
         else:
             transfer_syntax = EXPLICIT_VR_LITTLE_ENDIAN if little else EXPLICIT_VR_BIG_ENDIAN
-    header = _Header(ds, transfer_syntax, data, whole)
+    header = _Header(ds, transfer_syntax, data, whole, inflate_max_bytes=inflate_max_bytes)
     if transfer_syntax == _DEFLATED or instance.header_bytes <= 0:
         # The pixel data sits inside the deflate stream (or we do not know where it
         # starts): find it by parsing the whole object when frames are asked for.
-        _locate_pixels_by_parsing(header)
+        _locate_pixels_by_parsing(instance, header)
         return header
     position = instance.header_bytes
     if position + 8 > len(data):
@@ -285,12 +319,14 @@ def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _H
     return header
 
 
-def _locate_pixels_by_parsing(header: _Header) -> None:
+def _locate_pixels_by_parsing(instance: InstanceLocation, header: _Header) -> None:
     """For a whole object read: note the pixel data tag (its bytes come from pydicom)."""
     if not header.whole:
         return
     try:
-        full = dcmread(io.BytesIO(header.data), force=True)
+        full = read_part10(header.data, max_inflated=header.inflate_max_bytes)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
     except Exception:
         return
     for tag in _PIXEL_TAGS:
@@ -303,10 +339,16 @@ def _locate_pixels_by_parsing(header: _Header) -> None:
 
 
 async def _load_header(
-    store: ObjectStore, instance: InstanceLocation, *, extra: int = 0
+    store: ObjectStore,
+    instance: InstanceLocation,
+    *,
+    extra: int = 0,
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
 ) -> _Header:
     data, whole = await _read_header_bytes(store, instance, extra=extra)
-    return await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+    return await asyncio.to_thread(
+        _parse_header, instance, data, whole=whole, inflate_max_bytes=inflate_max_bytes
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -642,11 +684,13 @@ def _instance_part_type(instance: InstanceLocation, syntax: str | None = None) -
 
 
 async def _transcoded(
-    store: ObjectStore, instance: InstanceLocation, target: str, max_bytes: int
+    store: ObjectStore, instance: InstanceLocation, target: str, max_bytes: int, max_inflated: int
 ) -> bytes:
     """The indexed version of ``instance``, read whole, re-encoded in ``target`` off the loop."""
     data = await _read(store, instance, 0, instance.size)
-    return await asyncio.to_thread(transcode_instance, data, target, max_bytes=max_bytes)
+    return await asyncio.to_thread(
+        transcode_instance, data, target, max_bytes=max_bytes, max_inflated=max_inflated
+    )
 
 
 async def _instance_parts(
@@ -657,6 +701,7 @@ async def _instance_parts(
     prefetch: int,
     targets: Sequence[str | None] | None = None,
     max_bytes: int = TRANSCODE_MAX_BYTES,
+    max_inflated: int = INFLATE_MAX_BYTES,
     relay: bool = False,
 ) -> AsyncGenerator[_Part, None]:
     """One part per instance; the next ``prefetch`` instances are read ahead concurrently.
@@ -687,7 +732,9 @@ async def _instance_parts(
                 body = entry.chunks(chunk_size) if isinstance(entry, _Opening) else entry.chunks()
                 yield _Part(_instance_part_type(instance), instance.size, body)
             else:
-                data = await _transcoded(_store(stores, instance), instance, target, max_bytes)
+                data = await _transcoded(
+                    _store(stores, instance), instance, target, max_bytes, max_inflated
+                )
                 part_type = _instance_part_type(instance, target)
                 yield _Part(part_type, len(data), _single(data))
                 del data
@@ -715,6 +762,7 @@ async def stream_instances(
     accept: str | None,
     chunk_size: int = CHUNK_SIZE,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Study / Series / Instance: stream ``instances`` as multipart/related.
 
@@ -739,7 +787,8 @@ async def stream_instances(
     whose stored syntax the client accepts is copied byte for byte, without parsing;
     another is read whole, transcoded off the event loop (``transcode_instance``) and
     sent with ``Content-Type: application/dicom; transfer-syntax=<sent>``, one such
-    instance in memory at a time, each bounded by ``transcode_max_bytes``. A body with
+    instance in memory at a time, each bounded by ``transcode_max_bytes`` (a deflated one
+    inflated at most ``inflate_max_bytes``). A body with
     transcoded parts has no Content-Length (chunked; parts keep theirs).
 
     Raises, before anything is sent: ``NotFound`` (no instances), ``NotAcceptable``
@@ -776,6 +825,7 @@ async def stream_instances(
             prefetch=PREFETCH_INSTANCES,
             targets=targets if transcoding else None,
             max_bytes=transcode_max_bytes,
+            max_inflated=inflate_max_bytes,
             relay=relay,
         )
 
@@ -1032,6 +1082,7 @@ async def retrieve_metadata(
     stores: Mapping[str, ObjectStore],
     *,
     bulkdata_base: Callable[[InstanceLocation], str],
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> list[dict[str, Any]]:
     """Retrieve Study / Series / Instance Metadata as DICOM JSON objects (PS3.18 F.2).
 
@@ -1045,8 +1096,9 @@ async def retrieve_metadata(
     The caller serves it as ``application/dicom+json`` (see ``select_metadata``).
 
     Raises ``StorageError`` (store not configured, object changed since indexed),
-    ``ObjectNotFound``, ``StoreUnavailable``, ``IntegrityError`` (header unreadable);
-    the first failure cancels the other reads.
+    ``ObjectNotFound``, ``StoreUnavailable``, ``IntegrityError`` (header unreadable),
+    ``NotAcceptable`` (a deflated object inflates past ``inflate_max_bytes``); the first
+    failure cancels the other reads.
     """
     for instance in instances:
         _store(stores, instance)
@@ -1058,7 +1110,9 @@ async def retrieve_metadata(
         base = bulkdata_base(instance).rstrip("/")
         async with limit:
             data, whole = await _read_header_bytes(_store(stores, instance), instance)
-            header = await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+            header = await asyncio.to_thread(
+                _parse_header, instance, data, whole=whole, inflate_max_bytes=inflate_max_bytes
+            )
             return await asyncio.to_thread(_metadata_json, instance, header, base)
 
     results = await _gather([one(instance) for instance in instances])
@@ -1112,14 +1166,23 @@ class _FrameSource:
             self._frame_length = _frame_length(ds)
 
     @classmethod
-    async def open(cls, store: ObjectStore, instance: InstanceLocation) -> _FrameSource:
-        """Read the header (and the offset table); ``NotFound`` without pixel data."""
+    async def open(
+        cls,
+        store: ObjectStore,
+        instance: InstanceLocation,
+        *,
+        inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
+    ) -> _FrameSource:
+        """Read the header (and the offset table); ``NotFound`` without pixel data,
+        ``NotAcceptable`` for a deflated object inflating past ``inflate_max_bytes``."""
         frames = max(instance.NumberOfFrames or 1, 1)
         encapsulated = (instance.TransferSyntaxUID or _IMPLICIT) not in (
             NATIVE_LITTLE_ENDIAN | {EXPLICIT_VR_BIG_ENDIAN}
         )
         extra = 16 + 4 * frames if encapsulated else 0
-        header = await _load_header(store, instance, extra=extra)
+        header = await _load_header(
+            store, instance, extra=extra, inflate_max_bytes=inflate_max_bytes
+        )
         if header.pixel_tag is None:
             raise NotFound("the instance has no pixel data")
         source = cls(store, instance, header)
@@ -1187,7 +1250,9 @@ class _FrameSource:
             data = self.header.data
             if not self.header.whole:
                 data = await _read(self._store, self._instance, 0, self._instance.size)
-            full = await asyncio.to_thread(dcmread, io.BytesIO(data), force=True)
+            full = await asyncio.to_thread(
+                _read_whole, self._instance, data, self.header.inflate_max_bytes
+            )
             tag = self.header.pixel_tag
             if tag is None or tag not in full:  # pragma: no cover - located before
                 raise NotFound("the instance has no pixel data")
@@ -1341,6 +1406,7 @@ async def retrieve_frames(
     *,
     accept: str | None,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Frames: the listed frames, one part each, in the order listed.
 
@@ -1348,7 +1414,8 @@ async def retrieve_frames(
     Columns, SamplesPerPixel and BitsAllocated; for encapsulated pixel data from the
     Extended or Basic Offset Table (one frame's items; the last frame up to the end of
     the object). Without an offset table a multi-frame value is read whole and split by
-    pydicom; deflated objects are read whole. Uncompressed frames are sent as
+    pydicom; deflated objects are read whole (inflated at most ``inflate_max_bytes``,
+    else ``NotAcceptable``). Uncompressed frames are sent as
     ``application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`` (big endian as
     stored), compressed ones as stored in their image media type or, if the client asks
     with ``transfer-syntax=*`` or the stored UID, as ``application/octet-stream``.
@@ -1364,7 +1431,7 @@ async def retrieve_frames(
     """
     store = _store(stores, instance)
     select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)  # before I/O
-    source = await _FrameSource.open(store, instance)
+    source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
     representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
     source.check(frame_numbers)
     parts = _frame_parts(source, frame_numbers, representation, max_bytes=transcode_max_bytes)
@@ -1425,6 +1492,7 @@ async def retrieve_bulkdata(
     *,
     accept: str | None,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Serve a ``BulkDataURI`` written by :func:`retrieve_metadata`.
 
@@ -1442,7 +1510,7 @@ async def retrieve_bulkdata(
     store = _store(stores, instance)
     if len(path) == 1 and path[0] in _PIXEL_TAGS:
         select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)
-        source = await _FrameSource.open(store, instance)
+        source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
         if source.header.pixel_tag != path[0]:
             raise NotFound("no bulk data at this path")
         representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
@@ -1452,7 +1520,7 @@ async def retrieve_bulkdata(
         content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
         return await _send_multipart(request, content_type, parts)
     representation = select_bulkdata(accept)
-    header = await _load_header(store, instance)
+    header = await _load_header(store, instance, inflate_max_bytes=inflate_max_bytes)
     value = _bulk_value(header.dataset, path)
 
     async def one() -> AsyncGenerator[_Part, None]:
@@ -1582,10 +1650,11 @@ async def _render_instance(
     quality: int | None,
     viewport: tuple[int, int] | None,
     frame: int,
+    inflate_max_bytes: int,
 ) -> tuple[bytes, str]:
     _check_render_parameters(window, quality, viewport)
     store = _store(stores, instance)
-    source = await _FrameSource.open(store, instance)
+    source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
     source.check([frame])
     syntax = source.frame_syntax
     if UID(syntax).is_encapsulated and not can_decode(syntax):
@@ -1616,6 +1685,7 @@ async def retrieve_rendered(
     quality: int | None = None,
     viewport: tuple[int, int] | None = None,
     frame: int = 1,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> tuple[bytes, str]:
     """Retrieve Rendered Instance / Frame: one frame as JPEG (default) or PNG.
 
@@ -1637,6 +1707,7 @@ async def retrieve_rendered(
     return await _render_instance(
         instance, stores, representation,
         window=window, quality=quality, viewport=viewport, frame=frame,
+        inflate_max_bytes=inflate_max_bytes,
     )  # fmt: skip
 
 
@@ -1648,6 +1719,7 @@ async def retrieve_thumbnail(
     viewport: tuple[int, int] | None = None,
     quality: int | None = None,
     frame: int = 1,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> tuple[bytes, str]:
     """Retrieve Thumbnail: like :func:`retrieve_rendered`, shrunk to fit ``viewport``.
 
@@ -1660,6 +1732,7 @@ async def retrieve_thumbnail(
     return await _render_instance(
         instance, stores, representation,
         window=None, quality=quality, viewport=viewport or THUMBNAIL_VIEWPORT, frame=frame,
+        inflate_max_bytes=inflate_max_bytes,
     )  # fmt: skip
 
 

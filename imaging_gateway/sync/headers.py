@@ -75,7 +75,10 @@ async def _read_header(
             complete = len(data) >= total
             try:
                 header = parse_header(
-                    data, complete=complete, national_id_issuers=national_id_issuers
+                    data,
+                    complete=complete,
+                    national_id_issuers=national_id_issuers,
+                    max_inflated_bytes=max_header,  # a deflated header, inflated
                 )
                 # A header read is 64 KiB: the pixel data's declared extent (or its
                 # offset table) against the object's size is what shows a cut object.

@@ -1734,10 +1734,10 @@ async def test_transcoding_runs_off_the_event_loop(
     entered = threading.Event()
     real = wado.transcode_instance
 
-    def held(data: bytes, target: str, *, max_bytes: int) -> bytes:
+    def held(data: bytes, target: str, *, max_bytes: int, max_inflated: int) -> bytes:
         entered.set()
         release.wait(timeout=30)
-        return real(data, target, max_bytes=max_bytes)
+        return real(data, target, max_bytes=max_bytes, max_inflated=max_inflated)
 
     monkeypatch.setattr(wado, "transcode_instance", held)
     slow = asyncio.ensure_future(client.get("/instances?names=mr_rle", headers={"Accept": DICOM}))
