@@ -106,6 +106,10 @@ class GatewaySettings:
     request (``api.urls``)."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose ``X-Forwarded-Proto/Host/Prefix`` headers are believed."""
+    inflate_max_bytes: int = 64 * 1024 * 1024
+    """Most bytes a Deflated Explicit VR Little Endian dataset is inflated to when WADO-RS
+    reads it whole (metadata, frames, rendered, bulk data); beyond, 406 (sent only as
+    stored). Header parses (sync, STOW) inflate at most ``sync.max_header_bytes``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +569,9 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         ),
         public_base_url=_public_base_url(g.opt_str("public_base_url")),
         trusted_proxies=_networks("gateway.trusted_proxies", g.str_list("trusted_proxies", [])),
+        inflate_max_bytes=g.int_(
+            "inflate_max_bytes", 64 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
+        ),
     )
     g.finish()
 

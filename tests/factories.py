@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -178,3 +179,56 @@ def dataset_bytes(
     ds.file_meta = meta
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def deflated_bomb(
+    data: bytes, *, inflated: int = 1 << 30, where: Literal["header", "trailer"]
+) -> bytes:
+    """The Part 10 object ``data`` re-written Deflated Explicit VR Little Endian (PS3.5 A.5)
+    with ``inflated`` bytes of zeros added: a private OB element before the pixel data
+    (``header``) or Data Set Trailing Padding (FFFC,FFFC) after it (``trailer``).
+
+    About 1 MB per GiB of zeros. The zeros are never held: one MiB of them is deflated once
+    and its block repeated (after a full flush a deflate block depends on nothing before it).
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+
+    def encode(part: Dataset) -> bytes:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_dataset(buffer, part)
+        return buffer.getvalue()
+
+    def element(group: int, number: int, vr: bytes, value: bytes, length: int) -> bytes:
+        if vr in (b"OB", b"UN"):
+            return (group.to_bytes(2, "little") + number.to_bytes(2, "little") + vr
+                    + b"\x00\x00" + length.to_bytes(4, "little") + value)
+        return (group.to_bytes(2, "little") + number.to_bytes(2, "little") + vr
+                + length.to_bytes(2, "little") + value)
+
+    if where == "header":
+        before = Dataset()
+        for elem in ds:
+            if elem.tag.group < 0x0009:
+                before.add(elem)
+        whole, cut = encode(ds), len(encode(before))  # elements are written in tag order
+        head = (whole[:cut] + element(0x0009, 0x0010, b"LO", b"IG BOMB ", 8)
+                + element(0x0009, 0x1000, b"OB", b"", inflated))
+        tail = whole[cut:]
+    else:
+        head = encode(ds) + element(0xFFFC, 0xFFFC, b"OB", b"", inflated)
+        tail = b""
+    assert inflated % (1 << 20) == 0
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = [deflater.compress(head) + deflater.flush(zlib.Z_FULL_FLUSH)]
+    block = deflater.compress(bytes(1 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    stream.append(block * (inflated >> 20))
+    stream.append(deflater.compress(tail) + deflater.flush())
+    meta = DicomBytesIO()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + meta.getvalue() + b"".join(stream)

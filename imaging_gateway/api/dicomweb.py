@@ -194,6 +194,10 @@ def _transcode_max_bytes(request: web.Request) -> int:
     return request.app[SETTINGS].gateway.transcode_max_bytes
 
 
+def _inflate_max_bytes(request: web.Request) -> int:
+    return request.app[SETTINGS].gateway.inflate_max_bytes
+
+
 def _stores(request: web.Request) -> dict[str, ObjectStore]:
     stores: dict[str, ObjectStore] = request.app[STORES]
     return stores
@@ -263,6 +267,7 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
         _stores(request),
         accept=request.headers.get("Accept"),
         transcode_max_bytes=_transcode_max_bytes(request),
+        inflate_max_bytes=_inflate_max_bytes(request),
     )
 
 
@@ -270,7 +275,10 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
     representation = select_metadata(request.headers.get("Accept"))
     instances = await _locate(request, "metadata")
     body = await wado.retrieve_metadata(
-        instances, _stores(request), bulkdata_base=_instance_url(request)
+        instances,
+        _stores(request),
+        bulkdata_base=_instance_url(request),
+        inflate_max_bytes=_inflate_max_bytes(request),
     )
     if representation.multipart:
         # PS3.18 8.7.3.2: XML metadata is one application/dicom+xml part per instance.
@@ -299,7 +307,13 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
     stores = _stores(request)
     if thumbnail:
         body, media_type = await wado.retrieve_thumbnail(
-            instance, stores, accept=accept, viewport=viewport, quality=quality, frame=frame
+            instance,
+            stores,
+            accept=accept,
+            viewport=viewport,
+            quality=quality,
+            frame=frame,
+            inflate_max_bytes=_inflate_max_bytes(request),
         )
     else:
         window = wado.parse_window(q["window"]) if "window" in q else None
@@ -311,6 +325,7 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
             quality=quality,
             viewport=viewport,
             frame=frame,
+            inflate_max_bytes=_inflate_max_bytes(request),
         )
     return web.Response(body=body, content_type=media_type)
 
@@ -356,6 +371,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         numbers,
         accept=request.headers.get("Accept"),
         transcode_max_bytes=_transcode_max_bytes(request),
+        inflate_max_bytes=_inflate_max_bytes(request),
     )
 
 
@@ -369,6 +385,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
         request.match_info["path"],
         accept=request.headers.get("Accept"),
         transcode_max_bytes=_transcode_max_bytes(request),
+        inflate_max_bytes=_inflate_max_bytes(request),
     )
 
 

@@ -27,6 +27,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 from pydicom.values import convert_string, convert_UI, convert_value
 
+from imaging_gateway.dicom.deflate import DEFAULT_INFLATE_MAX_BYTES
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.dicom.temporal import normalize_date, normalize_time
 from imaging_gateway.domain.records import (
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_NATIONAL_ID_ISSUERS",
     "NeedMoreData",
     "NotParseable",
+    "check_pixel_data_extent",
     "decode_text_values",
     "parse_header",
 ]
@@ -163,6 +165,7 @@ def parse_header(
     *,
     complete: bool,
     national_id_issuers: frozenset[str] | tuple[str, ...] = DEFAULT_NATIONAL_ID_ISSUERS,
+    max_inflated_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
 ) -> ParsedHeader:
     """Parse the header of one DICOM object into a :class:`ParsedHeader`.
 
@@ -175,7 +178,9 @@ def parse_header(
     ``header_bytes`` is where the pixel data element starts (or the object's size when it
     has none). For Deflated Explicit VR Little Endian, where the header has no byte extent,
     it is the file meta plus the deflate stream up to the header, in whole 4 KiB steps
-    (enough to parse the header; it may exceed the object's size).
+    (enough to parse the header; it may exceed the object's size). A deflated dataset is
+    inflated at most ``max_inflated_bytes`` (a 1 MB object can inflate to gigabytes); a
+    header that does not end within them is ``header-too-large``.
 
     Raises:
         NeedMoreData: ``complete`` is False and the header is not wholly inside ``data``
@@ -185,7 +190,8 @@ def parse_header(
             size: then read the whole object and call again with ``complete=True``.
         NotParseable: the object cannot be indexed. ``reason`` starts with ``empty``,
             ``not-dicom``, ``truncated`` (only with ``complete=True``), ``missing-uid``,
-            ``invalid-uid`` or ``unreadable``, then ``": "`` and an explanation naming at
+            ``invalid-uid``, ``header-too-large`` (deflated) or ``unreadable``, then
+            ``": "`` and an explanation naming at
             most tags and keywords, never values.
     """
     size = len(data)
@@ -203,11 +209,17 @@ def parse_header(
         fast = _read_explicit_le(data, complete=complete, issuers=national_id_issuers)
         if fast is not None:
             return fast
-    return _read_with_pydicom(data, complete=complete, issuers=national_id_issuers)
+    return _read_with_pydicom(
+        data, complete=complete, issuers=national_id_issuers, max_inflated=max_inflated_bytes
+    )
 
 
 def _read_with_pydicom(
-    data: bytes, *, complete: bool, issuers: frozenset[str] | tuple[str, ...]
+    data: bytes,
+    *,
+    complete: bool,
+    issuers: frozenset[str] | tuple[str, ...],
+    max_inflated: int,
 ) -> ParsedHeader:
     """parse_header for any object pydicom reads, watching its reads for cuts."""
     size = len(data)
@@ -218,7 +230,9 @@ def _read_with_pydicom(
         # our own stop condition to also learn where each top-level element ends.
         ds: Dataset = read_partial(probe, stop_when=top, force=True, specific_tags=_TOP_LEVEL_TAGS)
     except _DeflatedDataset as deflated:
-        return _parse_deflated(data, deflated.offset, complete=complete, issuers=issuers)
+        return _parse_deflated(
+            data, deflated.offset, complete=complete, issuers=issuers, max_inflated=max_inflated
+        )
     except Exception as exc:
         _raise_for_cut(probe, top, complete=complete, failed=True)
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
@@ -576,6 +590,92 @@ def _pixel_data_cut(data: bytes, offset: int, *, implicit: bool, little: bool) -
     return bool(length != 0xFFFFFFFF and offset + header + length > len(data))
 
 
+def check_pixel_data_extent(data: bytes, header: ParsedHeader, *, object_size: int) -> None:
+    """Raise ``NotParseable("truncated: ...")`` if the object is shorter than its header says.
+
+    ``data`` is the object's first bytes as given to :func:`parse_header` (its header
+    and whatever followed in the same read), ``object_size`` the whole object's size
+    (from the listing or the read). Only what ``data`` shows is checked, so a sync
+    needs no read beyond its header read:
+
+    * a defined-length pixel data value (native) must end inside the object;
+    * encapsulated pixel data (PS3.5 A.4): its Basic Offset Table must end inside the
+      object, the last frame it declares must start inside it (with room for an item
+      header), and every fragment item seen in ``data`` must end inside it; when
+      ``data`` is the whole object, the fragments must end with the Sequence Delimitation
+      Item. A whole Deflated object whose deflate stream ends before its end is truncated
+      (``truncated-pixel-data`` from :func:`parse_header`); a deflated prefix cannot be
+      checked without inflating the whole object, and is not.
+    """
+    if "truncated-pixel-data" in header.warnings:
+        raise NotParseable("truncated: the object ends inside its pixel data")
+    syntax = header.instance.TransferSyntaxUID
+    offset = header.header_bytes
+    if syntax == DeflatedExplicitVRLittleEndian or offset + 8 > len(data):
+        return
+    little = syntax != ExplicitVRBigEndian
+    order = "<" if little else ">"
+    group, element = struct.unpack_from(f"{order}HH", data, offset)
+    tag = group << 16 | element
+    if tag not in _PIXEL_TAGS:
+        return
+    name = f"({group:04X},{element:04X})"
+    vr = data[offset + 4 : offset + 6]
+    if syntax == ImplicitVRLittleEndian or not (vr[0] in _VR_CHARS and vr[1] in _VR_CHARS):
+        size, (length,) = 8, struct.unpack_from(f"{order}L", data, offset + 4)
+    elif vr in _LONG_VRS:
+        if offset + 12 > len(data):
+            return
+        size, (length,) = 12, struct.unpack_from(f"{order}L", data, offset + 8)
+    else:
+        size, (length,) = 8, struct.unpack_from(f"{order}H", data, offset + 6)
+    value = offset + size
+    if length != _UNDEFINED:
+        if value + length > object_size:
+            raise NotParseable(
+                f"truncated: pixel data {name} declares {length} bytes; the object ends "
+                f"{value + length - object_size} bytes short of them"
+            )
+        return
+    _check_fragments(data, value, object_size, order)
+
+
+def _check_fragments(data: bytes, at: int, object_size: int, order: str) -> None:
+    """The encapsulated items from ``at`` (the Basic Offset Table first) against the size."""
+    item = struct.Struct(f"{order}HHL").unpack_from
+    if at + 8 > len(data):
+        return
+    group, element, length = item(data, at)
+    if (group << 16 | element) != _ITEM or length == _UNDEFINED:
+        return  # malformed, not short: pydicom's problem when the pixels are read
+    first = at + 8 + length
+    if first > object_size:
+        raise NotParseable("truncated: the object ends inside its Basic Offset Table")
+    if length and first <= len(data):
+        offsets = struct.unpack_from(f"{order}{length // 4}L", data, at + 8)
+        last = first + max(offsets)
+        if last + 8 > object_size:
+            raise NotParseable(
+                f"truncated: the object ends before the last frame its Basic Offset Table "
+                f"declares ({len(offsets)} frames)"
+            )
+    at = first
+    while at + 8 <= len(data):
+        group, element, length = item(data, at)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return
+        if tag != _ITEM or length == _UNDEFINED:
+            return
+        if at + 8 + length > object_size:
+            raise NotParseable("truncated: the object ends inside a pixel data fragment")
+        at += 8 + length
+    if len(data) >= object_size:
+        raise NotParseable(
+            "truncated: encapsulated pixel data ends without its Sequence Delimitation Item"
+        )
+
+
 def _plausible_dataset_start(data: bytes) -> bool:
     """Whether ``data`` begins with a tag a preamble-less dataset could start with."""
     if len(data) < 8:
@@ -592,11 +692,13 @@ def _parse_deflated(
     *,
     complete: bool,
     issuers: frozenset[str] | tuple[str, ...],
+    max_inflated: int,
 ) -> ParsedHeader:
     """Parse a Deflated Explicit VR Little Endian object (PS3.5 A.5) from a prefix.
 
     The dataset after the file meta is one raw deflate stream; a prefix of the stream
     inflates to a prefix of the dataset, which is then checked like any other prefix.
+    At most ``max_inflated`` bytes are inflated: a prefix of the dataset too.
     """
     try:
         file_meta: Dataset = read_partial(io.BytesIO(data[:meta_end]), force=True).file_meta
@@ -604,10 +706,12 @@ def _parse_deflated(
         raise NotParseable(f"unreadable: {_scrub(exc)}") from None
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = inflater.decompress(data[meta_end:])
+        inflated = inflater.decompress(data[meta_end:], max_inflated)
     except zlib.error:
         raise NotParseable("unreadable: invalid deflate stream") from None
     stream_ended = inflater.eof
+    # Output stopped at the bound with input left: what follows is not known here.
+    bounded = not stream_ended and bool(inflater.unconsumed_tail)
     probe = _Probe(inflated, intercept_read_all=False)
     top = _TopLevel(probe)
     failure: Exception | None = None
@@ -622,6 +726,10 @@ def _parse_deflated(
     except Exception as exc:
         failure = exc
     if probe.short_reads and not stream_ended:
+        if bounded:
+            raise NotParseable(
+                f"header-too-large: the deflated header inflates past {max_inflated} bytes"
+            )
         if complete:
             raise NotParseable("truncated: deflate stream ends inside the header")
         # Guess the compressed size from the ratio so far; pixel data is deflated too, so
@@ -634,7 +742,7 @@ def _parse_deflated(
     _raise_for_cut(probe, top, complete=stream_ended, failed=failure is not None)
     if failure is not None:
         raise NotParseable(f"unreadable: {_scrub(failure)}")
-    cut_pixels = complete and not stream_ended and top.at_pixel_data
+    cut_pixels = complete and not stream_ended and not bounded and top.at_pixel_data
     return _records(
         ds,
         file_meta,

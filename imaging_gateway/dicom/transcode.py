@@ -21,13 +21,13 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID
 
+from imaging_gateway.dicom.deflate import InflateLimitExceeded, read_part10
 from imaging_gateway.errors import IntegrityError, NotAcceptable
 
 __all__ = [
@@ -187,11 +187,14 @@ def _codec_error(what: str, target: str, exc: Exception) -> NotAcceptable:
     return NotAcceptable(f"the {what} cannot be encoded in {_name(target)} ({type(exc).__name__})")
 
 
-def transcode_instance(data: bytes, target: str, *, max_bytes: int) -> bytes:
+def transcode_instance(
+    data: bytes, target: str, *, max_bytes: int, max_inflated: int | None = None
+) -> bytes:
     """The Part 10 object ``data`` re-encoded in transfer syntax ``target``.
 
     Decodes compressed pixel data (all frames at once: the whole instance is in memory,
-    bounded by ``max_bytes`` for the stored bytes plus the decoded pixel data), then
+    bounded by ``max_bytes`` for the stored bytes plus the decoded pixel data, and a
+    deflated dataset inflated at most ``max_inflated``, default ``max_bytes``), then
     writes the dataset in ``target``, compressing the pixel data for RLE or JPEG 2000
     Lossless. Other elements, the SOP Instance UID included, are kept.
 
@@ -200,8 +203,16 @@ def transcode_instance(data: bytes, target: str, *, max_bytes: int) -> bytes:
     object or its pixel data cannot be read).
     """
     try:
-        ds = dcmread(io.BytesIO(data), force=True)
+        # A deflated dataset is decoded bytes in memory too: bounded before it is whole.
+        limit = max_bytes if max_inflated is None else min(max_bytes, max_inflated)
+        ds = read_part10(data, max_inflated=limit)
         source = str(ds.file_meta.get("TransferSyntaxUID", "") or IMPLICIT_VR_LITTLE_ENDIAN)
+    except InflateLimitExceeded:
+        raise NotAcceptable(
+            f"transcoding this instance needs more than the configured maximum ({limit}) "
+            "in memory (its deflated dataset inflates past it); ask for transfer-syntax=* to "
+            "get it as stored"
+        ) from None
     except Exception as exc:
         raise IntegrityError(f"the instance cannot be read ({type(exc).__name__})") from None
     reason = why_not(source, target)

@@ -25,8 +25,8 @@ atomically); an object whose indexing is refused is deleted again.
 Per instance (PS3.18 Annex I, Table I.2-2 Failure Reason; PS3.7 Annex C for 0111 and 0124):
 
 ======  ==============================================================================
-0xA700  refused, out of resources: header longer than ``sync.max_header_bytes``, or the
-        write store unavailable after its retries
+0xA700  refused, out of resources: header longer than ``sync.max_header_bytes`` (for a
+        deflated object: once inflated), or the write store unavailable after its retries
 0xA900  data set does not match its SOP class: a required UID missing or malformed, or
         the series already belongs to another of the caller's studies
 0xA901  the StudyInstanceUID differs from the ``{study}`` of the request URL
@@ -71,7 +71,12 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.helpers import parse_mimetype
 
 from imaging_gateway.dicom.dicomxml import dataset_to_xml
-from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
+from imaging_gateway.dicom.headers import (
+    NeedMoreData,
+    NotParseable,
+    check_pixel_data_extent,
+    parse_header,
+)
 from imaging_gateway.dicom.mediatypes import Representation, select
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import (
@@ -142,6 +147,8 @@ def failure_for(reason: str) -> int:
     code = reason.split(":", 1)[0]
     if code in ("missing-uid", "invalid-uid"):
         return DATA_SET_MISMATCH
+    if code == "header-too-large":  # a deflated header inflating past the bound
+        return OUT_OF_RESOURCES
     return CANNOT_UNDERSTAND
 
 
@@ -350,7 +357,9 @@ async def _read_head(
         if len(head) < _PREAMBLE_END or head[128:_PREAMBLE_END] != b"DICM":
             raise _Refused(CANNOT_UNDERSTAND, "not-part10")
         try:
-            header = parse_header(bytes(head), complete=ended, national_id_issuers=issuers)
+            header = parse_header(
+                bytes(head), complete=ended, national_id_issuers=issuers, max_inflated_bytes=limit
+            )
         except NeedMoreData as exc:
             if len(head) >= limit:
                 raise _Refused(OUT_OF_RESOURCES, "header-too-large") from None
@@ -358,8 +367,14 @@ async def _read_head(
             continue
         except NotParseable as exc:
             raise _Refused(failure_for(exc.reason), exc.reason.split(":", 1)[0]) from None
-        if "truncated-pixel-data" in header.warnings:
-            raise _Refused(CANNOT_UNDERSTAND, "truncated")
+        if ended:
+            # The whole part is here: its pixel data (native length, or encapsulated
+            # items up to their delimiter) must end inside it. A longer part is checked
+            # at its end while it streams (pixel_extent).
+            try:
+                check_pixel_data_extent(bytes(head), header, object_size=len(head))
+            except NotParseable:
+                raise _Refused(CANNOT_UNDERSTAND, "truncated") from None
         if header.instance.TransferSyntaxUID != _DEFLATED:
             # The pixel data element's own header, for the truncation check while streaming
             # (a header parsed from a prefix lies wholly inside it: 12 bytes more at most).

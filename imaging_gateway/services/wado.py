@@ -48,13 +48,17 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, get_frame, parse_basic_offsets
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
+from imaging_gateway.dicom.deflate import (
+    DEFAULT_INFLATE_MAX_BYTES,
+    InflateLimitExceeded,
+    read_part10,
+)
 from imaging_gateway.dicom.headers import decode_text_values
 from imaging_gateway.dicom.mediatypes import (
     EXPLICIT_VR_BIG_ENDIAN,
@@ -98,6 +102,9 @@ from imaging_gateway.storage.zerocopy import (
 __all__ = [
     "BULK_DATA_THRESHOLD",
     "CHUNK_SIZE",
+    "INFLATE_MAX_BYTES",
+    "MAX_FRAME_LIST",
+    "MAX_VIEWPORT",
     "STREAM_OUTCOME",
     "THUMBNAIL_VIEWPORT",
     "TRANSCODE_MAX_BYTES",
@@ -133,6 +140,12 @@ BULK_DATA_THRESHOLD: Final = 1024
 """pydicom's threshold, in base64 characters: binary values over 768 bytes become URIs."""
 THUMBNAIL_VIEWPORT: Final = (128, 128)
 DEFAULT_JPEG_QUALITY: Final = 90
+MAX_FRAME_LIST: Final = 1024
+"""Most frames one Retrieve Frames request may list (the instance's NumberOfFrames too)."""
+MAX_VIEWPORT: Final = 65535
+"""Largest viewport width or height: no image has more rows or columns (US, PS3.5 6.2)."""
+INFLATE_MAX_BYTES: Final = DEFAULT_INFLATE_MAX_BYTES
+"""Default bound on what a deflated object is inflated to when read whole (PS3.5 A.5)."""
 TRANSCODE_MAX_BYTES: Final = 512 << 20
 """Default bound on the memory one transcoded instance may take (stored + decoded bytes)."""
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
@@ -144,6 +157,7 @@ _PIXEL_TAGS: Final = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: "OW"}
 _EXTENDED_OFFSET_TABLE: Final = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS: Final = 0x7FE00002
 _ITEM: Final = 0xFFFEE000
+_SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 _UNDEFINED: Final = 0xFFFFFFFF
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
@@ -211,6 +225,8 @@ class _Header:
     """Offset in the object of the pixel data value (after the element header)."""
     value_length: int | None = None
     """Length of a native pixel data value; None for encapsulated (undefined length)."""
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES
+    """Bound on the inflated dataset when a deflated object is parsed whole."""
 
 
 async def _read_header_bytes(
@@ -231,10 +247,35 @@ async def _read_header_bytes(
     return await _read(store, instance, 0, want), False
 
 
-def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _Header:
-    """Parse header bytes read from the indexed version; ``IntegrityError`` if unreadable."""
+def _too_large_to_inflate(instance: InstanceLocation, exc: InflateLimitExceeded) -> NotAcceptable:
+    return NotAcceptable(
+        f"store {instance.store!r}: a deflated object inflates to more than "
+        f"{exc.max_bytes} bytes (gateway.inflate_max_bytes); it is sent only as stored "
+        "(transfer-syntax=*)"
+    )
+
+
+def _read_whole(instance: InstanceLocation, data: bytes, max_inflated: int) -> Dataset:
+    """The whole object parsed, a deflated one inflated at most ``max_inflated`` bytes."""
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return read_part10(data, max_inflated=max_inflated)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
+
+
+def _parse_header(
+    instance: InstanceLocation,
+    data: bytes,
+    *,
+    whole: bool,
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
+) -> _Header:
+    """Parse header bytes read from the indexed version; ``IntegrityError`` if unreadable,
+    ``NotAcceptable`` if a deflated object inflates past ``inflate_max_bytes``."""
+    try:
+        ds = read_part10(data, max_inflated=inflate_max_bytes, stop_before_pixels=True)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
     except Exception as exc:
         raise IntegrityError(
             f"store {instance.store!r}: an indexed object's header cannot be read "
@@ -248,11 +289,11 @@ def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _H
             transfer_syntax = _IMPLICIT
         else:
             transfer_syntax = EXPLICIT_VR_LITTLE_ENDIAN if little else EXPLICIT_VR_BIG_ENDIAN
-    header = _Header(ds, transfer_syntax, data, whole)
+    header = _Header(ds, transfer_syntax, data, whole, inflate_max_bytes=inflate_max_bytes)
     if transfer_syntax == _DEFLATED or instance.header_bytes <= 0:
         # The pixel data sits inside the deflate stream (or we do not know where it
         # starts): find it by parsing the whole object when frames are asked for.
-        _locate_pixels_by_parsing(header)
+        _locate_pixels_by_parsing(instance, header)
         return header
     position = instance.header_bytes
     if position + 8 > len(data):
@@ -280,12 +321,14 @@ def _parse_header(instance: InstanceLocation, data: bytes, *, whole: bool) -> _H
     return header
 
 
-def _locate_pixels_by_parsing(header: _Header) -> None:
+def _locate_pixels_by_parsing(instance: InstanceLocation, header: _Header) -> None:
     """For a whole object read: note the pixel data tag (its bytes come from pydicom)."""
     if not header.whole:
         return
     try:
-        full = dcmread(io.BytesIO(header.data), force=True)
+        full = read_part10(header.data, max_inflated=header.inflate_max_bytes)
+    except InflateLimitExceeded as exc:
+        raise _too_large_to_inflate(instance, exc) from None
     except Exception:
         return
     for tag in _PIXEL_TAGS:
@@ -298,10 +341,16 @@ def _locate_pixels_by_parsing(header: _Header) -> None:
 
 
 async def _load_header(
-    store: ObjectStore, instance: InstanceLocation, *, extra: int = 0
+    store: ObjectStore,
+    instance: InstanceLocation,
+    *,
+    extra: int = 0,
+    inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
 ) -> _Header:
     data, whole = await _read_header_bytes(store, instance, extra=extra)
-    return await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+    return await asyncio.to_thread(
+        _parse_header, instance, data, whole=whole, inflate_max_bytes=inflate_max_bytes
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -637,11 +686,13 @@ def _instance_part_type(instance: InstanceLocation, syntax: str | None = None) -
 
 
 async def _transcoded(
-    store: ObjectStore, instance: InstanceLocation, target: str, max_bytes: int
+    store: ObjectStore, instance: InstanceLocation, target: str, max_bytes: int, max_inflated: int
 ) -> bytes:
     """The indexed version of ``instance``, read whole, re-encoded in ``target`` off the loop."""
     data = await _read(store, instance, 0, instance.size)
-    return await asyncio.to_thread(transcode_instance, data, target, max_bytes=max_bytes)
+    return await asyncio.to_thread(
+        transcode_instance, data, target, max_bytes=max_bytes, max_inflated=max_inflated
+    )
 
 
 async def _instance_parts(
@@ -652,6 +703,7 @@ async def _instance_parts(
     prefetch: int,
     targets: Sequence[str | None] | None = None,
     max_bytes: int = TRANSCODE_MAX_BYTES,
+    max_inflated: int = INFLATE_MAX_BYTES,
     relay: bool = False,
 ) -> AsyncGenerator[_Part, None]:
     """One part per instance; the next ``prefetch`` instances are read ahead concurrently.
@@ -682,7 +734,9 @@ async def _instance_parts(
                 body = entry.chunks(chunk_size) if isinstance(entry, _Opening) else entry.chunks()
                 yield _Part(_instance_part_type(instance), instance.size, body)
             else:
-                data = await _transcoded(_store(stores, instance), instance, target, max_bytes)
+                data = await _transcoded(
+                    _store(stores, instance), instance, target, max_bytes, max_inflated
+                )
                 part_type = _instance_part_type(instance, target)
                 yield _Part(part_type, len(data), _single(data))
                 del data
@@ -710,6 +764,7 @@ async def stream_instances(
     accept: str | None,
     chunk_size: int = CHUNK_SIZE,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Study / Series / Instance: stream ``instances`` as multipart/related.
 
@@ -734,7 +789,8 @@ async def stream_instances(
     whose stored syntax the client accepts is copied byte for byte, without parsing;
     another is read whole, transcoded off the event loop (``transcode_instance``) and
     sent with ``Content-Type: application/dicom; transfer-syntax=<sent>``, one such
-    instance in memory at a time, each bounded by ``transcode_max_bytes``. A body with
+    instance in memory at a time, each bounded by ``transcode_max_bytes`` (a deflated one
+    inflated at most ``inflate_max_bytes``). A body with
     transcoded parts has no Content-Length (chunked; parts keep theirs).
 
     Raises, before anything is sent: ``NotFound`` (no instances), ``NotAcceptable``
@@ -771,6 +827,7 @@ async def stream_instances(
             prefetch=PREFETCH_INSTANCES,
             targets=targets if transcoding else None,
             max_bytes=transcode_max_bytes,
+            max_inflated=inflate_max_bytes,
             relay=relay,
         )
 
@@ -1031,6 +1088,7 @@ async def retrieve_metadata(
     stores: Mapping[str, ObjectStore],
     *,
     bulkdata_base: Callable[[InstanceLocation], str],
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> list[dict[str, Any]]:
     """Retrieve Study / Series / Instance Metadata as DICOM JSON objects (PS3.18 F.2).
 
@@ -1044,8 +1102,9 @@ async def retrieve_metadata(
     The caller serves it as ``application/dicom+json`` (see ``select_metadata``).
 
     Raises ``StorageError`` (store not configured, object changed since indexed),
-    ``ObjectNotFound``, ``StoreUnavailable``, ``IntegrityError`` (header unreadable);
-    the first failure cancels the other reads.
+    ``ObjectNotFound``, ``StoreUnavailable``, ``IntegrityError`` (header unreadable),
+    ``NotAcceptable`` (a deflated object inflates past ``inflate_max_bytes``); the first
+    failure cancels the other reads.
     """
     for instance in instances:
         _store(stores, instance)
@@ -1057,7 +1116,9 @@ async def retrieve_metadata(
         base = bulkdata_base(instance).rstrip("/")
         async with limit:
             data, whole = await _read_header_bytes(_store(stores, instance), instance)
-            header = await asyncio.to_thread(_parse_header, instance, data, whole=whole)
+            header = await asyncio.to_thread(
+                _parse_header, instance, data, whole=whole, inflate_max_bytes=inflate_max_bytes
+            )
             return await asyncio.to_thread(_metadata_json, instance, header, base)
 
     results = await _gather([one(instance) for instance in instances])
@@ -1111,14 +1172,23 @@ class _FrameSource:
             self._frame_length = _frame_length(ds)
 
     @classmethod
-    async def open(cls, store: ObjectStore, instance: InstanceLocation) -> _FrameSource:
-        """Read the header (and the offset table); ``NotFound`` without pixel data."""
+    async def open(
+        cls,
+        store: ObjectStore,
+        instance: InstanceLocation,
+        *,
+        inflate_max_bytes: int = DEFAULT_INFLATE_MAX_BYTES,
+    ) -> _FrameSource:
+        """Read the header (and the offset table); ``NotFound`` without pixel data,
+        ``NotAcceptable`` for a deflated object inflating past ``inflate_max_bytes``."""
         frames = max(instance.NumberOfFrames or 1, 1)
         encapsulated = (instance.TransferSyntaxUID or _IMPLICIT) not in (
             NATIVE_LITTLE_ENDIAN | {EXPLICIT_VR_BIG_ENDIAN}
         )
         extra = 16 + 4 * frames if encapsulated else 0
-        header = await _load_header(store, instance, extra=extra)
+        header = await _load_header(
+            store, instance, extra=extra, inflate_max_bytes=inflate_max_bytes
+        )
         if header.pixel_tag is None:
             raise NotFound("the instance has no pixel data")
         source = cls(store, instance, header)
@@ -1126,6 +1196,12 @@ class _FrameSource:
             needed = source.number_of_frames * source._frame_length
             if header.value_length < needed:
                 raise IntegrityError("pixel data is shorter than its frames")
+            if header.value_offset and header.value_offset + needed > instance.size:
+                # Whatever the index says: a frame that cannot be read whole is not sent.
+                raise IntegrityError(
+                    f"store {instance.store!r}: the object ends inside its pixel data "
+                    "(truncated); its frames cannot be read whole"
+                )
         return source
 
     @property
@@ -1140,12 +1216,21 @@ class _FrameSource:
         return EXPLICIT_VR_LITTLE_ENDIAN if ts in NATIVE_LITTLE_ENDIAN else ts
 
     def check(self, numbers: Sequence[int]) -> None:
-        """``InvalidRequest`` for an empty list or numbers < 1; ``NotFound`` past the last."""
+        """``InvalidRequest`` for an empty list, numbers < 1, repeats or more numbers than
+        the instance has frames; ``NotFound`` for a number past the last."""
         if not numbers:
-            raise InvalidRequest("the frame list is empty")
+            raise InvalidRequest("frames: the frame list is empty")
+        n = self.number_of_frames
+        if len(numbers) > n:
+            raise InvalidRequest(
+                f"frames: {len(numbers)} frames listed; the instance has {n} "
+                f"frame{'s' if n != 1 else ''}"
+            )
+        if len(set(numbers)) != len(numbers):
+            raise InvalidRequest("frames: a frame is listed twice")
         for number in numbers:
             if number < 1:
-                raise InvalidRequest("frame numbers start at 1")
+                raise InvalidRequest("frames: frame numbers start at 1")
             if number > self.number_of_frames:
                 raise NotFound(
                     f"frame {number} does not exist; the instance has "
@@ -1153,10 +1238,17 @@ class _FrameSource:
                 )
 
     async def _bytes(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``; ``IntegrityError`` if the object ends first."""
         data = self.header.data
         if offset + length <= len(data):
             return data[offset : offset + length]
-        return await _read(self._store, self._instance, offset, length)
+        got = await _read(self._store, self._instance, offset, length)
+        if len(got) != length:
+            raise IntegrityError(
+                f"store {self._instance.store!r}: the object ends inside its pixel data "
+                "(truncated); the frame cannot be read whole"
+            )
+        return got
 
     async def _whole_pixel_value(self) -> bytes:
         """The pixel data value from a full parse (deflated objects, odd layouts)."""
@@ -1164,7 +1256,9 @@ class _FrameSource:
             data = self.header.data
             if not self.header.whole:
                 data = await _read(self._store, self._instance, 0, self._instance.size)
-            full = await asyncio.to_thread(dcmread, io.BytesIO(data), force=True)
+            full = await asyncio.to_thread(
+                _read_whole, self._instance, data, self.header.inflate_max_bytes
+            )
             tag = self.header.pixel_tag
             if tag is None or tag not in full:  # pragma: no cover - located before
                 raise NotFound("the instance has no pixel data")
@@ -1255,13 +1349,36 @@ def _check_ranges(frames: Sequence[tuple[int, int]], end: int) -> None:
 
 def _join_fragments(items: bytes) -> bytes:
     """The fragments in a run of encapsulated items (up to a delimiter or the end)."""
+    _check_items(items)
     try:
         return b"".join(generate_fragments(items))
     except Exception:
         raise IntegrityError("encapsulated pixel data has malformed fragment items") from None
 
 
+def _check_items(items: bytes) -> None:
+    """``IntegrityError`` unless every item in ``items`` is whole (PS3.5 A.4).
+
+    pydicom's ``generate_fragments`` hands back a short last fragment when the object
+    ends inside it; such a frame must never be sent.
+    """
+    at = 0
+    while at + 8 <= len(items):
+        group, element, length = struct.unpack_from("<HHL", items, at)
+        if (group << 16 | element) == _SEQUENCE_DELIMITER:
+            return
+        if (group << 16 | element) != _ITEM or length == _UNDEFINED:
+            raise IntegrityError("encapsulated pixel data has malformed fragment items")
+        at += 8 + length
+    if at != len(items):
+        raise IntegrityError(
+            "the object ends inside its encapsulated pixel data (truncated); "
+            "the frame cannot be read whole"
+        )
+
+
 def _frame_from_value(value: bytes, index: int, number_of_frames: int) -> bytes:
+    _check_items(value)
     try:
         return bytes(get_frame(value, index, number_of_frames=number_of_frames))
     except Exception:
@@ -1295,6 +1412,7 @@ async def retrieve_frames(
     *,
     accept: str | None,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Retrieve Frames: the listed frames, one part each, in the order listed.
 
@@ -1302,7 +1420,8 @@ async def retrieve_frames(
     Columns, SamplesPerPixel and BitsAllocated; for encapsulated pixel data from the
     Extended or Basic Offset Table (one frame's items; the last frame up to the end of
     the object). Without an offset table a multi-frame value is read whole and split by
-    pydicom; deflated objects are read whole. Uncompressed frames are sent as
+    pydicom; deflated objects are read whole (inflated at most ``inflate_max_bytes``,
+    else ``NotAcceptable``). Uncompressed frames are sent as
     ``application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1`` (big endian as
     stored), compressed ones as stored in their image media type or, if the client asks
     with ``transfer-syntax=*`` or the stored UID, as ``application/octet-stream``.
@@ -1318,7 +1437,7 @@ async def retrieve_frames(
     """
     store = _store(stores, instance)
     select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)  # before I/O
-    source = await _FrameSource.open(store, instance)
+    source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
     representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
     source.check(frame_numbers)
     parts = _frame_parts(source, frame_numbers, representation, max_bytes=transcode_max_bytes)
@@ -1379,6 +1498,7 @@ async def retrieve_bulkdata(
     *,
     accept: str | None,
     transcode_max_bytes: int = TRANSCODE_MAX_BYTES,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> web.StreamResponse:
     """Serve a ``BulkDataURI`` written by :func:`retrieve_metadata`.
 
@@ -1396,7 +1516,7 @@ async def retrieve_bulkdata(
     store = _store(stores, instance)
     if len(path) == 1 and path[0] in _PIXEL_TAGS:
         select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)
-        source = await _FrameSource.open(store, instance)
+        source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
         if source.header.pixel_tag != path[0]:
             raise NotFound("no bulk data at this path")
         representation = select_frames(accept, source.transfer_syntax, producible=frame_why_not)
@@ -1406,7 +1526,7 @@ async def retrieve_bulkdata(
         content_type = _with_syntax(representation.content_type, representation.transfer_syntax)
         return await _send_multipart(request, content_type, parts)
     representation = select_bulkdata(accept)
-    header = await _load_header(store, instance)
+    header = await _load_header(store, instance, inflate_max_bytes=inflate_max_bytes)
     value = _bulk_value(header.dataset, path)
 
     async def one() -> AsyncGenerator[_Part, None]:
@@ -1493,7 +1613,6 @@ def _render(
     window: tuple[float, float] | None,
     quality: int,
     viewport: tuple[int, int] | None,
-    upscale: bool,
 ) -> bytes:
     ds = single_frame_dataset(header, frame, syntax)
     try:
@@ -1503,9 +1622,9 @@ def _render(
     image = Image.fromarray(np.ascontiguousarray(_display(pixels, ds, window)))
     if viewport is not None:
         width, height = image.size
-        scale = min(viewport[0] / width, viewport[1] / height)
-        if not upscale:
-            scale = min(scale, 1.0)
+        # PS3.18 8.3.5.1.3 lets the server keep the aspect and size down; enlarging adds
+        # no information and its cost grows with the viewport, not with the image.
+        scale = min(viewport[0] / width, viewport[1] / height, 1.0)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS)
@@ -1524,8 +1643,8 @@ def _check_render_parameters(
         raise InvalidRequest("the window width must be greater than 0")
     if quality is not None and not 1 <= quality <= 100:
         raise InvalidRequest("quality is 1 to 100")
-    if viewport is not None and (viewport[0] < 1 or viewport[1] < 1):
-        raise InvalidRequest("the viewport is two positive numbers of pixels")
+    if viewport is not None and not all(1 <= v <= MAX_VIEWPORT for v in viewport):
+        raise InvalidRequest(f"viewport: width and height are 1 to {MAX_VIEWPORT} pixels")
 
 
 async def _render_instance(
@@ -1537,11 +1656,11 @@ async def _render_instance(
     quality: int | None,
     viewport: tuple[int, int] | None,
     frame: int,
-    upscale: bool,
+    inflate_max_bytes: int,
 ) -> tuple[bytes, str]:
     _check_render_parameters(window, quality, viewport)
     store = _store(stores, instance)
-    source = await _FrameSource.open(store, instance)
+    source = await _FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
     source.check([frame])
     syntax = source.frame_syntax
     if UID(syntax).is_encapsulated and not can_decode(syntax):
@@ -1559,7 +1678,6 @@ async def _render_instance(
         window=window,
         quality=quality or DEFAULT_JPEG_QUALITY,
         viewport=viewport,
-        upscale=upscale,
     )
     return body, representation.media_type
 
@@ -1573,6 +1691,7 @@ async def retrieve_rendered(
     quality: int | None = None,
     viewport: tuple[int, int] | None = None,
     frame: int = 1,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> tuple[bytes, str]:
     """Retrieve Rendered Instance / Frame: one frame as JPEG (default) or PNG.
 
@@ -1580,8 +1699,9 @@ async def retrieve_rendered(
     JPEG baseline/extended and JPEG 2000 through Pillow), applies the Modality LUT, the
     window (``window`` = (center, width) in modality units, else the header's first
     WindowCenter/WindowWidth, else a VOI LUT, else min-max), inverts MONOCHROME1, and
-    passes colour through. ``viewport`` = (width, height) scales the image to fit,
-    keeping its aspect ratio. ``quality`` (1-100, default 90) applies to JPEG. Returns
+    passes colour through. ``viewport`` = (width, height, each 1 to :data:`MAX_VIEWPORT`)
+    scales the image down to fit, keeping its aspect ratio; it is never enlarged, so the
+    output is at most the frame's own size. ``quality`` (1-100, default 90) applies to JPEG. Returns
     (body, media type).
 
     Raises ``NotAcceptable`` (Accept refuses JPEG and PNG, or no decoder for the stored
@@ -1592,7 +1712,8 @@ async def retrieve_rendered(
     representation = select_rendered(accept)
     return await _render_instance(
         instance, stores, representation,
-        window=window, quality=quality, viewport=viewport, frame=frame, upscale=True,
+        window=window, quality=quality, viewport=viewport, frame=frame,
+        inflate_max_bytes=inflate_max_bytes,
     )  # fmt: skip
 
 
@@ -1604,6 +1725,7 @@ async def retrieve_thumbnail(
     viewport: tuple[int, int] | None = None,
     quality: int | None = None,
     frame: int = 1,
+    inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> tuple[bytes, str]:
     """Retrieve Thumbnail: like :func:`retrieve_rendered`, shrunk to fit ``viewport``.
 
@@ -1616,7 +1738,7 @@ async def retrieve_thumbnail(
     return await _render_instance(
         instance, stores, representation,
         window=None, quality=quality, viewport=viewport or THUMBNAIL_VIEWPORT, frame=frame,
-        upscale=False,
+        inflate_max_bytes=inflate_max_bytes,
     )  # fmt: skip
 
 
@@ -1651,15 +1773,31 @@ def representative_instance(instances: Sequence[InstanceLocation]) -> InstanceLo
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """``"1,3,5"`` -> [1, 3, 5] (order and repeats kept). ``InvalidRequest`` if malformed."""
+    """``"1,3,5"`` -> [1, 3, 5] (order kept).
+
+    Raises ``InvalidRequest`` (naming ``frames``) when malformed, when a frame is listed
+    twice (each repeat would be read and sent again: PS3.18 8.3.3.1 lists frames, it
+    does not ask for copies) or when more than :data:`MAX_FRAME_LIST` frames are listed.
+    The instance's own bound (its NumberOfFrames) is checked once its header is read.
+    """
+    pieces = text.split(",")
+    if len(pieces) > MAX_FRAME_LIST:
+        raise InvalidRequest(
+            f"frames: at most {MAX_FRAME_LIST} frames a request ({len(pieces)} listed); "
+            "retrieve the pixel data's bulk data URI for all frames"
+        )
     numbers: list[int] = []
-    for piece in text.split(","):
+    seen: set[int] = set()
+    for piece in pieces:
         piece = piece.strip()
         if not piece.isdigit() or len(piece) > 9:
-            raise InvalidRequest("a frame list is comma-separated frame numbers from 1")
+            raise InvalidRequest("frames: a frame list is comma-separated frame numbers from 1")
         number = int(piece)
         if number < 1:
-            raise InvalidRequest("frame numbers start at 1")
+            raise InvalidRequest("frames: frame numbers start at 1")
+        if number in seen:
+            raise InvalidRequest(f"frames: frame {number} is listed twice")
+        seen.add(number)
         numbers.append(number)
     return numbers
 
@@ -1683,13 +1821,16 @@ def parse_window(text: str) -> tuple[float, float]:
 
 
 def parse_viewport(text: str) -> tuple[int, int]:
-    """``"vw,vh"`` -> (vw, vh). Source regions (sx,sy,sw,sh) are refused: ``InvalidRequest``."""
+    """``"vw,vh"`` -> (vw, vh), each 1 to :data:`MAX_VIEWPORT`.
+
+    Source regions (sx,sy,sw,sh) and impossible sizes are refused: ``InvalidRequest``.
+    """
     pieces = [p.strip() for p in text.split(",")]
-    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 5 for p in pieces):
+    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 9 for p in pieces):
         raise InvalidRequest("viewport is width,height in pixels")
     width, height = int(pieces[0]), int(pieces[1])
-    if width < 1 or height < 1:
-        raise InvalidRequest("viewport is width,height in pixels")
+    if not (1 <= width <= MAX_VIEWPORT and 1 <= height <= MAX_VIEWPORT):
+        raise InvalidRequest(f"viewport: width and height are 1 to {MAX_VIEWPORT} pixels")
     return width, height
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
-from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
+from imaging_gateway.dicom.headers import (
+    NeedMoreData,
+    NotParseable,
+    check_pixel_data_extent,
+    parse_header,
+)
 from imaging_gateway.errors import IntegrityError, KeyNotFound
 from imaging_gateway.index.sql import IndexedObject, QuarantinedObject
 from imaging_gateway.storage.base import ObjectInfo, ObjectStore
@@ -28,6 +33,7 @@ async def read_header(
     Sizes are those the store's reads report (``RangeRead.total_size``): through an
     ``EncryptedStore`` the plaintext size of an encrypted object, never the listed
     (stored) size. Unreadable objects become ``QuarantinedObject`` with the reason,
+    objects shorter than their pixel data says too (``truncated: ...``),
     including encrypted objects that fail authentication or whose key is not held
     (``integrity: ...``, naming store, object and key id, never content). Raises
     ``ObjectNotFound`` when the object vanished and ``StoreUnavailable`` when the store
@@ -69,8 +75,14 @@ async def _read_header(
             complete = len(data) >= total
             try:
                 header = parse_header(
-                    data, complete=complete, national_id_issuers=national_id_issuers
+                    data,
+                    complete=complete,
+                    national_id_issuers=national_id_issuers,
+                    max_inflated_bytes=max_header,  # a deflated header, inflated
                 )
+                # A header read is 64 KiB: the pixel data's declared extent (or its
+                # offset table) against the object's size is what shows a cut object.
+                check_pixel_data_extent(data, header, object_size=total)
             except NotParseable as exc:
                 return QuarantinedObject(info.key, etag, total, exc.reason), bytes_read
             except NeedMoreData as exc:

@@ -25,7 +25,7 @@ from imaging_gateway.services.stow import (
 )
 from tests.e2e.conftest import Province, start_province
 from tests.e2e.test_dicomweb import audit_rows, parts
-from tests.factories import make_corpus
+from tests.factories import make_corpus, pydicom_file
 from tests.support.gateway import cli
 
 STOW_CONFIG = """
@@ -395,3 +395,24 @@ async def test_a_sync_of_the_write_store_keeps_what_was_stored(
             assert r.status == 200 and len(await r.json()) == len(study), mode
     stats = cli(p.gw.config, "index", "stats", "--json").stdout
     assert '"tombstones": 0' in stats and '"conflicts": 0' in stats
+
+
+async def test_truncated_instances_are_refused(stow_province: Province,
+                                               http: aiohttp.ClientSession) -> None:
+    """pydicom's real files, cut inside their pixel data: refused 0xC000, nothing stored."""
+    p = stow_province
+    me = p.hospital(new_study(seed=59)[0].hospital.code)
+    ct = pydicom_file("CT_small.dcm")  # native; whole in the first read
+    small_j2k = pydicom_file("JPEG2000.dcm")  # encapsulated; whole in the first read
+    j2k = pydicom_file("examples_jpeg2k.dcm")  # encapsulated, 150 KB: checked as it streams
+    cut = [ct[:-12000], small_j2k[:3200], small_j2k[:-8], j2k[:100_000]]
+    status, ds = await stow(http, p, me, cut)
+    assert status == 409, ds
+    assert isinstance(ds, Dataset)
+    assert [item.FailureReason for item in ds.FailedSOPSequence] == [CANNOT_UNDERSTAND] * 4
+    assert not [f for f in (p.gw.config.parent / "stow-store").rglob("*") if f.is_file()]
+    rows = [r for r in await audit_rows(p) if r["action"] == "store"]
+    assert rows and "truncated" in rows[-1]["detail"], rows[-1]
+    # The same files whole are stored.
+    status, ds = await stow(http, p, me, [ct, small_j2k, j2k])
+    assert status == 200, ds

@@ -127,3 +127,57 @@ async def test_sync_real_files_from_seaweedfs(
     finally:
         await store.close()
         await index.close()
+
+
+@pytest.mark.seaweedfs
+async def test_sync_quarantines_objects_cut_inside_their_pixel_data(
+    seaweedfs: SeaweedServer, tmp_path: Path, index: SqlIndex
+) -> None:
+    """pydicom's real files cut short: each is quarantined as truncated, from one 64 KiB
+    read, while the whole files beside them are indexed."""
+    bucket = seaweedfs.make_bucket("sync-cut")
+    settings = settings_for(tmp_path, seaweedfs, bucket, "s3")
+    files = {
+        "ct": "CT_small.dcm",  # native, 39 KB: read whole
+        "palette": "examples_palette.dcm",  # native, 283 KB: a 64 KiB prefix
+        "small_j2k": "JPEG2000.dcm",  # encapsulated, empty offset table, read whole
+        "j2k": "examples_jpeg2k.dcm",  # encapsulated, one frame in 64 KiB fragments
+        "ybr": "examples_ybr_color.dcm",  # encapsulated, 30 frames in a Basic Offset Table
+    }
+    whole = {name: (TEST_FILES / file).read_bytes() for name, file in files.items()}
+    ybr_last_frame = 35040 + 12 + 8 + 120 + max(
+        pydicom.encaps.parse_basic_offsets(whole["ybr"][35040 + 12 :])
+    )
+    cut = {
+        "ct": whole["ct"][:-12000],
+        "palette": whole["palette"][:-200_000],
+        "small_j2k": whole["small_j2k"][:3200],
+        "small_j2k_no_delimiter": whole["small_j2k"][:-8],
+        # Inside its first 64 KiB fragment, whose item header the first read holds. (A cut
+        # in a later fragment shows only at the object's end, which a sync does not read;
+        # a retrieve refuses such a frame.)
+        "j2k": whole["j2k"][:60_000],
+        "ybr": whole["ybr"][: ybr_last_frame - 1000],
+    }
+    store = open_store(settings.store("s3"))
+    try:
+        for name, data in whole.items():
+            await put(store, f"whole/{name}.dcm", data)
+        for name, data in cut.items():
+            await put(store, f"cut/{name}.dcm", data)
+        runner = SyncRunner(settings, index, store)
+        await runner.start()
+        job = await runner.run()
+        assert job.status == "succeeded"
+        # Never more than the first read of each (64 KiB) beyond the small ones.
+        assert job.counters["bytes_read"] <= (len(whole) + len(cut)) * 65536
+        dump = await dump_index(index)
+    finally:
+        await store.close()
+    quarantined = {k: r for _, k, _, r in dump["quarantine"]}
+    assert set(quarantined) == {f"cut/{name}.dcm" for name in cut}, quarantined
+    for key, reason in quarantined.items():
+        assert reason.startswith("truncated: "), (key, reason)
+    assert "pixel data (7FE0,0010)" in quarantined["cut/palette.dcm"]
+    assert "Basic Offset Table" in quarantined["cut/ybr.dcm"]
+    assert {r[1] for r in dump["instances"]} == {f"whole/{name}.dcm" for name in whole}

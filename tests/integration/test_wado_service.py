@@ -1165,7 +1165,7 @@ class RecordingStore:
 @pytest.mark.parametrize(
     ("name", "numbers", "part_type"),
     [
-        ("dose", [1, 5, 15, 5], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+        ("dose", [1, 5, 15, 2], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("ct", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("syn2", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
         ("mr_implicit", [1], f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
@@ -1253,6 +1253,35 @@ async def test_frames_negotiation(
         assert syntax == pydicom.dcmread(io.BytesIO(OBJECTS[name])).file_meta.TransferSyntaxUID
 
 
+async def test_a_truncated_object_never_gives_a_short_frame(
+    client: TestClient[Any, Any], corpus: Corpus
+) -> None:
+    """Indexed as whole (an index from before the sync checked), yet cut: never a 200."""
+    ct = pydicom_file("CT_small.dcm")  # 128 x 128 x 16 bits: 32,768 bytes of pixels
+    await corpus.put("ct_cut", ct[:-12000])
+    j2k = pydicom_file("examples_jpeg2k.dcm")  # one frame, one 152 KB fragment
+    await corpus.put("j2k_cut", j2k[:100_000])
+    ybr = pydicom_file("examples_ybr_color.dcm")  # 30 JPEG frames, Basic Offset Table
+    offsets = pydicom.encaps.parse_basic_offsets(ybr[35040 + 12 :])
+    assert len(offsets) == 30
+    # Cut inside the last frame: the other 29 are whole, the last is not.
+    await corpus.put("ybr_cut", ybr[: 35040 + 12 + 8 + 120 + offsets[-1] + 100])
+    for url in (
+        "/inst/ct_cut/frames/1",
+        "/inst/ct_cut/rendered",
+        "/inst/ct_cut/bulkdata/7FE00010",
+        "/inst/j2k_cut/frames/1",
+        "/inst/ybr_cut/frames/30",
+    ):
+        async with client.get(url, headers={"Accept": "*/*"}) as response:
+            assert response.status == 500, (url, response.status)
+            body = await response.json()
+            assert body["error"] == "integrity-error", url
+            assert "truncated" in body["message"], (url, body)
+    parts = await get_parts(client, "/inst/ybr_cut/frames/29", "*/*")
+    assert len(parts[1]) == 1
+
+
 async def test_frame_numbers_out_of_range(client: TestClient[Any, Any], corpus: Corpus) -> None:
     for url, status in [
         ("/inst/dose/frames/16", 404),
@@ -1311,8 +1340,9 @@ async def test_rendered_parameters(client: TestClient[Any, Any]) -> None:
     tall = await _image(client, "/inst/j2k/rendered?viewport=100,100")
     assert tall.size == (25, 100)  # 256 x 1024 kept in proportion
     big = await _image(client, "/inst/mr/rendered?viewport=128,128")
-    assert big.size == (128, 128)  # rendered may enlarge
-    for query in ("window=1,0", "quality=0", "viewport=0,10", "viewport=1,2,3,4", "window=a,b"):
+    assert big.size == (64, 64)  # never enlarged past the image's own size
+    for query in ("window=1,0", "quality=0", "viewport=0,10", "viewport=1,2,3,4", "window=a,b",
+                  "viewport=65536,10"):
         async with client.get(f"/inst/mr/rendered?{query}") as response:
             assert response.status == 400, query
 
@@ -1387,7 +1417,7 @@ async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
 
 
 def test_parameter_parsers() -> None:
-    assert wado.parse_frame_list("3,1,3") == [3, 1, 3]
+    assert wado.parse_frame_list("3,1,2") == [3, 1, 2]
     assert wado.parse_window("40,400") == (40.0, 400.0)
     assert wado.parse_window("-600.5, 1500, linear") == (-600.5, 1500.0)
     assert wado.parse_viewport("512,256") == (512, 256)
@@ -1399,6 +1429,9 @@ def test_parameter_parsers() -> None:
         (wado.parse_frame_list, "0"),
         (wado.parse_frame_list, "1,-2"),
         (wado.parse_frame_list, "1.5"),
+        (wado.parse_frame_list, "3,1,3"),
+        (wado.parse_frame_list, ",".join(str(n) for n in range(1, wado.MAX_FRAME_LIST + 2))),
+        (wado.parse_viewport, "65536,10"),
         (wado.parse_window, "40"),
         (wado.parse_window, "40,0"),
         (wado.parse_window, "40,400,sigmoid"),
@@ -1701,10 +1734,10 @@ async def test_transcoding_runs_off_the_event_loop(
     entered = threading.Event()
     real = wado.transcode_instance
 
-    def held(data: bytes, target: str, *, max_bytes: int) -> bytes:
+    def held(data: bytes, target: str, *, max_bytes: int, max_inflated: int) -> bytes:
         entered.set()
         release.wait(timeout=30)
-        return real(data, target, max_bytes=max_bytes)
+        return real(data, target, max_bytes=max_bytes, max_inflated=max_inflated)
 
     monkeypatch.setattr(wado, "transcode_instance", held)
     slow = asyncio.ensure_future(client.get("/instances?names=mr_rle", headers={"Accept": DICOM}))
