@@ -508,11 +508,18 @@ class _Stow:
         """The checks that need no index: the request's study, the producing hospital."""
         if self.study_uid is not None and header.study.StudyInstanceUID != self.study_uid:
             raise _Refused(STUDY_UID_MISMATCH)
+        caller = self.ctx.principal.hospital
+        # An instance that names another producing institution is not the caller's to
+        # store, whatever the write store's ownership: under "store" or "prefix" ownership
+        # the code decides nothing at sync, but it is what the object says of itself.
+        named = header.study.institution_code
+        if named is not None and named != caller:
+            raise _Refused(NOT_AUTHORIZED)
         # A later sync of the write store makes the producer by the store's ownership
         # rule (its hospital, the key's prefix, or the object's institution code): it
         # must be the caller (or nobody).
-        producer = self.target.producer(self.key(header), header.study.institution_code)
-        if producer is not None and producer != self.ctx.principal.hospital:
+        producer = self.target.producer(self.key(header), named)
+        if producer is not None and producer != caller:
             raise _Refused(NOT_AUTHORIZED)
 
     async def place(self, part: _Part, head: bytes, ended: bool, header: ParsedHeader) -> str:
