@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from imaging_gateway.api.keys import INDEX, PRINCIPAL, SYNC
+from imaging_gateway.api.params import int_param, json_body
 from imaging_gateway.errors import InvalidRequest
 from imaging_gateway.security.principals import Principal
 
@@ -32,10 +32,7 @@ def _job_json(request: web.Request, job: Any) -> dict[str, Any]:
 async def create_sync_job(request: web.Request) -> web.Response:
     """Start a sync job: ``{"store": NAME, "mode": "incremental"|"full", "restart": false}``."""
     _admin(request)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("body must be JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("store"), str):
         raise InvalidRequest('body must be {"store": NAME, "mode": "incremental"|"full"}')
     mode = body.get("mode", "incremental")
@@ -54,12 +51,7 @@ async def create_sync_job(request: web.Request) -> web.Response:
 async def list_sync_jobs(request: web.Request) -> web.Response:
     _admin(request)
     store = request.query.get("store")
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000")
+    limit = int_param(request.query, "limit", default=50, minimum=1, maximum=1000)
     jobs = await request.app[INDEX].list_jobs(store=store, limit=limit)
     return web.json_response([_job_json(request, j) for j in jobs])
 

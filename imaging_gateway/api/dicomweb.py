@@ -31,11 +31,15 @@ from imaging_gateway.api.keys import (
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
-from imaging_gateway.domain.qido import Level, parse_qido
+from imaging_gateway.domain.qido import Level, is_uid, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidQuery
 from imaging_gateway.federation.fanout import warning_header
-from imaging_gateway.security.gate import AccessContext, parse_break_glass_reason
+from imaging_gateway.security.gate import (
+    AccessContext,
+    parse_break_glass_reason,
+    parse_purpose_of_use,
+)
 from imaging_gateway.services import stow, wado
 from imaging_gateway.services.federation import as_token_patient, federated_search
 from imaging_gateway.storage.base import ObjectStore
@@ -57,9 +61,25 @@ _I = "{instance:[0-9.]+}"
 def _ctx(request: web.Request) -> AccessContext:
     return access_context(
         request,
-        purpose=request.headers.get("X-Purpose-Of-Use"),
+        purpose=parse_purpose_of_use(request.headers.get("X-Purpose-Of-Use")),
         break_glass_reason=parse_break_glass_reason(request.headers.get(BREAK_GLASS_HEADER)),
     )
+
+
+_PATH_UIDS = ("study", "series", "instance")
+
+
+def path_uid_problem(request: web.Request) -> str | None:
+    """Which UID of the path is not a UID as PS3.5 9.1 writes it, or None.
+
+    The routes take digits and dots; a UID is also at most 64 characters with no leading
+    zeros in a component (and the index's columns hold no more).
+    """
+    for name in _PATH_UIDS:
+        value = request.match_info.get(name)
+        if value is not None and not is_uid(value):
+            return f"{name}: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+    return None
 
 
 def _base(request: web.Request) -> str:
@@ -232,9 +252,19 @@ async def search_for_series_instances(request: web.Request) -> web.StreamRespons
 
 
 async def _locate(request: web.Request, action: str) -> list[InstanceLocation]:
+    """The instances the path names that the caller may read (``Gate.locate``).
+
+    Raises ``InvalidQuery`` naming a malformed path UID, audited like any other request
+    for patient data (without the UID, which no study can have).
+    """
     m = request.match_info
+    ctx = _ctx(request)
+    problem = path_uid_problem(request)
+    if problem is not None:
+        await request.app[GATE].refused_input(ctx, action=action, reason=problem)
+        raise InvalidQuery(problem)
     return await request.app[GATE].locate(
-        _ctx(request),
+        ctx,
         action=action,
         study_uid=m["study"],
         series_uid=m.get("series"),
@@ -286,11 +316,13 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
 async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamResponse:
     q = request.query
     accept = request.headers.get("Accept")
-    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
+    # Parameters first: a malformed one is refused before the study is looked up.
     frames = request.match_info.get("frames")
     frame = wado.parse_frame_list(frames)[0] if frames else 1
     viewport = wado.parse_viewport(q["viewport"]) if "viewport" in q else None
     quality = wado.parse_quality(q["quality"]) if "quality" in q else None
+    window = wado.parse_window(q["window"]) if "window" in q and not thumbnail else None
+    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
     if thumbnail or len(instances) > 1:
         instance = wado.representative_instance(instances)
     else:
@@ -301,7 +333,6 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
             instance, stores, accept=accept, viewport=viewport, quality=quality, frame=frame
         )
     else:
-        window = wado.parse_window(q["window"]) if "window" in q else None
         body, media_type = await wado.retrieve_rendered(
             instance,
             stores,
@@ -393,6 +424,9 @@ for _path in (
 
 async def _store(request: web.Request) -> web.StreamResponse:
     app = request.app
+    problem = path_uid_problem(request)
+    if problem is not None:
+        raise InvalidQuery(problem)
     return await stow.store_instances(
         request,
         ctx=_ctx(request),

@@ -36,10 +36,12 @@ from imaging_gateway.api.keys import (
     PRINCIPAL,
     SETTINGS,
 )
+from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
     GatewayError,
+    InvalidQuery,
     NotAcceptable,
     NotFound,
     PeerUnavailable,
@@ -48,7 +50,7 @@ from imaging_gateway.errors import (
 from imaging_gateway.federation.assertions import verify_assertion
 from imaging_gateway.federation.cache import CachedAnswer, Fill, RetrieveCache
 from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
-from imaging_gateway.security.gate import PeerGrant
+from imaging_gateway.security.gate import PeerGrant, parse_purpose_of_use
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.federation import Federation
 from imaging_gateway.storage.base import close_stream
@@ -166,20 +168,23 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
     ``NotFound`` (unknown province, never-searched study), ``Forbidden`` (grant revoked
     or expired; audited), ``PeerUnavailable`` when the peer cannot be reached.
     """
-    ctx = access_context(request, purpose=request.headers.get("X-Purpose-Of-Use"))
+    purpose = parse_purpose_of_use(request.headers.get("X-Purpose-Of-Use"))
+    ctx = access_context(request, purpose=purpose)
     ctx.principal.require("hospital")
     federation = request.app.get(FEDERATION)
     province = request.match_info["province"]
     study = request.match_info["study"]
+    if not is_uid(study):
+        problem = "study: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+        await request.app[GATE].refused_input(ctx, action="federated-retrieve", reason=problem)
+        raise InvalidQuery(problem)
     if federation is None or province not in federation.registry:
         raise NotFound("no such study, series or instance")
     assert ctx.principal.hospital is not None
     found = federation.located.get(ctx.principal.hospital, province, study)
     gate = request.app[GATE]
     correlation = str(uuid.uuid4())
-    ctx = access_context(
-        request, purpose=request.headers.get("X-Purpose-Of-Use"), correlation_id=correlation
-    )
+    ctx = access_context(request, purpose=purpose, correlation_id=correlation)
     token = found.patient_token if found is not None else None
     if found is None:
         await gate.audit.record(

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from imaging_gateway.api.federation import authenticate_peer, peer_assertion
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
+from imaging_gateway.api.params import check_no_nul
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
@@ -93,4 +94,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except Unauthenticated as exc:
         await request.app[GATE].refused_token(source=request.remote, reason=exc.message)
         raise
+    return await handler(request)
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse NUL in any path or query parameter, for every route, before its handler.
+
+    PostgreSQL cannot hold NUL in text (SQLite can): refused here, at the one point every
+    request passes, the answer is the same 400 naming the parameter on both backends.
+    """
+    check_no_nul(request.match_info.items(), where="path")
+    check_no_nul(request.query.items(), where="query")
     return await handler(request)

@@ -62,6 +62,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -109,6 +110,10 @@ _LONG_VRS: Final = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 _IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
 _EXPLICIT_VR_BIG_ENDIAN: Final = "1.2.840.10008.1.2.2"
 _DEFLATED: Final = "1.2.840.10008.1.2.1.99"
+
+# RFC 2046 5.1.1: bchars, 1-70 of them, the last not a space (aiohttp's reader refuses
+# a longer one with ValueError when it is built).
+_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 _RESPONSE_JSON = Representation("application/dicom+json")
 _RESPONSE_PLAIN_JSON = Representation("application/json")
@@ -174,6 +179,11 @@ def request_boundary(content_type: str | None) -> str:
     boundary = mime.parameters.get("boundary", "")
     if not boundary:
         raise InvalidRequest("the multipart/related Content-Type has no boundary")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise InvalidRequest(
+            "boundary: 1-70 characters of letters, digits and '()+_,-./:=? (RFC 2046 5.1.1), "
+            "not ending with a space"
+        )
     return boundary
 
 
