@@ -28,10 +28,11 @@ from imaging_gateway.api.keys import (
     SETTINGS,
     STORES,
 )
+from imaging_gateway.api.params import path_uid_problem
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
 from imaging_gateway.dicom.mediatypes import Representation, select, select_metadata
-from imaging_gateway.domain.qido import Level, is_uid, parse_qido
+from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidQuery
 from imaging_gateway.federation.fanout import warning_header
@@ -64,22 +65,6 @@ def _ctx(request: web.Request) -> AccessContext:
         purpose=parse_purpose_of_use(request.headers.get("X-Purpose-Of-Use")),
         break_glass_reason=parse_break_glass_reason(request.headers.get(BREAK_GLASS_HEADER)),
     )
-
-
-_PATH_UIDS = ("study", "series", "instance")
-
-
-def path_uid_problem(request: web.Request) -> str | None:
-    """Which UID of the path is not a UID as PS3.5 9.1 writes it, or None.
-
-    The routes take digits and dots; a UID is also at most 64 characters with no leading
-    zeros in a component (and the index's columns hold no more).
-    """
-    for name in _PATH_UIDS:
-        value = request.match_info.get(name)
-        if value is not None and not is_uid(value):
-            return f"{name}: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
-    return None
 
 
 def _base(request: web.Request) -> str:
@@ -259,7 +244,7 @@ async def _locate(request: web.Request, action: str) -> list[InstanceLocation]:
     """
     m = request.match_info
     ctx = _ctx(request)
-    problem = path_uid_problem(request)
+    problem = path_uid_problem(request.match_info)
     if problem is not None:
         await request.app[GATE].refused_input(ctx, action=action, reason=problem)
         raise InvalidQuery(problem)
@@ -424,7 +409,7 @@ for _path in (
 
 async def _store(request: web.Request) -> web.StreamResponse:
     app = request.app
-    problem = path_uid_problem(request)
+    problem = path_uid_problem(request.match_info)
     if problem is not None:
         raise InvalidQuery(problem)
     return await stow.store_instances(

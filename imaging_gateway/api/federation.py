@@ -36,7 +36,7 @@ from imaging_gateway.api.keys import (
     PRINCIPAL,
     SETTINGS,
 )
-from imaging_gateway.domain.qido import is_uid
+from imaging_gateway.api.params import path_uid_problem
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
@@ -174,8 +174,8 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
     federation = request.app.get(FEDERATION)
     province = request.match_info["province"]
     study = request.match_info["study"]
-    if not is_uid(study):
-        problem = "study: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+    problem = path_uid_problem(request.match_info)
+    if problem is not None:
         await request.app[GATE].refused_input(ctx, action="federated-retrieve", reason=problem)
         raise InvalidQuery(problem)
     if federation is None or province not in federation.registry:

@@ -1,4 +1,4 @@
-"""Request parsing every route shares: JSON bodies, integer query parameters, NUL refusal.
+"""Request parsing routes share: JSON bodies, integer query parameters, path UIDs, NUL.
 
 Each refuses bad input with ``InvalidRequest`` (400) naming the parameter, so that no
 malformed value reaches a database that would fail on it (PostgreSQL stores no NUL in
@@ -14,9 +14,10 @@ from typing import Any, Final, overload
 import orjson
 from aiohttp import web
 
+from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.errors import InvalidRequest
 
-__all__ = ["check_no_nul", "int_param", "json_body"]
+__all__ = ["PATH_UIDS", "check_no_nul", "int_param", "json_body", "path_uid_problem"]
 
 _DIGITS: Final = re.compile(r"[0-9]{1,19}")
 """ASCII digits only: str.isdigit() also takes e.g. superscripts, which int() refuses."""
@@ -31,6 +32,23 @@ def check_no_nul(pairs: Iterable[tuple[str, str]], *, where: str) -> None:
         if "\x00" in name or "\x00" in value:
             label = name.replace("\x00", "\\x00")
             raise InvalidRequest(f"{label} ({where} parameter): NUL characters are not allowed")
+
+
+PATH_UIDS: Final = ("study", "series", "instance")
+"""The route parameters that hold UIDs (DICOMweb and federation routes)."""
+
+
+def path_uid_problem(match_info: Mapping[str, str]) -> str | None:
+    """Which UID of a route's path is not a UID as PS3.5 9.1 writes it, or None.
+
+    The routes take digits and dots; a UID is also at most 64 characters with no leading
+    zeros in a component (and the index's and the audit log's columns hold no more).
+    """
+    for name in PATH_UIDS:
+        value = match_info.get(name)
+        if value is not None and not is_uid(value):
+            return f"{name}: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+    return None
 
 
 @overload
