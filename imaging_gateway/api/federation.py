@@ -49,7 +49,8 @@ from imaging_gateway.errors import (
 )
 from imaging_gateway.federation.assertions import verify_assertion
 from imaging_gateway.federation.cache import CachedAnswer, Fill, RetrieveCache
-from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
+from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller, load_peer_json
+from imaging_gateway.federation.fanout import PeerAnswerError
 from imaging_gateway.security.gate import PeerGrant, parse_purpose_of_use
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.federation import Federation
@@ -280,15 +281,17 @@ async def _metadata(
             f"the holding province cannot be reached ({type(exc).__name__})"
         ) from None
     try:
-        data = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PeerUnavailable("the holding province answered metadata that is not JSON") from None
+        # Bounded nesting: what is parsed is walked below and encoded again.
+        data = load_peer_json(bytes(body))
+    except PeerAnswerError as exc:
+        reason = exc.message.removeprefix("answer is ")
+        raise PeerUnavailable(f"the holding province answered metadata that is {reason}") from None
     registry = federation.registry
-
-    def walk(node: Any) -> None:
+    pending = [data]
+    while pending:
+        node = pending.pop()
         if isinstance(node, list):
-            for item in node:
-                walk(item)
+            pending.extend(node)
         elif isinstance(node, dict):
             uri = node.get("BulkDataURI")
             if isinstance(uri, str):
@@ -297,10 +300,7 @@ async def _metadata(
                     del node["BulkDataURI"]
                 else:
                     node["BulkDataURI"] = f"{home}/{mapped[0]}/{mapped[1]}"
-            for value in node.values():
-                walk(value)
-
-    walk(data)
+            pending.extend(node.values())
     return web.Response(
         text=json.dumps(data, ensure_ascii=False), content_type=content_type, charset="utf-8"
     )
