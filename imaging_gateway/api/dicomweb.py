@@ -409,9 +409,6 @@ for _path in (
 
 async def _store(request: web.Request) -> web.StreamResponse:
     app = request.app
-    problem = path_uid_problem(request.match_info)
-    if problem is not None:
-        raise InvalidQuery(problem)
     return await stow.store_instances(
         request,
         ctx=_ctx(request),

@@ -74,9 +74,11 @@ from aiohttp.helpers import parse_mimetype
 from imaging_gateway.dicom.dicomxml import dataset_to_xml
 from imaging_gateway.dicom.headers import NeedMoreData, NotParseable, parse_header
 from imaging_gateway.dicom.mediatypes import Representation, select
+from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import (
     GatewayError,
+    InvalidQuery,
     InvalidRequest,
     ObjectNotFound,
     StorageError,
@@ -646,18 +648,29 @@ async def store_instances(
     """Store Instances (PS3.18 10.5) of ``request`` for a hospital; see the module docstring.
 
     Raises ``Forbidden`` (not a hospital, or not the write store's hospital),
-    ``StoreNotEnabled`` (no write store), ``NotAcceptable`` (Accept allows no DICOM JSON
-    or XML), ``UnsupportedMediaType``, ``InvalidRequest`` (no boundary, no parts, or
-    malformed multipart before anything was stored) and ``IndexUnavailable`` (nothing
+    ``InvalidQuery`` (a ``study_uid`` that is not a UID), ``StoreNotEnabled`` (no write
+    store), ``NotAcceptable`` (Accept allows no DICOM JSON or XML),
+    ``UnsupportedMediaType``, ``InvalidRequest`` (no boundary or one RFC 2046 does not
+    allow, no parts, or malformed multipart before anything was stored) and
+    ``IndexUnavailable`` (nothing
     stored and the audit log unreachable); each is audited, except when the audit log
     itself is unreachable. Per-instance failures are in the response, not raised.
     """
     name = settings.gateway.write_store
     target = settings.store(name) if name is not None else None
+    # A {study} that is no UID (PS3.5 9.1) is refused, audited without it: the audit
+    # log's column holds 64 characters, and no study has it.
+    malformed_study = study_uid is not None and not is_uid(study_uid)
     await gate.authorize_store(
-        ctx, store_hospitals=target.producing_hospitals if target else None, study_uid=study_uid
+        ctx,
+        store_hospitals=target.producing_hospitals if target else None,
+        study_uid=None if malformed_study else study_uid,
     )
     try:
+        if malformed_study:
+            raise InvalidQuery(
+                "study: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+            )
         if target is None:
             raise StoreNotEnabled(
                 "this gateway stores no instances (STOW-RS): no gateway.write_store is configured"

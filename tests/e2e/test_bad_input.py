@@ -84,6 +84,8 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
     audited: str | None = None
     """The audit action expected for a request that asked for patient data."""
+    outcome: str = "denied"
+    """... and its outcome."""
 
 
 LONG_STUDY_ROUTES = [
@@ -138,6 +140,13 @@ CASES = [
          "X-Purpose-Of-Use", headers={"X-Purpose-Of-Use": "treatment " * 10}),
     Case("break-glass-reason-nul", "GET", "/dicomweb/studies/{study}/metadata",
          "X-Break-Glass-Reason", headers={"X-Break-Glass-Reason": "stroke%00code"}),
+    Case("stow-long-study", "POST", f"/dicomweb/studies/{LONG_UID}", "study",
+         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+         body=b"--b--\r\n", audited="store", outcome="error"),
+    Case("stow-long-study-not-a-hospital", "POST", f"/dicomweb/studies/{LONG_UID}", "hospital",
+         caller="patient",
+         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+         body=b"--b--\r\n"),
     Case("stow-boundary-over-70", "POST", "/dicomweb/studies", "boundary",
          headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary='
                   + "b" * 71},
@@ -174,7 +183,7 @@ async def test_bad_input_is_a_4xx_naming_the_parameter(served: Served, case: Cas
     if case.audited:
         rows = (await audit_rows(p))[before_audit:]
         assert [(r["action"], r["outcome"], r["hospital"]) for r in rows] == [
-            (case.audited, "denied", _hospital(served))], rows
+            (case.audited, case.outcome, _hospital(served))], rows
 
 
 def _hospital(served: Served) -> str:
