@@ -23,6 +23,7 @@ from imaging_gateway.api.middlewares import (
     auth_middleware,
     client_certificate_middleware,
     error_middleware,
+    input_middleware,
 )
 from imaging_gateway.api.openapi import openapi_json
 from imaging_gateway.federation.assertions import MemoryReplayCache
@@ -53,7 +54,12 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application; resources open and close with it (cleanup_ctx)."""
     app = web.Application(
-        middlewares=[error_middleware, client_certificate_middleware, auth_middleware]
+        middlewares=[
+            error_middleware,
+            client_certificate_middleware,
+            auth_middleware,
+            input_middleware,
+        ]
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_tokens_ctx)

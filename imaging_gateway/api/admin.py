@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from imaging_gateway.api.keys import INDEX, PRINCIPAL, SYNC
+from imaging_gateway.api.params import int_param, json_body
 from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import InvalidRequest
 from imaging_gateway.security.principals import Principal
@@ -36,10 +37,7 @@ async def create_sync_job(request: web.Request) -> web.Response:
     """Start a sync job: ``{"store": NAME, "mode": "incremental"|"full", "restart": false}``."""
     _admin(request)
     base = public_base(request)  # a bad Host is refused before the job starts
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("body must be JSON") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("store"), str):
         raise InvalidRequest('body must be {"store": NAME, "mode": "incremental"|"full"}')
     mode = body.get("mode", "incremental")
@@ -56,21 +54,11 @@ async def create_sync_job(request: web.Request) -> web.Response:
     )
 
 
-def _limit(request: web.Request, default: int) -> int:
-    try:
-        limit = int(request.query.get("limit", str(default)))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000")
-    return limit
-
-
 @routes.get("/admin/sync-jobs")
 async def list_sync_jobs(request: web.Request) -> web.Response:
     _admin(request)
     store = request.query.get("store")
-    limit = _limit(request, 50)
+    limit = int_param(request.query, "limit", default=50, minimum=1, maximum=1000)
     jobs = await request.app[INDEX].list_jobs(store=store, limit=limit)
     return web.json_response([_job_json(request, j) for j in jobs])
 
@@ -114,7 +102,7 @@ async def list_quarantine(request: web.Request) -> web.Response:
     the following page (keyset paging: stable while syncs add or remove entries).
     """
     _admin(request)
-    limit = _limit(request, 100)
+    limit = int_param(request.query, "limit", default=100, minimum=1, maximum=1000)
     cursor = request.query.get("cursor")
     after = None if cursor is None else _decode_cursor(cursor)
     entries = await request.app[INDEX].list_quarantine(

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from imaging_gateway.api.keys import CONSENTS, GATE, PEER_GRANT, PRINCIPAL, SETTINGS
+from imaging_gateway.api.params import int_param, json_body
 from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import InvalidRequest, NotFound
 from imaging_gateway.security.consent import may_manage, parse_consent_request
@@ -36,13 +37,6 @@ def access_context(request: web.Request, **kw: Any) -> AccessContext:
     return AccessContext(principal=principal, source=request.remote, **kw)
 
 
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("body must be JSON") from None
-
-
 @routes.post("/consents")
 async def create_consent(request: web.Request) -> web.Response:
     """Record a patient's grant (hospital: to itself; admin: to any hospital)."""
@@ -50,7 +44,7 @@ async def create_consent(request: web.Request) -> web.Response:
     base = public_base(request)  # a bad Host is refused before anything is recorded
     settings = request.app[SETTINGS].security
     consent_request = parse_consent_request(
-        await _json_body(request),
+        await json_body(request),
         ctx.principal,
         now=ctx.now,
         max_days=settings.consent_max_days,
@@ -145,13 +139,12 @@ async def my_access_log(request: web.Request) -> web.Response:
     principal.require("patient")
     assert principal.national_id is not None  # validate_claims guarantees it
     gate = request.app[GATE]
-    before = request.query.get("before")
-    if before is not None and not before.isdigit():
-        raise InvalidRequest("before must be a record number")
+    # A record number: the audit log's seq is a signed 64-bit integer.
+    before = int_param(request.query, "before", default=None, minimum=1, maximum=2**63 - 1)
     records = await gate.audit.for_patient(
         gate.tokens.for_national_id(principal.national_id),
         limit=200,
-        before_seq=int(before) if before else None,
+        before_seq=before,
     )
     return web.json_response(records, dumps=_dumps)
 
@@ -161,10 +154,8 @@ async def break_glass_report(request: web.Request) -> web.Response:
     """Emergency accesses of the last ``days`` (default 30), for the province's review."""
     principal: Principal = request[PRINCIPAL]
     principal.require("admin")
-    days = request.query.get("days", "30")
-    if not days.isdigit() or not 0 < int(days) <= 3650:
-        raise InvalidRequest("days must be 1-3650")
-    since = datetime.now(UTC) - timedelta(days=int(days))
+    days = int_param(request.query, "days", default=30, minimum=1, maximum=3650)
+    since = datetime.now(UTC) - timedelta(days=days)
     return web.json_response(await request.app[GATE].break_glass_report(since=since))
 
 

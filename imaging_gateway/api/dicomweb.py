@@ -28,6 +28,7 @@ from imaging_gateway.api.keys import (
     SETTINGS,
     STORES,
 )
+from imaging_gateway.api.params import path_uid_problem
 from imaging_gateway.api.urls import public_authority, public_base
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
@@ -36,7 +37,11 @@ from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidQuery
 from imaging_gateway.federation.fanout import warning_header
-from imaging_gateway.security.gate import AccessContext, parse_break_glass_reason
+from imaging_gateway.security.gate import (
+    AccessContext,
+    parse_break_glass_reason,
+    parse_purpose_of_use,
+)
 from imaging_gateway.services import stow, wado
 from imaging_gateway.services.federation import as_token_patient, federated_search
 from imaging_gateway.storage.base import ObjectStore
@@ -58,7 +63,7 @@ _I = "{instance:[0-9.]+}"
 def _ctx(request: web.Request) -> AccessContext:
     return access_context(
         request,
-        purpose=request.headers.get("X-Purpose-Of-Use"),
+        purpose=parse_purpose_of_use(request.headers.get("X-Purpose-Of-Use")),
         break_glass_reason=parse_break_glass_reason(request.headers.get(BREAK_GLASS_HEADER)),
     )
 
@@ -237,9 +242,19 @@ async def search_for_series_instances(request: web.Request) -> web.StreamRespons
 
 
 async def _locate(request: web.Request, action: str) -> list[InstanceLocation]:
+    """The instances the path names that the caller may read (``Gate.locate``).
+
+    Raises ``InvalidQuery`` naming a malformed path UID, audited like any other request
+    for patient data (without the UID, which no study can have).
+    """
     m = request.match_info
+    ctx = _ctx(request)
+    problem = path_uid_problem(request.match_info)
+    if problem is not None:
+        await request.app[GATE].refused_input(ctx, action=action, reason=problem)
+        raise InvalidQuery(problem)
     return await request.app[GATE].locate(
-        _ctx(request),
+        ctx,
         action=action,
         study_uid=m["study"],
         series_uid=m.get("series"),
@@ -295,11 +310,13 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
 async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamResponse:
     q = request.query
     accept = request.headers.get("Accept")
-    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
+    # Parameters first: a malformed one is refused before the study is looked up.
     frames = request.match_info.get("frames")
     frame = wado.parse_frame_list(frames)[0] if frames else 1
     viewport = wado.parse_viewport(q["viewport"]) if "viewport" in q else None
     quality = wado.parse_quality(q["quality"]) if "quality" in q else None
+    window = wado.parse_window(q["window"]) if "window" in q and not thumbnail else None
+    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
     if thumbnail or len(instances) > 1:
         instance = wado.representative_instance(instances)
     else:
@@ -316,7 +333,6 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
             inflate_max_bytes=_inflate_max_bytes(request),
         )
     else:
-        window = wado.parse_window(q["window"]) if "window" in q else None
         body, media_type = await wado.retrieve_rendered(
             instance,
             stores,

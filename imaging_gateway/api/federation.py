@@ -36,11 +36,13 @@ from imaging_gateway.api.keys import (
     PRINCIPAL,
     SETTINGS,
 )
+from imaging_gateway.api.params import path_uid_problem
 from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
     GatewayError,
+    InvalidQuery,
     NotAcceptable,
     NotFound,
     PeerUnavailable,
@@ -48,8 +50,9 @@ from imaging_gateway.errors import (
 )
 from imaging_gateway.federation.assertions import verify_assertion
 from imaging_gateway.federation.cache import CachedAnswer, Fill, RetrieveCache
-from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller
-from imaging_gateway.security.gate import PeerGrant
+from imaging_gateway.federation.client import ASSERTION_HEADER, FederatedCaller, load_peer_json
+from imaging_gateway.federation.fanout import PeerAnswerError
+from imaging_gateway.security.gate import PeerGrant, parse_purpose_of_use
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.federation import Federation
 from imaging_gateway.storage.base import close_stream
@@ -167,20 +170,23 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
     ``NotFound`` (unknown province, never-searched study), ``Forbidden`` (grant revoked
     or expired; audited), ``PeerUnavailable`` when the peer cannot be reached.
     """
-    ctx = access_context(request, purpose=request.headers.get("X-Purpose-Of-Use"))
+    purpose = parse_purpose_of_use(request.headers.get("X-Purpose-Of-Use"))
+    ctx = access_context(request, purpose=purpose)
     ctx.principal.require("hospital")
     federation = request.app.get(FEDERATION)
     province = request.match_info["province"]
     study = request.match_info["study"]
+    problem = path_uid_problem(request.match_info)
+    if problem is not None:
+        await request.app[GATE].refused_input(ctx, action="federated-retrieve", reason=problem)
+        raise InvalidQuery(problem)
     if federation is None or province not in federation.registry:
         raise NotFound("no such study, series or instance")
     assert ctx.principal.hospital is not None
     found = federation.located.get(ctx.principal.hospital, province, study)
     gate = request.app[GATE]
     correlation = str(uuid.uuid4())
-    ctx = access_context(
-        request, purpose=request.headers.get("X-Purpose-Of-Use"), correlation_id=correlation
-    )
+    ctx = access_context(request, purpose=purpose, correlation_id=correlation)
     token = found.patient_token if found is not None else None
     if found is None:
         await gate.audit.record(
@@ -276,15 +282,17 @@ async def _metadata(
             f"the holding province cannot be reached ({type(exc).__name__})"
         ) from None
     try:
-        data = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PeerUnavailable("the holding province answered metadata that is not JSON") from None
+        # Bounded nesting: what is parsed is walked below and encoded again.
+        data = load_peer_json(bytes(body))
+    except PeerAnswerError as exc:
+        reason = exc.message.removeprefix("answer is ")
+        raise PeerUnavailable(f"the holding province answered metadata that is {reason}") from None
     registry = federation.registry
-
-    def walk(node: Any) -> None:
+    pending = [data]
+    while pending:
+        node = pending.pop()
         if isinstance(node, list):
-            for item in node:
-                walk(item)
+            pending.extend(node)
         elif isinstance(node, dict):
             uri = node.get("BulkDataURI")
             if isinstance(uri, str):
@@ -293,10 +301,7 @@ async def _metadata(
                     del node["BulkDataURI"]
                 else:
                     node["BulkDataURI"] = f"{home}/{mapped[0]}/{mapped[1]}"
-            for value in node.values():
-                walk(value)
-
-    walk(data)
+            pending.extend(node.values())
     return web.Response(
         text=json.dumps(data, ensure_ascii=False), content_type=content_type, charset="utf-8"
     )

@@ -10,6 +10,7 @@ from aiohttp import web
 from imaging_gateway.api.federation import authenticate_peer, peer_assertion
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
 from imaging_gateway.api.logging import route_of, stack_without_message
+from imaging_gateway.api.params import check_no_nul
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
@@ -109,4 +110,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             action="dicomweb",
         )
         raise Forbidden(reason)
+    return await handler(request)
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse NUL in any path or query parameter, for every route, before its handler.
+
+    PostgreSQL cannot hold NUL in text (SQLite can): refused here, at the one point every
+    request passes, the answer is the same 400 naming the parameter on both backends.
+    """
+    check_no_nul(request.match_info.items(), where="path")
+    check_no_nul(request.query.items(), where="query")
     return await handler(request)

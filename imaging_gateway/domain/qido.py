@@ -183,7 +183,19 @@ _DT_RE = re.compile(
     r"([0-9]{2})?([01][0-9]|2[0-3])?([0-5][0-9])?([0-5][0-9])?(\.[0-9]{1,6})?"
     r"([+-][0-9]{4})?"
 )
-_INT_RE = re.compile(r"[+-]?[0-9]{1,12}")
+_INT_RE = re.compile(r"[+-]?[0-9]{1,20}")
+# PS3.5 Table 6.2-1: the value range of each integer VR. The index holds these values
+# in 32-bit integer columns, so UL, UV and SV are narrowed to what a column can hold.
+_INT32: Final = (-(2**31), 2**31 - 1)
+_NUMERIC_RANGES: Final[dict[str, tuple[int, int]]] = {
+    "IS": _INT32,
+    "SL": _INT32,
+    "SS": (-(2**15), 2**15 - 1),
+    "US": (0, 2**16 - 1),
+    "UL": (0, _INT32[1]),
+    "UV": (0, _INT32[1]),
+    "SV": _INT32,
+}
 _MAX_VALUE = 1024
 _PARAMETERS: Final[frozenset[str]] = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 # Added to every result whatever the level (see dicom.dicomjson.to_dicom_json).
@@ -460,6 +472,9 @@ def _parse_match(path: tuple[str, ...], vr: str, raw: str, param: str) -> Attrib
     if vr in _NUMERIC_VRS:
         if not _INT_RE.fullmatch(raw.strip()):
             raise InvalidQuery(f"{param}: {raw!r} is not an integer ({vr})")
+        smallest, largest = _NUMERIC_RANGES[vr]
+        if not smallest <= int(raw) <= largest:
+            raise InvalidQuery(f"{param}: {vr} values are integers from {smallest} to {largest}")
         return AttributeMatch(path, vr, "single", value=str(int(raw)))
     if keyword in _LIST_KEYWORDS:
         values = tuple(dict.fromkeys(v for v in re.split(r"[,\\]", raw) if v))
@@ -501,12 +516,18 @@ def _name_list(names: Iterable[str]) -> str:
     return text
 
 
+_MAX_PAGING: Final = 2**31 - 1
+"""limit and offset: what a 32-bit SQL parameter holds (PostgreSQL binds them so)."""
+
+
 def _parse_int(value: str, param: str, *, minimum: int) -> int:
     if not re.fullmatch(r"[0-9]{1,10}", value):
         raise InvalidQuery(f"{param}: {value!r} is not a non-negative integer")
     number = int(value)
     if number < minimum:
         raise InvalidQuery(f"{param}: must be at least {minimum}")
+    if number > _MAX_PAGING:
+        raise InvalidQuery(f"{param}: must be at most {_MAX_PAGING}")
     return number
 
 

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.qido import is_uid
+from imaging_gateway.domain.text import shown_text_problem
 from imaging_gateway.errors import Forbidden, InvalidRequest, Unauthenticated
 from imaging_gateway.federation.peers import PeerRegistry, is_province_code
 from imaging_gateway.security.consent import MAX_SCOPE_STUDIES, PURPOSES, Consent
@@ -299,6 +300,16 @@ def _check_common(
         or len(break_glass_reason) > MAX_REASON
     ):
         return f"break_glass must be a reason of 1-{MAX_REASON} characters"
+    # Shown to the patient in their access log, as a local caller's would be.
+    for name, text in (("sub", subject), ("clinician", clinician),
+                       ("break_glass", break_glass_reason)):  # fmt: skip
+        problem = (
+            shown_text_problem(text, multiline=name == "break_glass")
+            if isinstance(text, str)
+            else None
+        )
+        if problem is not None:
+            return f"{name}: {problem}"
     if purpose == EMERGENCY and break_glass_reason is None:
         return "purpose emergency needs a break-glass reason"
     if not has_consent and break_glass_reason is None:

@@ -13,7 +13,6 @@ contained.
 
 from __future__ import annotations
 
-import json
 import ssl
 import uuid
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from yarl import URL
 
@@ -101,17 +101,44 @@ def _read_text(path: Path, setting: str) -> str:
         raise ConfigError(setting, f"{path} cannot be read as a PEM file") from None
 
 
+MAX_JSON_DEPTH: Final = 64
+"""JSON nesting a peer's DICOM JSON may have: about 20 levels of sequences (each is an
+element object, its Value array and an item object). Deeper is no dataset; bounded here
+because what is parsed is walked and encoded again (orjson stops at 254 levels)."""
+
+
+def load_peer_json(body: bytes) -> Any:
+    """A peer's JSON answer, parsed by orjson and nested at most ``MAX_JSON_DEPTH`` deep.
+
+    Raises ``PeerAnswerError`` ("answer is not JSON", "answer is nested too deep"); never
+    ``RecursionError`` (orjson itself refuses more than 1024 levels).
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise PeerAnswerError("answer is not JSON") from None
+    # Iteratively: a recursive walk would be what overflows.
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise PeerAnswerError("answer is nested too deep")
+        if isinstance(node, dict):
+            pending.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            pending.extend((v, depth + 1) for v in node)
+    return data
+
+
 def parse_dicom_json(body: bytes) -> list[dict[str, Any]]:
     """A QIDO-RS answer body as a list of DICOM JSON datasets, checked strictly.
 
-    Raises ``PeerAnswerError`` when it is not UTF-8 JSON, not an array, or an entry is
+    Raises ``PeerAnswerError`` when it is not UTF-8 JSON (or nested deeper than
+    ``MAX_JSON_DEPTH``), not an array, or an entry is
     not an object whose keys are 8 upper-case hex digits each holding an object with a
     string ``vr``.
     """
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PeerAnswerError("answer is not JSON") from None
+    data = load_peer_json(body)
     if not isinstance(data, list):
         raise PeerAnswerError("answer is not a JSON array")
     for dataset in data:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.qido import is_uid
+from imaging_gateway.domain.text import check_shown_text
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
 from imaging_gateway.index.schema import consents
 from imaging_gateway.security.phi import PhiCodec
@@ -112,6 +113,8 @@ def parse_consent_request(
     clinician = body.get("grantee_clinician")
     if clinician is not None and (not isinstance(clinician, str) or not 0 < len(clinician) <= 128):
         raise InvalidRequest("grantee_clinician: 1-128 characters")
+    if clinician is not None:
+        check_shown_text(clinician, "grantee_clinician")
     purpose = _text(body, "purpose", 64)
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose: one of {', '.join(PURPOSES)}")
@@ -124,6 +127,8 @@ def parse_consent_request(
         raise InvalidRequest(f"a grant may last at most {max_days} days")
     if valid_until <= now:
         raise InvalidRequest("valid_until is in the past")
+    # Shown back to the patient (their consents, the QR page): no control or bidi
+    # characters that would make it read otherwise than it is stored.
     evidence = _text(body, "evidence", 2000)
     return ConsentRequest(
         national_id=national_id,
@@ -143,7 +148,8 @@ def _text(body: Mapping[str, Any], name: str, limit: int) -> str:
         raise InvalidRequest(f"{name}: required, a non-empty string")
     if len(value) > limit:
         raise InvalidRequest(f"{name}: at most {limit} characters")
-    return value.strip()
+    # Checked before stripping: str.strip() takes some controls (U+0085) as spaces.
+    return check_shown_text(value, name).strip()
 
 
 def _scope(value: Any) -> str | tuple[str, ...]:
@@ -170,7 +176,11 @@ def _time(body: Mapping[str, Any], name: str, *, default: datetime | None) -> da
         raise InvalidRequest(f"{name}: not an ISO 8601 date-time") from None
     if parsed.tzinfo is None:
         raise InvalidRequest(f"{name}: give a time zone, e.g. +08:00")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+14:00 and 9999-12-31T23:59-14:00 have no UTC datetime.
+        raise InvalidRequest(f"{name}: out of range once converted to UTC") from None
 
 
 class ConsentStore:

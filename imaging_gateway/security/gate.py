@@ -32,6 +32,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from imaging_gateway.domain.qido import QidoPage, QidoQuery, QidoResult
 from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
+from imaging_gateway.domain.text import check_shown_text
 from imaging_gateway.errors import (
     Forbidden,
     IndexUnavailable,
@@ -143,7 +144,25 @@ def parse_break_glass_reason(value: str | None) -> str | None:
         raise InvalidRequest("the break-glass reason must not be empty")
     if len(reason) > MAX_REASON:
         raise InvalidRequest(f"the break-glass reason is limited to {MAX_REASON} characters")
-    return reason
+    # The patient reads it in their access log: lines, but no other control characters.
+    return check_shown_text(reason, "X-Break-Glass-Reason", multiline=True)
+
+
+MAX_PURPOSE = 64
+"""The audit log's purpose column."""
+
+
+def parse_purpose_of_use(value: str | None) -> str | None:
+    """The purpose of use from the ``X-Purpose-Of-Use`` header, as the audit log records it.
+
+    Raises ``InvalidRequest`` naming the header when it is longer than ``MAX_PURPOSE`` or
+    holds control or formatting characters (the patient reads it in their access log).
+    """
+    if value is None:
+        return None
+    if len(value) > MAX_PURPOSE:
+        raise InvalidRequest(f"X-Purpose-Of-Use: at most {MAX_PURPOSE} characters")
+    return check_shown_text(value, "X-Purpose-Of-Use")
 
 
 class Gate:
@@ -217,6 +236,16 @@ class Gate:
             await self.audit.record([event])
         except IndexUnavailable:
             log.warning("a refused token could not be recorded in the audit log")
+
+    async def refused_input(self, ctx: AccessContext, *, action: str, reason: str) -> None:
+        """Audit a request for patient data refused for malformed input, before any lookup.
+
+        ``reason`` names the parameter, never its value (which may be anything, and
+        longer than the log's columns). Recorded as ``denied`` with no study or patient:
+        the request named none that could exist. Raises ``IndexUnavailable`` when the
+        record cannot be written.
+        """
+        await self.audit.record([ctx.event(action, "denied", detail=reason[:240])], at=ctx.now)
 
     # -- the rule ------------------------------------------------------------------
 

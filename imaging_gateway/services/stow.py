@@ -62,6 +62,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -78,9 +79,11 @@ from imaging_gateway.dicom.headers import (
     parse_header,
 )
 from imaging_gateway.dicom.mediatypes import Representation, select
+from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import (
     GatewayError,
+    InvalidQuery,
     InvalidRequest,
     ObjectNotFound,
     StorageError,
@@ -114,6 +117,10 @@ _LONG_VRS: Final = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 _IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
 _EXPLICIT_VR_BIG_ENDIAN: Final = "1.2.840.10008.1.2.2"
 _DEFLATED: Final = "1.2.840.10008.1.2.1.99"
+
+# RFC 2046 5.1.1: bchars, 1-70 of them, the last not a space (aiohttp's reader refuses
+# a longer one with ValueError when it is built).
+_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 _RESPONSE_JSON = Representation("application/dicom+json")
 _RESPONSE_PLAIN_JSON = Representation("application/json")
@@ -181,6 +188,11 @@ def request_boundary(content_type: str | None) -> str:
     boundary = mime.parameters.get("boundary", "")
     if not boundary:
         raise InvalidRequest("the multipart/related Content-Type has no boundary")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise InvalidRequest(
+            "boundary: 1-70 characters of letters, digits and '()+_,-./:=? (RFC 2046 5.1.1), "
+            "not ending with a space"
+        )
     return boundary
 
 
@@ -523,11 +535,18 @@ class _Stow:
         """The checks that need no index: the request's study, the producing hospital."""
         if self.study_uid is not None and header.study.StudyInstanceUID != self.study_uid:
             raise _Refused(STUDY_UID_MISMATCH)
+        caller = self.ctx.principal.hospital
+        # An instance that names another producing institution is not the caller's to
+        # store, whatever the write store's ownership: under "store" or "prefix" ownership
+        # the code decides nothing at sync, but it is what the object says of itself.
+        named = header.study.institution_code
+        if named is not None and named != caller:
+            raise _Refused(NOT_AUTHORIZED)
         # A later sync of the write store makes the producer by the store's ownership
         # rule (its hospital, the key's prefix, or the object's institution code): it
         # must be the caller (or nobody).
-        producer = self.target.producer(self.key(header), header.study.institution_code)
-        if producer is not None and producer != self.ctx.principal.hospital:
+        producer = self.target.producer(self.key(header), named)
+        if producer is not None and producer != caller:
             raise _Refused(NOT_AUTHORIZED)
 
     async def place(self, part: _Part, head: bytes, ended: bool, header: ParsedHeader) -> str:
@@ -644,18 +663,29 @@ async def store_instances(
     """Store Instances (PS3.18 10.5) of ``request`` for a hospital; see the module docstring.
 
     Raises ``Forbidden`` (not a hospital, or not the write store's hospital),
-    ``StoreNotEnabled`` (no write store), ``NotAcceptable`` (Accept allows no DICOM JSON
-    or XML), ``UnsupportedMediaType``, ``InvalidRequest`` (no boundary, no parts, or
-    malformed multipart before anything was stored) and ``IndexUnavailable`` (nothing
+    ``InvalidQuery`` (a ``study_uid`` that is not a UID), ``StoreNotEnabled`` (no write
+    store), ``NotAcceptable`` (Accept allows no DICOM JSON or XML),
+    ``UnsupportedMediaType``, ``InvalidRequest`` (no boundary or one RFC 2046 does not
+    allow, no parts, or malformed multipart before anything was stored) and
+    ``IndexUnavailable`` (nothing
     stored and the audit log unreachable); each is audited, except when the audit log
     itself is unreachable. Per-instance failures are in the response, not raised.
     """
     name = settings.gateway.write_store
     target = settings.store(name) if name is not None else None
+    # A {study} that is no UID (PS3.5 9.1) is refused, audited without it: the audit
+    # log's column holds 64 characters, and no study has it.
+    malformed_study = study_uid is not None and not is_uid(study_uid)
     await gate.authorize_store(
-        ctx, store_hospitals=target.producing_hospitals if target else None, study_uid=study_uid
+        ctx,
+        store_hospitals=target.producing_hospitals if target else None,
+        study_uid=None if malformed_study else study_uid,
     )
     try:
+        if malformed_study:
+            raise InvalidQuery(
+                "study: not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+            )
         if target is None:
             raise StoreNotEnabled(
                 "this gateway stores no instances (STOW-RS): no gateway.write_store is configured"

@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import re
 import secrets
 import struct
 from collections import deque
@@ -160,6 +161,8 @@ _ITEM: Final = 0xFFFEE000
 _SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 _UNDEFINED: Final = 0xFFFFFFFF
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+# ASCII digits: str.isdigit() also takes e.g. superscript two, which int() refuses.
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 # ---------------------------------------------------------------------------
@@ -1465,7 +1468,7 @@ def parse_tag_path(text: str) -> tuple[int, ...]:
                 raise InvalidRequest("bulkdata tags are 8 hexadecimal digits")
             out.append(int(segment, 16))
         else:
-            if not segment.isdigit() or len(segment) > 6:
+            if not _ASCII_DIGITS.fullmatch(segment) or len(segment) > 6:
                 raise InvalidRequest("bulkdata item indexes are decimal numbers from 0")
             out.append(int(segment))
     return tuple(out)
@@ -1790,7 +1793,7 @@ def parse_frame_list(text: str) -> list[int]:
     seen: set[int] = set()
     for piece in pieces:
         piece = piece.strip()
-        if not piece.isdigit() or len(piece) > 9:
+        if not _ASCII_DIGITS.fullmatch(piece) or len(piece) > 9:
             raise InvalidRequest("frames: a frame list is comma-separated frame numbers from 1")
         number = int(piece)
         if number < 1:
@@ -1826,7 +1829,7 @@ def parse_viewport(text: str) -> tuple[int, int]:
     Source regions (sx,sy,sw,sh) and impossible sizes are refused: ``InvalidRequest``.
     """
     pieces = [p.strip() for p in text.split(",")]
-    if len(pieces) != 2 or not all(p.isdigit() and 0 < len(p) <= 9 for p in pieces):
+    if len(pieces) != 2 or not all(_ASCII_DIGITS.fullmatch(p) and len(p) <= 9 for p in pieces):
         raise InvalidRequest("viewport is width,height in pixels")
     width, height = int(pieces[0]), int(pieces[1])
     if not (1 <= width <= MAX_VIEWPORT and 1 <= height <= MAX_VIEWPORT):
@@ -1837,6 +1840,6 @@ def parse_viewport(text: str) -> tuple[int, int]:
 def parse_quality(text: str) -> int:
     """``"75"`` -> 75 (1-100). ``InvalidRequest`` otherwise."""
     text = text.strip()
-    if not text.isdigit() or not 1 <= int(text) <= 100:
+    if not _ASCII_DIGITS.fullmatch(text) or not 1 <= int(text) <= 100:
         raise InvalidRequest("quality is 1 to 100")
     return int(text)

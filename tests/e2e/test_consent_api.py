@@ -74,3 +74,45 @@ async def test_consent_lifecycle_over_http(province: Province,
     assert verify.returncode == 0, verify.stdout + verify.stderr
     logs = province.gw.logs()
     assert nid not in logs and "Traceback" not in logs
+
+
+async def test_text_shown_to_the_patient_refuses_control_and_bidi_characters(
+        province: Province, http: aiohttp.ClientSession) -> None:
+    """Evidence, clinician and break-glass reason reach the patient's screen: a NUL, a C1
+    control or a bidi override (U+202E) in them is a 400 naming the field, nothing stored."""
+    base = province.gw.base
+    nid, home, other = province.shared_patient()
+    grantee = province.hospital(other)
+    until = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    body = {"national_id": nid, "purpose": "treatment", "valid_until": until,
+            "evidence": "医保电子凭证 3301-77"}
+    bad = {
+        "evidence": ["voucher\x003301", "voucher 3301\u202e77-1033", "voucher\x85",
+                     "\u2066voucher\u2069", "voucher\u200f", "line\nbreak"],
+        "grantee_clinician": ["dr\u202ewang", "dr\x00wang"],
+    }
+    for name, values in bad.items():
+        for value in values:
+            async with http.post(f"{base}/consents", json={**body, name: value},
+                                 headers=grantee) as r:
+                assert r.status == 400, (name, value, await r.text())
+                answer = await r.json()
+            assert answer["error"] == "invalid-request"
+            assert answer["message"].startswith(f"{name}: "), answer
+    async with http.get(f"{base}/consents", params={"patient": nid}, headers=grantee) as r:
+        assert await r.json() == []
+    async with http.post(f"{base}/consents", json=body, headers=grantee) as r:
+        assert r.status == 201, await r.text()
+        assert (await r.json())["evidence"] == "医保电子凭证 3301-77"
+
+    # The break-glass reason (percent-encoded UTF-8) is shown in the patient's access log.
+    study = sorted(province.studies(hospital=home))[0]
+    for reason in ("stroke%E2%80%AEcode", "stroke%00code"):
+        async with http.get(f"{base}/dicomweb/studies/{study}/metadata", headers={
+                **province.hospital(other), "X-Break-Glass-Reason": reason}) as r:
+            assert r.status == 400, await r.text()
+            assert "X-Break-Glass-Reason" in (await r.json())["message"]
+    async with http.get(f"{base}/dicomweb/studies/{study}/metadata", headers={
+            **province.hospital(other), "X-Break-Glass-Reason": "stroke%0Acode red"}) as r:
+        assert r.status == 200, await r.text()
+    assert "Traceback" not in province.gw.logs()

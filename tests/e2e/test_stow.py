@@ -416,3 +416,42 @@ async def test_truncated_instances_are_refused(stow_province: Province,
     # The same files whole are stored.
     status, ds = await stow(http, p, me, [ct, small_j2k, j2k])
     assert status == 200, ds
+
+
+@pytest.mark.parametrize("ownership", ["prefix", "store"])
+async def test_another_producer_named_in_the_instance_is_refused_in_any_write_store(
+        tmp_path: Path, index_url: str, http: aiohttp.ClientSession, ownership: str) -> None:
+    """README: 0124 when an instance names another producer in InstitutionCodeSequence,
+    whatever the write store's ownership (here prefix and store ownership, where the key
+    or the store says who produced it and the header's code was not looked at)."""
+    mine = new_study(seed=59, instances=1, series=1)[0]
+    me_code = mine.hospital.code
+    other_code = "H11010800099" if me_code != "H11010800099" else "H11010800098"
+    if ownership == "prefix":
+        table = f'ownership = "prefix"\n[stores.hospitals]\n"{me_code}/" = "{me_code}"\n' \
+                f'"{other_code}/" = "{other_code}"\n'
+    else:
+        table = f'ownership = "store"\nhospital = "{me_code}"\n'
+    (tmp_path / "stow-store").mkdir()
+    p = start_province(tmp_path, index_url, STOW_CONFIG + table)
+    try:
+        me = p.hospital(me_code)
+        code = Dataset()
+        code.CodeValue = other_code
+        code.CodingSchemeDesignator = "99CN-NHSA"
+        theirs = rewritten(mine.data, InstitutionCodeSequence=[code])
+        status, ds = await stow(http, p, me, [theirs])
+        assert status == 409, ds
+        assert isinstance(ds, Dataset) and failures(ds) == {mine.sop_uid: NOT_AUTHORIZED}
+        assert not list((tmp_path / "stow-store").rglob("*.dcm"))
+        async with http.get(f"{p.gw.base}/dicomweb/studies/{mine.study_uid}", headers=me) as r:
+            assert r.status == 404
+        rows = [r for r in await audit_rows(p) if r["action"] == "store"]
+        assert [(r["outcome"], r["detail"]) for r in rows] == [("denied", "0124=1")]
+        # Naming the caller itself (as the synthetic instance does) is stored.
+        status, ds = await stow(http, p, me, [mine.data])
+        assert status == 200, ds
+        assert len(list((tmp_path / "stow-store").rglob("*.dcm"))) == 1
+        assert "Traceback" not in p.gw.logs()
+    finally:
+        p.gw.stop()

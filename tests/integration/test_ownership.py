@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
@@ -156,8 +158,15 @@ async def test_stow_writes_under_the_callers_prefix(world: World, tmp_path: Path
                                                    caplog: pytest.LogCaptureFixture) -> None:
     new = make_corpus(seed=99, patients=1, studies_per_patient=1, series_per_study=1,
                       instances_per_series=1)[0]
+    # Without its InstitutionCodeSequence: naming its synthetic hospital (neither east nor
+    # west) it would be refused to both (0124); here the key's prefix decides alone.
+    ds = pydicom.dcmread(io.BytesIO(new.data))
+    del ds.InstitutionCodeSequence
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
     boundary = "owner-boundary"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + new.data
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
             + f"\r\n--{boundary}--\r\n".encode())
     ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
 
@@ -173,7 +182,7 @@ async def test_stow_writes_under_the_callers_prefix(world: World, tmp_path: Path
     status, answer = await stow(WEST)
     assert status == 200, answer
     key = f"west/stow/{new.study_uid}/{new.series_uid}/{new.sop_uid}.dcm"
-    assert (tmp_path / "store" / key).read_bytes() == new.data
+    assert (tmp_path / "store" / key).read_bytes() == data
     assert not (tmp_path / "store" / "stow").exists()
     assert new.study_uid in await world.visible(WEST)
     assert new.study_uid not in await world.visible(EAST)

@@ -157,6 +157,10 @@ async def test_query_order_does_not_matter() -> None:
         ({"method": "G T"}, "method"),
         ({"path": "dicomweb/studies"}, "path"),
         ({"break_glass_reason": " "}, "break_glass"),
+        # Shown to the patient in their access log: no bidi override, no NUL.
+        ({"break_glass_reason": "trauma \u202e", "consent": None, "purpose": "emergency"},
+         "break_glass: control and formatting"),
+        ({"clinician": "dr\x00wang"}, "clinician: control and formatting"),
         (
             {"consent": consent(scope=tuple(f"1.2.840.{i + 1}{'9' * 50}" for i in range(120)))},
             "larger",

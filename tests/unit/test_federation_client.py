@@ -40,6 +40,29 @@ def test_garbage_answers_are_refused_without_echoing_them(body: bytes, reason: s
     assert "html" not in info.value.message and "PatientID" not in info.value.message
 
 
+def _nested(depth: int) -> bytes:
+    """A DICOM JSON answer whose sequences nest ``depth`` items deep (3 JSON levels each)."""
+    inner = b'{"00100020": {"vr": "LO"}}'
+    for _ in range(depth):
+        inner = b'{"00081115": {"vr": "SQ", "Value": [' + inner + b"]}}"
+    return b"[" + inner + b"]"
+
+
+@pytest.mark.parametrize("depth", [100, 2000])
+def test_an_answer_nested_deeper_than_any_dataset_is_refused(depth: int) -> None:
+    """json.loads overflowed the stack at 2,000 levels (RecursionError); an answer of 300
+    levels parsed but could not be encoded again for the client (orjson stops at 254)."""
+    with pytest.raises(PeerAnswerError) as info:
+        parse_dicom_json(_nested(depth))
+    # Past orjson's own limit (1024 levels) it is its parse error that refuses it.
+    assert info.value.message == ("answer is nested too deep" if depth == 100
+                                  else "answer is not JSON")
+
+
+def test_sequences_nested_as_datasets_nest_parse() -> None:
+    assert len(parse_dicom_json(_nested(12))) == 1
+
+
 def test_a_valid_answer_parses() -> None:
     data = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00100020": {"vr": "LO"}}]
     assert parse_dicom_json(json.dumps(data).encode()) == data

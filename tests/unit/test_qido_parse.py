@@ -125,6 +125,32 @@ def test_numeric_values_are_checked() -> None:
     assert one(parse_qido("instance", {"InstanceNumber": "007"})).value == "7"
 
 
+@pytest.mark.parametrize(
+    ("level", "params", "needle"),
+    [
+        ("study", {"offset": "2147483648"}, "offset"),
+        ("study", {"limit": "4294967296"}, "limit"),
+        ("series", {"SeriesNumber": "4294967296"}, "SeriesNumber"),
+        ("instance", {"InstanceNumber": "-2147483649"}, "InstanceNumber"),
+        ("instance", {"Rows": "65536"}, "Rows"),
+        ("instance", {"Columns": "-1"}, "Columns"),
+    ],
+)
+def test_integers_beyond_their_range_are_refused(level: str, params: dict[str, str],
+                                                 needle: str) -> None:
+    """PostgreSQL binds them as 32-bit integers: beyond that is a 400, not a 500."""
+    with pytest.raises(InvalidQuery) as info:
+        parse_qido(level, params)  # type: ignore[arg-type]
+    assert info.value.message.startswith(needle + ":")
+
+
+def test_integers_at_their_range_ends_are_taken() -> None:
+    assert parse_qido("study", {"offset": "2147483647"}).offset == 2**31 - 1
+    assert one(parse_qido("series", {"SeriesNumber": "2147483647"})).value == "2147483647"
+    assert one(parse_qido("instance", {"InstanceNumber": "-2147483648"})).value == "-2147483648"
+    assert one(parse_qido("instance", {"Rows": "65535"})).value == "65535"
+
+
 def test_repeated_attribute_or_paging_parameter_is_refused() -> None:
     with pytest.raises(InvalidQuery, match="only once"):
         parse_qido("study", MultiDict([("PatientID", "a"), ("00100020", "b")]))
