@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from imaging_gateway.domain.qido import Level, QidoQuery
+from imaging_gateway.domain.qido import Level, QidoQuery, is_uid
 from imaging_gateway.federation.assertions import (
     EMERGENCY,
     PURPOSES_ACROSS,
@@ -338,7 +338,8 @@ async def federated_search(
     remote = result.values
     datasets = page(remote)
     for province, found in remote.items():
-        uids = [u for u in (_value(d, _STUDY_UID) for d in found) if u is not None]
+        # A peer's answer that is no UID names nothing a retrieve could ask for.
+        uids = [u for u in (_value(d, _STUDY_UID) for d in found) if u is not None and is_uid(u)]
         await federation.located.remember(
             principal.hospital, province, uids, replace(caller, correlation_id=""), now=ctx.now
         )

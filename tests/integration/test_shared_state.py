@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from imaging_gateway.api.keys import INDEX, TOKENS
+from imaging_gateway.app import create_app
 from imaging_gateway.federation.assertions import (
     ConsentClaim,
     IndexReplayCache,
 )
 from imaging_gateway.federation.client import FederatedCaller
+from imaging_gateway.federation.fanout import holding_province
 from imaging_gateway.index.schema import federation_assertion_ids, federation_located_studies
 from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.services.federation import LocatedStudies
+from imaging_gateway.settings import load_settings
+from tests.factories import make_corpus
+from tests.support.indexing import index_instances
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 T0 = NOW.timestamp()
@@ -82,3 +91,57 @@ async def test_located_studies_are_per_hospital_and_shared(index: SqlIndex) -> N
     await search.remember("H11010100013", "310000", ["1.2.7"], consented,
                           now=later + timedelta(minutes=5))
     assert await _rows(index, federation_located_studies) == 1
+
+
+PEER_CONFIG = """
+[gateway]
+province = "110000"
+data_dir = "data"
+[index]
+url = "{index_url}"
+[[stores]]
+name = "fs"
+kind = "fs"
+path = "store"
+[federation]
+enabled = true
+allow_plain_http = true
+[[federation.peers]]
+province = "440000"
+name = "peer 440000"
+base_url = "http://127.0.0.1:{port}/dicomweb"
+kind = "dicomweb"
+"""
+
+
+async def test_a_peer_study_that_is_no_uid_is_not_located(index_url: str, tmp_path: Path) -> None:
+    """A peer answering a StudyInstanceUID longer than a UID may be: the search answers
+    (the study left out) and only real UIDs are remembered for retrieves."""
+    good, bad = "1.2.840.99.1", "1." + "2" * 70
+
+    async def studies(request: web.Request) -> web.Response:
+        body = [{"0020000D": {"vr": "UI", "Value": [uid]}} for uid in (good, bad)]
+        return web.json_response(body, content_type="application/dicom+json")
+
+    peer = web.Application()
+    peer.router.add_get("/dicomweb/studies", studies)
+    inst = next(i for i in make_corpus(seed=11, patients=2) if i.national_id)
+    async with TestServer(peer) as peer_server:
+        (tmp_path / "store").mkdir()
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(PEER_CONFIG.format(index_url=index_url, port=peer_server.port),
+                       encoding="utf-8")
+        app = create_app(load_settings(cfg, environ={}))
+        async with TestClient(TestServer(app)) as client:
+            await index_instances(app[INDEX], [inst])
+            token = app[TOKENS].issue(subject="dr-er", role="hospital",
+                                      hospital=inst.hospital.code)
+            r = await client.get("/dicomweb/studies", params={
+                "PatientID": inst.patient_id, "federated": "true"}, headers={
+                "Authorization": f"Bearer {token}", "X-Break-Glass-Reason": "trauma bay 2"})
+            assert r.status == 200, await r.text()
+            assert {holding_province(d) for d in await r.json()} == {"110000", "440000"}
+            async with app[INDEX].engine.connect() as conn:
+                rows = (await conn.execute(sa.select(
+                    federation_located_studies.c.StudyInstanceUID))).scalars().all()
+    assert rows == [good]
