@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -303,6 +305,18 @@ async def test_an_assertion_replayed_to_the_other_process_is_refused(
         status, body, _ = await _get(http, w, "b", "/dicomweb/series",
                                      {ASSERTION_HEADER: token})
         assert status == 401 and b"replayed" in body
+    # Both in the one audit log: the answer, then the refusal, under the assertion's id.
+    claims = jwt.decode(token, options={"verify_signature": False})
+    db = await asyncpg.connect(w.index_url)
+    try:
+        rows = await db.fetch("SELECT action, outcome, role, detail FROM audit_log "
+                              "WHERE detail LIKE $1 ORDER BY seq",
+                              f"%correlation={claims['correlation_id']}%")
+    finally:
+        await db.close()
+    assert [(r["action"], r["outcome"], r["role"]) for r in rows] == [
+        ("search", "ok", "peer"), ("federation", "denied", "peer")]
+    assert "replayed" in rows[-1]["detail"]
     line = '"GET /dicomweb/series"'
     assert w.served("a", f"{line} 200", expect=1) == 1
     assert w.served("b", f"{line} 401", expect=1) == 1
