@@ -26,10 +26,11 @@ from imaging_gateway.api.middlewares import (
     input_middleware,
 )
 from imaging_gateway.api.openapi import openapi_json
-from imaging_gateway.federation.assertions import MemoryReplayCache
+from imaging_gateway.federation.assertions import IndexReplayCache
 from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederationClient, load_registry
 from imaging_gateway.federation.fanout import CircuitBreakers
+from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
 from imaging_gateway.security.consent import ConsentStore
@@ -38,7 +39,7 @@ from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
-from imaging_gateway.services.federation import Federation
+from imaging_gateway.services.federation import Federation, LocatedStudies
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
@@ -144,6 +145,7 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = load_registry(settings)
     key = load_or_create_signing_key(f.signing_key_file, setting="federation.signing_key_file")
     cache = await _retrieve_cache(app)
+    state = SharedState(app[INDEX].engine)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=32),
         # Never the environment's proxies: peers are reached at their registered address.
@@ -157,7 +159,9 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
         breakers=CircuitBreakers(
             failure_threshold=f.breaker_failures, cool_down_s=f.breaker_cool_down_s
         ),
-        replay_cache=MemoryReplayCache(),
+        # Shared through the index by every gateway process of the province.
+        replay_cache=IndexReplayCache(state),
+        located=LocatedStudies(state),
         cache=cache,
     )
     yield

@@ -183,7 +183,7 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
     if federation is None or province not in federation.registry:
         raise NotFound("no such study, series or instance")
     assert ctx.principal.hospital is not None
-    found = federation.located.get(ctx.principal.hospital, province, study)
+    found = await federation.located.get(ctx.principal.hospital, province, study, now=ctx.now)
     gate = request.app[GATE]
     correlation = str(uuid.uuid4())
     ctx = access_context(request, purpose=purpose, correlation_id=correlation)

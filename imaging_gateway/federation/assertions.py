@@ -49,6 +49,7 @@ from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.domain.text import shown_text_problem
 from imaging_gateway.errors import Forbidden, InvalidRequest, Unauthenticated
 from imaging_gateway.federation.peers import PeerRegistry, is_province_code
+from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.security.consent import MAX_SCOPE_STUDIES, PURPOSES, Consent
 from imaging_gateway.security.principals import HOSPITAL_CODE
 
@@ -59,6 +60,7 @@ __all__ = [
     "MAX_VALIDITY_S",
     "Assertion",
     "ConsentClaim",
+    "IndexReplayCache",
     "MemoryReplayCache",
     "ReplayCache",
     "RequestBinding",
@@ -196,9 +198,9 @@ class Assertion:
 class ReplayCache(Protocol):
     """Remembers the assertion ids already used, each until its expiry plus clock skew.
 
-    :class:`MemoryReplayCache` serves one process. Several gateway processes behind a load
-    balancer need one shared cache (e.g. a table with a unique key, ``INSERT ... ON
-    CONFLICT DO NOTHING``), or a replay sent to another process would pass.
+    :class:`IndexReplayCache` keeps them in the index, shared by every gateway process of
+    the province (the gateway uses it). :class:`MemoryReplayCache` serves one process
+    only: behind a load balancer a replay sent to another process would pass.
     """
 
     async def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
@@ -240,6 +242,25 @@ class MemoryReplayCache:
         self._until[key] = until
         heapq.heappush(self._heap, (until, key))
         return True
+
+
+class IndexReplayCache:
+    """A :class:`ReplayCache` in the index (``federation_assertion_ids``), shared by every
+    gateway process on it: the id's insert is the check, so a replay fails whichever
+    process it reaches."""
+
+    def __init__(self, state: SharedState, *, leeway_s: float = CLOCK_SKEW_S) -> None:
+        self.state = state
+        self.leeway_s = leeway_s
+
+    async def first_use(self, key: str, *, expires_at: float, now: float) -> bool:
+        """See :meth:`ReplayCache.first_use`; raises ``IndexUnavailable`` when the index
+        cannot be written (the assertion is not accepted then either)."""
+        return await self.state.first_use(
+            key,
+            expires_at=datetime.fromtimestamp(expires_at + self.leeway_s, UTC),
+            now=datetime.fromtimestamp(now, UTC),
+        )
 
 
 def _check_patient_token(value: object) -> str | None:

@@ -255,6 +255,43 @@ federation_patient_tokens = Table(
     Index("ix_federation_patient_tokens_token", "token"),
 )
 
+# State that authorization depends on, shared by every gateway process (0008; SQL in
+# imaging_gateway.index.shared_state). ``federation_assertion_ids``: each peer
+# assertion's "province:jti", kept until its expiry plus clock skew; inserting one that
+# is there fails (replay). ``federation_located_studies``: the remote studies a hospital
+# found by federated search, with the caller the retrieve asks as (JSON), until
+# ``expires_at``. ``refusal_counters``: refused tokens per client address and reason,
+# one audit record per window (``reported``: the count the window that just ended held).
+federation_assertion_ids = Table(
+    "federation_assertion_ids",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_federation_assertion_ids_expires", "expires_at"),
+)
+
+federation_located_studies = Table(
+    "federation_located_studies",
+    metadata,
+    Column("hospital", String(32), primary_key=True),
+    Column("province", String(6), primary_key=True),
+    Column("StudyInstanceUID", UID, primary_key=True),
+    Column("caller", Text, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_federation_located_studies_expires", "expires_at"),
+)
+
+refusal_counters = Table(
+    "refusal_counters",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("reason", String(240), primary_key=True),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("reported", Integer, nullable=False),
+    Index("ix_refusal_counters_window", "window_start"),
+)
+
 # The data keys of the encrypted PHI columns (imaging_gateway.security.phi), each only
 # wrapped by the keyring's key-encryption key (key id and version), as an object's data key
 # is. A sealed cell names its key by ``number``. Added in 0006.

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,6 +48,7 @@ from imaging_gateway.index.schema import (
     series,
     studies,
 )
+from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_key
 from imaging_gateway.security.audit import AuditEvent, AuditLog
 from imaging_gateway.security.consent import Consent, ConsentStore
@@ -64,7 +63,6 @@ _NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
 MAX_REASON = 500
 REFUSAL_WINDOW_S = 60.0
 """Refused tokens: at most one audit record per client address and reason in this window."""
-_REFUSALS_TRACKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +183,8 @@ class Gate:
         self.audit = audit
         self.tokens = tokens
         self.break_glass_window = timedelta(minutes=break_glass_minutes)
-        # (source, reason) -> (monotonic time of its last record, refusals since then)
-        self._refusals: OrderedDict[tuple[str | None, str], tuple[float, int]] = OrderedDict()
+        self.state = SharedState(engine)
+        """Refused-token counters, shared with the province's other gateway processes."""
         self._tokens_lock = asyncio.Lock()
         self._tokens_through = 0
         """Patient rows up to this id were given their token by this process or another."""
@@ -202,24 +200,28 @@ class Gate:
         subject: str = "unauthenticated",
         action: str = "authenticate",
         note: str | None = None,
+        now: datetime | None = None,
     ) -> None:
         """Audit a request refused for its bearer token (missing, invalid, expired).
 
         At most one record per client address and reason per ``REFUSAL_WINDOW_S`` (the
         next one counts those in between), so a flood of bad requests cannot flood the
-        log. The caller is answered 401 whatever happens here: a record that cannot be
-        written is logged, not raised.
+        log; counted in the index, so this holds across the province's gateway
+        processes. ``now``: the time of the refusal (default: the clock). The caller is
+        answered 401 whatever happens here: a record that cannot be written is logged,
+        not raised.
         """
-        key = (source, reason)
-        now = time.monotonic()
-        last, since = self._refusals.get(key, (-REFUSAL_WINDOW_S, 0))
-        if now - last < REFUSAL_WINDOW_S:
-            self._refusals[key] = (last, since + 1)
+        at = now or datetime.now(UTC)
+        try:
+            # Counted in the index: the province's gateway processes share one window.
+            since = await self.state.count_refusal(
+                source, reason, now=at, window=timedelta(seconds=REFUSAL_WINDOW_S)
+            )
+        except IndexUnavailable:
+            log.warning("a refused token could not be counted in the index")
             return
-        self._refusals[key] = (now, 0)
-        self._refusals.move_to_end(key)
-        if len(self._refusals) > _REFUSALS_TRACKED:
-            self._refusals.popitem(last=False)
+        if since is None:
+            return
         detail = reason if not since else f"{reason} (and {since} more in the last minute)"
         if note is not None:
             # After the reason (which keys the flood limit), e.g. a correlation id.
@@ -233,7 +235,7 @@ class Gate:
             detail=detail[:240],
         )
         try:
-            await self.audit.record([event])
+            await self.audit.record([event], at=at)
         except IndexUnavailable:
             log.warning("a refused token could not be recorded in the audit log")
 

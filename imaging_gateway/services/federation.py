@@ -11,19 +11,17 @@ and never fails the search. Retrieving a remote study streams it from its provin
 from __future__ import annotations
 
 import json
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from imaging_gateway.domain.qido import Level, QidoQuery
+from imaging_gateway.domain.qido import Level, QidoQuery, is_uid
 from imaging_gateway.federation.assertions import (
     EMERGENCY,
     PURPOSES_ACROSS,
     ConsentClaim,
-    MemoryReplayCache,
+    ReplayCache,
 )
 from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederatedCaller, FederationClient
@@ -37,6 +35,7 @@ from imaging_gateway.federation.fanout import (
     warning_texts,
 )
 from imaging_gateway.federation.peers import Peer, PeerRegistry
+from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import AccessContext, FederationSubject, Gate
 from imaging_gateway.settings import FederationSettings
@@ -86,39 +85,74 @@ _MIN_PEER_S: Final = 0.05
 """The least time peers get, however much of the deadline the request already spent."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Located:
-    caller: FederatedCaller
-    expires: float
-
-
 class LocatedStudies:
-    """Remote studies a hospital found by federated search, for its retrieves (bounded, TTL).
+    """Remote studies a hospital found by federated search, for its retrieves (with a TTL).
 
     Knowing a StudyInstanceUID grants nothing: a retrieve through the proxy needs a
     federated search by the same hospital first, whose consent grant is re-checked at
-    retrieve time. One process only (several processes need a shared table).
+    retrieve time. Kept in the index (``federation_located_studies``), so the search
+    and the retrieve may reach different gateway processes of the province.
     """
 
-    def __init__(self, *, ttl_s: float = 3600.0, capacity: int = 100_000) -> None:
+    def __init__(self, state: SharedState, *, ttl_s: float = 3600.0) -> None:
+        self.state = state
         self.ttl_s = ttl_s
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, str], _Located] = OrderedDict()
 
-    def remember(
-        self, hospital: str, province: str, study_uid: str, caller: FederatedCaller
+    async def remember(
+        self,
+        hospital: str,
+        province: str,
+        study_uids: Sequence[str],
+        caller: FederatedCaller,
+        *,
+        now: datetime,
     ) -> None:
-        key = (hospital, province, study_uid)
-        self._items[key] = _Located(caller, time.monotonic() + self.ttl_s)
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        """Remember the finds of one search; raises ``IndexUnavailable``."""
+        await self.state.remember_located(
+            hospital, province, study_uids, _caller_json(caller),
+            expires_at=now + timedelta(seconds=self.ttl_s), now=now,
+        )  # fmt: skip
 
-    def get(self, hospital: str, province: str, study_uid: str) -> FederatedCaller | None:
-        found = self._items.get((hospital, province, study_uid))
-        if found is None or found.expires < time.monotonic():
-            return None
-        return found.caller
+    async def get(
+        self, hospital: str, province: str, study_uid: str, *, now: datetime
+    ) -> FederatedCaller | None:
+        """The caller ``hospital``'s unexpired find of the study was made as, or None.
+
+        Raises ``IndexUnavailable``."""
+        found = await self.state.located(hospital, province, study_uid, now=now)
+        return None if found is None else _caller_from_json(found)
+
+
+def _caller_json(caller: FederatedCaller) -> str:
+    c = caller.consent
+    return json.dumps({
+        "hospital": caller.hospital,
+        "clinician": caller.clinician,
+        "purpose": caller.purpose,
+        "patient_token": caller.patient_token,
+        "correlation_id": caller.correlation_id,
+        "consent": None if c is None else {
+            "id": c.id,
+            "scope": c.scope if isinstance(c.scope, str) else list(c.scope),
+            "valid_until": c.valid_until.isoformat(),
+        },
+        "break_glass_reason": caller.break_glass_reason,
+    }, separators=(",", ":"))  # fmt: skip
+
+
+def _caller_from_json(text: str) -> FederatedCaller:
+    d = json.loads(text)
+    c = d["consent"]
+    consent = None if c is None else ConsentClaim(
+        id=c["id"],
+        scope=c["scope"] if isinstance(c["scope"], str) else tuple(c["scope"]),
+        valid_until=datetime.fromisoformat(c["valid_until"]),
+    )  # fmt: skip
+    return FederatedCaller(
+        hospital=d["hospital"], clinician=d["clinician"], purpose=d["purpose"],
+        patient_token=d["patient_token"], correlation_id=d["correlation_id"],
+        consent=consent, break_glass_reason=d["break_glass_reason"],
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -129,8 +163,9 @@ class Federation:
     registry: PeerRegistry
     client: FederationClient
     breakers: CircuitBreakers
-    replay_cache: MemoryReplayCache
-    located: LocatedStudies = field(default_factory=LocatedStudies)
+    replay_cache: ReplayCache
+    located: LocatedStudies
+    """Shared with the province's other gateway processes through the index."""
     cache: RetrieveCache | None = None
     """Answers retrieved from peers, kept encrypted (``federation.cache_store``)."""
 
@@ -303,12 +338,11 @@ async def federated_search(
     remote = result.values
     datasets = page(remote)
     for province, found in remote.items():
-        for d in found:
-            uid = _value(d, _STUDY_UID)
-            if uid is not None:
-                federation.located.remember(
-                    principal.hospital, province, uid, replace(caller, correlation_id="")
-                )
+        # A peer's answer that is no UID names nothing a retrieve could ask for.
+        uids = [u for u in (_value(d, _STUDY_UID) for d in found) if u is not None and is_uid(u)]
+        await federation.located.remember(
+            principal.hospital, province, uids, replace(caller, correlation_id=""), now=ctx.now
+        )
     return FederatedPage(datasets, warning_texts(result), result.metadata())
 
 

@@ -277,22 +277,19 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
         await gate.search(AccessContext(hospital(code)), parse_qido("study", {}), max_results=100)
 
 
-async def test_refused_tokens_are_audited_without_flooding_the_log(
-    index: SqlIndex, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_refused_tokens_are_audited_without_flooding_the_log(index: SqlIndex) -> None:
     from imaging_gateway.security import gate as gate_module
 
     audit = AuditLog(index.engine, b"k" * 32)
     gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30,
                 search_engine=index.search_engine)
-    clock = [1000.0]
-    monkeypatch.setattr(gate_module.time, "monotonic", lambda: clock[0])
+    clock = [NOW]
     for _ in range(5):
-        await gate.refused_token(source="10.1.2.3", reason="token expired")
-    await gate.refused_token(source="10.1.2.3", reason="invalid token")
-    await gate.refused_token(source="10.9.9.9", reason="token expired")
-    clock[0] += gate_module.REFUSAL_WINDOW_S
-    await gate.refused_token(source="10.1.2.3", reason="token expired")
+        await gate.refused_token(source="10.1.2.3", reason="token expired", now=clock[0])
+    await gate.refused_token(source="10.1.2.3", reason="invalid token", now=clock[0])
+    await gate.refused_token(source="10.9.9.9", reason="token expired", now=clock[0])
+    clock[0] += timedelta(seconds=gate_module.REFUSAL_WINDOW_S)
+    await gate.refused_token(source="10.1.2.3", reason="token expired", now=clock[0])
     async with index.engine.connect() as conn:
         rows = (await conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))).mappings().all()
     assert [(r["source"], r["detail"]) for r in rows] == [
@@ -304,6 +301,33 @@ async def test_refused_tokens_are_audited_without_flooding_the_log(
     assert {(r["subject"], r["role"], r["action"], r["outcome"]) for r in rows} == {
         ("unauthenticated", "none", "authenticate", "denied")}
     assert (await audit.verify()).ok
+
+
+async def test_refusal_counters_are_shared_by_the_gateway_processes(index: SqlIndex) -> None:
+    """Two gates on one index (two gateway processes): one record per window between
+    them, and the next window's record counts the refusals both of them saw."""
+    from imaging_gateway.security import gate as gate_module
+
+    gates = [Gate(index.engine, AuditLog(index.engine, b"k" * 32), PatientTokens(b"p" * 32),
+                  break_glass_minutes=30, search_engine=index.search_engine)
+             for _ in range(2)]  # fmt: skip
+    window = timedelta(seconds=gate_module.REFUSAL_WINDOW_S)
+    for n in range(6):
+        await gates[n % 2].refused_token(source="10.1.2.3", reason="token expired",
+                                         now=NOW + timedelta(seconds=n))  # fmt: skip
+    # Counted at once by both: still one record for the window.
+    import asyncio
+
+    await asyncio.gather(*(g.refused_token(source="10.7.7.7", reason="invalid token", now=NOW)
+                           for g in gates * 4))  # fmt: skip
+    await gates[1].refused_token(source="10.1.2.3", reason="token expired", now=NOW + window)
+    async with index.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(audit_log).order_by(audit_log.c.seq))).mappings().all()
+    assert sorted((r["source"], r["detail"]) for r in rows) == [
+        ("10.1.2.3", "token expired"),
+        ("10.1.2.3", "token expired (and 5 more in the last minute)"),
+        ("10.7.7.7", "invalid token"),
+    ]
 
 
 async def test_break_glass_from_a_search_by_patient_id(world) -> None:

@@ -10,11 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imaging_gateway.errors import ConfigError
-from imaging_gateway.federation.client import FederatedCaller, load_registry, parse_dicom_json
+from imaging_gateway.federation.client import load_registry, parse_dicom_json
 from imaging_gateway.federation.fanout import PeerAnswerError
 from imaging_gateway.services.federation import (
     PATIENT_TOKEN_ISSUER,
-    LocatedStudies,
     as_token_patient,
     peer_query,
 )
@@ -89,22 +88,6 @@ def test_a_peer_answer_carries_the_token_not_local_ids() -> None:
     as_token_patient(d, "ab" * 32)
     assert d == {"00100020": {"vr": "LO", "Value": ["ab" * 32]},
                  "00100021": {"vr": "LO", "Value": [PATIENT_TOKEN_ISSUER]}}
-
-
-def test_located_studies_are_per_hospital_and_bounded() -> None:
-    caller = FederatedCaller(hospital="H11010100013", clinician="dr", purpose="treatment",
-                             patient_token="ab" * 32, correlation_id="")
-    located = LocatedStudies(capacity=2)
-    located.remember("H11010100013", "310000", "1.2.1", caller)
-    assert located.get("H11010100013", "310000", "1.2.1") == caller
-    assert located.get("H11010800028", "310000", "1.2.1") is None
-    assert located.get("H11010100013", "440000", "1.2.1") is None
-    located.remember("H11010100013", "310000", "1.2.2", caller)
-    located.remember("H11010100013", "310000", "1.2.3", caller)
-    assert located.get("H11010100013", "310000", "1.2.1") is None
-    expired = LocatedStudies(ttl_s=-1)
-    expired.remember("H11010100013", "310000", "1.2.1", caller)
-    assert expired.get("H11010100013", "310000", "1.2.1") is None
 
 
 def test_registry_reads_public_keys_and_names_a_bad_file(tmp_path: Path) -> None:
