@@ -2,6 +2,13 @@
 
 This is the only module that reads ``os.environ``; everything else receives Settings.
 Every error names the key and what was expected, in one line (``ConfigError``).
+
+Each default is written once, as the default of its dataclass field; the loader reads it
+from there (``_Section``). A field is the TOML key of its name in its section, except a
+secret (``repr=False``: the key is ``<name>_env``, naming the variable that holds it) and
+fields whose ``metadata["toml"]`` says otherwise (another key, or None: not a key).
+``config/gateway.example.toml`` documents every key with its default
+(tests/unit/test_example_config.py holds the two together).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
@@ -83,18 +90,22 @@ _PROVINCES = frozenset(
 _SECTIONS = frozenset(
     {"gateway", "index", "stores", "sync", "security", "tls", "encryption", "federation"}
 )
+DATA_DIR = Path("data")
+"""Default ``gateway.data_dir``; the default files below live under it and move with it."""
+KEYS_DIR = DATA_DIR / "keys"
 _STORE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HOSPITAL_CODE = re.compile(r"^H\d{11}$")
 
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
-    province: str
     name: str
-    listen_host: str
-    listen_port: int
-    data_dir: Path
-    national_id_issuers: tuple[str, ...]
+    """Shown in logs and answers to peers; default ``imaging-gateway <province>``."""
+    province: str = "110000"
+    listen_host: str = field(default="127.0.0.1", metadata={"toml": "listen"})
+    listen_port: int = field(default=8080, metadata={"toml": "listen"})
+    data_dir: Path = DATA_DIR
+    national_id_issuers: tuple[str, ...] = ("CN-RESIDENT-ID",)
     write_store: str | None = None
     """Name of the store STOW-RS writes into; None: STOW-RS is not enabled."""
     transcode_max_bytes: int = 512 * 1024 * 1024
@@ -118,7 +129,7 @@ class IndexSettings:
     """``sqlite:///path`` or ``postgresql://user@host:port/db`` (no password in the URL)."""
     password: str | None = field(default=None, repr=False)
     echo: bool = False
-    create_folder: bool = False
+    create_folder: bool = field(default=False, metadata={"toml": None})
     """Create a missing folder of the SQLite file: only for one in ``gateway.data_dir``,
     which the gateway owns; elsewhere a missing folder is a wrong ``index.url``."""
 
@@ -193,11 +204,11 @@ class SyncSettings:
 
 @dataclass(frozen=True, slots=True)
 class SecuritySettings:
-    token_key_file: Path
+    token_key_file: Path = KEYS_DIR / "token-signing.pem"
     token_max_ttl_s: int = 90 * 24 * 3600
-    patient_token_key_file: Path = Path("data/keys/patient-token.key")
+    patient_token_key_file: Path = KEYS_DIR / "patient-token.key"
     """Secret (32 bytes) of the keyed hash that stands for a patient in logs and federation."""
-    audit_key_file: Path = Path("data/keys/audit-chain.key")
+    audit_key_file: Path = KEYS_DIR / "audit-chain.key"
     """Secret (32 bytes) keying the audit log's hash chain; verify needs it."""
     break_glass_minutes: int = 30
     consent_max_days: int = 365
@@ -213,7 +224,7 @@ MAX_SEGMENT_SIZE = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class EncryptionSettings:
-    keyring_file: Path
+    keyring_file: Path = KEYS_DIR / "keyring.json"
     """The 0600 keyring file (``imaging-gateway keys init``); keys are never in the TOML."""
     enabled: bool = False
     """Encrypt what the gateway writes; objects already encrypted are read whenever a
@@ -285,7 +296,7 @@ class PeerSettings:
 class FederationSettings:
     """Cross-province search and retrieve (``[federation]``)."""
 
-    signing_key_file: Path
+    signing_key_file: Path = KEYS_DIR / "federation-signing.pem"
     """Ed25519 private key (PEM, 0600, created if absent) signing this gateway's assertions."""
     enabled: bool = False
     deadline_ms: int = 1500
@@ -317,14 +328,8 @@ class Settings:
     sync: SyncSettings
     security: SecuritySettings
     tls: TlsSettings
-    encryption: EncryptionSettings = field(
-        default_factory=lambda: EncryptionSettings(keyring_file=Path("data/keys/keyring.json"))
-    )
-    federation: FederationSettings = field(
-        default_factory=lambda: FederationSettings(
-            signing_key_file=Path("data/keys/federation-signing.pem")
-        )
-    )
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
 
     def store(self, name: str) -> StoreSettings:
         """The store called ``name``; ``ConfigError`` naming the known ones otherwise."""
@@ -392,24 +397,75 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-class _Section:
-    """Typed access to one TOML table that remembers which keys were read."""
+def toml_key(f: Field[Any]) -> str | None:
+    """The TOML key that sets field ``f`` of a settings dataclass; None: no key sets it.
 
-    def __init__(self, where: str, table: Any) -> None:
+    ``metadata["toml"]`` when given; else ``<name>_env`` for a secret (``repr=False``),
+    else the field's name. Raises nothing.
+    """
+    if "toml" in f.metadata:
+        key: str | None = f.metadata["toml"]
+        return key
+    return f"{f.name}_env" if not f.repr else f.name
+
+
+def field_default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (its factory called); None when
+    the field has none. Raises ``KeyError`` for a name that is not a field."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            return None
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were read.
+
+    A key read without an explicit default gets the default of the field of the same
+    name of ``cls`` (the dataclass this table builds): each default is written once.
+    """
+
+    def __init__(self, where: str, table: Any, cls: type[Any] | None = None) -> None:
         if not isinstance(table, dict):
             raise ConfigError(where, "expected a table")
         self.where = where
         self.table: dict[str, Any] = table
         self.seen: set[str] = set()
+        self._names = frozenset(f.name for f in fields(cls)) if cls is not None else frozenset()
+        self._cls = cls
 
     def _key(self, key: str) -> str:
         return f"{self.where}.{key}"
+
+    def default(self, key: str) -> Any:
+        """The default of the field called ``key``; None: none (the key is required)."""
+        if self._cls is None or key not in self._names:
+            return None
+        return field_default(self._cls, key)
 
     def get(self, key: str, default: Any) -> Any:
         self.seen.add(key)
         return self.table.get(key, default)
 
-    def str_(self, key: str, default: str | None = None) -> str:
+    def _value(self, key: str, default: Any) -> Any:
+        """The key's value, else ``default``, else the field's default; ``ConfigError``
+        naming the key when there is none of the three."""
+        v = self.get(key, self.default(key) if default is None else default)
+        if v is None:
+            raise ConfigError(self._key(key), "missing")
+        return v
+
+    def str_(self, key: str, default: str | None = None, *, required: bool = False) -> str:
+        """The string at ``key``; ``required``: even if its field has a default (that
+        default then stands for "not applicable", as an fs store's ``endpoint``)."""
+        if required:
+            default = None
+        elif default is None:
+            default = self.default(key)
         v = self.get(key, default)
         if v is None:
             raise ConfigError(self._key(key), "missing; expected a string")
@@ -425,8 +481,10 @@ class _Section:
             raise ConfigError(self._key(key), f"expected a string, got {type(v).__name__}")
         return v
 
-    def int_(self, key: str, default: int, *, minimum: int = 0, maximum: int = 1 << 40) -> int:
-        v = self.get(key, default)
+    def int_(
+        self, key: str, default: int | None = None, *, minimum: int = 0, maximum: int = 1 << 40
+    ) -> int:
+        v = self._value(key, default)
         if isinstance(v, str):
             try:
                 v = int(v)
@@ -438,8 +496,8 @@ class _Section:
             raise ConfigError(self._key(key), f"expected an integer in [{minimum}, {maximum}]")
         return v
 
-    def float_(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        v = self.get(key, default)
+    def float_(self, key: str, default: float | None = None, *, minimum: float = 0.0) -> float:
+        v = self._value(key, default)
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -448,19 +506,19 @@ class _Section:
             raise ConfigError(self._key(key), f"expected a number >= {minimum}")
         return f
 
-    def bool_(self, key: str, default: bool) -> bool:
-        v = self.get(key, default)
+    def bool_(self, key: str, default: bool | None = None) -> bool:
+        v = self._value(key, default)
         if isinstance(v, str) and v.lower() in {"true", "1", "yes", "false", "0", "no"}:
             return v.lower() in {"true", "1", "yes"}
         if not isinstance(v, bool):
             raise ConfigError(self._key(key), f"expected true or false, got {v!r}")
         return v
 
-    def str_list(self, key: str, default: list[str]) -> tuple[str, ...]:
-        v = self.get(key, default)
+    def str_list(self, key: str, default: Sequence[str] | None = None) -> tuple[str, ...]:
+        v = self._value(key, default)
         if isinstance(v, str):
             v = [p.strip() for p in v.split(",") if p.strip()]
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
             raise ConfigError(self._key(key), "expected a list of strings")
         return tuple(v)
 
@@ -497,6 +555,13 @@ def _path_or(section: _Section, key: str, base: Path, default: Path) -> Path:
     """The path at ``key`` (relative to ``base``), else ``default`` (already absolute)."""
     value = section.opt_str(key)
     return default if value is None else _path(base, value)
+
+
+def _data_file(section: _Section, key: str, base: Path, data_dir: Path) -> Path:
+    """The path at ``key``, else the field's default (under ``DATA_DIR``) moved under
+    ``data_dir``: the default files follow ``gateway.data_dir``."""
+    default: Path = section.default(key)
+    return _path_or(section, key, base, data_dir / default.relative_to(DATA_DIR))
 
 
 def _public_base_url(value: str | None) -> str | None:
@@ -541,8 +606,8 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
             " federation)",
         )
 
-    g = _Section("gateway", raw.get("gateway", {}))
-    province = g.str_("province", "110000")
+    g = _Section("gateway", raw.get("gateway", {}), GatewaySettings)
+    province = g.str_("province")
     if not (
         re.fullmatch(r"\d{6}", province)
         and province.endswith("0000")
@@ -551,31 +616,27 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         raise ConfigError(
             "gateway.province", "expected a GB/T 2260 province-level code such as 110000"
         )
-    listen = g.str_("listen", "127.0.0.1:8080")
+    listen = g.str_("listen", f"{g.default('listen_host')}:{g.default('listen_port')}")
     host, _, port_s = listen.rpartition(":")
     if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConfigError("gateway.listen", f"expected host:port, got {listen!r}")
-    data_dir = _path(base, g.str_("data_dir", "data"))
+    data_dir = _path(base, g.str_("data_dir", str(g.default("data_dir"))))
     gateway = GatewaySettings(
         province=province,
         name=g.str_("name", f"imaging-gateway {province}"),
         listen_host=host.strip("[]"),
         listen_port=int(port_s),
         data_dir=data_dir,
-        national_id_issuers=g.str_list("national_id_issuers", ["CN-RESIDENT-ID"]),
+        national_id_issuers=g.str_list("national_id_issuers"),
         write_store=g.opt_str("write_store"),
-        transcode_max_bytes=g.int_(
-            "transcode_max_bytes", 512 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
-        ),
+        transcode_max_bytes=g.int_("transcode_max_bytes", minimum=1024 * 1024, maximum=1 << 36),
         public_base_url=_public_base_url(g.opt_str("public_base_url")),
-        trusted_proxies=_networks("gateway.trusted_proxies", g.str_list("trusted_proxies", [])),
-        inflate_max_bytes=g.int_(
-            "inflate_max_bytes", 64 * 1024 * 1024, minimum=1024 * 1024, maximum=1 << 36
-        ),
+        trusted_proxies=_networks("gateway.trusted_proxies", g.str_list("trusted_proxies")),
+        inflate_max_bytes=g.int_("inflate_max_bytes", minimum=1024 * 1024, maximum=1 << 36),
     )
     g.finish()
 
-    i = _Section("index", raw.get("index", {}))
+    i = _Section("index", raw.get("index", {}), IndexSettings)
     url = i.str_("url", f"sqlite:///{data_dir / 'index.sqlite3'}")
     parts = urlsplit(url)
     create_folder = False
@@ -601,7 +662,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
     index = IndexSettings(
         url=url,
         password=i.secret_from_env("password", env),
-        echo=i.bool_("echo", False),
+        echo=i.bool_("echo"),
         create_folder=create_folder,
     )
     i.finish()
@@ -622,46 +683,42 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
             "gateway.write_store", f"expected the name of a [[stores]] table (known: {known})"
         )
 
-    y = _Section("sync", raw.get("sync", {}))
+    y = _Section("sync", raw.get("sync", {}), SyncSettings)
     sync = SyncSettings(
-        page_size=y.int_("page_size", 1000, minimum=1, maximum=1000),
-        concurrency=y.int_("concurrency", 32, minimum=1, maximum=1024),
-        header_read_bytes=y.int_("header_read_bytes", 64 * 1024, minimum=1024),
-        max_header_bytes=y.int_("max_header_bytes", 16 * 1024 * 1024, minimum=1024),
+        page_size=y.int_("page_size", minimum=1, maximum=1000),
+        concurrency=y.int_("concurrency", minimum=1, maximum=1024),
+        header_read_bytes=y.int_("header_read_bytes", minimum=1024),
+        max_header_bytes=y.int_("max_header_bytes", minimum=1024),
     )
     y.finish()
 
-    s = _Section("security", raw.get("security", {}))
+    s = _Section("security", raw.get("security", {}), SecuritySettings)
     security = SecuritySettings(
-        token_key_file=_path_or(s, "token_key_file", base, data_dir / "keys" / "token-signing.pem"),
-        token_max_ttl_s=s.int_("token_max_ttl_s", 90 * 24 * 3600, minimum=60),
-        patient_token_key_file=_path_or(
-            s, "patient_token_key_file", base, data_dir / "keys" / "patient-token.key"
-        ),
-        audit_key_file=_path_or(s, "audit_key_file", base, data_dir / "keys" / "audit-chain.key"),
-        break_glass_minutes=s.int_("break_glass_minutes", 30, minimum=1, maximum=24 * 60),
-        consent_max_days=s.int_("consent_max_days", 365, minimum=1, maximum=3650),
-        search_max_results=s.int_("search_max_results", 1000, minimum=1, maximum=100_000),
-        cors_origins=s.str_list("cors_origins", []),
+        token_key_file=_data_file(s, "token_key_file", base, data_dir),
+        token_max_ttl_s=s.int_("token_max_ttl_s", minimum=60),
+        patient_token_key_file=_data_file(s, "patient_token_key_file", base, data_dir),
+        audit_key_file=_data_file(s, "audit_key_file", base, data_dir),
+        break_glass_minutes=s.int_("break_glass_minutes", minimum=1, maximum=24 * 60),
+        consent_max_days=s.int_("consent_max_days", minimum=1, maximum=3650),
+        search_max_results=s.int_("search_max_results", minimum=1, maximum=100_000),
+        cors_origins=s.str_list("cors_origins"),
     )
     s.finish()
 
-    e = _Section("encryption", raw.get("encryption", {}))
-    suite = e.str_("suite", "AES-256-GCM")
+    e = _Section("encryption", raw.get("encryption", {}), EncryptionSettings)
+    suite = e.str_("suite")
     if suite not in ENCRYPTION_SUITES:
         raise ConfigError(
             "encryption.suite", f"expected one of {', '.join(ENCRYPTION_SUITES)}, got {suite!r}"
         )
     encryption = EncryptionSettings(
-        keyring_file=_path_or(e, "keyring_file", base, data_dir / "keys" / "keyring.json"),
-        enabled=e.bool_("enabled", False),
+        keyring_file=_data_file(e, "keyring_file", base, data_dir),
+        enabled=e.bool_("enabled"),
         suite=suite,
-        segment_size=e.int_(
-            "segment_size", 64 * 1024, minimum=MIN_SEGMENT_SIZE, maximum=MAX_SEGMENT_SIZE
-        ),
+        segment_size=e.int_("segment_size", minimum=MIN_SEGMENT_SIZE, maximum=MAX_SEGMENT_SIZE),
     )
     e.finish()
-    tls = _tls(_Section("tls", raw.get("tls", {})), base)
+    tls = _tls(_Section("tls", raw.get("tls", {}), TlsSettings), base)
     federation = _federation(raw.get("federation", {}), env, base, gateway.province, data_dir)
     _check_cache_store(federation, gateway, names, encryption)
     return Settings(gateway, index, tuple(stores), sync, security, tls, encryption, federation)
@@ -676,7 +733,7 @@ def _federation(
     URL or key, a duplicate or home province, a credential on a gateway peer, a
     credential variable that is not set.
     """
-    f = _Section("federation", table)
+    f = _Section("federation", table, FederationSettings)
     peers_raw = f.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("federation.peers", "expected an array of tables ([[federation.peers]])")
@@ -689,23 +746,19 @@ def _federation(
             raise ConfigError(f"federation.peers[{n}].province", "one peer per province")
         peers.append(peer)
     federation = FederationSettings(
-        signing_key_file=_path_or(
-            f, "signing_key_file", base, data_dir / "keys" / "federation-signing.pem"
-        ),
-        enabled=f.bool_("enabled", False),
-        deadline_ms=f.int_("deadline_ms", 1500, minimum=50, maximum=60_000),
-        retrieve_timeout_s=f.float_("retrieve_timeout_s", 300.0, minimum=1.0),
-        max_answer_bytes=f.int_(
-            "max_answer_bytes", 8 * 1024 * 1024, minimum=1024, maximum=1024 * 1024 * 1024
-        ),
-        breaker_failures=f.int_("breaker_failures", 3, minimum=1, maximum=1000),
-        breaker_cool_down_s=f.float_("breaker_cool_down_s", 30.0, minimum=0.1),
-        assertion_validity_s=f.int_("assertion_validity_s", 60, minimum=5, maximum=300),
-        allow_plain_http=f.bool_("allow_plain_http", False),
+        signing_key_file=_data_file(f, "signing_key_file", base, data_dir),
+        enabled=f.bool_("enabled"),
+        deadline_ms=f.int_("deadline_ms", minimum=50, maximum=60_000),
+        retrieve_timeout_s=f.float_("retrieve_timeout_s", minimum=1.0),
+        max_answer_bytes=f.int_("max_answer_bytes", minimum=1024, maximum=1024 * 1024 * 1024),
+        breaker_failures=f.int_("breaker_failures", minimum=1, maximum=1000),
+        breaker_cool_down_s=f.float_("breaker_cool_down_s", minimum=0.1),
+        assertion_validity_s=f.int_("assertion_validity_s", minimum=5, maximum=300),
+        allow_plain_http=f.bool_("allow_plain_http"),
         peers=tuple(peers),
         cache_store=f.opt_str("cache_store"),
-        cache_max_bytes=f.int_("cache_max_bytes", 10 * 1024**3, minimum=1024**2),
-        cache_ttl_s=f.float_("cache_ttl_s", 7 * 24 * 3600.0, minimum=1.0),
+        cache_max_bytes=f.int_("cache_max_bytes", minimum=1024**2),
+        cache_ttl_s=f.float_("cache_ttl_s", minimum=1.0),
     )
     f.finish()
     return federation
@@ -736,7 +789,7 @@ def _check_cache_store(
 
 
 def _peer(where: str, table: Any, env: Mapping[str, str], base: Path) -> PeerSettings:
-    t = _Section(where, table)
+    t = _Section(where, table, PeerSettings)
     province = t.str_("province")
     if not (
         re.fullmatch(r"\d{6}", province)
@@ -744,7 +797,7 @@ def _peer(where: str, table: Any, env: Mapping[str, str], base: Path) -> PeerSet
         and province[:2] in _PROVINCES
     ):
         raise ConfigError(f"{where}.province", "expected a GB/T 2260 province-level code")
-    kind = t.str_("kind", "gateway")
+    kind = t.str_("kind")
     if kind not in PEER_KINDS:
         raise ConfigError(f"{where}.kind", f"expected one of {', '.join(PEER_KINDS)}")
     base_url = t.str_("base_url")
@@ -800,7 +853,7 @@ def _tls(t: _Section, base: Path) -> TlsSettings:
             "tls.client_ca_file", "needs tls.cert_file and tls.key_file (mTLS is TLS first)"
         )
     routes: list[str] = []
-    for route in t.str_list("client_cert_routes", []):
+    for route in t.str_list("client_cert_routes"):
         if not route.startswith("/") or any(c in route for c in "?#* \t"):
             raise ConfigError(
                 "tls.client_cert_routes", f"expected path prefixes such as /admin, got {route!r}"
@@ -811,7 +864,7 @@ def _tls(t: _Section, base: Path) -> TlsSettings:
             "tls.client_cert_routes",
             "needs tls.client_ca_file (the CAs whose client certificates are accepted)",
         )
-    min_version = t.str_("min_version", "TLSv1.2")
+    min_version = t.str_("min_version")
     if min_version not in TLS_VERSIONS:
         raise ConfigError(
             "tls.min_version", f"expected {' or '.join(TLS_VERSIONS)}, got {min_version!r}"
@@ -829,7 +882,7 @@ def _tls(t: _Section, base: Path) -> TlsSettings:
 
 
 def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreSettings:
-    t = _Section(where, table)
+    t = _Section(where, table, StoreSettings)
     name = t.str_("name")
     if not _STORE_NAME.match(name):
         raise ConfigError(f"{where}.name", "expected lowercase letters, digits, '-' or '_'")
@@ -841,7 +894,7 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
     hospital = t.opt_str("hospital")
     if hospital is not None and not _HOSPITAL_CODE.match(hospital):
         raise ConfigError(f"{where}.hospital", "expected an institution code such as H11010800028")
-    prefix = t.str_("prefix", "")
+    prefix = t.str_("prefix")
     if prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix", "expected a key prefix without a leading '/'")
     hospitals = _hospitals(f"{where}.hospitals", t.get("hospitals", None))
@@ -853,14 +906,14 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
         "hospital": hospital,
         "ownership": ownership,
         "hospitals": hospitals,
-        "retries": t.int_("retries", 5, minimum=0, maximum=20),
-        "timeout_s": t.float_("timeout_s", 30.0, minimum=0.1),
-        "max_connections": t.int_("max_connections", 64, minimum=1, maximum=4096),
+        "retries": t.int_("retries", minimum=0, maximum=20),
+        "timeout_s": t.float_("timeout_s", minimum=0.1),
+        "max_connections": t.int_("max_connections", minimum=1, maximum=4096),
     }
     if kind == "fs":
         store = StoreSettings(**common, path=_path(base, t.str_("path")))
     else:
-        endpoint = t.str_("endpoint")
+        endpoint = t.str_("endpoint", required=True)
         ep = urlsplit(endpoint)
         if ep.scheme not in {"http", "https"} or not ep.hostname:
             raise ConfigError(
@@ -870,15 +923,15 @@ def _store(where: str, table: Any, env: Mapping[str, str], base: Path) -> StoreS
             raise ConfigError(
                 f"{where}.endpoint", "credentials in the URL are refused; use *_env keys"
             )
-        bucket = t.str_("bucket")
+        bucket = t.str_("bucket", required=True)
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
             raise ConfigError(f"{where}.bucket", "expected an S3 bucket name (3-63 of a-z 0-9 . -)")
         store = StoreSettings(
             **common,
             endpoint=endpoint.rstrip("/"),
             bucket=bucket,
-            region=t.str_("region", "us-east-1"),
-            verify_tls=t.bool_("verify_tls", True),
+            region=t.str_("region"),
+            verify_tls=t.bool_("verify_tls"),
             access_key=t.secret_from_env("access_key", env),
             secret_key=t.secret_from_env("secret_key", env),
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
@@ -115,7 +114,6 @@ async def authenticate_peer(request: web.Request, token: str) -> None:
             method=request.method,
             path=request.rel_url.raw_path,
             query=list(request.query.items()),
-            now=datetime.now(UTC),
             replay_cache=federation.replay_cache,
         )
         expected = next(

@@ -19,7 +19,9 @@ from imaging_gateway.security.principals import Principal, validate_claims
 ALGORITHM = "EdDSA"
 AUDIENCE = "imaging-gateway"
 LEEWAY_S = 30
-"""Clock skew allowed on ``nbf`` / ``exp`` / ``iat``."""
+"""Clock skew PyJWT allows on ``nbf`` / ``exp`` / ``iat``: a token is often issued on the
+admin's machine (``imaging-gateway tokens issue``) and used from a PACS, whose clocks may
+differ by seconds; 30 s is well under the shortest lifetime worth issuing (minutes)."""
 VERIFIED_CACHE_SIZE = 4096
 """Tokens whose signature and claims were checked, kept to skip the check on reuse."""
 
@@ -68,10 +70,12 @@ class TokenAuthority:
         self.province = province
         self.issuer = f"imaging-gateway:{province}"
         self.max_ttl_s = max_ttl_s
-        # token -> (principal, not before, expiry) in epoch seconds, least recent first.
-        # A PACS sends the same token with every request: checking its signature and
-        # claims each time was ~20% of a search's CPU. Keyed by the whole token string,
-        # so a hit is exactly the token that was verified.
+        # token -> (principal, nbf, exp) in epoch seconds, least recent first. A PACS
+        # sends the same token with every request: checking its signature and claims
+        # each time was ~20% of a search's CPU. Keyed by the whole token string, so a hit
+        # is exactly the token that was verified. A hit only skips PyJWT while the token
+        # is strictly inside [nbf, exp); outside, PyJWT checks it again with its leeway
+        # and decides (so the leeway and every refusal stay PyJWT's).
         self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
 
     def issue(
@@ -114,13 +118,10 @@ class TokenAuthority:
         cached = self._verified.get(token)
         if cached is not None:
             principal, not_before, expiry = cached
-            now = time.time()
-            if now > expiry + LEEWAY_S:
-                del self._verified[token]
-                raise Unauthenticated("token expired")
-            if now >= not_before - LEEWAY_S:
+            if not_before <= time.time() < expiry:
                 self._verified.move_to_end(token)
                 return principal
+            del self._verified[token]
         principal, not_before, expiry = self._check(token)
         self._verified[token] = (principal, not_before, expiry)
         if len(self._verified) > VERIFIED_CACHE_SIZE:

@@ -10,6 +10,7 @@ from typing import Any
 
 import jwt
 import pytest
+import time_machine
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -82,18 +83,19 @@ def issue(key: Ed25519PrivateKey = BJ_KEY, **kw: Any) -> str:
     return issue_assertion(key, **args)
 
 
-async def verify(token: str, **kw: Any) -> Any:
+async def verify(token: str, *, now: datetime = NOW + timedelta(seconds=1), **kw: Any) -> Any:
+    """verify_assertion at ``now``: PyJWT reads the clock itself, so the clock is moved."""
     args: dict[str, Any] = {
         "registry": gd_registry(),
         "expected_audience": "440000",
         "method": "GET",
         "path": PATH,
         "query": QUERY,
-        "now": NOW + timedelta(seconds=1),
         "replay_cache": MemoryReplayCache(),
     }
     args.update(kw)
-    return await verify_assertion(token, **args)
+    with time_machine.travel(now, tick=False):
+        return await verify_assertion(token, **args)
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -245,6 +247,15 @@ async def test_window_too_long() -> None:
 async def test_wrong_audience() -> None:
     with pytest.raises(Unauthenticated, match="wrong audience"):
         await verify(issue(audience="310000"))
+
+
+async def test_an_audience_list_is_refused_even_with_this_province_in_it() -> None:
+    # PyJWT alone accepts any list holding the audience; an assertion is for one province.
+    claims = claims_of(issue())
+    for aud in (["440000", "310000"], ["440000"]):
+        claims["aud"] = aud
+        with pytest.raises(Unauthenticated, match="wrong audience"):
+            await verify(resign(claims))
 
 
 async def test_replayed() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+import time_machine
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from imaging_gateway.errors import Forbidden, InvalidRequest, Unauthenticated
@@ -82,9 +83,7 @@ def test_signing_key_created_private_and_reloaded(tmp_path: Path) -> None:
     assert a2.verify(a1.issue(subject="x", role="peer")).role == "peer"
 
 
-def test_a_verified_token_still_expires_and_forgeries_of_it_are_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_verified_token_still_expires_and_forgeries_of_it_are_refused() -> None:
     from imaging_gateway.security import tokens
 
     a = authority()
@@ -95,12 +94,41 @@ def test_a_verified_token_still_expires_and_forgeries_of_it_are_refused(
     with pytest.raises(Unauthenticated):
         mid = len(sig) // 2
         a.verify(f"{head}.{body}.{sig[:mid]}{'A' if sig[mid] != 'A' else 'B'}{sig[mid + 1:]}")
-    # Later than exp + leeway: refused although it verified before.
+    # Later than exp + leeway: refused although it verified before. PyJWT reads the
+    # clock itself (no "now" argument), so the test moves the clock.
     later = tokens.time.time() + 600 + tokens.LEEWAY_S + 1
-    monkeypatch.setattr(tokens.time, "time", lambda: later)
-    with pytest.raises(Unauthenticated, match="expired"):
+    with time_machine.travel(later, tick=False), pytest.raises(Unauthenticated, match="expired"):
         a.verify(token)
     assert token not in a._verified
+
+
+def test_a_verified_token_past_its_exp_is_pyjwts_call_with_its_leeway() -> None:
+    """Outside [nbf, exp) the cache answers nothing: PyJWT checks again, with LEEWAY_S."""
+    from imaging_gateway.security.tokens import LEEWAY_S
+
+    a = authority()
+    issued = datetime.now(UTC).replace(microsecond=0)
+    token = a.issue(subject="pacs-1", role="hospital", hospital="H11010800028", ttl_s=600,
+                    now=issued)
+    a.verify(token)
+    exp = issued + timedelta(seconds=600)
+    with time_machine.travel(exp + timedelta(seconds=LEEWAY_S - 1), tick=False):
+        assert a.verify(token).subject == "pacs-1"  # within the leeway
+        assert a.verify(token).subject == "pacs-1"
+    # PyJWT: expired once exp <= now - leeway (the hand-made check let this second pass).
+    with time_machine.travel(exp + timedelta(seconds=LEEWAY_S), tick=False), \
+            pytest.raises(Unauthenticated, match="expired"):
+        a.verify(token)
+    # A clock set back before nbf (issue() sets it 30 s before iat): not a cache hit
+    # either; PyJWT refuses an iat further ahead than its leeway.
+    token = a.issue(subject="pacs-2", role="admin", ttl_s=600, now=issued)
+    a.verify(token)
+    with time_machine.travel(issued - timedelta(seconds=LEEWAY_S - 1), tick=False):
+        assert a.verify(token).subject == "pacs-2"
+    nbf = issued - timedelta(seconds=30)
+    with time_machine.travel(nbf - timedelta(seconds=1), tick=False), \
+            pytest.raises(Unauthenticated, match="invalid"):
+        a.verify(token)
 
 
 def test_the_verified_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
