@@ -233,6 +233,9 @@ async def _load_header(
 
 @dataclass(frozen=True, slots=True)
 class Part:
+    """One part of a multipart/related body: its Content-Type, its Content-Length (None:
+    unknown until read) and its body, read as it is sent."""
+
     content_type: str
     length: int | None
     body: AsyncGenerator[bytes | OpenBody, None]
@@ -241,6 +244,7 @@ class Part:
 
 async def _single(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
+
 
 # ---------------------------------------------------------------------------
 # Retrieve Study / Series / Instance (PS3.18 10.4.1.1.1)
