@@ -63,7 +63,7 @@ from bench._common import (
     start_gateway,
 )
 from imaging_gateway.dicom.synthetic import generate_instances
-from imaging_gateway.services.wado import PREFETCH_INSTANCES
+from imaging_gateway.services.retrieve import PREFETCH_INSTANCES
 from imaging_gateway.settings import load_settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.s3 import S3Store

@@ -2,7 +2,8 @@
 
 Every route resolves the caller, asks the gate (which checks ownership, consent or
 break-glass and writes the audit record), then hands the allowed instances to the
-WADO-RS service or renders the QIDO-RS page. A study that may not be seen answers
+WADO-RS retrieve service (``services/retrieve.py``), whose parts ``api/streaming.py``
+writes, or renders the QIDO-RS page. A study that may not be seen answers
 exactly like one that does not exist. STOW-RS hands the request to the store service,
 which asks the gate about every instance.
 """
@@ -28,7 +29,14 @@ from imaging_gateway.api.keys import (
     SETTINGS,
     STORES,
 )
-from imaging_gateway.api.params import path_uid_problem
+from imaging_gateway.api.params import (
+    parse_frame_list,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+    path_uid_problem,
+)
+from imaging_gateway.api.streaming import send_instances, send_parts
 from imaging_gateway.api.urls import public_authority, public_base
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
@@ -42,7 +50,7 @@ from imaging_gateway.security.gate import (
     parse_break_glass_reason,
     parse_purpose_of_use,
 )
-from imaging_gateway.services import stow, wado
+from imaging_gateway.services import retrieve, stow
 from imaging_gateway.services.federation import as_token_patient, federated_search
 from imaging_gateway.storage.base import ObjectStore
 
@@ -276,20 +284,20 @@ def _instance_url(request: web.Request) -> Callable[[InstanceLocation], str]:
 
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     instances = await _locate(request, "retrieve")
-    return await wado.stream_instances(
-        request,
+    retrieval = retrieve.retrieve_instances(
         instances,
         _stores(request),
         accept=request.headers.get("Accept"),
         transcode_max_bytes=_transcode_max_bytes(request),
         inflate_max_bytes=_inflate_max_bytes(request),
     )
+    return await send_instances(request, retrieval)
 
 
 async def _metadata(request: web.Request) -> web.StreamResponse:
     representation = select_metadata(request.headers.get("Accept"))
     instances = await _locate(request, "metadata")
-    body = await wado.retrieve_metadata(
+    body = await retrieve.retrieve_metadata(
         instances,
         _stores(request),
         bulkdata_base=_instance_url(request),
@@ -312,18 +320,18 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
     accept = request.headers.get("Accept")
     # Parameters first: a malformed one is refused before the study is looked up.
     frames = request.match_info.get("frames")
-    frame = wado.parse_frame_list(frames)[0] if frames else 1
-    viewport = wado.parse_viewport(q["viewport"]) if "viewport" in q else None
-    quality = wado.parse_quality(q["quality"]) if "quality" in q else None
-    window = wado.parse_window(q["window"]) if "window" in q and not thumbnail else None
+    frame = parse_frame_list(frames)[0] if frames else 1
+    viewport = parse_viewport(q["viewport"]) if "viewport" in q else None
+    quality = parse_quality(q["quality"]) if "quality" in q else None
+    window = parse_window(q["window"]) if "window" in q and not thumbnail else None
     instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
     if thumbnail or len(instances) > 1:
-        instance = wado.representative_instance(instances)
+        instance = retrieve.representative_instance(instances)
     else:
         instance = instances[0]
     stores = _stores(request)
     if thumbnail:
-        body, media_type = await wado.retrieve_thumbnail(
+        body, media_type = await retrieve.retrieve_thumbnail(
             instance,
             stores,
             accept=accept,
@@ -333,7 +341,7 @@ async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamRespo
             inflate_max_bytes=_inflate_max_bytes(request),
         )
     else:
-        body, media_type = await wado.retrieve_rendered(
+        body, media_type = await retrieve.retrieve_rendered(
             instance,
             stores,
             accept=accept,
@@ -378,10 +386,9 @@ async def retrieve_instance_metadata(request: web.Request) -> web.StreamResponse
 
 @routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/frames/{{frames}}")
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
-    numbers = wado.parse_frame_list(request.match_info["frames"])
+    numbers = parse_frame_list(request.match_info["frames"])
     instances = await _locate(request, "frames")
-    return await wado.retrieve_frames(
-        request,
+    body = await retrieve.retrieve_frames(
         instances[0],
         _stores(request),
         numbers,
@@ -389,13 +396,13 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         transcode_max_bytes=_transcode_max_bytes(request),
         inflate_max_bytes=_inflate_max_bytes(request),
     )
+    return await send_parts(request, body)
 
 
 @routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/bulkdata/{{path:.+}}")
 async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     instances = await _locate(request, "bulkdata")
-    return await wado.retrieve_bulkdata(
-        request,
+    body = await retrieve.retrieve_bulkdata(
         instances[0],
         _stores(request),
         request.match_info["path"],
@@ -403,6 +410,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
         transcode_max_bytes=_transcode_max_bytes(request),
         inflate_max_bytes=_inflate_max_bytes(request),
     )
+    return await send_parts(request, body)
 
 
 for _path in (

@@ -1,7 +1,7 @@
 """DICOM JSON objects (PS3.18 F.2) -> PS3.19 Annex A Native DICOM Model XML documents.
 
 A pure converter: it takes the very objects the JSON responses send (see
-``imaging_gateway.dicom.dicomjson`` and ``services.wado.retrieve_metadata``) and writes
+``imaging_gateway.dicom.dicomjson`` and ``services.retrieve.retrieve_metadata``) and writes
 the same information as ``application/dicom+xml`` with ``xml.etree.ElementTree`` (which
 escapes ``&``, ``<``, ``>`` and quotes). What it maps, per PS3.19 A.1.5:
 

@@ -26,7 +26,7 @@ from imaging_gateway.security.consent import ConsentStore, parse_consent_request
 from imaging_gateway.security.gate import AccessContext, Gate, PeerGrant, visibility
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
-from imaging_gateway.services.wado import retrieve_metadata
+from imaging_gateway.services.retrieve import retrieve_metadata
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.factory import open_store

@@ -23,16 +23,19 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from pydicom.encaps import encapsulate_extended, generate_frames
 
+from imaging_gateway.api import params
 from imaging_gateway.api.middlewares import error_middleware
+from imaging_gateway.api.streaming import STREAM_OUTCOME, send_instances, send_parts
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.mediatypes import select_metadata
+from imaging_gateway.dicom.pixels import parse_tag_path
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
 from imaging_gateway.security.aead import TAG_SIZE, Suite
 from imaging_gateway.security.envelope import plaintext_length
 from imaging_gateway.security.keyring import FileKeyring
-from imaging_gateway.services import wado
+from imaging_gateway.services import retrieve
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.encrypted import EncryptedStore
@@ -254,26 +257,26 @@ def make_app(corpus: Corpus) -> web.Application:
         return request.headers.get("Accept")
 
     def transcode_max(request: web.Request) -> int:
-        return int(request.query.get("max", str(wado.TRANSCODE_MAX_BYTES)))
+        return int(request.query.get("max", str(retrieve.TRANSCODE_MAX_BYTES)))
 
     async def instances(request: web.Request) -> web.StreamResponse:
         locations = [corpus.locations[n] for n in _names(request)]
-        chunk = int(request.query.get("chunk", str(wado.CHUNK_SIZE)))
-        response = await wado.stream_instances(
-            request,
+        chunk = int(request.query.get("chunk", str(retrieve.CHUNK_SIZE)))
+        retrieval = retrieve.retrieve_instances(
             locations,
             corpus.stores,
             accept=accept(request),
             chunk_size=chunk,
             transcode_max_bytes=transcode_max(request),
         )
-        corpus.outcomes.append(response[wado.STREAM_OUTCOME])
+        response = await send_instances(request, retrieval)
+        corpus.outcomes.append(response[STREAM_OUTCOME])
         return response
 
     async def metadata(request: web.Request) -> web.StreamResponse:
         representation = select_metadata(accept(request))
         origin = str(request.url.origin())
-        documents = await wado.retrieve_metadata(
+        documents = await retrieve.retrieve_metadata(
             [corpus.locations[n] for n in _names(request)],
             corpus.stores,
             bulkdata_base=lambda loc: f"{origin}/inst/{name_of(loc)}",
@@ -281,39 +284,39 @@ def make_app(corpus: Corpus) -> web.Application:
         return web.json_response(documents, content_type=representation.media_type)
 
     async def frames(request: web.Request) -> web.StreamResponse:
-        return await wado.retrieve_frames(
-            request,
+        body = await retrieve.retrieve_frames(
             corpus.locations[request.match_info["name"]],
             corpus.stores,
-            wado.parse_frame_list(request.match_info["frames"]),
+            params.parse_frame_list(request.match_info["frames"]),
             accept=accept(request),
             transcode_max_bytes=transcode_max(request),
         )
+        return await send_parts(request, body)
 
     async def bulkdata(request: web.Request) -> web.StreamResponse:
-        return await wado.retrieve_bulkdata(
-            request,
+        body = await retrieve.retrieve_bulkdata(
             corpus.locations[request.match_info["name"]],
             corpus.stores,
             request.match_info["path"],
             accept=accept(request),
         )
+        return await send_parts(request, body)
 
     async def rendered(request: web.Request) -> web.StreamResponse:
         query = request.query
-        body, media_type = await wado.retrieve_rendered(
+        body, media_type = await retrieve.retrieve_rendered(
             corpus.locations[request.match_info["name"]],
             corpus.stores,
             accept=accept(request),
-            window=wado.parse_window(query["window"]) if "window" in query else None,
-            quality=wado.parse_quality(query["quality"]) if "quality" in query else None,
-            viewport=wado.parse_viewport(query["viewport"]) if "viewport" in query else None,
+            window=params.parse_window(query["window"]) if "window" in query else None,
+            quality=params.parse_quality(query["quality"]) if "quality" in query else None,
+            viewport=params.parse_viewport(query["viewport"]) if "viewport" in query else None,
             frame=int(query.get("frame", "1")),
         )
         return web.Response(body=body, content_type=media_type)
 
     async def thumbnail(request: web.Request) -> web.StreamResponse:
-        body, media_type = await wado.retrieve_thumbnail(
+        body, media_type = await retrieve.retrieve_thumbnail(
             corpus.locations[request.match_info["name"]], corpus.stores, accept=accept(request)
         )
         return web.Response(body=body, content_type=media_type)
@@ -1109,7 +1112,7 @@ async def test_bulkdata_uris_serve_the_values(client: TestClient[Any, Any]) -> N
 
 async def test_metadata_order_and_chinese_names(corpus: Corpus) -> None:
     order = ["syn5", "syn2", "syn0", "syn4", "syn1", "syn3"]
-    documents = await wado.metadata(
+    documents = await retrieve.metadata(
         [corpus.locations[n] for n in order],
         corpus.stores,
         bulkdata_base=lambda loc: f"https://gw/{loc.SOPInstanceUID}",
@@ -1130,7 +1133,7 @@ async def test_metadata_reads_only_headers(corpus: Corpus) -> None:
     recorder = RecordingStore(corpus.store)
     stores = {corpus.store.name: recorder}
     locations = [corpus.locations[n] for n in ("syn0", "ct", "j2k")]
-    await wado.retrieve_metadata(locations, stores, bulkdata_base=lambda loc: "x")  # type: ignore[arg-type]
+    await retrieve.retrieve_metadata(locations, stores, bulkdata_base=lambda loc: "x")  # type: ignore[arg-type]
     assert not recorder.streams
     for location in locations:
         reads = [r for r in recorder.reads if r[0] == location.key]
@@ -1294,8 +1297,7 @@ async def test_frame_numbers_out_of_range(client: TestClient[Any, Any], corpus: 
         async with client.get(url) as response:
             assert response.status == status, url
     with pytest.raises(InvalidRequest):
-        await wado.retrieve_frames(
-            None,  # type: ignore[arg-type]
+        await retrieve.retrieve_frames(
             corpus.locations["dose"],
             corpus.stores,
             [],
@@ -1406,10 +1408,10 @@ async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
     assert small.size == (100, 100)  # never enlarged
     tall = await _image(client, "/inst/j2k/thumbnail")
     assert tall.size == (32, 128)
-    chosen = wado.representative_instance([corpus.locations[f"syn{i}"] for i in range(6)])
+    chosen = retrieve.representative_instance([corpus.locations[f"syn{i}"] for i in range(6)])
     assert chosen.InstanceNumber == 2
     with pytest.raises(NotFound):
-        wado.representative_instance([corpus.locations["ecg"]])
+        retrieve.representative_instance([corpus.locations["ecg"]])
 
 
 # ---------------------------------------------------------------------------
@@ -1417,33 +1419,33 @@ async def test_thumbnail(client: TestClient[Any, Any], corpus: Corpus) -> None:
 
 
 def test_parameter_parsers() -> None:
-    assert wado.parse_frame_list("3,1,2") == [3, 1, 2]
-    assert wado.parse_window("40,400") == (40.0, 400.0)
-    assert wado.parse_window("-600.5, 1500, linear") == (-600.5, 1500.0)
-    assert wado.parse_viewport("512,256") == (512, 256)
-    assert wado.parse_quality("75") == 75
-    assert wado.parse_tag_path("7FE00010") == (0x7FE00010,)
-    assert wado.parse_tag_path("00540016/0/00181072") == (0x00540016, 0, 0x00181072)
+    assert params.parse_frame_list("3,1,2") == [3, 1, 2]
+    assert params.parse_window("40,400") == (40.0, 400.0)
+    assert params.parse_window("-600.5, 1500, linear") == (-600.5, 1500.0)
+    assert params.parse_viewport("512,256") == (512, 256)
+    assert params.parse_quality("75") == 75
+    assert parse_tag_path("7FE00010") == (0x7FE00010,)
+    assert parse_tag_path("00540016/0/00181072") == (0x00540016, 0, 0x00181072)
     bad: list[tuple[Callable[[str], object], str]] = [
-        (wado.parse_frame_list, ""),
-        (wado.parse_frame_list, "0"),
-        (wado.parse_frame_list, "1,-2"),
-        (wado.parse_frame_list, "1.5"),
-        (wado.parse_frame_list, "3,1,3"),
-        (wado.parse_frame_list, ",".join(str(n) for n in range(1, wado.MAX_FRAME_LIST + 2))),
-        (wado.parse_viewport, "65536,10"),
-        (wado.parse_window, "40"),
-        (wado.parse_window, "40,0"),
-        (wado.parse_window, "40,400,sigmoid"),
-        (wado.parse_window, "nan,400"),
-        (wado.parse_viewport, "0,10"),
-        (wado.parse_viewport, "10"),
-        (wado.parse_viewport, "10,10,0,0,5,5"),
-        (wado.parse_quality, "101"),
-        (wado.parse_quality, "high"),
-        (wado.parse_tag_path, "7FE0001"),
-        (wado.parse_tag_path, "00540016/0"),
-        (wado.parse_tag_path, "00540016/a/00181072"),
+        (params.parse_frame_list, ""),
+        (params.parse_frame_list, "0"),
+        (params.parse_frame_list, "1,-2"),
+        (params.parse_frame_list, "1.5"),
+        (params.parse_frame_list, "3,1,3"),
+        (params.parse_frame_list, ",".join(str(n) for n in range(1, params.MAX_FRAME_LIST + 2))),
+        (params.parse_viewport, "65536,10"),
+        (params.parse_window, "40"),
+        (params.parse_window, "40,0"),
+        (params.parse_window, "40,400,sigmoid"),
+        (params.parse_window, "nan,400"),
+        (params.parse_viewport, "0,10"),
+        (params.parse_viewport, "10"),
+        (params.parse_viewport, "10,10,0,0,5,5"),
+        (params.parse_quality, "101"),
+        (params.parse_quality, "high"),
+        (parse_tag_path, "7FE0001"),
+        (parse_tag_path, "00540016/0"),
+        (parse_tag_path, "00540016/a/00181072"),
     ]
     for parse, text in bad:
         with pytest.raises(InvalidRequest):
@@ -1732,14 +1734,14 @@ async def test_transcoding_runs_off_the_event_loop(
     # Hold the (real) transcoder in its worker thread; the loop must go on serving.
     release = threading.Event()
     entered = threading.Event()
-    real = wado.transcode_instance
+    real = retrieve.transcode_instance
 
     def held(data: bytes, target: str, *, max_bytes: int, max_inflated: int) -> bytes:
         entered.set()
         release.wait(timeout=30)
         return real(data, target, max_bytes=max_bytes, max_inflated=max_inflated)
 
-    monkeypatch.setattr(wado, "transcode_instance", held)
+    monkeypatch.setattr(retrieve, "transcode_instance", held)
     slow = asyncio.ensure_future(client.get("/instances?names=mr_rle", headers={"Accept": DICOM}))
     try:
         assert await asyncio.to_thread(entered.wait, 10)
