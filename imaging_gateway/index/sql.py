@@ -435,7 +435,12 @@ class SqlIndex:
         return index
 
     async def migrate(self) -> None:
-        """Run Alembic migrations up to head on one connection."""
+        """Run Alembic migrations up to head on one connection.
+
+        On PostgreSQL under a transaction-level advisory lock: processes started together
+        on a new database (several sync workers, gateways) migrate one after the other,
+        the later ones finding the schema at head.
+        """
 
         def run(sync_conn: Connection) -> None:
             cfg = Config()
@@ -444,6 +449,8 @@ class SqlIndex:
             command.upgrade(cfg, "head")
 
         async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
             await conn.run_sync(run)
 
     async def load_phi_keys(self) -> None:
@@ -1667,6 +1674,11 @@ class SqlIndex:
             entry.users -= 1
             if entry.users == 0:
                 del self._key_locks[name]
+
+
+_MIGRATION_LOCK = int.from_bytes(
+    hashlib.blake2b(b"imaging-gateway-migrate", digest_size=8).digest(), "big", signed=True
+)
 
 
 def _job_lock_key(store: str) -> int:
