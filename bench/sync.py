@@ -45,7 +45,12 @@ CONCURRENCY = 32
 
 
 def config_text(
-    weed: SeaweedServer, bucket: str, db: Path, concurrency: int, index_url: str | None = None
+    weed: SeaweedServer,
+    bucket: str,
+    db: Path,
+    concurrency: int,
+    index_url: str | None = None,
+    page_size: int = 1000,
 ) -> str:
     return f"""
 [gateway]
@@ -54,6 +59,7 @@ data_dir = "{db.parent}"
 url = "{index_url or f'sqlite:///{db}'}"
 [sync]
 concurrency = {concurrency}
+page_size = {page_size}
 [[stores]]
 name = "bench"
 kind = "s3"
@@ -65,11 +71,16 @@ secret_key_env = "BENCH_SK"
 
 
 def make_settings(
-    weed: SeaweedServer, bucket: str, work: Path, concurrency: int, index_url: str | None = None
+    weed: SeaweedServer,
+    bucket: str,
+    work: Path,
+    concurrency: int,
+    index_url: str | None = None,
+    page_size: int = 1000,
 ) -> tuple[Settings, Path]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "gateway.toml"
-    text = config_text(weed, bucket, work / "index.sqlite3", concurrency, index_url)
+    text = config_text(weed, bucket, work / "index.sqlite3", concurrency, index_url, page_size)
     cfg.write_text(text, encoding="utf-8")
     env = {"BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
     return load_settings(cfg, environ=env), cfg
@@ -194,16 +205,20 @@ async def workers_bench(
     weed: SeaweedServer, bucket: str, work: Path, concurrency: int, n: int
 ) -> dict[str, object]:
     """Full sync of the bucket by one, then by two CLI processes on a new PostgreSQL
-    index each (so both pay the same process start-up); wall time to the last exit."""
+    index each (so both pay the same process start-up); wall time to the last exit.
+
+    Slices are listing pages: pages of n/20 objects give two workers 20 slices to split
+    (a 1,000-object bucket at the default page size would be one slice, one worker)."""
     from tests.support.postgres import create_database, drop_database
 
     env = {**os.environ, "BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
-    out: dict[str, object] = {}
+    page_size = max(10, min(1000, n // 20))
+    out: dict[str, object] = {"workers_page_size": page_size}
     for workers in (1, 2):
         url = await create_database("bench_sync")
         try:
             settings, cfg = make_settings(
-                weed, bucket, work / f"workers{workers}", concurrency, url
+                weed, bucket, work / f"workers{workers}", concurrency, url, page_size
             )
             # Migrated before the clock starts, as a production index is.
             await (await SqlIndex.open(settings.index)).close()
@@ -225,11 +240,24 @@ async def workers_bench(
                 summary = json.loads(stdout.decode().strip().splitlines()[-1])
                 assert summary["indexed"] == n, summary
             out[f"pg_{workers}_worker_inst_per_s"] = round(n / elapsed, 1)
+            # The job's own span (created by the first worker to finished), without the
+            # processes' start-up and exit.
+            index = await SqlIndex.open(settings.index, migrate=False)
+            try:
+                job = await index.get_job(summary["job"])
+            finally:
+                await index.close()
+            assert job.finished_at is not None
+            span = (job.finished_at - job.created_at).total_seconds()
+            out[f"pg_{workers}_worker_job_inst_per_s"] = round(n / span, 1)
         finally:
             await drop_database(url)
     one, two = out["pg_1_worker_inst_per_s"], out["pg_2_worker_inst_per_s"]
     assert isinstance(one, float) and isinstance(two, float)
     out["two_worker_ratio"] = round(two / one, 3)
+    job_one, job_two = out["pg_1_worker_job_inst_per_s"], out["pg_2_worker_job_inst_per_s"]
+    assert isinstance(job_one, float) and isinstance(job_two, float)
+    out["two_worker_job_ratio"] = round(job_two / job_one, 3)
     return out
 
 

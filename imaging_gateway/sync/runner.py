@@ -222,8 +222,9 @@ class SyncRunner:
         return await self.index.get_job(job.id)
 
     async def _work(self, job: SyncJob, progress: Progress, lease_s: float) -> None:
-        # Poll for slices other workers hold (they may die) at a tenth of a lease.
-        poll_s = min(1.0, lease_s / 10)
+        # Poll for slices other workers hold (they may die, or land them): two small
+        # queries, a few times a second, only while this worker has nothing to do.
+        poll_s = min(0.25, lease_s / 10)
         while True:
             await self._run(job, progress, lease_s)
             if await self.index.slices_left(job.id) == 0:
