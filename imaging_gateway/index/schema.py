@@ -187,7 +187,8 @@ sync_jobs = Table(
     Column("store", String(64), nullable=False),
     Column("mode", String(16), nullable=False),
     Column("status", String(16), nullable=False),
-    # Checkpoint: every key <= cursor is done, committed with the page that reached it.
+    # Checkpoint: every key listed up to cursor is done, committed with the page that
+    # reached it (since 0009: the last key of the slices landed without a gap).
     Column("cursor", KEY),
     Column("counters", Text, nullable=False),
     Column("error", Text),
