@@ -153,3 +153,14 @@ async def test_dead_worker_session_frees_its_slices_at_once() -> None:
         await a_index.close()
         await b_index.close()
         await drop_database(url)
+
+
+async def test_job_checkpointed_before_slices_lists_on_from_its_cursor(index: SqlIndex) -> None:
+    """A job left unfinished by a gateway before 0009 (a cursor, no slices) goes on
+    listing after its cursor; the keys before it were marked seen by it then."""
+    job = await index.create_job("s1", "full")
+    await index.apply_page(store="s1", province="110000", job_id=job.id, indexed=[obj("a.dcm")],
+                           quarantined=[], deleted=[], cursor="a.dcm", counters={"listed": 1})
+    assert await index.next_listing(job.id) == (0, "a.dcm")
+    joined, created = await index.create_or_join_job("s1", "incremental")
+    assert joined.id == job.id and not created and joined.mode == "full"
