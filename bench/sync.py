@@ -3,7 +3,10 @@
 Prints one JSON line. Default run: N realistic (~0.5 MB) CT/MR/DX instances; measures in
 the same run the bare 64 KiB ranged-GET rate (presigned URLs, plain aiohttp, no SDK) and
 the sync rate (header read + parse + index write), alternating the two over several
-rounds and reporting medians, then the incremental re-run.
+rounds and reporting medians, then the incremental re-run; then the same full sync by
+one and by two `imaging-gateway sync` processes on one PostgreSQL index
+(``two_worker_ratio``: the two-worker rate over the one-worker rate; on a machine whose
+cores the store, the database and the workers share it need not exceed 1).
 ``--scale 10000,100000`` instead builds buckets of small objects and reports, per size,
 full and incremental sync times and the sync process's peak RSS (each sync runs in its
 own process via the CLI).
@@ -41,14 +44,22 @@ from tests.support.seaweed import SeaweedServer
 CONCURRENCY = 32
 
 
-def config_text(weed: SeaweedServer, bucket: str, db: Path, concurrency: int) -> str:
+def config_text(
+    weed: SeaweedServer,
+    bucket: str,
+    db: Path,
+    concurrency: int,
+    index_url: str | None = None,
+    page_size: int = 1000,
+) -> str:
     return f"""
 [gateway]
 data_dir = "{db.parent}"
 [index]
-url = "sqlite:///{db}"
+url = "{index_url or f'sqlite:///{db}'}"
 [sync]
 concurrency = {concurrency}
+page_size = {page_size}
 [[stores]]
 name = "bench"
 kind = "s3"
@@ -60,11 +71,17 @@ secret_key_env = "BENCH_SK"
 
 
 def make_settings(
-    weed: SeaweedServer, bucket: str, work: Path, concurrency: int
+    weed: SeaweedServer,
+    bucket: str,
+    work: Path,
+    concurrency: int,
+    index_url: str | None = None,
+    page_size: int = 1000,
 ) -> tuple[Settings, Path]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "gateway.toml"
-    cfg.write_text(config_text(weed, bucket, work / "index.sqlite3", concurrency), encoding="utf-8")
+    text = config_text(weed, bucket, work / "index.sqlite3", concurrency, index_url, page_size)
+    cfg.write_text(text, encoding="utf-8")
     env = {"BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
     return load_settings(cfg, environ=env), cfg
 
@@ -167,6 +184,7 @@ async def rate_bench(
     incr_s, incr = await timed_sync(settings, mode="incremental")
     assert incr["unchanged"] == n, incr
     bare, sync_rate = statistics.median(bares), statistics.median(syncs)
+    workers = await workers_bench(weed, bucket, work, concurrency, n)
     return {
         "instances": n,
         "rounds": rounds,
@@ -179,7 +197,68 @@ async def rate_bench(
         "full_sync_s": round(n / sync_rate, 2),
         "incremental_s": round(incr_s, 2),
         "incremental_fraction": round(incr_s * sync_rate / n, 3),
+        **workers,
     }
+
+
+async def workers_bench(
+    weed: SeaweedServer, bucket: str, work: Path, concurrency: int, n: int
+) -> dict[str, object]:
+    """Full sync of the bucket by one, then by two CLI processes on a new PostgreSQL
+    index each (so both pay the same process start-up); wall time to the last exit.
+
+    Slices are listing pages: pages of n/20 objects give two workers 20 slices to split
+    (a 1,000-object bucket at the default page size would be one slice, one worker)."""
+    from tests.support.postgres import create_database, drop_database
+
+    env = {**os.environ, "BENCH_AK": weed.access_key, "BENCH_SK": weed.secret_key}
+    page_size = max(10, min(1000, n // 20))
+    out: dict[str, object] = {"workers_page_size": page_size}
+    for workers in (1, 2):
+        url = await create_database("bench_sync")
+        try:
+            settings, cfg = make_settings(
+                weed, bucket, work / f"workers{workers}", concurrency, url, page_size
+            )
+            # Migrated before the clock starts, as a production index is.
+            await (await SqlIndex.open(settings.index)).close()
+            args = ["-m", "imaging_gateway", "sync", "--config", str(cfg), "--store", "bench",
+                    "--json", "--no-progress"]
+            t0 = time.perf_counter()
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable, *args, env=env, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                for _ in range(workers)
+            ]
+            results = [await p.communicate() for p in procs]
+            elapsed = time.perf_counter() - t0
+            for p, (stdout, stderr) in zip(procs, results, strict=True):
+                if p.returncode != 0:
+                    raise RuntimeError(stderr.decode()[-3000:])
+                summary = json.loads(stdout.decode().strip().splitlines()[-1])
+                assert summary["indexed"] == n, summary
+            out[f"pg_{workers}_worker_inst_per_s"] = round(n / elapsed, 1)
+            # The job's own span (created by the first worker to finished), without the
+            # processes' start-up and exit.
+            index = await SqlIndex.open(settings.index, migrate=False)
+            try:
+                job = await index.get_job(summary["job"])
+            finally:
+                await index.close()
+            assert job.finished_at is not None
+            span = (job.finished_at - job.created_at).total_seconds()
+            out[f"pg_{workers}_worker_job_inst_per_s"] = round(n / span, 1)
+        finally:
+            await drop_database(url)
+    one, two = out["pg_1_worker_inst_per_s"], out["pg_2_worker_inst_per_s"]
+    assert isinstance(one, float) and isinstance(two, float)
+    out["two_worker_ratio"] = round(two / one, 3)
+    job_one, job_two = out["pg_1_worker_job_inst_per_s"], out["pg_2_worker_job_inst_per_s"]
+    assert isinstance(job_one, float) and isinstance(job_two, float)
+    out["two_worker_job_ratio"] = round(job_two / job_one, 3)
+    return out
 
 
 def cli_sync(cfg: Path, env: dict[str, str], *extra: str) -> tuple[float, int, dict[str, object]]:

@@ -83,6 +83,10 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class SliceLost(Conflict):
+    """A sync worker's claim on a slice passed to another worker (its lease expired)."""
+
+
 class IntegrityError(GatewayError):
     """Data failed an integrity check (checksum, authentication tag, hash chain)."""
 

@@ -200,6 +200,8 @@ class SyncSettings:
     concurrency: int = 32
     header_read_bytes: int = 64 * 1024
     max_header_bytes: int = 16 * 1024 * 1024
+    lease_s: int = 60
+    """How long a worker's claim on a slice lasts unless renewed (it renews every third)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,6 +691,7 @@ def _build(raw: dict[str, Any], env: Mapping[str, str], base: Path) -> Settings:
         concurrency=y.int_("concurrency", minimum=1, maximum=1024),
         header_read_bytes=y.int_("header_read_bytes", minimum=1024),
         max_header_bytes=y.int_("max_header_bytes", minimum=1024),
+        lease_s=y.int_("lease_s", minimum=3, maximum=3600),
     )
     y.finish()
 

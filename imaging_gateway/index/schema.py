@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -186,7 +187,8 @@ sync_jobs = Table(
     Column("store", String(64), nullable=False),
     Column("mode", String(16), nullable=False),
     Column("status", String(16), nullable=False),
-    # Checkpoint: every key <= cursor is done, committed with the page that reached it.
+    # Checkpoint: every key listed up to cursor is done, committed with the page that
+    # reached it (since 0009: the last key of the slices landed without a gap).
     Column("cursor", KEY),
     Column("counters", Text, nullable=False),
     Column("error", Text),
@@ -194,6 +196,28 @@ sync_jobs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     Index("ix_sync_jobs_store_status", "store", "status"),
+)
+
+# A sync job's listing, cut into slices of one page each (0009): the objects the page
+# listed (JSON, dropped once the slice lands), and the claim of the worker on it: a
+# lease it renews while it works. A slice whose lease expired (or, on PostgreSQL, whose
+# worker's session is gone) is claimed again by another worker. ``final``: the
+# listing's last page. See imaging_gateway.sync.runner.
+sync_slices = Table(
+    "sync_slices",
+    metadata,
+    Column("job_id", String(36), ForeignKey("sync_jobs.id"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("after_key", KEY),
+    Column("last_key", KEY),
+    Column("final", Boolean, nullable=False),
+    Column("objects", Text),
+    Column("state", String(16), nullable=False),
+    Column("claimed_by", String(128)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False),
+    Column("counters", Text),
+    Index("ix_sync_slices_job_state", "job_id", "state", "seq"),
 )
 
 consents = Table(

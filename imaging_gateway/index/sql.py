@@ -15,7 +15,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imaging_gateway.domain.records import ParsedHeader
-from imaging_gateway.errors import ConfigError, GatewayError, IndexUnavailable, NotFound
+from imaging_gateway.errors import (
+    ConfigError,
+    Conflict,
+    GatewayError,
+    IndexUnavailable,
+    NotFound,
+    SliceLost,
+)
 from imaging_gateway.index.qido import (
     install_time_budget,
     mark_session_time_budget,
@@ -45,6 +52,7 @@ from imaging_gateway.index.schema import (
     series,
     studies,
     sync_jobs,
+    sync_slices,
     tombstones,
 )
 from imaging_gateway.security.phi import PhiCodec
@@ -115,6 +123,54 @@ class SyncJob:
 
 
 JOB_OPEN_STATES = ("running", "interrupted", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """One object as a listing page showed it (a slice member)."""
+
+    key: str
+    etag: str
+    size: int
+    last_modified: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SliceClaim:
+    """A worker's claim on one slice of a job: what ``apply_page`` checks and lands."""
+
+    job_id: str
+    seq: int
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSlice:
+    """One claimed slice: the listing page it stands for and the claim on it."""
+
+    claim: SliceClaim
+    objects: list[ListedObject]
+    last_key: str | None
+    final: bool
+    attempts: int
+
+
+def _objects_json(objects: Sequence[ListedObject]) -> str:
+    return json.dumps(
+        [[o.key, o.etag, o.size, o.last_modified.isoformat()] for o in objects],
+        ensure_ascii=False,
+    )
+
+
+def _objects_from_json(text: str | None) -> list[ListedObject]:
+    rows = json.loads(text or "[]")
+    return [ListedObject(k, e, int(n), datetime.fromisoformat(t)) for k, e, n, t in rows]
+
+
+def worker_lock_key(worker: str) -> int:
+    """The PostgreSQL advisory lock a live sync worker holds for its session (its pulse)."""
+    digest = hashlib.blake2b(f"sync-worker\x00{worker}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +435,12 @@ class SqlIndex:
         return index
 
     async def migrate(self) -> None:
-        """Run Alembic migrations up to head on one connection."""
+        """Run Alembic migrations up to head on one connection.
+
+        On PostgreSQL under a transaction-level advisory lock: processes started together
+        on a new database (several sync workers, gateways) migrate one after the other,
+        the later ones finding the schema at head.
+        """
 
         def run(sync_conn: Connection) -> None:
             cfg = Config()
@@ -388,6 +449,8 @@ class SqlIndex:
             command.upgrade(cfg, "head")
 
         async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
             await conn.run_sync(run)
 
     async def load_phi_keys(self) -> None:
@@ -526,6 +589,7 @@ class SqlIndex:
         counters: dict[str, int],
         hospital: str | None = None,
         producers: Mapping[str, str | None] | None = None,
+        claim: SliceClaim | None = None,
     ) -> int:
         """Apply one listing page and move the job's checkpoint, in one transaction.
 
@@ -536,9 +600,18 @@ class SqlIndex:
         (else each study's DICOM institution code is). ``producers``, when given, maps
         each indexed key to its study's producer (None: no producer) instead.
         Returns the number of SOPInstanceUID conflicts newly recorded.
+
+        With ``claim`` the page is that slice of the job (``claim_slice``): the claim is
+        checked first (``SliceLost`` when another worker holds the slice now), the slice
+        is marked done with ``counters`` as its share (plus the conflicts), which is added
+        to the job's counters, and ``cursor`` is ignored: the job's checkpoint becomes the
+        last key of its slices done without a gap. ``Conflict`` when the job was
+        abandoned or finished meanwhile.
         """
         now = _now()
         async with self.engine.begin() as conn:
+            if claim is not None:
+                await self._check_claim(conn, claim)
             touched_series: set[int] = set()
             await self._mark_seen(conn, store, job_id, unchanged)
             gone = [*deleted, *(q.key for q in quarantined)]
@@ -572,12 +645,88 @@ class SqlIndex:
             touched_studies |= await self._drop_orphans(conn, touched_series)
             # Counts, ModalitiesInStudy and name search keys that QIDO-RS matches on.
             await refresh_derived(conn, touched_studies, phi=self.phi)
+            if claim is not None:
+                await self._land_slice(conn, claim, counters, new_conflicts, now)
+                return new_conflicts
             await conn.execute(
                 sync_jobs.update()
                 .where(sync_jobs.c.id == job_id)
                 .values(cursor=cursor, counters=json.dumps(counters), updated_at=now)
             )
         return new_conflicts
+
+    async def _check_claim(self, conn: AsyncConnection, claim: SliceClaim) -> None:
+        t = sync_slices.c
+        row = (
+            await conn.execute(
+                sa.select(t.state, t.claimed_by)
+                .where(t.job_id == claim.job_id, t.seq == claim.seq)
+                .with_for_update()
+            )
+        ).first()
+        if row is None or row.state != "claimed" or row.claimed_by != claim.worker:
+            raise SliceLost(f"sync slice {claim.seq} of job {claim.job_id} is no longer ours")
+
+    async def _lock_job(
+        self, conn: AsyncConnection, job_id: str, *, succeeded_ok: bool = False
+    ) -> dict[str, int] | None:
+        """Lock the job row for this transaction; its counters. ``Conflict`` unless open
+        (None for a job another worker finished, with ``succeeded_ok``)."""
+        row = (
+            await conn.execute(
+                sa.select(sync_jobs.c.status, sync_jobs.c.counters)
+                .where(sync_jobs.c.id == job_id)
+                .with_for_update()
+            )
+        ).first()
+        if succeeded_ok and row is not None and row.status == "succeeded":
+            return None
+        if row is None or row.status not in JOB_OPEN_STATES:
+            status = "missing" if row is None else row.status
+            raise Conflict(f"sync job {job_id} is {status}: its workers stop")
+        return {k: int(v) for k, v in json.loads(row.counters or "{}").items()}
+
+    async def _land_slice(
+        self,
+        conn: AsyncConnection,
+        claim: SliceClaim,
+        share: Mapping[str, int],
+        new_conflicts: int,
+        now: datetime,
+    ) -> None:
+        t = sync_slices.c
+        share = {**share, "conflicts": share.get("conflicts", 0) + new_conflicts}
+        await conn.execute(
+            sync_slices.update()
+            .where(t.job_id == claim.job_id, t.seq == claim.seq)
+            .values(state="done", objects=None, lease_until=None, counters=json.dumps(share))
+        )
+        totals = await self._lock_job(conn, claim.job_id)
+        assert totals is not None
+        for name, value in share.items():
+            totals[name] = totals.get(name, 0) + value
+        # The checkpoint: the last key of the slices done without a gap before them.
+        gap = (
+            sa.select(sa.func.min(t.seq))
+            .where(t.job_id == claim.job_id, t.state != "done")
+            .scalar_subquery()
+        )
+        q = (
+            sa.select(t.last_key)
+            .where(
+                t.job_id == claim.job_id,
+                t.state == "done",
+                sa.or_(gap.is_(None), t.seq < gap),
+            )
+            .order_by(t.seq.desc())
+            .limit(1)
+        )
+        cursor = (await conn.execute(q)).scalar_one_or_none()
+        await conn.execute(
+            sync_jobs.update()
+            .where(sync_jobs.c.id == claim.job_id)
+            .values(cursor=cursor, counters=json.dumps(totals), updated_at=now)
+        )
 
     async def _mark_seen(
         self, conn: AsyncConnection, store: str, job_id: str, keys: Sequence[str]
@@ -590,16 +739,26 @@ class SqlIndex:
                     .values(seen_job=job_id)
                 )
 
-    async def sweep_unseen(self, *, store: str, job_id: str, batch: int = 500) -> list[str]:
+    async def sweep_unseen(
+        self, *, store: str, job_id: str, batch: int = 500, tally: bool = False
+    ) -> list[str]:
         """After a complete listing: objects of ``store`` the job did not see are deleted.
 
         Instances become tombstones; quarantine entries are dropped. Runs in batches,
         each its own transaction; idempotent, so a job killed mid-sweep sweeps again.
+        With ``tally`` each batch holds the job's row lock (workers of one job sweeping
+        together take turns, so nothing is tombstoned twice) and adds what it deleted to
+        the job's ``deleted`` counter; ``Conflict`` if the job is no longer open.
         Returns the deleted keys.
         """
         gone: list[str] = []
         while True:
             async with self.engine.begin() as conn:
+                totals: dict[str, int] | None = {}
+                if tally:
+                    totals = await self._lock_job(conn, job_id, succeeded_ok=True)
+                    if totals is None:  # another worker of the job swept and finished it
+                        return sorted(gone)
                 keys = [
                     r[0]
                     for r in (
@@ -622,6 +781,8 @@ class SqlIndex:
                     await refresh_derived(
                         conn, await self._drop_orphans(conn, series_ids), phi=self.phi
                     )
+                    if totals is not None and tally:
+                        await self._add_deleted(conn, job_id, totals, len(keys))
                 else:
                     result = await conn.execute(
                         quarantine.delete()
@@ -633,9 +794,23 @@ class SqlIndex:
                         )
                         .returning(quarantine.c.key)
                     )
-                    gone.extend(r[0] for r in result.all())
+                    dropped = [r[0] for r in result.all()]
+                    if totals is not None and tally and dropped:
+                        await self._add_deleted(conn, job_id, totals, len(dropped))
+                    gone.extend(dropped)
                     return sorted(gone)
             gone.extend(keys)
+
+    @staticmethod
+    async def _add_deleted(
+        conn: AsyncConnection, job_id: str, totals: dict[str, int], n: int
+    ) -> None:
+        totals["deleted"] = totals.get("deleted", 0) + n
+        await conn.execute(
+            sync_jobs.update()
+            .where(sync_jobs.c.id == job_id)
+            .values(counters=json.dumps(totals), updated_at=_now())
+        )
 
     async def _remove_instances(
         self,
@@ -1129,6 +1304,231 @@ class SqlIndex:
             row = (await conn.execute(q)).first()
         return None if row is None else self._job(row)
 
+    async def create_or_join_job(self, store: str, mode: str) -> tuple[SyncJob, bool]:
+        """The store's unfinished job, else a new one; True when it was created here.
+
+        On PostgreSQL a transaction-level advisory lock per store makes workers starting
+        together agree on one job (SQLite serves one process, held by the store lock).
+        """
+        now = _now()
+        job_id = str(uuid.uuid4())
+        async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_job_lock_key(store))))
+            found = (
+                await conn.execute(
+                    sa.select(sync_jobs.c.id)
+                    .where(sync_jobs.c.store == store, sync_jobs.c.status.in_(JOB_OPEN_STATES))
+                    .order_by(sync_jobs.c.created_at.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            if found is None:
+                await conn.execute(
+                    sync_jobs.insert().values(
+                        id=job_id, store=store, mode=mode, status="running", cursor=None,
+                        counters="{}", error=None, created_at=now, updated_at=now,
+                        finished_at=None,
+                    )
+                )
+        return await self.get_job(found or job_id), found is None
+
+    async def next_listing(self, job_id: str) -> tuple[int, str | None] | None:
+        """Where the job's listing goes on: (next slice number, key to list after), or
+        None once its last page is a slice."""
+        t = sync_slices.c
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(t.seq, t.last_key, t.final)
+                    .where(t.job_id == job_id)
+                    .order_by(t.seq.desc())
+                    .limit(1)
+                )
+            ).first()
+        if row is None:
+            job = await self.get_job(job_id)
+            # A job checkpointed before 0009 lists on from its cursor.
+            return 0, job.cursor
+        if row.final:
+            return None
+        return row.seq + 1, row.last_key
+
+    async def add_slice(
+        self,
+        job_id: str,
+        seq: int,
+        *,
+        after_key: str | None,
+        objects: Sequence[ListedObject],
+        final: bool,
+    ) -> bool:
+        """Record a listing page as slice ``seq`` of the job, unclaimed.
+
+        False when another worker recorded that slice first (its page is the one kept).
+        """
+        values = {
+            "job_id": job_id,
+            "seq": seq,
+            "after_key": after_key,
+            "last_key": objects[-1].key if objects else after_key,
+            "final": final,
+            "objects": _objects_json(objects),
+            "state": "pending",
+            "claimed_by": None,
+            "lease_until": None,
+            "attempts": 0,
+            "counters": None,
+        }
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                self._insert(sync_slices).values(**values).on_conflict_do_nothing()
+            )
+        return bool(result.rowcount)
+
+    @contextlib.asynccontextmanager
+    async def sync_worker(self, worker: str) -> AsyncIterator[None]:
+        """Be a live sync worker while the block runs.
+
+        On PostgreSQL: a session advisory lock named after ``worker`` on a connection of
+        its own. Its session ending (the process killed, the machine gone) releases it,
+        which tells the other workers that ``worker``'s claims are void at once, without
+        waiting for its leases to expire. On SQLite nothing (one process, store lock).
+        """
+        if self.dialect != "postgresql":
+            yield
+            return
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.select(sa.func.pg_advisory_lock(worker_lock_key(worker))))
+            await conn.commit()
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OperationalError, DBAPIError, OSError):
+                    await conn.execute(
+                        sa.select(sa.func.pg_advisory_unlock(worker_lock_key(worker)))
+                    )
+                    await conn.commit()
+
+    async def claim_slice(
+        self, job_id: str, worker: str, *, now: datetime, lease_s: float, exclusive: bool
+    ) -> SyncSlice | None:
+        """Claim the first slice of the job nobody works on, for ``lease_s`` from ``now``.
+
+        Claimable: unclaimed, or claimed with a lease that ended before ``now``, or (on
+        PostgreSQL) claimed by a worker whose session is gone (``sync_worker``), or, with
+        ``exclusive`` (the caller holds the store alone: SQLite), claimed by anyone else.
+        Rows other workers are claiming are skipped (``FOR UPDATE SKIP LOCKED``). None
+        when nothing is claimable now, or the job succeeded (another worker finished
+        it). ``Conflict`` when the job was abandoned.
+        """
+        t = sync_slices.c
+        async with self.engine.begin() as conn:
+            status = (
+                await conn.execute(sa.select(sync_jobs.c.status).where(sync_jobs.c.id == job_id))
+            ).scalar_one_or_none()
+            if status == "succeeded":
+                return None  # another worker landed the last slice and finished the job
+            if status not in JOB_OPEN_STATES:
+                raise Conflict(f"sync job {job_id} is {status or 'missing'}: its workers stop")
+            taken = sa.and_(t.state == "claimed", t.claimed_by != worker)
+            if exclusive:
+                stale = taken
+            else:
+                dead = await self._dead_workers(conn, job_id, worker, now)
+                gone = t.claimed_by.in_(dead) if dead else sa.false()
+                stale = sa.and_(taken, sa.or_(t.lease_until < now, gone))
+            q = (
+                sa.select(t.seq, t.objects, t.last_key, t.final, t.attempts)
+                .where(t.job_id == job_id, sa.or_(t.state == "pending", stale))
+                .order_by(t.seq)
+                .limit(1)
+            )
+            if self.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            row = (await conn.execute(q)).first()
+            if row is None:
+                return None
+            await conn.execute(
+                sync_slices.update()
+                .where(t.job_id == job_id, t.seq == row.seq)
+                .values(
+                    state="claimed",
+                    claimed_by=worker,
+                    lease_until=now + timedelta(seconds=lease_s),
+                    attempts=row.attempts + 1,
+                )
+            )
+        return SyncSlice(
+            claim=SliceClaim(job_id, row.seq, worker),
+            objects=_objects_from_json(row.objects),
+            last_key=row.last_key,
+            final=bool(row.final),
+            attempts=row.attempts + 1,
+        )
+
+    async def _dead_workers(
+        self, conn: AsyncConnection, job_id: str, worker: str, now: datetime
+    ) -> list[str]:
+        """Other workers holding live leases on the job whose session is gone."""
+        if self.dialect != "postgresql":
+            return []
+        t = sync_slices.c
+        holders = (
+            await conn.execute(
+                sa.select(t.claimed_by)
+                .distinct()
+                .where(
+                    t.job_id == job_id,
+                    t.state == "claimed",
+                    t.claimed_by != worker,
+                    t.lease_until >= now,
+                )
+            )
+        ).scalars().all()
+        dead: list[str] = []
+        for holder in holders:
+            # Granted only when no session holds the worker's lock; released at commit.
+            probe = sa.select(sa.func.pg_try_advisory_xact_lock(worker_lock_key(holder)))
+            if (await conn.execute(probe)).scalar_one():
+                dead.append(holder)
+        return dead
+
+    async def renew_claims(self, job_id: str, worker: str, *, until: datetime) -> int:
+        """Extend the leases of the slices ``worker`` holds; how many it holds."""
+        t = sync_slices.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sync_slices.update()
+                .where(t.job_id == job_id, t.state == "claimed", t.claimed_by == worker)
+                .values(lease_until=until)
+            )
+        return int(result.rowcount)
+
+    async def slices_left(self, job_id: str) -> int:
+        """Slices of the job not landed yet (unclaimed or being worked on)."""
+        t = sync_slices.c
+        async with self.engine.connect() as conn:
+            q = sa.select(sa.func.count()).where(t.job_id == job_id, t.state != "done")
+            return int((await conn.execute(q)).scalar_one())
+
+    async def finish_job(self, job_id: str) -> bool:
+        """Mark the job succeeded if it is open and every slice landed; True if it was."""
+        t = sync_slices.c
+        left = sa.select(t.seq).where(t.job_id == job_id, t.state != "done").exists()
+        now = _now()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sync_jobs.update()
+                .where(
+                    sync_jobs.c.id == job_id,
+                    sync_jobs.c.status.in_(JOB_OPEN_STATES),
+                    ~left,
+                )
+                .values(status="succeeded", error=None, updated_at=now, finished_at=now)
+            )
+        return bool(result.rowcount)
+
     async def set_job_status(
         self,
         job_id: str,
@@ -1137,15 +1537,21 @@ class SqlIndex:
         counters: dict[str, int] | None = None,
         error: str | None = None,
         finished: bool = False,
+        if_open: bool = False,
     ) -> None:
+        """Set a job's status; with ``if_open`` only while it is open (a worker's failure
+        never overwrites the success another worker of the job recorded)."""
         now = _now()
         values: dict[str, Any] = {"status": status, "updated_at": now, "error": error}
         if counters is not None:
             values["counters"] = json.dumps(counters)
         if finished:
             values["finished_at"] = now
+        q = sync_jobs.update().where(sync_jobs.c.id == job_id)
+        if if_open:
+            q = q.where(sync_jobs.c.status.in_(JOB_OPEN_STATES))
         async with self.engine.begin() as conn:
-            await conn.execute(sync_jobs.update().where(sync_jobs.c.id == job_id).values(**values))
+            await conn.execute(q.values(**values))
 
     @staticmethod
     def _job(row: Any) -> SyncJob:
@@ -1268,6 +1674,16 @@ class SqlIndex:
             entry.users -= 1
             if entry.users == 0:
                 del self._key_locks[name]
+
+
+_MIGRATION_LOCK = int.from_bytes(
+    hashlib.blake2b(b"imaging-gateway-migrate", digest_size=8).digest(), "big", signed=True
+)
+
+
+def _job_lock_key(store: str) -> int:
+    digest = hashlib.blake2b(f"sync-job\x00{store}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class _KeyLock:

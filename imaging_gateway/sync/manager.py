@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from imaging_gateway.errors import GatewayError, InvalidRequest
+from imaging_gateway.errors import Conflict, GatewayError, InvalidRequest
 from imaging_gateway.index.sql import SqlIndex, SyncJob
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 class SyncManager:
-    """Starts jobs in the background; one running job per store (the store lock enforces it)."""
+    """Starts jobs in the background: one worker per store in this process.
+
+    Other processes may work on the same job (PostgreSQL): each is one worker of it.
+    """
 
     def __init__(self, settings: Settings, index: SqlIndex, stores: dict[str, ObjectStore]) -> None:
         self.settings = settings
@@ -31,6 +34,8 @@ class SyncManager:
         if store_name not in self.stores:
             known = ", ".join(sorted(self.stores)) or "none configured"
             raise InvalidRequest(f"no store named {store_name!r} (known: {known})")
+        if any(r.store.name == store_name for r, _ in self._running.values()):
+            raise Conflict("a sync job for this store is already running in this gateway")
         runner = SyncRunner(self.settings, self.index, self.stores[store_name])
         job = await runner.start(mode=mode, restart=restart)
         task = asyncio.create_task(self._run(runner, job.id), name=f"sync-{job.id}")

@@ -1,4 +1,4 @@
-"""SyncRunner: one sync job of one store, resumable from its last committed page."""
+"""SyncRunner: one worker of a store's sync job, claiming the job's slices in the index."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -17,17 +21,21 @@ from imaging_gateway.errors import (
     GatewayError,
     InvalidRequest,
     ObjectNotFound,
+    SliceLost,
     StorageError,
 )
 from imaging_gateway.index.sql import (
     IndexedObject,
     KnownObject,
+    ListedObject,
     QuarantinedObject,
+    SliceClaim,
     SqlIndex,
     SyncJob,
+    SyncSlice,
 )
 from imaging_gateway.settings import Settings
-from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore
+from imaging_gateway.storage.base import ObjectInfo, ObjectStore
 from imaging_gateway.storage.encrypted import is_reserved
 from imaging_gateway.sync.headers import read_header
 
@@ -98,44 +106,70 @@ class StoreLock:
 
 
 class SyncRunner:
-    """Runs sync jobs for one store against one index."""
+    """One sync worker of one store against one index.
 
-    def __init__(self, settings: Settings, index: SqlIndex, store: ObjectStore) -> None:
+    A job's listing is cut into slices, one listing page each, recorded in the index
+    with the objects the page listed; workers claim slices with a lease they renew while
+    they work, and each slice lands with its index rows in one transaction (its
+    checkpoint). Several workers (processes or machines on one PostgreSQL index) thus
+    split one job; a worker killed mid-slice leaves the slice to the others (at once on
+    PostgreSQL, whose session lock tells them; after its lease otherwise). Deletions are
+    decided once, after every slice landed: whatever no slice listed is swept. On
+    SQLite one process syncs a store (a lock file refuses a second one).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        index: SqlIndex,
+        store: ObjectStore,
+        *,
+        worker: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.store = store
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This worker's name in the claims (host, pid and a random part; no patient data)."""
+        self.clock = clock or (lambda: datetime.now(UTC))
+        """The time leases are claimed and renewed by (injected in tests)."""
         self.progress: Progress | None = None
         self._lock: StoreLock | None = None
         self._job: SyncJob | None = None
+        self._exclusive = index.dialect != "postgresql"
 
     async def start(self, *, mode: SyncMode = "incremental", restart: bool = False) -> SyncJob:
-        """Claim the store and create (or pick up) the job to run; does not run it yet.
+        """Create (or join) the store's job; does not run it yet.
 
-        An unfinished job of the store (killed, interrupted or failed) is resumed from its
-        checkpoint unless ``restart``, which abandons it. Raises ``Conflict`` when a
-        job of this store is running now, ``InvalidRequest`` for the federation cache
-        store (it holds copies of other provinces' answers, not this province's studies).
+        An unfinished job of the store (killed, interrupted, failed, or running in other
+        workers) is joined, in its own mode, unless ``restart``, which abandons it (its
+        other workers stop at their next slice). Raises ``Conflict`` on SQLite when a
+        job of this store runs in another process, ``InvalidRequest`` for the federation
+        cache store (it holds copies of other provinces' answers, not this province's
+        studies).
         """
         if self.store.name == self.settings.federation.cache_store:
             raise InvalidRequest(
                 f"store {self.store.name!r} is the federation cache (federation.cache_store), "
                 "not a source of studies to index"
             )
-        lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
-        lock.acquire()
+        lock: StoreLock | None = None
+        if self._exclusive:
+            lock = StoreLock(self.settings.gateway.data_dir, self.store.name)
+            lock.acquire()
         self._lock = lock
         try:
             job = await self.index.open_job(self.store.name)
             if job is not None and restart:
                 await self.index.set_job_status(job.id, "abandoned", finished=True)
-                job = None
-            if job is None:
-                job = await self.index.create_job(self.store.name, mode)
-            else:
-                await self.index.set_job_status(job.id, "running")
+            job, created = await self.index.create_or_join_job(self.store.name, mode)
+            if not created:
+                await self.index.set_job_status(job.id, "running", if_open=True)
             expected = await self.index.count_objects(self.store.name)
         except BaseException:
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
         counters = {k: job.counters.get(k, 0) for k in COUNTERS}
         self.progress = Progress(
@@ -150,49 +184,113 @@ class SyncRunner:
         return job
 
     async def run(self) -> SyncJob:
-        """Run the started job to the end of the listing.
+        """Work on the started job's slices until every slice of it landed, then sweep.
 
-        Raises ``StoreUnavailable`` (job marked failed, index as of the last checkpoint)
-        and propagates cancellation (job marked interrupted).
+        Returns the job as the index holds it (its counters are every worker's). Raises
+        ``StoreUnavailable`` (job marked failed unless another worker finished it; the
+        index as of the last slice landed) and ``Conflict`` when the job was abandoned;
+        propagates cancellation (job marked interrupted).
         """
-        job, lock = self._job, self._lock
-        if job is None or lock is None or self.progress is None:
+        job, progress = self._job, self.progress
+        if job is None or progress is None:
             raise RuntimeError("SyncRunner.run() before start()")
+        lease_s = self.settings.sync.lease_s
         try:
-            await self._run(job, self.progress)
-            # Marked finished while the store lock is still held: no other job can pick
-            # this one up as unfinished in between.
-            await self.index.set_job_status(
-                job.id, "succeeded", counters=self.progress.counters, finished=True
-            )
+            async with self.index.sync_worker(self.worker):
+                renewer = asyncio.create_task(self._renew(job.id, lease_s))
+                try:
+                    await self._work(job, progress, lease_s)
+                finally:
+                    renewer.cancel()
+                    await asyncio.gather(renewer, return_exceptions=True)
         except asyncio.CancelledError:
             await asyncio.shield(
-                self.index.set_job_status(job.id, "interrupted", error="interrupted")
+                self.index.set_job_status(job.id, "interrupted", error="interrupted", if_open=True)
             )
             raise
         except GatewayError as exc:
-            await self.index.set_job_status(job.id, "failed", error=exc.message)
+            await self.index.set_job_status(job.id, "failed", error=exc.message, if_open=True)
             raise
         except Exception as exc:
             await self.index.set_job_status(
-                job.id, "failed", error=f"internal error: {exc.__class__.__name__}"
+                job.id, "failed", error=f"internal error: {exc.__class__.__name__}", if_open=True
             )
             raise
         finally:
-            lock.release()
+            if self._lock is not None:
+                self._lock.release()
         return await self.index.get_job(job.id)
 
-    async def _run(self, job: SyncJob, progress: Progress) -> None:
-        """List, read and write page by page; pages overlap so the store never waits.
+    async def _work(self, job: SyncJob, progress: Progress, lease_s: float) -> None:
+        # Poll for slices other workers hold (they may die, or land them): two small
+        # queries, a few times a second, only while this worker has nothing to do.
+        poll_s = min(0.25, lease_s / 10)
+        while True:
+            await self._run(job, progress, lease_s)
+            if await self.index.slices_left(job.id) == 0:
+                break
+            await asyncio.sleep(poll_s)
+        # Every slice landed: the listing is complete, whatever no slice showed is gone.
+        swept = await self.index.sweep_unseen(store=self.store.name, job_id=job.id, tally=True)
+        progress.counters["deleted"] += len(swept)
+        await self.index.finish_job(job.id)
 
-        While page N's headers are read, page N+1 is listed, looked up in the index and
-        its reads queued behind N's (the semaphore is first come, first served), and page
-        N-1 is being written. Pages land strictly in order, each with the counters as of
-        its own end, so a resumed job's counters are exact.
+    async def _renew(self, job_id: str, lease_s: float) -> None:
+        """Renew this worker's leases every third of a lease while it works."""
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            until = self.clock() + timedelta(seconds=lease_s)
+            try:
+                await self.index.renew_claims(job_id, self.worker, until=until)
+            except GatewayError as exc:  # the next landing tells whether the claims held
+                log.warning("sync %s: lease renewal failed: %s", self.store.name, exc.message)
+
+    async def _next_slice(self, job: SyncJob, lease_s: float) -> SyncSlice | None:
+        """Claim a slice; when none is free, list the job's next page as a new slice.
+
+        None when nothing is left to claim now: the listing is complete and every slice
+        landed or is held by a live worker.
+        """
+        cfg = self.settings.sync
+        while True:
+            got = await self.index.claim_slice(
+                job.id, self.worker, now=self.clock(), lease_s=lease_s, exclusive=self._exclusive
+            )
+            if got is not None:
+                return got
+            nxt = await self.index.next_listing(job.id)
+            if nxt is None:
+                return None
+            seq, after = nxt
+            page = await self.store.list_page(start_after=after, limit=cfg.page_size)
+            if page.is_truncated and not page.objects:
+                # Continuing would end the listing early and sweep the rest as deleted.
+                raise StorageError(
+                    f"store {self.store.name!r}: listing returned an empty page "
+                    "that claims more follow"
+                )
+            # Another worker may record this slice first; then its page is the one kept.
+            await self.index.add_slice(
+                job.id,
+                seq,
+                after_key=after,
+                objects=[
+                    ListedObject(o.key, o.etag, o.size, o.last_modified) for o in page.objects
+                ],
+                final=not page.is_truncated,
+            )
+
+    async def _run(self, job: SyncJob, progress: Progress, lease_s: float) -> None:
+        """Claim, read and write slice by slice; slices overlap so the store never waits.
+
+        While slice N's headers are read, slice N+1 is claimed (listed first if need be),
+        looked up in the index and its reads queued behind N's (the semaphore is first
+        come, first served), and slice N-1 is being written. Each slice lands with its
+        own share of the counters, added to the job's in the same transaction, so the
+        job's counters are exact whichever workers landed which slices.
         """
         cfg = self.settings.sync
         live = progress.counters
-        committed = dict(live)  # the counters as of the last page handed to the index
         full = job.mode == "full"
         sem = asyncio.Semaphore(cfg.concurrency)
         issuers = self.settings.gateway.national_id_issuers
@@ -218,13 +316,19 @@ class SyncRunner:
                 counters[kind] += 1
             return outcome
 
-        async def plan(page: ListPage, last: str | None) -> _Page:
+        async def plan(piece: SyncSlice) -> _Page:
             # The gateway's own keys (envelope sidecars, seal staging) are never indexed,
             # so never tombstoned either; an EncryptedStore hides them already.
-            page = ListPage([o for o in page.objects if not is_reserved(o.key)], page.is_truncated)
-            known = await self.index.known_objects(self.store.name, [o.key for o in page.objects])
-            planned = _Page(last=last, known=known, delta=dict.fromkeys(COUNTERS, 0))
-            for info in page.objects:
+            objects = [
+                ObjectInfo(o.key, o.size, o.etag, o.last_modified)
+                for o in piece.objects
+                if not is_reserved(o.key)
+            ]
+            known = await self.index.known_objects(self.store.name, [o.key for o in objects])
+            planned = _Page(
+                claim=piece.claim, known=known, delta=dict.fromkeys(COUNTERS, 0)
+            )
+            for info in objects:
                 k = known.get(info.key)
                 # ETags only: the index holds plaintext sizes (from the header read), a
                 # listing the stored size, which differs for encrypted objects; the ETag
@@ -234,7 +338,7 @@ class SyncRunner:
                 else:
                     planned.to_read.append(info)
             for counters in (planned.delta, live):
-                counters["listed"] += len(page.objects)
+                counters["listed"] += len(objects)
                 counters["unchanged"] += len(planned.unchanged)
             planned.reads = [
                 asyncio.create_task(read_one(info, planned.delta)) for info in planned.to_read
@@ -248,11 +352,7 @@ class SyncRunner:
             for counters in (done.delta, live):
                 counters["deleted"] += len(deleted)
             if pending_write is not None:
-                await self._count_conflicts(pending_write, live, committed)
-            for name, value in done.delta.items():
-                committed[name] += value
-            # The page lands with its checkpoint in one transaction; the next pages' reads
-            # overlap with this write.
+                await self._count_conflicts(pending_write, live)
             indexed = [o for o in outcomes if isinstance(o, IndexedObject)]
             # Each object's producer, by the store's ownership rule.
             producers = {
@@ -268,6 +368,8 @@ class SyncRunner:
                     self.store.name,
                     unclaimed,
                 )
+            # The slice lands with its share of the counters in one transaction; the next
+            # slices' reads overlap with this write.
             return asyncio.create_task(
                 self.index.apply_page(
                     store=self.store.name,
@@ -278,74 +380,63 @@ class SyncRunner:
                     quarantined=[o for o in outcomes if isinstance(o, QuarantinedObject)],
                     deleted=deleted,
                     unchanged=done.unchanged,
-                    cursor=done.last,
-                    counters=dict(committed),
+                    cursor=None,
+                    counters=dict(done.delta),
+                    claim=done.claim,
                 )
             )
 
-        cursor = job.cursor
-        listing: asyncio.Task[ListPage] | None = asyncio.create_task(
-            self.store.list_page(start_after=cursor, limit=cfg.page_size)
+        claiming: asyncio.Task[SyncSlice | None] | None = asyncio.create_task(
+            self._next_slice(job, lease_s)
         )
         current: _Page | None = None
         upcoming: _Page | None = None
         pending_write: asyncio.Task[int] | None = None
         try:
-            while listing is not None or current is not None:
+            while claiming is not None or current is not None:
                 upcoming = None
-                if listing is not None:
-                    page = await listing
-                    if page.is_truncated and not page.objects:
-                        # Continuing would end the listing early and sweep the rest as deleted.
-                        raise StorageError(
-                            f"store {self.store.name!r}: listing returned an empty page "
-                            "that claims more follow"
-                        )
-                    cursor = page.objects[-1].key if page.objects else cursor
-                    listing = (
-                        asyncio.create_task(
-                            self.store.list_page(start_after=cursor, limit=cfg.page_size)
-                        )
-                        if page.is_truncated
+                if claiming is not None:
+                    piece = await claiming
+                    claiming = (
+                        asyncio.create_task(self._next_slice(job, lease_s))
+                        if piece is not None
                         else None
                     )
-                    upcoming = await plan(page, cursor)
+                    if piece is not None:
+                        upcoming = await plan(piece)
                 if current is not None:
                     pending_write = await land(current, pending_write)
                 current = upcoming
             if pending_write is not None:
-                await self._count_conflicts(pending_write, live, committed)
+                await self._count_conflicts(pending_write, live)
                 pending_write = None
-            # The listing is complete: whatever it did not show is gone from the store.
-            swept = await self.index.sweep_unseen(store=self.store.name, job_id=job.id)
-            live["deleted"] += len(swept)
         finally:
             # Stop what is still in flight and collect it, so no failure goes unretrieved.
-            leftovers = [t for t in (listing, *_reads(current), *_reads(upcoming)) if t]
+            leftovers = [t for t in (claiming, *_reads(current), *_reads(upcoming)) if t]
             for task in leftovers:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
             if pending_write is not None and not pending_write.done():
-                # Let a page transaction in flight end (commit or roll back) rather than
+                # Let a slice transaction in flight end (commit or roll back) rather than
                 # cancel it mid-way, which can leave its connection holding the lock.
                 with contextlib.suppress(BaseException):
                     await asyncio.wait({pending_write})
 
-    @staticmethod
-    async def _count_conflicts(
-        write: asyncio.Task[int], live: dict[str, int], committed: dict[str, int]
-    ) -> None:
-        conflicts = await write
-        live["conflicts"] += conflicts
-        committed["conflicts"] += conflicts
+    async def _count_conflicts(self, write: asyncio.Task[int], live: dict[str, int]) -> None:
+        try:
+            live["conflicts"] += await write
+        except SliceLost as exc:
+            # This worker was too slow (its lease ran out) and another took the slice
+            # over: nothing of it landed here; the other worker lands it.
+            log.warning("sync %s: %s", self.store.name, exc.message)
 
 
 @dataclass(slots=True)
 class _Page:
     """One listing page on its way through the pipeline."""
 
-    last: str | None
-    """The page's last key: the job's checkpoint once the page lands."""
+    claim: SliceClaim
+    """The slice this page is: landing it checks and ends the claim."""
     known: dict[str, KnownObject]
     delta: dict[str, int]
     """What this page adds to the job's counters."""

@@ -256,17 +256,38 @@ async def test_store_failure_fails_the_job_then_resumes(env: tuple[Settings, Sql
         await real.close()
 
 
-async def test_second_job_on_same_store_is_refused(env: tuple[Settings, SqlIndex]) -> None:
+async def test_second_job_on_same_store_is_refused_on_sqlite_joined_on_postgres(
+    env: tuple[Settings, SqlIndex], objs: dict[str, bytes], tmp_path: Path
+) -> None:
+    """SQLite serves one process: a second worker of a store is refused. On PostgreSQL
+    a second worker joins the running job, and the two end with one worker's index."""
     from imaging_gateway.errors import Conflict
 
     settings, index = env
     store = open_store(settings.store("bj"))
     try:
         first = SyncRunner(settings, index, store)
-        await first.start()
-        with pytest.raises(Conflict):
-            await SyncRunner(settings, index, store).start()
-        await first.run()
+        job = await first.start()
+        if index.dialect != "postgresql":
+            with pytest.raises(Conflict):
+                await SyncRunner(settings, index, store).start()
+            await first.run()
+            return
+        second = SyncRunner(settings, index, store)
+        assert (await second.start()).id == job.id  # the same job, not a second one
+        done = await asyncio.gather(first.run(), second.run())
+        assert [j.status for j in done] == ["succeeded", "succeeded"]
+        assert done[0].counters["listed"] == len(objs)
+        assert done[0].counters == done[1].counters
+        ref_settings = settings_for(
+            tmp_path / "ref", f"sqlite:///{tmp_path / 'ref.sqlite3'}", store=tmp_path / "store"
+        )
+        ref = await SqlIndex.open(ref_settings.index)
+        try:
+            assert done[0].counters == await sync(ref_settings, ref)
+            assert await dump_index(index) == await dump_index(ref)
+        finally:
+            await ref.close()
     finally:
         await store.close()
 
