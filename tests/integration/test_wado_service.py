@@ -24,14 +24,14 @@ from PIL import Image
 from pydicom.encaps import encapsulate_extended, generate_frames
 
 from imaging_gateway.api.middlewares import error_middleware
+from imaging_gateway.crypto.aead import TAG_SIZE, Suite
+from imaging_gateway.crypto.envelope import plaintext_length
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.mediatypes import select_metadata
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
-from imaging_gateway.security.aead import TAG_SIZE, Suite
-from imaging_gateway.security.envelope import plaintext_length
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.services import wado
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore
