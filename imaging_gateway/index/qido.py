@@ -173,13 +173,6 @@ _SEALED: dict[str, tuple[str, str]] = {
 }
 # Sealed keywords matched through a blind index (single values only).
 _BLIND_MATCHED = {"PatientID": "PatientID_bidx", "AccessionNumber": "AccessionNumber_bidx"}
-
-
-def not_searchable(keyword: str, what: str) -> InvalidQuery:
-    """The 400 answer to a matching key an encrypted index cannot answer."""
-    return InvalidQuery(
-        f"{keyword}: {what} is not supported while the index's PHI columns are encrypted"
-    )
 _NAME_KEY = "patient_name_keys.key"
 _NAME_PREFIX = "patient_name_keys.prefix"
 """Blind-index namespace of the prefixes of a name's group keys (``Zhang*`` matching)."""
@@ -187,6 +180,13 @@ _UNSUPPORTED_NAME = (
     "wildcard matching other than a trailing * (use fuzzymatching=true with whole words, "
     "pinyin syllables or initials, a single value, or a value ending in *)"
 )
+
+
+def not_searchable(keyword: str, what: str) -> InvalidQuery:
+    """The 400 answer to a matching key an encrypted index cannot answer."""
+    return InvalidQuery(
+        f"{keyword}: {what} is not supported while the index's PHI columns are encrypted"
+    )
 
 
 def sealed_name_keys(phi: PhiCodec, name_search: str | None) -> set[str]:
