@@ -59,16 +59,16 @@ from bench.wado import (
     upload,
     wado_rate,
 )
+from imaging_gateway.crypto.aead import TAG_SIZE, Aead, Suite
+from imaging_gateway.crypto.keyring import FileKeyring
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.dicom.synthetic import generate_instances
 from imaging_gateway.domain.qido import parse_qido
 from imaging_gateway.index.schema import patients, studies
 from imaging_gateway.index.sql import PATIENT_PHI, STUDY_PHI, SqlIndex
-from imaging_gateway.security.aead import TAG_SIZE, Aead, Suite
 from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.gate import AccessContext, Gate
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
-from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.settings import IndexSettings, Settings, load_settings
 from imaging_gateway.storage.base import ObjectStore, RangeRead

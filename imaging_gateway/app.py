@@ -26,6 +26,7 @@ from imaging_gateway.api.middlewares import (
     input_middleware,
 )
 from imaging_gateway.api.openapi import openapi_json
+from imaging_gateway.crypto.keyfiles import load_or_create_secret
 from imaging_gateway.federation.assertions import IndexReplayCache
 from imaging_gateway.federation.cache import RetrieveCache
 from imaging_gateway.federation.client import FederationClient, load_registry
@@ -35,14 +36,12 @@ from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
 from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
-from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.patient_tokens import PatientTokens
-from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.services.federation import Federation, LocatedStudies
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
-from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
+from imaging_gateway.storage.factory import load_phi_codec, load_store_keys, open_gateway_store
 from imaging_gateway.sync.manager import SyncManager
 
 

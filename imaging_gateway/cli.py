@@ -236,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from imaging_gateway.demo import run_demo
 
             return run_demo(
-                args.dir, patients=args.patients, listen=args.listen, serve=not args.no_serve
+                args.dir,
+                patients=args.patients,
+                listen=args.listen,
+                serve=None if args.no_serve else _serve,
             )
         settings = load_settings(args.config)
         prepare_data_dir(settings)
@@ -282,7 +285,7 @@ def _serve(settings: Settings) -> int:
     from imaging_gateway.api.logging import SafeAccessLogger
     from imaging_gateway.api.server import serve
     from imaging_gateway.app import create_app
-    from imaging_gateway.security.tls import is_loopback, server_context
+    from imaging_gateway.crypto.tls import is_loopback, server_context
 
     host, port = settings.gateway.listen_host, settings.gateway.listen_port
     # Built before the app so a bad certificate or key stops start-up with one line.
@@ -371,7 +374,7 @@ def _tokens(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _async_command(settings: Settings, args: argparse.Namespace) -> int:
     from imaging_gateway.index.sql import SqlIndex
-    from imaging_gateway.security.phi import load_phi_codec
+    from imaging_gateway.storage.factory import load_phi_codec
 
     phi = load_phi_codec(settings)
     sealing = args.command == "seal-index"
@@ -531,8 +534,8 @@ async def _sync(settings: Settings, index: Any, args: argparse.Namespace) -> int
 
 
 def _keys_local(settings: Settings, args: argparse.Namespace) -> int:
-    from imaging_gateway.security.aead import Suite
-    from imaging_gateway.security.keyring import FileKeyring, load_keyring
+    from imaging_gateway.crypto.aead import Suite
+    from imaging_gateway.crypto.keyring import FileKeyring, load_keyring
 
     enc = settings.encryption
     setting = "encryption.keyring_file"
@@ -562,8 +565,8 @@ def _keys_local(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _keys_stores(settings: Settings, args: argparse.Namespace) -> int:
     """keys status | rewrap | retire and seal: the commands that look into stores."""
+    from imaging_gateway.crypto.keyring import FileKeyring
     from imaging_gateway.errors import ConfigError, Conflict
-    from imaging_gateway.security.keyring import FileKeyring
     from imaging_gateway.storage.encrypted import EncryptedStore
     from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
     from imaging_gateway.storage.maintenance import Tally, progress_lines, rewrap_store, seal_store
@@ -638,8 +641,8 @@ async def _keys_stores(settings: Settings, args: argparse.Namespace) -> int:
     # and the index's PHI data keys must be wrapped past it (opening the index does that).
     version: int = args.version
     if not args.force and settings.encryption.enabled:
+        from imaging_gateway.crypto.phi import PhiCodec
         from imaging_gateway.index.sql import SqlIndex
-        from imaging_gateway.security.phi import PhiCodec
 
         index = await SqlIndex.open(settings.index, phi=PhiCodec(ring), check_phi=False)
         try:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import date
 from pathlib import Path
 
 from imaging_gateway.dicom.synthetic import HOSPITALS, generate_instances
 from imaging_gateway.errors import ConfigError
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.phi import load_phi_codec
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import Settings, load_settings
-from imaging_gateway.storage.factory import load_store_keys, open_gateway_store
+from imaging_gateway.storage.factory import load_phi_codec, load_store_keys, open_gateway_store
 from imaging_gateway.sync.runner import SyncRunner
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,15 @@ def make_demo_dir(directory: Path) -> Path:
     return directory.absolute()
 
 
-def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int:
-    """Set up (idempotently) and index the demo; then serve unless ``serve`` is False."""
+def run_demo(
+    directory: Path,
+    *,
+    patients: int,
+    listen: str,
+    serve: Callable[[Settings], int] | None,
+) -> int:
+    """Set up (idempotently) and index the demo; then ``serve`` its settings (the CLI's
+    ``serve``, handed in so the demo does not import the CLI) unless it is None."""
     make_demo_dir(directory)
     config = directory / "gateway.toml"
     if not config.exists():
@@ -122,8 +128,6 @@ def run_demo(directory: Path, *, patients: int, listen: str, serve: bool) -> int
     )
     print(f"      imaging-gateway sync --config {config} --store demo")
     print(f"      imaging-gateway index stats --config {config}")
-    if not serve:
+    if serve is None:
         return 0
-    from imaging_gateway.cli import _serve
-
-    return _serve(settings)
+    return serve(settings)

@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 from cryptography.hazmat.primitives import serialization
 
+from imaging_gateway.crypto.keyfiles import load_or_create_secret
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.errors import ConfigError, GatewayError
 from imaging_gateway.federation.fanout import holding_province
-from imaging_gateway.security.keyfiles import load_or_create_secret
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from imaging_gateway.settings import load_settings
 

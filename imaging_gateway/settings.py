@@ -241,7 +241,7 @@ class EncryptionSettings:
 class TlsSettings:
     """Transport security: the server's certificate, client certificates, outbound trust.
 
-    Files are only named here; ``security.tls`` reads and checks them when it builds
+    Files are only named here; ``crypto.tls`` reads and checks them when it builds
     the SSL contexts.
     """
 
@@ -835,7 +835,7 @@ def _peer(where: str, table: Any, env: Mapping[str, str], base: Path) -> PeerSet
 
 
 def _tls(t: _Section, base: Path) -> TlsSettings:
-    """The ``[tls]`` table; shapes only (``security.tls`` checks the files).
+    """The ``[tls]`` table; shapes only (``crypto.tls`` checks the files).
 
     Raises ``ConfigError`` naming the key: half a certificate/key pair, mTLS settings
     without TLS or without ``client_ca_file``, a route that is not a path, an unknown

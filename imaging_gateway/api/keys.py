@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from imaging_gateway.crypto.tls import ClientCertificate
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate, PeerGrant
 from imaging_gateway.security.principals import Principal
-from imaging_gateway.security.tls import ClientCertificate
 from imaging_gateway.security.tokens import TokenAuthority
 from imaging_gateway.services.federation import Federation
 from imaging_gateway.settings import Settings

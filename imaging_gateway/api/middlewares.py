@@ -11,13 +11,13 @@ from imaging_gateway.api.federation import authenticate_peer, peer_assertion
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
 from imaging_gateway.api.logging import route_of, stack_without_message
 from imaging_gateway.api.params import check_no_nul
+from imaging_gateway.crypto.tls import client_certificate, route_needing_certificate
 from imaging_gateway.errors import (
     ClientCertificateRequired,
     Forbidden,
     GatewayError,
     Unauthenticated,
 )
-from imaging_gateway.security.tls import client_certificate, route_needing_certificate
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

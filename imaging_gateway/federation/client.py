@@ -26,11 +26,11 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from yarl import URL
 
+from imaging_gateway.crypto.tls import client_context
 from imaging_gateway.errors import ConfigError
 from imaging_gateway.federation.assertions import ConsentClaim, issue_assertion
 from imaging_gateway.federation.fanout import PeerAnswerError
 from imaging_gateway.federation.peers import Peer, PeerRegistry
-from imaging_gateway.security.tls import client_context
 from imaging_gateway.settings import Settings
 
 __all__ = [

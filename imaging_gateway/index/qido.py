@@ -29,7 +29,7 @@ Matching (PS3.4 C.2.2.2):
   ReferringPhysicianName: case-sensitive, a single value equal to one of the stored
   component groups, wildcards over the whole stored value.
 
-On an encrypted index (``phi``, see ``imaging_gateway.security.phi``) PatientID and
+On an encrypted index (``phi``, see ``imaging_gateway.crypto.phi``) PatientID and
 AccessionNumber match by blind index (single values), PatientName by the blind indexes of
 its keys (whole fuzzy terms, single values, a literal prefix with one trailing ``*`` per
 group); other matching on sealed columns is refused (400).
@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.util.concurrency import await_
 
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.names import (
     GROUP_MARK,
     fuzzy_terms,
@@ -67,7 +68,7 @@ from imaging_gateway.domain.qido import (
     QidoQuery,
     QidoResult,
 )
-from imaging_gateway.errors import QueryTooBroad
+from imaging_gateway.errors import InvalidQuery, QueryTooBroad
 from imaging_gateway.index.schema import (
     instances,
     patient_name_keys,
@@ -76,7 +77,6 @@ from imaging_gateway.index.schema import (
     series_requests,
     studies,
 )
-from imaging_gateway.security.phi import PhiCodec, not_searchable
 
 __all__ = [
     "COUNT_CAP",
@@ -160,7 +160,7 @@ _HIDDEN: dict[str, list[sa.ColumnElement[Any]]] = {
     "instance": _SERIES_HIDDEN,
 }
 
-# An encrypted index (security.phi): keyword -> (sealed column, hidden label of the row
+# An encrypted index (crypto.phi): keyword -> (sealed column, hidden label of the row
 # identity its cells are bound to).
 _SEALED: dict[str, tuple[str, str]] = {
     "PatientID": ("patients.PatientID", "_patient_key"),
@@ -180,6 +180,13 @@ _UNSUPPORTED_NAME = (
     "wildcard matching other than a trailing * (use fuzzymatching=true with whole words, "
     "pinyin syllables or initials, a single value, or a value ending in *)"
 )
+
+
+def not_searchable(keyword: str, what: str) -> InvalidQuery:
+    """The 400 answer to a matching key an encrypted index cannot answer."""
+    return InvalidQuery(
+        f"{keyword}: {what} is not supported while the index's PHI columns are encrypted"
+    )
 
 
 def sealed_name_keys(phi: PhiCodec, name_search: str | None) -> set[str]:

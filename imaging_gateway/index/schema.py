@@ -42,7 +42,7 @@ patients = Table(
     Column("name_search", Text),
     Index("ix_patients_patient_id", "PatientID"),
     Index("ix_patients_national_id", "national_id"),
-    # With [encryption] enabled (0006, imaging_gateway.security.phi): PatientID,
+    # With [encryption] enabled (0006, imaging_gateway.crypto.phi): PatientID,
     # PatientName, PatientBirthDate and national_id hold sealed cells, patient_key is
     # blinded, name_search is null, and exact lookups use these blind indexes.
     Column("PatientID_bidx", String(64)),
@@ -316,7 +316,7 @@ refusal_counters = Table(
     Index("ix_refusal_counters_window", "window_start"),
 )
 
-# The data keys of the encrypted PHI columns (imaging_gateway.security.phi), each only
+# The data keys of the encrypted PHI columns (imaging_gateway.crypto.phi), each only
 # wrapped by the keyring's key-encryption key (key id and version), as an object's data key
 # is. A sealed cell names its key by ``number``. Added in 0006.
 index_keys = Table(
@@ -325,7 +325,7 @@ index_keys = Table(
     Column("number", Integer, primary_key=True, autoincrement=False),
     Column("key_id", String(255), nullable=False),
     Column("key_version", BigInteger, nullable=False),
-    # base64 of the keyring's wrapped-key layout (security.keyring.Keyring.wrap)
+    # base64 of the keyring's wrapped-key layout (crypto.keyring.Keyring.wrap)
     Column("wrapped", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )

@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from imaging_gateway.crypto.phi import PhiCodec, is_sealed, key_number
 from imaging_gateway.index.qido import refresh_patient_names
 from imaging_gateway.index.schema import (
     consents,
@@ -31,17 +32,16 @@ from imaging_gateway.index.schema import (
     studies,
 )
 from imaging_gateway.index.sql import (
+    CONSENT_PHI,
     PATIENT_PHI,
     SERIES_PHI,
     STUDY_PHI,
     SqlIndex,
+    consent_cells,
     patient_cells,
     series_cells,
     study_cells,
 )
-from imaging_gateway.security.consent import SEALED_COLUMNS as CONSENT_PHI
-from imaging_gateway.security.consent import consent_cells
-from imaging_gateway.security.phi import PhiCodec, is_sealed, key_number
 
 BATCH = 500
 

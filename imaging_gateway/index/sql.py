@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.records import ParsedHeader
 from imaging_gateway.errors import (
     ConfigError,
@@ -55,7 +56,6 @@ from imaging_gateway.index.schema import (
     sync_slices,
     tombstones,
 )
-from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.settings import IndexSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -267,12 +267,23 @@ def series_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> d
     return {c: phi.seal(values[c], column=f"series.{c}", row=uid) for c in SERIES_PHI}
 
 
+def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored PHI columns of one consent grant: sealed, with the identity's blind index."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"consents.{c}", row=consent_id) for c in CONSENT_PHI
+    }
+    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
+    return out
+
+
 PATIENT_PHI = ("PatientID", "PatientName", "PatientBirthDate", "national_id")
 """Sealed columns of patients (row identity: the stored patient_key)."""
 STUDY_PHI = ("AccessionNumber", "StudyDescription", "ReferringPhysicianName")
 """Sealed columns of studies (row identity: StudyInstanceUID)."""
 SERIES_PHI = ("SeriesDescription",)
 """Sealed columns of series (row identity: SeriesInstanceUID)."""
+CONSENT_PHI = ("national_id", "evidence")
+"""Sealed columns of consents (row identity: the grant's id)."""
 
 
 def _aware(value: datetime | None) -> datetime | None:

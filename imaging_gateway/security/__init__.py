@@ -1,1 +1,1 @@
-"""Security: principals and tokens (later: consent, the patient-data gate, crypto, audit)."""
+"""Security: principals and tokens, consent decisions, the patient-data gate, the audit chain."""

@@ -44,9 +44,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from imaging_gateway.crypto.keyfiles import load_or_create_secret, load_secret
 from imaging_gateway.errors import IndexUnavailable, InvalidRequest
 from imaging_gateway.index.schema import audit_log
-from imaging_gateway.security.keyfiles import load_or_create_secret, load_secret
 
 GENESIS_HASH: Final = "0" * 64
 KEY_BYTES: Final = 32

@@ -12,12 +12,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.domain.text import check_shown_text
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
 from imaging_gateway.index.schema import consents
-from imaging_gateway.security.phi import PhiCodec
+from imaging_gateway.index.sql import CONSENT_PHI, consent_cells
 from imaging_gateway.security.principals import HOSPITAL_CODE, Principal
 
 PURPOSES = ("treatment", "referral", "second-opinion", "emergency-follow-up", "research")
@@ -253,7 +254,7 @@ class ConsentStore:
         """A stored row with its sealed cells opened. Raises as ``PhiCodec.open``."""
         out = dict(row)
         if self._phi is not None:
-            for column in SEALED_COLUMNS:
+            for column in CONSENT_PHI:
                 out[column] = self._phi.open(
                     row[column], column=f"consents.{column}", row=row["id"]
                 )
@@ -271,19 +272,6 @@ class ConsentStore:
             .values(revoked_at=now, revoked_by=principal.subject)
         )
         return Consent(**{**_fields(consent), "revoked_at": now, "revoked_by": principal.subject})
-
-
-SEALED_COLUMNS = ("national_id", "evidence")
-"""Columns of consents sealed in an encrypted index (row identity: the grant's id)."""
-
-
-def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The stored PHI columns of one grant: sealed, with the identity's blind index."""
-    out: dict[str, Any] = {
-        c: phi.seal(values[c], column=f"consents.{c}", row=consent_id) for c in SEALED_COLUMNS
-    }
-    out["national_id_bidx"] = phi.national_id_index(values["national_id"])
-    return out
 
 
 def may_manage(consent: Consent, principal: Principal) -> bool:

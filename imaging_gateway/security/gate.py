@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError as IntegrityError_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.qido import QidoPage, QidoQuery, QidoResult
 from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
 from imaging_gateway.domain.text import check_shown_text
@@ -53,7 +54,6 @@ from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_ke
 from imaging_gateway.security.audit import AuditEvent, AuditLog
 from imaging_gateway.security.consent import Consent, ConsentStore
 from imaging_gateway.security.patient_tokens import PatientTokens
-from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import Principal
 
 log = logging.getLogger(__name__)

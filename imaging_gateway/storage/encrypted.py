@@ -3,7 +3,7 @@
 ``EncryptedStore(inner, keys, encrypt_writes=..., suite=..., segment_size=...)`` wraps any
 adapter and implements the same ``ObjectStore`` protocol, so sync, WADO, STOW, seal and
 the demo all read and write through it. It writes objects in the segmented streaming AEAD
-format of ``security.envelope`` (a random data key per object, wrapped by the
+format of ``crypto.envelope`` (a random data key per object, wrapped by the
 ``KeyProvider``'s current key) when ``encrypt_writes``, else plain; it reads both: an
 object that does not start with the format's magic is passed through as it is (plain
 objects that hospitals uploaded directly), with no extra request.
@@ -88,16 +88,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from imaging_gateway.errors import (
-    GatewayError,
-    IntegrityError,
-    KeyNotFound,
-    ObjectNotFound,
-    StorageError,
-    StoreUnavailable,
-)
-from imaging_gateway.security.aead import Bytes
-from imaging_gateway.security.envelope import (
+from imaging_gateway.crypto.aead import Bytes
+from imaging_gateway.crypto.envelope import (
     DEFAULT_SEGMENT_SIZE,
     FIXED_LENGTH,
     HEADER_PREFIX_LENGTH,
@@ -115,7 +107,15 @@ from imaging_gateway.security.envelope import (
     plaintext_length,
     rewrap,
 )
-from imaging_gateway.security.keyring import KeyProvider
+from imaging_gateway.crypto.keyring import KeyProvider
+from imaging_gateway.errors import (
+    GatewayError,
+    IntegrityError,
+    KeyNotFound,
+    ObjectNotFound,
+    StorageError,
+    StoreUnavailable,
+)
 from imaging_gateway.storage.base import (
     ListPage,
     ObjectInfo,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ssl
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import FileKeyring, KeyProvider, load_keyring
+from imaging_gateway.crypto.phi import PhiCodec
+from imaging_gateway.crypto.tls import outbound_context
 from imaging_gateway.errors import ConfigError
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.keyring import FileKeyring, KeyProvider, load_keyring
 from imaging_gateway.settings import Settings, StoreSettings
 from imaging_gateway.storage.base import ObjectStore
 
@@ -16,7 +18,7 @@ def open_store(
 ) -> ObjectStore:
     """Build the adapter for ``settings.kind`` (``s3``, ``minio`` or ``fs``).
 
-    ``ssl_context`` (``security.tls.client_context``: system trust plus ``tls.ca_file``)
+    ``ssl_context`` (``crypto.tls.client_context``: system trust plus ``tls.ca_file``)
     verifies an https endpoint when ``verify_tls`` is on; None: the system trust alone.
     Opens no connection (the S3 adapter's HTTP session starts on first use); call
     ``close()`` when done. Raises ``ConfigError`` for an unknown kind and
@@ -65,6 +67,18 @@ def load_store_keys(settings: Settings) -> FileKeyring | None:
     return ring
 
 
+def load_phi_codec(settings: Settings) -> PhiCodec | None:
+    """The codec of the index's PHI columns: with ``[encryption] enabled``, over the keyring
+    the stores use (``load_store_keys``); else None (the index is plain). The caller passes
+    it to ``SqlIndex.open``. Raises ``ConfigError`` as ``load_store_keys`` does (a missing
+    keyring names its file)."""
+    if not settings.encryption.enabled:
+        return None
+    keyring = load_store_keys(settings)
+    assert keyring is not None  # enabled: load_store_keys raises instead
+    return PhiCodec(keyring)
+
+
 def open_gateway_store(settings: Settings, name: str, keys: KeyProvider | None) -> ObjectStore:
     """The store ``name`` as every caller of the gateway must see it (the one read/write path).
 
@@ -72,8 +86,6 @@ def open_gateway_store(settings: Settings, name: str, keys: KeyProvider | None) 
     encrypting writes when ``encryption.enabled``; without, the bare adapter. Raises as
     ``open_store`` and ``Settings.store`` do.
     """
-    from imaging_gateway.security.tls import outbound_context
-
     store = settings.store(name)
     inner = open_store(store, ssl_context=outbound_context(settings.tls, store.endpoint))
     if keys is None:

@@ -34,12 +34,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydicom.uid import generate_uid
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.synthetic import HOSPITALS, SyntheticInstance, generate_instances
 from imaging_gateway.federation.assertions import ConsentClaim, issue_assertion
 from imaging_gateway.federation.client import ASSERTION_HEADER
 from imaging_gateway.federation.fanout import holding_province
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from tests.e2e.test_dicomweb import parts

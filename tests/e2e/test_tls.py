@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from imaging_gateway.security.tls import client_context
+from imaging_gateway.crypto.tls import client_context
 from imaging_gateway.settings import TlsSettings
 from tests.support.gateway import GatewayProcess, cli, free_port
 from tests.support.pki import Pki, make_pki

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from imaging_gateway.api.keys import CLIENT_CERTIFICATE, SETTINGS
 from imaging_gateway.api.middlewares import client_certificate_middleware, error_middleware
-from imaging_gateway.security.tls import server_context
+from imaging_gateway.crypto.tls import server_context
 from imaging_gateway.settings import load_settings
 from tests.support.gateway import free_port
 from tests.support.pki import Pki, make_pki

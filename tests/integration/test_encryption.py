@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.synthetic import SyntheticInstance, corrupt_samples, generate_instances
 from imaging_gateway.errors import IntegrityError, KeyNotFound
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.settings import Settings, StoreSettings, load_settings
 from imaging_gateway.storage.base import ListPage, ObjectInfo, ObjectStore, RangeRead
 from imaging_gateway.storage.encrypted import (

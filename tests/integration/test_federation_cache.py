@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.federation.cache import PREFIX, RetrieveCache
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.factory import open_store

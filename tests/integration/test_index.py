@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import FileKeyring
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.records import (
     InstanceRecord,
     ParsedHeader,
@@ -17,9 +20,6 @@ from imaging_gateway.domain.records import (
 )
 from imaging_gateway.index.schema import conflicts, instances, patients, studies
 from imaging_gateway.index.sql import IndexedObject, QuarantinedObject, SqlIndex
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.keyring import FileKeyring
-from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.settings import IndexSettings
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -22,6 +22,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from imaging_gateway.api.keys import INDEX, TOKENS
 from imaging_gateway.app import create_app
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import FileKeyring
+from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from imaging_gateway.domain.names import name_search_keys, split_keys
@@ -36,13 +39,10 @@ from imaging_gateway.index.schema import (
 )
 from imaging_gateway.index.seal import seal_index
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.aead import Suite
 from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.consent import ConsentStore, parse_consent_request
 from imaging_gateway.security.gate import AccessContext, Gate, PeerGrant
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
-from imaging_gateway.security.phi import PhiCodec
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.settings import IndexSettings, load_settings
 from imaging_gateway.storage.encrypted import EncryptedStore

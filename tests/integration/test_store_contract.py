@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from imaging_gateway.crypto.envelope import ciphertext_length
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.errors import ObjectNotFound, StorageError, StoreUnavailable
-from imaging_gateway.security.envelope import ciphertext_length
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectInfo, ObjectStore
 from imaging_gateway.storage.encrypted import EncryptedStore

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from imaging_gateway.crypto.tls import outbound_context, server_context
 from imaging_gateway.errors import ObjectNotFound, StorageError
-from imaging_gateway.security.tls import outbound_context, server_context
 from imaging_gateway.settings import StoreSettings, TlsSettings
 from imaging_gateway.storage.factory import open_store
 from tests.support.gateway import free_port

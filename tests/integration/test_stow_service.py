@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from imaging_gateway.api.keys import INDEX, STORES, TOKENS
 from imaging_gateway.app import create_app
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from imaging_gateway.domain.records import ParsedHeader
@@ -27,7 +28,6 @@ from imaging_gateway.index.schema import audit_log, instances, studies
 from imaging_gateway.index.sql import IndexedObject, SqlIndex
 from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.gate import AccessContext, Gate, StoreAttempt
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.services.stow import object_key

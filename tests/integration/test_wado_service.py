@@ -26,15 +26,15 @@ from pydicom.encaps import encapsulate_extended, generate_frames
 from imaging_gateway.api import params
 from imaging_gateway.api.middlewares import error_middleware
 from imaging_gateway.api.streaming import STREAM_OUTCOME, send_instances, send_parts
+from imaging_gateway.crypto.aead import TAG_SIZE, Suite
+from imaging_gateway.crypto.envelope import plaintext_length
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.mediatypes import select_metadata
 from imaging_gateway.dicom.pixels import parse_tag_path
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
-from imaging_gateway.security.aead import TAG_SIZE, Suite
-from imaging_gateway.security.envelope import plaintext_length
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.services import retrieve
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore

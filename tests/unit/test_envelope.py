@@ -12,9 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from imaging_gateway.errors import IntegrityError, KeyNotFound
-from imaging_gateway.security.aead import Aead, Suite
-from imaging_gateway.security.envelope import (
+from imaging_gateway.crypto.aead import Aead, Suite
+from imaging_gateway.crypto.envelope import (
     DEFAULT_SEGMENT_SIZE,
     HEADER_PREFIX_LENGTH,
     MIN_SEGMENT_SIZE,
@@ -37,7 +36,8 @@ from imaging_gateway.security.envelope import (
     plaintext_length,
     rewrap,
 )
-from imaging_gateway.security.keyring import Keyring
+from imaging_gateway.crypto.keyring import Keyring
+from imaging_gateway.errors import IntegrityError, KeyNotFound
 
 S = MIN_SEGMENT_SIZE  # the smallest segment a writer may choose
 SUITES = [Suite.AES_256_GCM, Suite.SM4_GCM]

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as chmac
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.envelope import decrypt, encrypt, parse_header, rewrap
+from imaging_gateway.crypto.keyring import FileKeyring, Keyring, load_keyring
 from imaging_gateway.errors import ConfigError, IntegrityError, KeyNotFound
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.envelope import decrypt, encrypt, parse_header, rewrap
-from imaging_gateway.security.keyring import FileKeyring, Keyring, load_keyring
 
 SETTING = "security.keyring_file"
 
@@ -221,7 +221,7 @@ def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path) -> N
         f"""
         import os
         from pathlib import Path
-        from imaging_gateway.security import keyring
+        from imaging_gateway.crypto import keyring
         keyring.os.replace = lambda src, dst: os._exit(17)
         keyring.load_keyring(Path({str(kr.path)!r}), setting="s").rotate()
         """

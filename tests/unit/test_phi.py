@@ -6,11 +6,11 @@ import secrets
 
 import pytest
 
+from imaging_gateway.crypto.aead import Suite
+from imaging_gateway.crypto.keyring import Keyring
+from imaging_gateway.crypto.phi import PREFIX, PhiCodec, is_sealed, key_number
 from imaging_gateway.domain.names import fuzzy_terms, name_search_keys, split_keys
 from imaging_gateway.errors import IntegrityError, KeyNotFound
-from imaging_gateway.security.aead import Suite
-from imaging_gateway.security.keyring import Keyring
-from imaging_gateway.security.phi import PREFIX, PhiCodec, is_sealed, key_number
 
 
 def codec(suite: Suite, key_id: str = "gw") -> PhiCodec:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging_gateway.errors import ConfigError
-from imaging_gateway.security.tls import (
+from imaging_gateway.crypto.tls import (
     client_certificate,
     client_context,
     is_loopback,
@@ -16,6 +15,7 @@ from imaging_gateway.security.tls import (
     route_needing_certificate,
     server_context,
 )
+from imaging_gateway.errors import ConfigError
 from imaging_gateway.settings import TlsSettings
 from tests.support.pki import Pki, make_pki
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from imaging_gateway.crypto.aead import TAG_SIZE, Suite
+from imaging_gateway.crypto.envelope import encrypt, parse_header
+from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.errors import IntegrityError
-from imaging_gateway.security.aead import TAG_SIZE, Suite
-from imaging_gateway.security.envelope import encrypt, parse_header
-from imaging_gateway.security.keyring import FileKeyring
 from imaging_gateway.storage import zerocopy
 from imaging_gateway.storage.encrypted import EncryptedStore
 from imaging_gateway.storage.zerocopy import DecryptingBody, OpenBody, Relay

@@ -3,7 +3,7 @@
 Revision ID: 0006
 
 Adds the table of wrapped index data keys and the blind indexes of
-imaging_gateway.security.phi (patients.PatientID_bidx and
+imaging_gateway.crypto.phi (patients.PatientID_bidx and
 national_id_bidx, studies.AccessionNumber_bidx, consents.national_id_bidx). On PostgreSQL
 the PHI columns become TEXT (a sealed cell is longer than the value; SQLite does not
 enforce lengths). Nothing is encrypted here: ``imaging-gateway seal-index`` does that,

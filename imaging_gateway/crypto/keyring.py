@@ -1,6 +1,6 @@
 """Key-encryption keys: the ``KeyProvider`` protocol, a local versioned keyring, blind indexes.
 
-A ``KeyProvider`` wraps and unwraps the per-object data keys of ``security.envelope``; a
+A ``KeyProvider`` wraps and unwraps the per-object data keys of ``crypto.envelope``; a
 KMS adapter can implement it later. ``Keyring`` is the local one: versioned keys under one
 key id (one version current for wrapping, older ones kept for unwrapping), loaded from a
 0600 JSON keyring file (``FileKeyring``, which can also ``rotate``) or from environment
@@ -27,8 +27,8 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 
+from imaging_gateway.crypto.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
 from imaging_gateway.errors import ConfigError, IntegrityError, KeyNotFound
-from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
 
 FILE_FORMAT = "imaging-gateway-keyring/1"
 BLIND_INDEX_KEY_SIZE = 32

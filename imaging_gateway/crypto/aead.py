@@ -1,7 +1,7 @@
 """The AEAD suites of encryption at rest (AES-256-GCM, SM4-GCM) over ``cryptography``'s primitives.
 
-Shared by the object format (``security.envelope``) and the keyring that wraps data keys
-(``security.keyring``), so neither has to import the other. No cipher code of our own:
+Shared by the object format (``crypto.envelope``) and the keyring that wraps data keys
+(``crypto.keyring``), so neither has to import the other. No cipher code of our own:
 AES-GCM is ``AESGCM``; SM4-GCM (GB/T 32907 block cipher in GCM, as GB/T 36624 and RFC 8998
 use it) is ``Cipher(algorithms.SM4(key), modes.GCM(nonce, tag))``.
 """

@@ -31,17 +31,13 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 
-from imaging_gateway.errors import IntegrityError, InvalidQuery
-from imaging_gateway.security.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
-from imaging_gateway.security.keyring import Keyring
-
-if TYPE_CHECKING:
-    from imaging_gateway.settings import Settings
+from imaging_gateway.crypto.aead import NONCE_SIZE, TAG_SIZE, Aead, Suite
+from imaging_gateway.crypto.keyring import Keyring
+from imaging_gateway.errors import IntegrityError
 
 PREFIX = "$ig1$"
 """First characters of every sealed cell (no DICOM value or patient key starts so)."""
@@ -158,19 +154,6 @@ class PhiCodec:
         return BLIND_KEY_PREFIX + self.keyring.blind_index(plain_key, field="patients.patient_key")
 
 
-def load_phi_codec(settings: Settings) -> PhiCodec | None:
-    """The codec of the index's PHI columns: with ``[encryption] enabled``, over the keyring
-    the stores use; else None (the index is plain). Raises ``ConfigError`` as
-    ``storage.factory.load_store_keys`` does (a missing keyring names its file)."""
-    if not settings.encryption.enabled:
-        return None
-    from imaging_gateway.storage.factory import load_store_keys
-
-    keyring = load_store_keys(settings)
-    assert keyring is not None  # enabled: load_store_keys raises instead
-    return PhiCodec(keyring)
-
-
 def is_sealed(cell: str | None) -> bool:
     """Whether a stored value is a sealed cell."""
     return cell is not None and cell.startswith(PREFIX)
@@ -179,13 +162,6 @@ def is_sealed(cell: str | None) -> bool:
 def key_number(cell: str, column: str) -> int:
     """The index data key a sealed cell names. Raises ``IntegrityError`` if malformed."""
     return _parse(cell, column)[0]
-
-
-def not_searchable(keyword: str, what: str) -> InvalidQuery:
-    """The 400 answer to a matching key an encrypted index cannot answer."""
-    return InvalidQuery(
-        f"{keyword}: {what} is not supported while the index's PHI columns are encrypted"
-    )
 
 
 def _aad(header: bytes, column: str, row: str) -> bytes:

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
+from imaging_gateway.crypto.aead import TAG_SIZE, Aead, Bytes, Suite
+from imaging_gateway.crypto.keyring import KeyProvider, check_key_id
 from imaging_gateway.errors import IntegrityError, InvalidRequest
-from imaging_gateway.security.aead import TAG_SIZE, Aead, Bytes, Suite
-from imaging_gateway.security.keyring import KeyProvider, check_key_id
 
 __all__ = [
     "DEFAULT_SEGMENT_SIZE",
