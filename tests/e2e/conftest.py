@@ -11,7 +11,7 @@ import pytest
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from tests.factories import make_corpus
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
 
 PROVINCE_CONFIG = """
 [gateway]
@@ -35,7 +35,7 @@ class Province:
     corpus: list[SyntheticInstance]
 
     def token(self, *args: str) -> str:
-        return cli(self.gw.config, "tokens", "issue", *args).stdout.strip()
+        return issue_token(self.gw.config, *args)
 
     def bearer(self, *args: str) -> dict[str, str]:
         return {"Authorization": "Bearer " + self.token(*args)}
