@@ -11,7 +11,7 @@ import pytest
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from tests.factories import make_corpus
-from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
+from tests.support.gateway import GatewayProcess, free_port, issue_token, sync_through_api
 
 PROVINCE_CONFIG = """
 [gateway]
@@ -63,7 +63,8 @@ class Province:
 
 
 def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province:
-    """Write the synthetic corpus into ``store/``, sync it and start the gateway.
+    """Write the synthetic corpus into ``store/``, start the gateway and sync the store
+    through its admin API.
 
     ``config_text`` is formatted with ``port`` and ``index_url``; its ``bj-fs`` store must
     be the ``store/`` directory.
@@ -77,9 +78,13 @@ def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(config_text.format(port=port, index_url=index_url), encoding="utf-8")
-    cli(config, "sync", "--store", "bj-fs", "--no-progress")
     gw = GatewayProcess(config, port)
     gw.start()
+    try:
+        sync_through_api(gw, "bj-fs")
+    except BaseException:
+        gw.stop()
+        raise
     return Province(gw, corpus)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import ssl
@@ -95,3 +96,26 @@ class GatewayProcess:
 
     def logs(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def sync_through_api(gw: GatewayProcess, store: str, *, timeout: float = 300.0) -> dict[str, object]:
+    """Index ``store`` by a sync job of the running gateway (``POST /admin/sync-jobs``).
+
+    The same job ``imaging-gateway sync`` runs, without another Python process (its
+    start-up, imports and migration check). Returns the finished job; raises
+    ``AssertionError`` unless it succeeded.
+    """
+    admin = issue_token(gw.config, "--role", "admin")
+    headers = {"Authorization": f"Bearer {admin}", "Content-Type": "application/json"}
+    req = urllib.request.Request(f"{gw.base}/admin/sync-jobs", headers=headers, method="POST",
+                                 data=json.dumps({"store": store}).encode())
+    with urllib.request.urlopen(req, context=gw.ssl_context) as r:
+        job: dict[str, object] = json.loads(r.read())
+    deadline = time.monotonic() + timeout
+    while job["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        req = urllib.request.Request(f"{gw.base}/admin/sync-jobs/{job['id']}", headers=headers)
+        with urllib.request.urlopen(req, context=gw.ssl_context) as r:
+            job = json.loads(r.read())
+    assert job["status"] == "succeeded", job
+    return job

@@ -32,12 +32,12 @@ def database_url(name: str) -> str:
     return PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
 
 
-def migrations_digest() -> str:
+def migrations_digest(folder: Path = MIGRATIONS) -> str:
     """A digest of the migration scripts (names and bytes): what a template is valid for."""
     h = hashlib.sha256()
-    for path in sorted(MIGRATIONS.rglob("*")):
+    for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix in {".py", ".mako"}:
-            h.update(path.relative_to(MIGRATIONS).as_posix().encode() + b"\0")
+            h.update(path.relative_to(folder).as_posix().encode() + b"\0")
             h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
