@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -47,18 +48,28 @@ def sqlite_templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("index-templates")
 
 
+@contextlib.asynccontextmanager
+async def fresh_index_url(backend: str, folder: Path, sqlite_templates: Path,
+                          pg_dropper: Dropper) -> AsyncIterator[str]:
+    """A fresh index database URL, migrated and empty: ``folder/index.sqlite3``, or a new
+    PostgreSQL database (copies of a template migrated once per session)."""
+    if backend == "sqlite":
+        await copy_sqlite_template(sqlite_templates, folder / "index.sqlite3")
+        yield f"sqlite:///{folder / 'index.sqlite3'}"
+        return
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        pg_dropper.drop(url)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def index_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_templates: Path,
                     pg_dropper: Dropper) -> AsyncIterator[str]:
-    """A fresh index database URL, migrated and empty: an SQLite file, or a new PostgreSQL
-    database (copies of a template migrated once per session)."""
-    if request.param == "sqlite":
-        await copy_sqlite_template(sqlite_templates, tmp_path / "index.sqlite3")
-        yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
-        return
-    url = await create_pg_database()
-    yield url
-    pg_dropper.drop(url)
+    """A fresh index database URL for one test, on each backend (``fresh_index_url``)."""
+    async with fresh_index_url(request.param, tmp_path, sqlite_templates, pg_dropper) as url:
+        yield url
 
 
 @pytest.fixture

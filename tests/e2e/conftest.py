@@ -10,8 +10,10 @@ import aiohttp
 import pytest
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance
+from tests.conftest import fresh_index_url
 from tests.factories import make_corpus
 from tests.support.gateway import GatewayProcess, free_port, issue_token, sync_through_api
+from tests.support.postgres import Dropper
 
 PROVINCE_CONFIG = """
 [gateway]
@@ -93,6 +95,21 @@ def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
     started = start_province(tmp_path, index_url, PROVINCE_CONFIG)
     yield started
     started.gw.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+async def module_province(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory, sqlite_templates: Path,
+                          pg_dropper: Dropper) -> AsyncIterator[Province]:
+    """One province gateway per backend for a whole module, for tests that only read and
+    whose assertions hold whatever the module's other tests asked before them."""
+    tmp = tmp_path_factory.mktemp(f"province-{request.param}")
+    async with fresh_index_url(request.param, tmp, sqlite_templates, pg_dropper) as url:
+        started = start_province(tmp, url, PROVINCE_CONFIG)
+        try:
+            yield started
+        finally:
+            started.gw.stop()
 
 
 @pytest.fixture
