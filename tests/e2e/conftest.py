@@ -10,8 +10,10 @@ import aiohttp
 import pytest
 
 from imaging_gateway.dicom.synthetic import SyntheticInstance
+from tests.conftest import fresh_index_url
 from tests.factories import make_corpus
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import GatewayProcess, free_port, issue_token, sync_through_api
+from tests.support.postgres import Dropper
 
 PROVINCE_CONFIG = """
 [gateway]
@@ -35,7 +37,7 @@ class Province:
     corpus: list[SyntheticInstance]
 
     def token(self, *args: str) -> str:
-        return cli(self.gw.config, "tokens", "issue", *args).stdout.strip()
+        return issue_token(self.gw.config, *args)
 
     def bearer(self, *args: str) -> dict[str, str]:
         return {"Authorization": "Bearer " + self.token(*args)}
@@ -63,7 +65,8 @@ class Province:
 
 
 def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province:
-    """Write the synthetic corpus into ``store/``, sync it and start the gateway.
+    """Write the synthetic corpus into ``store/``, start the gateway and sync the store
+    through its admin API.
 
     ``config_text`` is formatted with ``port`` and ``index_url``; its ``bj-fs`` store must
     be the ``store/`` directory.
@@ -77,9 +80,13 @@ def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(config_text.format(port=port, index_url=index_url), encoding="utf-8")
-    cli(config, "sync", "--store", "bj-fs", "--no-progress")
     gw = GatewayProcess(config, port)
     gw.start()
+    try:
+        sync_through_api(gw, "bj-fs")
+    except BaseException:
+        gw.stop()
+        raise
     return Province(gw, corpus)
 
 
@@ -88,6 +95,21 @@ def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
     started = start_province(tmp_path, index_url, PROVINCE_CONFIG)
     yield started
     started.gw.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+async def module_province(request: pytest.FixtureRequest,
+                          tmp_path_factory: pytest.TempPathFactory, sqlite_templates: Path,
+                          pg_dropper: Dropper) -> AsyncIterator[Province]:
+    """One province gateway per backend for a whole module, for tests that only read and
+    whose assertions hold whatever the module's other tests asked before them."""
+    tmp = tmp_path_factory.mktemp(f"province-{request.param}")
+    async with fresh_index_url(request.param, tmp, sqlite_templates, pg_dropper) as url:
+        started = start_province(tmp, url, PROVINCE_CONFIG)
+        try:
+            yield started
+        finally:
+            started.gw.stop()
 
 
 @pytest.fixture

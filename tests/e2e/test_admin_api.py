@@ -12,7 +12,7 @@ import pytest
 
 from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 from tests.e2e.conftest import PROVINCE_CONFIG
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
 
 
 def token(gw: GatewayProcess, *args: str) -> str:
-    return cli(gw.config, "tokens", "issue", *args).stdout.strip()
+    return issue_token(gw.config, *args)
 
 
 async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.ClientSession) -> None:

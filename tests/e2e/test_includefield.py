@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.e2e.conftest import Province
 
@@ -14,6 +15,12 @@ MANUFACTURER, BODY_PART, SLICE_THICKNESS = "00080070", "00180015", "00180050"
 STUDY_DESCRIPTION, INSTITUTION = "00081030", "00080080"
 # One warning: 299 <agent> "<text>" (texts are quoted strings without double quotes).
 WARNING = re.compile(r'299 [^ ",]+ "([^"]*)"')
+
+
+@pytest.fixture(scope="module")
+def province(module_province: Province) -> Province:
+    """These tests only read: one gateway per backend serves the whole module."""
+    return module_province
 
 
 async def search(http: aiohttp.ClientSession, province: Province, path: str,

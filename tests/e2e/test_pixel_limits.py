@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pydicom
+import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
@@ -23,6 +24,12 @@ from tests.support.indexdump import dump_index
 
 BOMB = 1 << 30
 """Bytes of zeros each bomb inflates to (in a file of about 1 MB)."""
+
+
+@pytest.fixture(scope="module")
+def province(module_province: Province) -> Province:
+    """These tests only read: one gateway per backend serves the whole module."""
+    return module_province
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -8,6 +8,8 @@ import json
 import re
 from urllib.parse import quote
 
+import pytest
+
 from tests.e2e.conftest import Province
 from tests.support import rawhttp
 
@@ -15,6 +17,12 @@ from tests.support import rawhttp
 _HEADER_SAFE = re.compile(rb"[\t\x20-\x7e]*")
 FAKE_ID = "110101199003077777"  # a well-formed fake national ID (GB 11643)
 FAKE_TOKEN = "eyFAKEBEARERTOKENSTARTabcdef"
+
+
+@pytest.fixture(scope="module")
+def province(module_province: Province) -> Province:
+    """These tests only read: one gateway per backend serves the whole module."""
+    return module_province
 
 
 def _assert_clean_head(resp: rawhttp.RawResponse) -> None:

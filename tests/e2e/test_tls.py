@@ -17,7 +17,7 @@ import pytest
 
 from imaging_gateway.crypto.tls import client_context
 from imaging_gateway.settings import TlsSettings
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
 from tests.support.pki import Pki, make_pki
 
 CONFIG = """
@@ -64,7 +64,7 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsGateway
     config.write_text(CONFIG.format(port=port, pki=pki.ca.parent), encoding="utf-8")
     gw = GatewayProcess(config, port, ssl_context=ssl.create_default_context(cafile=str(pki.ca)))
     gw.start()
-    admin = cli(config, "tokens", "issue", "--role", "admin").stdout.strip()
+    admin = issue_token(config, "--role", "admin")
     try:
         yield TlsGateway(gw, pki, admin)
     finally:
@@ -131,8 +131,8 @@ def test_client_cert_route_with_certificate_from_another_ca(tls_gateway: TlsGate
 
 
 def test_other_routes_need_no_client_certificate(tls_gateway: TlsGateway) -> None:
-    hospital = cli(tls_gateway.gw.config, "tokens", "issue", "--role", "hospital",
-                   "--hospital", "H11010800028").stdout.strip()
+    hospital = issue_token(tls_gateway.gw.config, "--role", "hospital",
+                           "--hospital", "H11010800028")
     status, _ = get(f"{tls_gateway.gw.base}/dicomweb/studies?PatientID=X", tls_gateway.trusting(),
                     hospital)
     assert 200 <= status < 300

@@ -126,7 +126,7 @@ def test_build_context_excludes_the_venv_and_the_image_owns_its_volume() -> None
 
 @pytest.fixture
 async def pg_url() -> Any:
-    url = await create_pg_database()
+    url = await create_pg_database(migrated=False)  # the image's commands migrate it
     yield url
     await drop_database(url)
 
