@@ -780,6 +780,26 @@ url = "{url}"
 """
 
 
+# Imported at start-up of the baseline gateway (its PYTHONPATH): imaging_gateway comes
+# from the baseline tree, ahead of this venv's editable install and of the working
+# directory ``python -m`` puts first on sys.path.
+BASELINE_SHIM = """
+import importlib.machinery
+import sys
+
+
+class _Baseline:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "imaging_gateway":
+            return importlib.machinery.PathFinder.find_spec(name, [{tree!r}])
+        return None
+
+
+sys.meta_path.insert(0, _Baseline)
+"""
+
+
 @dataclass(slots=True)
 class Target:
     name: str
@@ -848,7 +868,12 @@ async def bench_size(
                                       url=urls[backend]),
                 encoding="utf-8",
             )  # fmt: skip
-            old = start_gateway(old_cfg, old_port, env={"PYTHONPATH": str(baseline_tree)})
+            shim = data / "baseline-shim"
+            shim.mkdir(exist_ok=True)
+            (shim / "sitecustomize.py").write_text(
+                BASELINE_SHIM.format(tree=str(baseline_tree)), encoding="utf-8"
+            )
+            old = start_gateway(old_cfg, old_port, env={"PYTHONPATH": str(shim)})
             cleanup.append(("gw", old))
             targets.append(Target(f"old_gateway_{backend}", f"{old.base}/dicomweb", headers))
     port = free_port()
