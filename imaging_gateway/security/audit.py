@@ -367,6 +367,8 @@ class AuditLog:
         self._waiting: deque[_Waiting] = deque()
         self._writer: asyncio.Task[None] | None = None
         """The task writing the waiting records; set while there are any."""
+        self._writing = False
+        """A ``record_if_idle`` caller is writing its own records (the writer waits)."""
 
     def __repr__(self) -> str:
         return f"AuditLog({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -491,6 +493,30 @@ class AuditLog:
                 f"audit record could not be written: {exc.__class__.__name__}"
             ) from exc
 
+    async def record_if_idle(
+        self, conn: AsyncConnection, events: Sequence[AuditEvent], *, at: datetime | None = None
+    ) -> bool:
+        """Write and commit ``events`` on ``conn`` (``append_and_commit``) when no other
+        record of this process is being written, and return True; else write nothing and
+        return False: the caller then releases ``conn`` and calls ``record`` (whose
+        writer may need a connection of the same pool).
+
+        For a caller that has just read on ``conn`` (a search) and holds no transaction
+        on it: a lone request keeps one connection and no hand-off. Raises as ``append``
+        does.
+        """
+        if self._writing or self._waiting or self._writer is not None:
+            _items(events, at)  # the same refusals as when idle
+            return False
+        self._writing = True
+        try:
+            await self.append_and_commit(conn, events, at=at)
+        finally:
+            self._writing = False
+            if self._waiting and self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
+        return True
+
     async def record(self, events: Sequence[AuditEvent], *, at: datetime | None = None) -> None:
         """Append ``events`` (all at time ``at``, default now) and return once committed.
 
@@ -508,7 +534,7 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(items, loop.create_future())
         self._waiting.append(waiting)
-        if self._writer is None:
+        if self._writer is None and not self._writing:
             self._writer = loop.create_task(self._write_waiting())
         try:
             await asyncio.shield(waiting.done)

@@ -600,12 +600,13 @@ class Gate:
     async def search(self, ctx: AccessContext, query: QidoQuery, *, max_results: int) -> QidoPage:
         """A QIDO-RS search over the studies the caller may see, audited.
 
-        The search reads on a connection of the index's search engine (readers that do
-        not wait for the writer), then its audit records are group-committed with those
-        of concurrent accesses (``AuditLog.record``): nothing is returned before they
-        are committed. Raises ``InvalidQuery`` / ``QueryTooBroad`` from the index search
-        and ``IndexUnavailable`` when the audit record cannot be written (then nothing
-        is returned).
+        The search reads on a connection of the index's search engine, then its audit
+        records are committed on that connection, or, while other records of this
+        process are being written, group-committed with them (``AuditLog.record_if_idle``,
+        ``AuditLog.record``): nothing is returned before they are committed. Raises
+        ``InvalidQuery`` / ``QueryTooBroad`` from the index search and
+        ``IndexUnavailable`` when the audit record cannot be written (then nothing is
+        returned).
         """
         if ctx.break_glass_reason is not None:
             await self._open_break_glass_for_search(ctx, query)
@@ -630,10 +631,14 @@ class Gate:
                     if attempt == 2 or not exc.connection_invalidated:
                         raise
                     continue
-            break
-        events = self._search_events(ctx, level=query.level, results=page.results)
-        await self.audit.record(events, at=ctx.now)
-        return page
+                events = self._search_events(ctx, level=query.level, results=page.results)
+                if await self.audit.record_if_idle(conn, events, at=ctx.now):
+                    return page
+            # Other records are being written: join their group commit, the search's
+            # connection given back first (the writer may need one of the same pool).
+            await self.audit.record(events, at=ctx.now)
+            return page
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open_break_glass_for_search(self, ctx: AccessContext, query: QidoQuery) -> None:
         """Open the emergency window for the one patient a search names by PatientID.

@@ -248,9 +248,8 @@ async def test_consent_request_validation(world) -> None:
 
 
 async def test_a_search_is_answered_only_once_its_audit_record_is_committed(world) -> None:
-    """The search reads on the search engine; its records take one connection of the
-    writers' pool (the audit writer's transaction), and if they cannot be written the
-    search answers nothing."""
+    """A lone search reads on a connection of the search engine and commits its records
+    on that same connection; if they cannot be written the search answers nothing."""
     gate, _, corpus = world
     code = sorted({i.hospital.code for i in corpus})[0]
     checkouts: list[int] = []
@@ -258,12 +257,12 @@ async def test_a_search_is_answered_only_once_its_audit_record_is_committed(worl
     def checkout(*_: object) -> None:
         checkouts.append(1)
 
-    event.listen(gate.engine.sync_engine.pool, "checkout", checkout)
+    event.listen(gate.search_engine.sync_engine.pool, "checkout", checkout)
     try:
         page = await gate.search(AccessContext(hospital(code)), parse_qido("study", {}),
                                  max_results=100)
     finally:
-        event.remove(gate.engine.sync_engine.pool, "checkout", checkout)
+        event.remove(gate.search_engine.sync_engine.pool, "checkout", checkout)
     assert {r.study_instance_uid for r in page.results} == studies_of(corpus, hospital=code)
     assert checkouts == [1]
     async with gate.engine.connect() as conn:
