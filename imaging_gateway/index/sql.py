@@ -354,7 +354,7 @@ class SqlIndex:
                 # Concurrent searches read on as many connections (each its own thread,
                 # sqlite3 releasing the GIL while a statement runs).
                 search_engine = create_async_engine(
-                    url, echo=settings.echo, pool_size=4, max_overflow=4
+                    url, echo=settings.echo, pool_size=4, max_overflow=4, pool_use_lifo=True
                 )
                 event.listen(search_engine.sync_engine, "connect", _sqlite_pragmas)
         else:
