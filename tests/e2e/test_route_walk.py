@@ -302,11 +302,7 @@ def _query_for(canonical: str, t: Target) -> dict[str, str]:
 
 async def _sync_job(province: Province, http: aiohttp.ClientSession) -> str:
     """The id of the sync job that indexed the province's store."""
-    async with http.get(f"{province.gw.base}/admin/sync-jobs",
-                        headers=province.bearer("--role", "admin")) as r:
-        assert r.status == 200, await r.text()
-        jobs = await r.json()
-    return str(jobs[0]["id"])
+    return str((await _sync_jobs(province, http))[0])
 
 
 _CONSENTS: dict[str, str] = {}
@@ -324,3 +320,54 @@ async def _home_consent(province: Province, http: aiohttp.ClientSession) -> str:
             assert r.status == 201, await r.text()
             _CONSENTS[base] = str((await r.json())["id"])
     return _CONSENTS[base]
+
+
+async def test_admin_routes_refuse_a_hospital_and_a_patient(
+        walk_province: Province, http: aiohttp.ClientSession) -> None:
+    """What the table calls admin-only is: other roles are refused (403) and nothing runs."""
+    t = target(walk_province)
+    values = {"job_id": await _sync_job(walk_province, http)}
+    callers = [walk_province.hospital(t.other),
+               walk_province.bearer("--role", "patient", "--national-id", t.national_id)]
+    jobs_before = await _sync_jobs(walk_province, http)
+    for (method, canonical), kind in sorted(CLASSIFICATION.items()):
+        if kind != ADMIN:
+            continue
+        for headers in callers:
+            async with http.request(method, walk_province.gw.base + url_of(canonical, values),
+                                    json={"store": "bj-fs"} if method == "POST" else None,
+                                    headers=headers) as r:
+                assert r.status == 403, (method, canonical, r.status)
+                if method != "HEAD":
+                    assert (await r.json())["error"] == "forbidden"
+    assert await _sync_jobs(walk_province, http) == jobs_before
+
+
+async def _sync_jobs(province: Province, http: aiohttp.ClientSession) -> list[Any]:
+    async with http.get(f"{province.gw.base}/admin/sync-jobs",
+                        headers=province.bearer("--role", "admin")) as r:
+        assert r.status == 200, await r.text()
+        return [j["id"] for j in await r.json()]
+
+
+async def test_every_route_refuses_a_forged_peer_assertion(
+        walk_province: Province, http: aiohttp.ClientSession) -> None:
+    """No route is peer-only: a peer may only read DICOMweb resources (401 for an assertion
+    that does not verify, audited), and is refused (403) anywhere else."""
+    values = {**target(walk_province).values, "id": await _home_consent(walk_province, http),
+              "job_id": await _sync_job(walk_province, http)}
+    forged = {"X-Federation-Assertion": "eyJhbGciOiJFZERTQSJ9.eyJpc3MiOiIxMjAwMDAifQ.c2ln"}
+    for (method, canonical), kind in sorted(CLASSIFICATION.items()):
+        if kind == PUBLIC:
+            continue
+        url = walk_province.gw.base + url_of(canonical, values)
+        async with http.request(method, url, headers=forged) as r:
+            status, body = r.status, await r.read()
+        peer_read = method in _READ and canonical.startswith(f"{_D}/")
+        assert status == (401 if peer_read else 403), (method, canonical, status)
+        if method != "HEAD":
+            assert body.startswith(b'{"error": '), (method, canonical, body[:200])
+    records = await _rows(walk_province, sa.select(audit_log).where(
+        audit_log.c.role == "peer", audit_log.c.action == "federation",
+        audit_log.c.subject == "imaging-gateway:120000"))
+    assert records and {r["outcome"] for r in records} == {"denied"}
