@@ -4,6 +4,7 @@ nothing to a hospital without a grant and leaves an audit record naming that req
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from collections.abc import AsyncIterator
@@ -143,23 +144,34 @@ async def walk_province(request: pytest.FixtureRequest,
             started.gw.stop()
 
 
-async def _rows(province: Province, query: Any) -> list[dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def _opened(province: Province) -> AsyncIterator[SqlIndex]:
+    """The gateway's own index, opened by the test to read what the gateway wrote."""
     index = await SqlIndex.open(load_settings(province.gw.config).index, migrate=False)
     try:
-        async with index.engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(query)).mappings()]
+        yield index
     finally:
         await index.close()
 
 
-async def _refusals(province: Province) -> tuple[list[dict[str, Any]], int]:
+async def _select(index: SqlIndex, query: Any) -> list[dict[str, Any]]:
+    async with index.engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+
+async def _rows(province: Province, query: Any) -> list[dict[str, Any]]:
+    async with _opened(province) as index:
+        return await _select(index, query)
+
+
+async def _refusals(index: SqlIndex) -> tuple[list[dict[str, Any]], int]:
     """The refusal counters of unauthenticated requests, and how many refused-token
     records the audit log holds."""
-    counters = await _rows(province, sa.select(refusal_counters).where(
+    counters = await _select(index, sa.select(refusal_counters).where(
         refusal_counters.c.reason == "a bearer token is required"))
-    records = await _rows(province, sa.select(sa.func.count().label("n")).select_from(audit_log).where(
-        audit_log.c.action == "authenticate", audit_log.c.outcome == "denied",
-        audit_log.c.subject == "unauthenticated"))
+    records = await _select(index, sa.select(sa.func.count().label("n")).select_from(
+        audit_log).where(audit_log.c.action == "authenticate", audit_log.c.outcome == "denied",
+                         audit_log.c.subject == "unauthenticated"))
     return counters, int(records[0]["n"])
 
 
@@ -173,30 +185,38 @@ async def test_every_route_refuses_a_request_without_a_token_and_counts_it(
         walk_province: Province, http: aiohttp.ClientSession) -> None:
     values = {**target(walk_province).values, "id": await _home_consent(walk_province, http),
               "job_id": await _sync_job(walk_province, http)}
-    for (method, canonical), kind in sorted(CLASSIFICATION.items()):
-        url = walk_province.gw.base + url_of(canonical, values)
-        before = await _refusals(walk_province)
-        async with http.request(method, url) as r:
-            status, body = r.status, await r.read()
-            challenge = r.headers.get("WWW-Authenticate", "")
-            ctype = r.headers.get("Content-Type", "")
-        after = await _refusals(walk_province)
-        where = (method, canonical)
-        if kind == PUBLIC:
-            assert status == 200, where
-            assert after == before, where
-            continue
-        assert status == 401, (where, status, body[:200])
-        assert challenge.startswith("Bearer"), where
-        if method != "HEAD":
-            assert ctype.startswith("application/json"), where
-            assert body.startswith(b'{"error": "unauthenticated"'), (where, body[:200])
-        # Counted: one more in the open window, or a new record opening the next one.
-        (counted,), records = after
-        was = {c["window_start"]: c["count"] for c in before[0]}
-        opened = records == before[1] + 1
-        assert opened or (counted["count"] == was.get(counted["window_start"], -1) + 1
-                          and records == before[1]), (where, before, after)
+    async with _opened(walk_province) as index:
+        for (method, canonical), kind in sorted(CLASSIFICATION.items()):
+            await _refused_without_a_token(walk_province, http, index, method,
+                                           url_of(canonical, values), kind)
+
+
+async def _refused_without_a_token(province: Province, http: aiohttp.ClientSession,
+                                   index: SqlIndex, method: str, path: str, kind: str) -> None:
+    """One request without Authorization: refused (401, JSON error) and counted by the
+    gate's refusal audit; a public route answers and counts nothing."""
+    before = await _refusals(index)
+    async with http.request(method, province.gw.base + path) as r:
+        status, body = r.status, await r.read()
+        challenge = r.headers.get("WWW-Authenticate", "")
+        ctype = r.headers.get("Content-Type", "")
+    after = await _refusals(index)
+    where = (method, path)
+    if kind == PUBLIC:
+        assert status == 200, where
+        assert after == before, where
+        return
+    assert status == 401, (where, status, body[:200])
+    assert challenge.startswith("Bearer"), where
+    if method != "HEAD":
+        assert ctype.startswith("application/json"), where
+        assert body.startswith(b'{"error": "unauthenticated"'), (where, body[:200])
+    # Counted: one more in the open window, or a new record opening the next one.
+    (counted,), records = after
+    was = {c["window_start"]: c["count"] for c in before[0]}
+    opened = records == before[1] + 1
+    assert opened or (counted["count"] == was.get(counted["window_start"], -1) + 1
+                      and records == before[1]), (where, before, after)
 
 
 _SUBJECTS = itertools.count(1)
