@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import re
 import struct
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
@@ -30,6 +31,7 @@ from pydicom.values import convert_string, convert_UI, convert_value
 from imaging_gateway.dicom.deflate import DEFAULT_INFLATE_MAX_BYTES
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.dicom.temporal import normalize_date, normalize_time
+from imaging_gateway.domain.attributes import EntityLevel, header_attributes
 from imaging_gateway.domain.records import (
     InstanceRecord,
     ParsedHeader,
@@ -70,14 +72,43 @@ _VR_CHARS = range(0x41, 0x5B)
 # pydicom's codec for text without (0008,0005) and for the ASCII-only VRs.
 _DEFAULT_ENCODINGS = ["iso8859"]
 _IR58_ENCODINGS = (["iso_ir_58"], ["iso8859", "iso_ir_58"])
-_KEYWORDS = (
-    "SpecificCharacterSet PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex "
-    "OtherPatientIDsSequence StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID "
-    "StudyDescription ReferringPhysicianName InstitutionName InstitutionCodeSequence CodeValue "
-    "SeriesInstanceUID Modality SeriesNumber SeriesDescription BodyPartExamined SeriesDate "
-    "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
-    "MediaStorageSOPInstanceUID MediaStorageSOPClassUID TransferSyntaxUID"
-).split()
+# Attributes of the table read by hand in _records: the identity UIDs (required, with
+# their file meta fallbacks), PatientID (blank means no identity) and the transfer
+# syntax (from the file meta or the deflate check, not an element of the dataset).
+_BY_HAND: Final = frozenset(
+    {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID",
+     "AvailableTransferSyntaxUID"}
+)  # fmt: skip
+_RECORDS: Final[dict[EntityLevel, type]] = {
+    "patient": PatientRecord,
+    "study": StudyRecord,
+    "series": SeriesRecord,
+    "instance": InstanceRecord,
+}
+
+
+def _read_order(level: EntityLevel) -> tuple[tuple[str, str, str, bool], ...]:
+    """(keyword, column, VR, whether its record has a field) of the table's header
+    attributes of ``level`` read generically: in the record's field order (the order
+    their warnings come in), then the attributes the record has no field for."""
+    fields = [f.name for f in dataclasses.fields(_RECORDS[level])]
+    attrs = [a for a in header_attributes(level) if a.keyword not in _BY_HAND]
+    attrs.sort(key=lambda a: fields.index(a.column) if a.column in fields else len(fields))
+    return tuple((a.keyword, a.column or a.keyword, a.vr, a.column in fields) for a in attrs)
+
+
+_READ: Final = {level: _read_order(level) for level in _RECORDS}
+# Elements the records need beyond the table's: the character set, the national identity
+# (OtherPatientIDsSequence), the institution code (InstitutionCodeSequence, CodeValue),
+# the file meta fallbacks and the transfer syntax.
+_KEYWORDS = [
+    "SpecificCharacterSet", "PatientID", "OtherPatientIDsSequence", "InstitutionCodeSequence",
+    "CodeValue", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+    *(keyword for read in _READ.values() for keyword, *_ in read),
+    "MediaStorageSOPInstanceUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
+]  # fmt: skip
+# Text of these VRs is ASCII (PS3.5 6.2): decoded without the dataset's character set.
+_ASCII_VRS: Final = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 
 
 def _tag(keyword: str) -> int:
@@ -1064,25 +1095,19 @@ def _records(
     patient_id = read.text(ds, "PatientID", encodings) or ""
     if not patient_id.strip():
         patient_id = ""  # blank: no identity (PatientRecord.identified)
-    issuer = read.text(ds, "IssuerOfPatientID", encodings)
+    extra: list[tuple[str, Any]] = []
+    patient_values = _read_level(read, ds, "patient", encodings, extra)
+    issuer = patient_values.get("IssuerOfPatientID")
     patient = PatientRecord(
         PatientID=patient_id,
-        IssuerOfPatientID=issuer,
-        PatientName=read.person_name(ds, "PatientName", encodings),
-        PatientBirthDate=read.date(ds, "PatientBirthDate"),
-        PatientSex=read.text(ds, "PatientSex", _DEFAULT_ENCODINGS),
+        **patient_values,
         national_id=_national_id(read, ds, encodings, patient_id, issuer, issuers),
     )
     code_items = read.items(ds, "InstitutionCodeSequence")
+    study_values = _read_level(read, ds, "study", encodings, extra)
     study = StudyRecord(
         StudyInstanceUID=study_uid,
-        StudyDate=read.date(ds, "StudyDate"),
-        StudyTime=read.time(ds, "StudyTime"),
-        AccessionNumber=read.text(ds, "AccessionNumber", encodings),
-        StudyID=read.text(ds, "StudyID", encodings),
-        StudyDescription=read.text(ds, "StudyDescription", encodings),
-        ReferringPhysicianName=read.person_name(ds, "ReferringPhysicianName", encodings),
-        InstitutionName=read.text(ds, "InstitutionName", encodings),
+        **study_values,
         institution_code=(
             read.text(code_items[0], "CodeValue", read.encodings(code_items[0], encodings))
             if code_items
@@ -1090,21 +1115,14 @@ def _records(
         ),
     )
     series = SeriesRecord(
-        SeriesInstanceUID=series_uid,
-        Modality=read.text(ds, "Modality", _DEFAULT_ENCODINGS),
-        SeriesNumber=read.integer_string(ds, "SeriesNumber"),
-        SeriesDescription=read.text(ds, "SeriesDescription", encodings),
-        BodyPartExamined=read.text(ds, "BodyPartExamined", _DEFAULT_ENCODINGS),
-        SeriesDate=read.date(ds, "SeriesDate"),
+        SeriesInstanceUID=series_uid, **_read_level(read, ds, "series", encodings, extra)
     )
+    instance_values = _read_level(read, ds, "instance", encodings, extra)
     instance = InstanceRecord(
         SOPInstanceUID=sop_uid,
         SOPClassUID=sop_class,
-        InstanceNumber=read.integer_string(ds, "InstanceNumber"),
         TransferSyntaxUID=transfer_syntax,
-        Rows=read.unsigned_short(ds, "Rows"),
-        Columns=read.unsigned_short(ds, "Columns"),
-        NumberOfFrames=read.integer_string(ds, "NumberOfFrames"),
+        **instance_values,
     )
     for warning in extra_warnings:
         read.warn(warning)
@@ -1116,7 +1134,39 @@ def _records(
         SpecificCharacterSet="\\".join(charset) if charset and any(charset) else None,
         header_bytes=header_bytes,
         warnings=tuple(read.warnings),
+        extra=tuple(extra),
     )
+
+
+def _read_level(
+    read: _Reader,
+    ds: _Dataset,
+    level: EntityLevel,
+    encodings: list[str],
+    extra: list[tuple[str, Any]],
+) -> dict[str, Any]:
+    """The values of the table's header attributes of ``level`` read by VR: record field
+    -> value; those without a record field are appended to ``extra`` by keyword."""
+    values: dict[str, Any] = {}
+    for keyword, column, vr, in_record in _READ[level]:
+        value: Any
+        if vr == "PN":
+            value = read.person_name(ds, keyword, encodings)
+        elif vr == "DA":
+            value = read.date(ds, keyword)
+        elif vr == "TM":
+            value = read.time(ds, keyword)
+        elif vr == "IS":
+            value = read.integer_string(ds, keyword)
+        elif vr == "US":
+            value = read.unsigned_short(ds, keyword)
+        else:
+            value = read.text(ds, keyword, _DEFAULT_ENCODINGS if vr in _ASCII_VRS else encodings)
+        if in_record:
+            values[column] = value
+        else:
+            extra.append((keyword, value))
+    return values
 
 
 def _national_id(
