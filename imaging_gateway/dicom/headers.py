@@ -8,7 +8,7 @@ import io
 import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from pydicom.charset import convert_encodings
@@ -1138,6 +1138,26 @@ def _records(
     )
 
 
+# How each VR is read: the _Reader method, and which character sets its text takes
+# (None: no text decoding; True: the dataset's; False: the default, ASCII VRs).
+_READERS: Final[dict[str, tuple[Callable[..., Any], bool | None]]] = {
+    "PN": (_Reader.person_name, True),
+    "DA": (_Reader.date, None),
+    "TM": (_Reader.time, None),
+    "IS": (_Reader.integer_string, None),
+    "US": (_Reader.unsigned_short, None),
+}
+# Per level: (keyword, column, reader, character sets, whether its record has a field),
+# worked out once: a header read is on the sync's hot path.
+_READ_PLAN: Final = {
+    level: tuple(
+        (keyword, column, *_READERS.get(vr, (_Reader.text, vr not in _ASCII_VRS)), in_record)
+        for keyword, column, vr, in_record in read
+    )
+    for level, read in _READ.items()
+}
+
+
 def _read_level(
     read: _Reader,
     ds: _Dataset,
@@ -1148,20 +1168,11 @@ def _read_level(
     """The values of the table's header attributes of ``level`` read by VR: record field
     -> value; those without a record field are appended to ``extra`` by keyword."""
     values: dict[str, Any] = {}
-    for keyword, column, vr, in_record in _READ[level]:
-        value: Any
-        if vr == "PN":
-            value = read.person_name(ds, keyword, encodings)
-        elif vr == "DA":
-            value = read.date(ds, keyword)
-        elif vr == "TM":
-            value = read.time(ds, keyword)
-        elif vr == "IS":
-            value = read.integer_string(ds, keyword)
-        elif vr == "US":
-            value = read.unsigned_short(ds, keyword)
+    for keyword, column, reader, text, in_record in _READ_PLAN[level]:
+        if text is None:
+            value = reader(read, ds, keyword)
         else:
-            value = read.text(ds, keyword, _DEFAULT_ENCODINGS if vr in _ASCII_VRS else encodings)
+            value = reader(read, ds, keyword, encodings if text else _DEFAULT_ENCODINGS)
         if in_record:
             values[column] = value
         else:

@@ -75,6 +75,15 @@ class InstanceRecord:
     NumberOfFrames: int | None = None
 
 
+RECORD_TYPES: dict[str, type] = {
+    "patient": PatientRecord,
+    "study": StudyRecord,
+    "series": SeriesRecord,
+    "instance": InstanceRecord,
+}
+"""The record of each information-entity level (ParsedHeader's field of that name)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedHeader:
     """Everything the index keeps from one DICOM object's header."""

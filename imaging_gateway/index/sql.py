@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
+import operator
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -32,11 +34,12 @@ from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.attributes import (
     LEVEL_TABLES,
     Attribute,
+    EntityLevel,
     header_attributes,
     sealed_columns,
     stored_attributes,
 )
-from imaging_gateway.domain.records import ParsedHeader
+from imaging_gateway.domain.records import RECORD_TYPES, ParsedHeader
 from imaging_gateway.errors import (
     ConfigError,
     Conflict,
@@ -300,18 +303,39 @@ _BLINDED: dict[str, tuple[Attribute, ...]] = {
     t: tuple(a for a in stored_attributes(t) if a.sealed and a.blind_index)
     for t in ("patients", "studies", "series")
 }
-# The attributes each upsert row takes from the parsed header, per table.
-_UPSERTED: dict[str, tuple[Attribute, ...]] = {
-    LEVEL_TABLES[level]: header_attributes(level)
-    for level in ("patient", "study", "series", "instance")
+CONSENT_PHI = ("national_id", "evidence")
+"""Sealed columns of consents (row identity: the grant's id)."""
+
+_RowPlan = tuple[EntityLevel, tuple[str, ...], Any, tuple[Attribute, ...]]
+
+
+def _row_plan(level: EntityLevel) -> _RowPlan:
+    """How an upsert row takes the header attributes of ``level`` from a ParsedHeader:
+    (level, the columns its record has fields for, one getter of them all, the
+    attributes it has no field for, read from ``ParsedHeader.extra``)."""
+    fields = {f.name for f in dataclasses.fields(RECORD_TYPES[level])}
+    attrs = header_attributes(level)
+    columns = tuple(a.column for a in attrs if a.column in fields and a.column is not None)
+    getter = operator.attrgetter(*columns) if len(columns) > 1 else (
+        lambda record: tuple(getattr(record, c) for c in columns)
+    )
+    return level, columns, getter, tuple(a for a in attrs if a.column not in fields)
+
+
+# The attributes each upsert row takes from the parsed header, per table: worked out once,
+# one getter call per record (the sync writes every object's rows).
+_UPSERTED = {
+    LEVEL_TABLES[level]: _row_plan(level) for level in ("patient", "study", "series", "instance")
 }
 
 
 def _attribute_row(header: ParsedHeader, table: str) -> dict[str, Any]:
     """Column -> value of the header attributes ``table`` stores."""
-    return {a.column or "": header.value(a) for a in _UPSERTED[table]}
-CONSENT_PHI = ("national_id", "evidence")
-"""Sealed columns of consents (row identity: the grant's id)."""
+    level, columns, getter, extra = _UPSERTED[table]
+    row = dict(zip(columns, getter(getattr(header, level)), strict=True))
+    for a in extra:
+        row[a.column or ""] = header.value(a)
+    return row
 
 
 def _aware(value: datetime | None) -> datetime | None:
