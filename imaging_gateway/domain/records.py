@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imaging_gateway.domain.attributes import Attribute
+from imaging_gateway.domain.attributes import Attribute, EntityLevel
 
 _MISSING: Any = object()
 
@@ -75,7 +75,7 @@ class InstanceRecord:
     NumberOfFrames: int | None = None
 
 
-RECORD_TYPES: dict[str, type] = {
+RECORD_TYPES: dict[EntityLevel, type] = {
     "patient": PatientRecord,
     "study": StudyRecord,
     "series": SeriesRecord,

@@ -254,7 +254,7 @@ def _sealed_cells(
     """The sealed columns of the attribute table's entries in ``table`` (cells bound to
     row identity ``row``), with their blind indexes."""
     out: dict[str, Any] = {
-        c: phi.seal(values[c], column=f"{table}.{c}", row=row) for c in sealed_columns(table)
+        c: phi.seal(values[c], column=f"{table}.{c}", row=row) for c in _SEALED_OF[table]
     }
     for a in _BLINDED[table]:
         out[a.blind_index or ""] = phi.blind(values[a.column or ""], column=f"{table}.{a.column}")
@@ -299,6 +299,9 @@ STUDY_PHI = sealed_columns("studies")
 """Sealed columns of studies (row identity: StudyInstanceUID)."""
 SERIES_PHI = sealed_columns("series")
 """Sealed columns of series (row identity: SeriesInstanceUID)."""
+_SEALED_OF: dict[str, tuple[str, ...]] = {
+    t: sealed_columns(t) for t in ("patients", "studies", "series")
+}
 _BLINDED: dict[str, tuple[Attribute, ...]] = {
     t: tuple(a for a in stored_attributes(t) if a.sealed and a.blind_index)
     for t in ("patients", "studies", "series")
