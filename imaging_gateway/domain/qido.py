@@ -32,7 +32,6 @@ __all__ = [
     "DEFAULT_RETURN",
     "REQUIRED_RETURN",
     "AttributeMatch",
-    "AttributeSpec",
     "Level",
     "MatchKind",
     "QidoPage",
@@ -48,9 +47,6 @@ MatchKind = Literal["universal", "single", "wildcard", "list", "range"]
 
 _LEVEL_RANK: Final[dict[str, int]] = {"study": 0, "series": 1, "instance": 2}
 
-
-AttributeSpec = Attribute
-"""One attribute the index can match and return (an entry of ``domain.attributes``)."""
 
 # The attributes the index holds (and a few it computes), by keyword: the table's
 # top-level entries. The QIDO-RS required matching keys (PS3.18 Table 10.6.1-5) are all

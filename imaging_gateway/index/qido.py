@@ -118,7 +118,8 @@ COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     for a in ATTRIBUTES.values()
     if a.column is not None and a.source != "computed"
 }
-"""Keyword -> the index column that holds it."""
+"""Keyword -> the index column that holds it: every stored entry of the attribute table
+(``imaging_gateway.domain.attributes``), which also says how each is matched."""
 
 # Held as backslash-separated values, returned as a list (ModalitiesInStudy).
 _MULTI_VALUED = frozenset(k for k, a in ATTRIBUTES.items() if a.matching == "list")
