@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.process
 import os
 import socket
 import ssl
@@ -76,9 +77,14 @@ def _cli_child(argv: list[str], cwd: str, environ: dict[str, str], out: Path,
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
-    for fd, path in ((1, out), (2, err)):
-        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(opened, fd)
+    opened = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(opened, 1)
+    os.close(opened)
+    if err == out:
+        os.dup2(1, 2)
+    else:
+        opened = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(opened, 2)
         os.close(opened)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
@@ -117,6 +123,33 @@ def issue_token(config: Path, *args: str) -> str:
     return out.getvalue().strip()
 
 
+class ForkedProcess:
+    """The ``subprocess.Popen`` calls the tests make, on a process ``_cli_processes`` forked."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None
+        return self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"forked process {self.pid}", timeout or 0.0)
+        return self._process.exitcode
+
+
 class GatewayProcess:
     """``imaging-gateway serve`` on a free loopback port.
 
@@ -132,14 +165,16 @@ class GatewayProcess:
         self.base = f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
         self.log = config.parent / f"gateway-{port}.log"
         self._env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ForkedProcess | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "imaging_gateway", "serve", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, env=self._env,
-            )
+        # Forked from the server cli() uses: a process of its own without a Python start-up.
+        child = _cli_processes().Process(
+            target=_cli_child,
+            args=(["serve", "--config", str(self.config)], os.getcwd(), self._env,
+                  self.log, self.log))
+        child.start()
+        self.proc = ForkedProcess(child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -177,7 +212,7 @@ class InProcessGateway:
     superset of the gateway's own, so "nothing leaks into the log" checks only get stricter.
     """
 
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ForkedProcess | None = None
 
     def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, *,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -270,7 +305,7 @@ class Gateway(Protocol):
     port: int
     base: str
     ssl_context: ssl.SSLContext | None
-    proc: subprocess.Popen[bytes] | None
+    proc: ForkedProcess | None
 
     def start(self, timeout: float = 30.0) -> None: ...
     def stop(self) -> None: ...
