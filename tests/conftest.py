@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -78,3 +80,64 @@ async def index(index_url: str) -> AsyncIterator[SqlIndex]:
     idx = await SqlIndex.open(IndexSettings(url=index_url))
     yield idx
     await idx.close()
+
+
+class FilledIndexes:
+    """Indexes a module fills once per backend and each test gets a copy of (a PostgreSQL
+    ``CREATE DATABASE ... TEMPLATE`` or a copied SQLite file): the same fresh state per
+    test without filling it again."""
+
+    def __init__(self, folder: Path, sqlite_templates: Path, pg_dropper: Dropper) -> None:
+        self._folder = folder
+        self._sqlite_templates = sqlite_templates
+        self._dropper = pg_dropper
+        self._filled: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def copy(self, backend: str, folder: Path,
+                   fill: Callable[[SqlIndex], Awaitable[None]]) -> AsyncIterator[str]:
+        """The URL of a new copy of the index ``fill`` filled on ``backend`` (filled on
+        first use), in ``folder`` for SQLite; a PostgreSQL copy is dropped on exit."""
+        if backend not in self._filled:
+            if backend == "sqlite":
+                path = self._folder / f"filled-{uuid.uuid4().hex[:12]}.sqlite3"
+                await copy_sqlite_template(self._sqlite_templates, path)
+                url = f"sqlite:///{path}"
+            else:
+                url = await create_pg_database()
+            idx = await SqlIndex.open(IndexSettings(url=url))
+            try:
+                await fill(idx)
+            finally:
+                await idx.close()  # every connection closed: a template must have none
+            self._filled[backend] = url
+        template = self._filled[backend]
+        if backend == "sqlite":
+            target = folder / "index.sqlite3"
+            shutil.copy2(template.removeprefix("sqlite:///"), target)
+            yield f"sqlite:///{target}"
+            return
+        name = template.rsplit("/", 1)[1]
+        try:
+            url = await create_database("ig_test", template=name)
+        except (OSError, asyncpg.PostgresError) as exc:
+            pytest.fail(f"PostgreSQL is required at {PG_ADMIN_DSN}: {exc}")
+        try:
+            yield url
+        finally:
+            self._dropper.drop(url)
+
+    def close(self) -> None:
+        for backend, url in self._filled.items():
+            if backend != "sqlite":
+                self._dropper.drop(url)
+
+
+@pytest.fixture(scope="module")
+def filled_indexes(tmp_path_factory: pytest.TempPathFactory, sqlite_templates: Path,
+                   pg_dropper: Dropper) -> Iterator[FilledIndexes]:
+    """A module's once-filled indexes to copy per test (``FilledIndexes``)."""
+    folder = tmp_path_factory.mktemp("filled-indexes")
+    filled = FilledIndexes(folder, sqlite_templates, pg_dropper)
+    yield filled
+    filled.close()

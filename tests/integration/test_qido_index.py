@@ -7,6 +7,7 @@ import functools
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from imaging_gateway.index.qido import refresh_derived, search
 from imaging_gateway.index.schema import patients, series, series_requests, studies
 from imaging_gateway.index.sql import IndexedObject, SqlIndex
 from imaging_gateway.settings import IndexSettings
+from tests.conftest import FilledIndexes
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 # One name per synthetic person (by national ID, in generation order): Chinese with both
@@ -71,9 +73,17 @@ def study_uids(**where: Any) -> set[str]:
     return out
 
 
-@pytest.fixture
-async def index(index_url: str) -> AsyncIterator[SqlIndex]:
-    idx = await SqlIndex.open(IndexSettings(url=index_url))
+@pytest.fixture(params=["sqlite", "postgres"])
+async def index(request: pytest.FixtureRequest, tmp_path: Path,
+                filled_indexes: FilledIndexes) -> AsyncIterator[SqlIndex]:
+    """A copy of the module's corpus index, on each backend."""
+    async with filled_indexes.copy(request.param, tmp_path, _fill) as url:
+        idx = await SqlIndex.open(IndexSettings(url=url))
+        yield idx
+        await idx.close()
+
+
+async def _fill(idx: SqlIndex) -> None:
     job = await idx.create_job("s1", "full")
     await idx.apply_page(store="s1", province="110000", job_id=job.id, indexed=list(corpus()),
                          quarantined=[], deleted=[], cursor=None, counters={})
@@ -96,8 +106,6 @@ async def index(index_url: str) -> AsyncIterator[SqlIndex]:
             {"series_id": first_series[2][0], "ScheduledProcedureStepID": "SPS-3",
              "RequestedProcedureID": "RP-9"},
         ])
-    yield idx
-    await idx.close()
 
 
 async def run(index: SqlIndex, level: Level, params: Mapping[str, str] | MultiDict[str],
