@@ -35,12 +35,21 @@ from imaging_gateway.storage.zerocopy import (
     relay_fd,
 )
 
-__all__ = ["STREAM_OUTCOME", "send_instances", "send_multipart", "send_parts", "send_range"]
+__all__ = [
+    "STREAM_BYTES",
+    "STREAM_OUTCOME",
+    "send_instances",
+    "send_multipart",
+    "send_parts",
+    "send_range",
+]
 
 log = logging.getLogger(__name__)
 
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
 """Set on every streamed response: ``complete``, ``aborted`` or ``client-gone`` (for audit)."""
+STREAM_BYTES: Final = web.ResponseKey("stream_bytes", int)
+"""Set with :data:`STREAM_OUTCOME`: the body bytes handed to the connection (for audit)."""
 
 
 class _ClientGone(Exception):
@@ -107,6 +116,7 @@ async def send_multipart(
         await response.prepare(request)
         await response.write_eof()
         response[STREAM_OUTCOME] = "complete"
+        response[STREAM_BYTES] = 0
         return response
     try:
         part = await anext(parts, None)
@@ -115,6 +125,7 @@ async def send_multipart(
         pending: bytes | OpenBody | None = await anext(part.body, None)
         response = _multipart_response(content_type, boundary, layout, headers)
         response[STREAM_OUTCOME] = "aborted"
+        response[STREAM_BYTES] = 0
         await response.prepare(request)
         if request.method == "HEAD":  # transcoded: the first part was needed for the headers
             await response.write_eof()
@@ -122,6 +133,7 @@ async def send_multipart(
             return response
         index = 0
         total = 0
+        written = 0
         relay: Relay | None = None
 
         async def emit(item: bytes | OpenBody) -> int:
@@ -143,8 +155,9 @@ async def send_multipart(
             while part is not None:
                 try:
                     head = part_head(boundary, part.content_type, part.length, first=index == 0)
-                    await _write(response, head)
                     written = 0
+                    await _write(response, head)
+                    total += len(head)
                     if pending is not None:
                         written += await emit(pending)
                     async for chunk in part.body:
@@ -153,7 +166,8 @@ async def send_multipart(
                     await part.body.aclose()
                 if part.length is not None and written != part.length:
                     raise IntegrityError(f"part {index + 1} is not the length it announced")
-                total += len(head) + written
+                total += written
+                written = 0
                 index += 1
                 part = await anext(parts, None)
                 pending = None
@@ -161,6 +175,7 @@ async def send_multipart(
             if response.content_length not in (None, total + len(end)):
                 raise IntegrityError("the body is not the length it announced")
             await _write(response, end)
+            total += len(end)
             try:
                 await response.write_eof()
             except ConnectionError as exc:
@@ -178,6 +193,7 @@ async def send_multipart(
         else:
             response[STREAM_OUTCOME] = "complete"
         finally:
+            response[STREAM_BYTES] = total + written
             if relay is not None:
                 relay.close()
         return response
@@ -232,6 +248,7 @@ async def send_instances(
 
 def _sent_whole(response: web.Response) -> web.Response:
     response[STREAM_OUTCOME] = "complete"  # nothing more to send than its headers
+    response[STREAM_BYTES] = 0
     return response
 
 
@@ -257,11 +274,14 @@ async def send_range(
         })  # fmt: skip
         response.content_length = stop - start
         response[STREAM_OUTCOME] = "aborted"
+        sent = 0
         await response.prepare(request)
         try:
             await _write(response, first)
+            sent += len(first)
             async for chunk in chunks:
                 await _write(response, chunk)
+                sent += len(chunk)
             await response.write_eof()
         except (_ClientGone, ConnectionError):
             response[STREAM_OUTCOME] = "client-gone"
@@ -272,6 +292,7 @@ async def send_range(
             _abort(request)
         else:
             response[STREAM_OUTCOME] = "complete"
+        response[STREAM_BYTES] = sent
         return response
     finally:
         await chunks.aclose()
