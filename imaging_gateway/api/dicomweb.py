@@ -7,7 +7,7 @@ audit record and releases the instances the other calls read; ``api/streaming.py
 writes the parts) or the store service (STOW-RS, which asks the gate about every
 instance). A study that may not be seen answers exactly like one that does not exist.
 A retrieve that ends short of its body gets a follow-up audit record (the retrieve
-service's ``ended``).
+service's ``ended``, told by ``api/streaming.py``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,7 @@ from imaging_gateway.api.params import (
     parse_window,
     path_uid_problem,
 )
-from imaging_gateway.api.streaming import (
-    STREAM_BYTES,
-    STREAM_OUTCOME,
-    send_instances,
-    send_parts,
-)
+from imaging_gateway.api.streaming import OnEnd, send_instances, send_parts
 from imaging_gateway.api.urls import public_authority, public_base
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
@@ -241,22 +236,20 @@ def _instance_url(request: web.Request) -> Callable[[InstanceLocation], str]:
     return url
 
 
-async def _streamed(
-    request: web.Request, released: ReleasedInstances, response: web.StreamResponse
-) -> web.StreamResponse:
-    """Hand how the stream ended to the retrieve service (a short one is audited)."""
-    await request.app[RETRIEVE].ended(
-        released,
-        outcome=response.get(STREAM_OUTCOME, "complete"),
-        bytes_sent=response.get(STREAM_BYTES, 0),
-    )
-    return response
+def _ended(request: web.Request, released: ReleasedInstances) -> OnEnd:
+    """How a started body ended, for the retrieve service (a short one is audited)."""
+    retrieve = request.app[RETRIEVE]
+
+    async def ended(outcome: str, bytes_sent: int) -> None:
+        await retrieve.ended(released, outcome=outcome, bytes_sent=bytes_sent)
+
+    return ended
 
 
 async def _retrieve(request: web.Request) -> web.StreamResponse:
     released = await _locate(request, "retrieve")
     retrieval = request.app[RETRIEVE].instances(released, accept=request.headers.get("Accept"))
-    return await _streamed(request, released, await send_instances(request, retrieval))
+    return await send_instances(request, retrieval, on_end=_ended(request, released))
 
 
 async def _metadata(request: web.Request) -> web.StreamResponse:
@@ -332,7 +325,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     released = await _locate(request, "frames")
     retrieve = request.app[RETRIEVE]
     body = await retrieve.frames(released, numbers, accept=request.headers.get("Accept"))
-    return await _streamed(request, released, await send_parts(request, body))
+    return await send_parts(request, body, on_end=_ended(request, released))
 
 
 @routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/bulkdata/{{path:.+}}")
@@ -341,7 +334,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     body = await request.app[RETRIEVE].bulkdata(
         released, request.match_info["path"], accept=request.headers.get("Accept")
     )
-    return await _streamed(request, released, await send_parts(request, body))
+    return await send_parts(request, body, on_end=_ended(request, released))
 
 
 for _path in (

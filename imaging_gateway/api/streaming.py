@@ -12,9 +12,10 @@ the abort is logged without keys, UIDs or patient data. Every streamed response 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from imaging_gateway.storage.zerocopy import (
 
 __all__ = [
     "STREAM_BYTES",
+    "OnEnd",
     "STREAM_OUTCOME",
     "send_instances",
     "send_multipart",
@@ -50,6 +52,19 @@ STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
 """Set on every streamed response: ``complete``, ``aborted`` or ``client-gone`` (for audit)."""
 STREAM_BYTES: Final = web.ResponseKey("stream_bytes", int)
 """Set with :data:`STREAM_OUTCOME`: the body bytes handed to the connection (for audit)."""
+
+OnEnd = Callable[[str, int], Awaitable[None]]
+"""Told how a started body ended (:data:`STREAM_OUTCOME`, :data:`STREAM_BYTES`): the
+follow-up audit of a retrieve. Called also when the server cancels the handler (outcome
+``client-gone`` when the connection is closed, else ``cancelled``), before the
+cancellation goes on."""
+
+
+def _cancelled_outcome(request: web.Request) -> str:
+    # aiohttp cancels the handler of a connection the client closed when the server runs
+    # with handler_cancellation (its test server does): that is the client going away.
+    transport = request.transport
+    return "client-gone" if transport is None or transport.is_closing() else "cancelled"
 
 
 class _ClientGone(Exception):
@@ -96,6 +111,7 @@ async def send_multipart(
     layout: Sequence[tuple[str, int]] | None = None,
     boundary: str | None = None,
     headers: Mapping[str, str] | None = None,
+    on_end: OnEnd | None = None,
 ) -> web.StreamResponse:
     """Stream ``parts`` as one ``multipart/related`` response.
 
@@ -106,7 +122,7 @@ async def send_multipart(
     chunk is read before anything is sent, so an error there propagates (the
     middleware answers it). After that, an error aborts the connection; a client that
     goes away ends the stream quietly. Either way the response is returned with
-    :data:`STREAM_OUTCOME` set.
+    :data:`STREAM_OUTCOME` set, and ``on_end`` is told once the body has started.
     """
     boundary = boundary or secrets.token_hex(16)
     if request.method == "HEAD" and layout is not None:
@@ -135,6 +151,7 @@ async def send_multipart(
         total = 0
         written = 0
         relay: Relay | None = None
+        cancelled: asyncio.CancelledError | None = None
 
         async def emit(item: bytes | OpenBody) -> int:
             nonlocal relay
@@ -183,6 +200,9 @@ async def send_multipart(
         except _ClientGone:
             response[STREAM_OUTCOME] = "client-gone"
             log.info("wado: client closed the connection during part %d", index + 1)
+        except asyncio.CancelledError as exc:
+            response[STREAM_OUTCOME] = _cancelled_outcome(request)
+            cancelled = exc
         except Exception as exc:
             detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             log.warning("wado: response aborted during part %d: %s", index + 1, detail)
@@ -196,18 +216,24 @@ async def send_multipart(
             response[STREAM_BYTES] = total + written
             if relay is not None:
                 relay.close()
+        if on_end is not None:
+            await on_end(response[STREAM_OUTCOME], response[STREAM_BYTES])
+        if cancelled is not None:
+            raise cancelled
         return response
     finally:
         await parts.aclose()
 
 
-async def send_parts(request: web.Request, body: Multipart) -> web.StreamResponse:
+async def send_parts(
+    request: web.Request, body: Multipart, *, on_end: OnEnd | None = None
+) -> web.StreamResponse:
     """Stream a service's :class:`Multipart` (frames, bulk data) as one chunked response."""
-    return await send_multipart(request, body.content_type, body.parts)
+    return await send_multipart(request, body.content_type, body.parts, on_end=on_end)
 
 
 async def send_instances(
-    request: web.Request, retrieval: InstanceRetrieval
+    request: web.Request, retrieval: InstanceRetrieval, *, on_end: OnEnd | None = None
 ) -> web.StreamResponse:
     """Send a Retrieve Study / Series / Instance: whole, 304, 206 or 416.
 
@@ -216,12 +242,15 @@ async def send_instances(
     ``bytes`` range (``If-Range`` naming it, when given) gets 206 with only the objects
     the range covers read, a range past the end 416. Its parts are relayed
     (``storage.zerocopy``) when the client's connection can splice. A transcoded body is
-    sent whole, chunked. The response has :data:`STREAM_OUTCOME` set.
+    sent whole, chunked. The response has :data:`STREAM_OUTCOME` set; ``on_end`` is told
+    how a body that started ended.
     """
     content_type = retrieval.content_type
     layout = retrieval.layout
     if layout is None:  # transcoded: part lengths are known only once each is transcoded
-        return await send_multipart(request, content_type, retrieval.parts(relay=False))
+        return await send_multipart(
+            request, content_type, retrieval.parts(relay=False), on_end=on_end
+        )
     relay = relay_fd(request.transport) is not None
     etag = representation_etag(content_type, retrieval.instances)
     boundary = boundary_of(etag)
@@ -233,7 +262,7 @@ async def send_instances(
     if wanted is None:
         return await send_multipart(
             request, content_type, retrieval.parts(relay=relay),
-            layout=layout, boundary=boundary, headers=headers,
+            layout=layout, boundary=boundary, headers=headers, on_end=on_end,
         )  # fmt: skip
     if wanted == "unsatisfiable":
         return _sent_whole(
@@ -243,6 +272,7 @@ async def send_instances(
     return await send_range(
         request, f"{content_type}; boundary={boundary}",
         retrieval.byte_range(boundary, start, stop), start, stop, total, headers,
+        on_end=on_end,
     )  # fmt: skip
 
 
@@ -260,6 +290,8 @@ async def send_range(
     stop: int,
     total: int,
     headers: Mapping[str, str],
+    *,
+    on_end: OnEnd | None = None,
 ) -> web.StreamResponse:
     """206 with ``chunks``, the bytes ``[start, stop)`` of a body of ``total`` bytes.
 
@@ -275,6 +307,7 @@ async def send_range(
         response.content_length = stop - start
         response[STREAM_OUTCOME] = "aborted"
         sent = 0
+        cancelled: asyncio.CancelledError | None = None
         await response.prepare(request)
         try:
             await _write(response, first)
@@ -285,6 +318,9 @@ async def send_range(
             await response.write_eof()
         except (_ClientGone, ConnectionError):
             response[STREAM_OUTCOME] = "client-gone"
+        except asyncio.CancelledError as exc:
+            response[STREAM_OUTCOME] = _cancelled_outcome(request)
+            cancelled = exc
         except Exception as exc:
             detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             log.warning("wado: ranged response aborted: %s", detail)
@@ -293,6 +329,10 @@ async def send_range(
         else:
             response[STREAM_OUTCOME] = "complete"
         response[STREAM_BYTES] = sent
+        if on_end is not None:
+            await on_end(response[STREAM_OUTCOME], sent)
+        if cancelled is not None:
+            raise cancelled
         return response
     finally:
         await chunks.aclose()

@@ -192,6 +192,8 @@ class Gate:
         """Refused-token counters, shared with the province's other gateway processes."""
         self.consents = ConsentStore(engine, phi=phi)
         """The grants, read and written here only (``record_consent`` and the rest)."""
+        self._writes: set[asyncio.Future[None]] = set()
+        """Follow-up records being written (held: the loop keeps weak references only)."""
         self._tokens_lock = asyncio.Lock()
         self._tokens_through = 0
         """Patient rows up to this id were given their token by this process or another."""
@@ -685,7 +687,9 @@ class Gate:
         says how it ended (``outcome``: ``aborted`` when the gateway cut it, e.g. a store
         failing mid-body; ``client-gone`` when the client closed the connection) and how
         many bytes were sent. The response is over, so a record that cannot be written is
-        logged, not raised.
+        logged, not raised. The write runs as its own task: a server that cancels the
+        handler of a connection the client closed (``handler_cancellation``) cancels the
+        wait, never the record.
         """
         ctx = released.ctx
         event = ctx.event(
@@ -695,6 +699,12 @@ class Gate:
             StudyInstanceUID=released.study_uid,
             detail=f"ended={outcome} bytes={bytes_sent}",
         )
+        write = asyncio.ensure_future(self._record_quietly(event))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def _record_quietly(self, event: AuditEvent) -> None:
         try:
             await self.audit.record([event], at=datetime.now(UTC))
         except IndexUnavailable:
