@@ -19,6 +19,7 @@ changed (304).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -101,17 +102,25 @@ async def retrieve_federated(request: web.Request) -> web.StreamResponse:
         if answer.content_length is not None:
             out.content_length = answer.content_length
         await out.prepare(request)
+        outcome, sent = "aborted", 0
         try:
             async for chunk in answer.chunks:
                 await out.write(chunk)
+                sent += len(chunk)
             await out.write_eof()
+            outcome = "complete"
         except RelayBroken as exc:
             # Headers are gone: the client sees a truncated body (Content-Length tells).
             log.warning("federated retrieve broke off: %s", exc)
-        except ConnectionError:
-            pass  # the client went away
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # The client went away (a server with handler_cancellation cancels instead).
+            outcome = "client-gone"
+            if isinstance(exc, asyncio.CancelledError):
+                await federation.ended(released, outcome=outcome, bytes_sent=sent)
+                raise
         except GatewayError as exc:
             log.warning("federation cache: entry broke off: %s", type(exc).__name__)
             if request.transport is not None:
                 request.transport.abort()
+        await federation.ended(released, outcome=outcome, bytes_sent=sent)
         return out

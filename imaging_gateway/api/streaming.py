@@ -38,8 +38,8 @@ from imaging_gateway.storage.zerocopy import (
 
 __all__ = [
     "STREAM_BYTES",
-    "OnEnd",
     "STREAM_OUTCOME",
+    "OnEnd",
     "send_instances",
     "send_multipart",
     "send_parts",

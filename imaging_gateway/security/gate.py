@@ -679,7 +679,11 @@ class Gate:
         raise NotFound("no such study, series or instance")
 
     async def retrieve_ended(
-        self, released: ReleasedInstances, *, outcome: str, bytes_sent: int
+        self,
+        released: ReleasedInstances | ReleasedRemoteStudy,
+        *,
+        outcome: str,
+        bytes_sent: int,
     ) -> None:
         """The follow-up record of a released retrieve that ended short of its body.
 
@@ -691,12 +695,17 @@ class Gate:
         handler of a connection the client closed (``handler_cancellation``) cancels the
         wait, never the record.
         """
-        ctx = released.ctx
+        if isinstance(released, ReleasedRemoteStudy):
+            # Its ctx carries the retrieve's correlation id (both provinces' records).
+            action, study_uid = "federated-retrieve", released.StudyInstanceUID
+            ctx = released.ctx
+        else:
+            action, study_uid, ctx = released.action, released.study_uid, released.ctx
         event = ctx.event(
-            released.action,
+            action,
             "error",
             patient_token=released.patient_token,
-            StudyInstanceUID=released.study_uid,
+            StudyInstanceUID=study_uid,
             detail=f"ended={outcome} bytes={bytes_sent}",
         )
         write = asyncio.ensure_future(self._record_quietly(event))

@@ -589,6 +589,13 @@ class FederationService:
             consent_id=found.consent.id if found is not None and found.consent else None,
         )
 
+    async def ended(self, released: ReleasedRemoteStudy, *, outcome: str, bytes_sent: int) -> None:
+        """How a relayed retrieve ended: one short of its body (the holding province's
+        body broke off, the cache's copy failed, the client went away) gets its follow-up
+        audit record (``Gate.retrieve_ended``); a complete one needs none."""
+        if outcome != "complete":
+            await self.gate.retrieve_ended(released, outcome=outcome, bytes_sent=bytes_sent)
+
     async def _caller(self, released: ReleasedRemoteStudy) -> tuple[Federation, Peer, Any]:
         federation = self.federation
         assert federation is not None  # released only when federation is on
