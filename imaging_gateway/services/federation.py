@@ -77,6 +77,7 @@ __all__ = [
     "LocatedStudies",
     "RelayBroken",
     "RemoteAnswer",
+    "RemoteRetrieve",
     "as_token_patient",
     "federated_search",
     "peer_query",
@@ -446,6 +447,15 @@ class _CachedCopyUnreadable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteRetrieve:
+    """A federated retrieve the gate released, and the caller the peer is asked as."""
+
+    released: ReleasedRemoteStudy
+    """Only the gate makes one: the relay, the cache and the metadata take nothing else."""
+    caller: FederatedCaller
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteAnswer:
     """What a federated retrieve sends back: status, headers and the body's chunks.
 
@@ -560,7 +570,7 @@ class FederationService:
 
     async def release(
         self, ctx: AccessContext, *, province: str, study_uid: str, problem: str | None
-    ) -> ReleasedRemoteStudy:
+    ) -> RemoteRetrieve:
         """A study another province holds, released by the gate to a hospital caller.
 
         Needs a federated search for the study by the same hospital first (its
@@ -580,7 +590,7 @@ class FederationService:
         found = await federation.located.get(ctx.principal.hospital, province, study_uid,
                                              now=ctx.now)  # fmt: skip
         ctx = replace(ctx, correlation_id=str(uuid.uuid4()))
-        return await self.gate.release_remote(
+        released = await self.gate.release_remote(
             ctx,
             province=province,
             study_uid=study_uid,
@@ -588,34 +598,31 @@ class FederationService:
             patient_token=found.patient_token if found is not None else None,
             consent_id=found.consent.id if found is not None and found.consent else None,
         )
+        assert found is not None  # else release_remote raised NotFound
+        # The peer is asked as the search was made, under this retrieve's correlation id.
+        return RemoteRetrieve(released, replace(found, correlation_id=ctx.correlation_id or ""))
 
-    async def ended(self, released: ReleasedRemoteStudy, *, outcome: str, bytes_sent: int) -> None:
+    async def ended(self, retrieve: RemoteRetrieve, *, outcome: str, bytes_sent: int) -> None:
         """How a relayed retrieve ended: one short of its body (the holding province's
         body broke off, the cache's copy failed, the client went away) gets its follow-up
         audit record (``Gate.retrieve_ended``); a complete one needs none."""
         if outcome != "complete":
-            await self.gate.retrieve_ended(released, outcome=outcome, bytes_sent=bytes_sent)
+            await self.gate.retrieve_ended(
+                retrieve.released, outcome=outcome, bytes_sent=bytes_sent
+            )
 
-    async def _caller(self, released: ReleasedRemoteStudy) -> tuple[Federation, Peer, Any]:
+    def _caller(self, retrieve: RemoteRetrieve) -> tuple[Federation, Peer, FederatedCaller | None]:
         federation = self.federation
         assert federation is not None  # released only when federation is on
-        hospital = released.ctx.principal.hospital
-        assert hospital is not None
-        found = await federation.located.get(
-            hospital, released.province, released.StudyInstanceUID, now=released.ctx.now
-        )
-        if found is None:  # expired between the release and now
-            raise NotFound("no such study, series or instance (search with federated=true first)")
-        caller = replace(found, correlation_id=released.correlation_id)
-        peer = federation.registry.get(released.province)
-        return federation, peer, caller if peer.kind == "gateway" else None
+        peer = federation.registry.get(retrieve.released.province)
+        return federation, peer, retrieve.caller if peer.kind == "gateway" else None
 
-    def _path(self, released: ReleasedRemoteStudy, tail: str | None) -> str:
-        return f"studies/{released.StudyInstanceUID}" + (f"/{tail}" if tail else "")
+    def _path(self, retrieve: RemoteRetrieve, tail: str | None) -> str:
+        return f"studies/{retrieve.released.StudyInstanceUID}" + (f"/{tail}" if tail else "")
 
     async def metadata(
         self,
-        released: ReleasedRemoteStudy,
+        retrieve: RemoteRetrieve,
         *,
         tail: str,
         query: Sequence[tuple[str, str]],
@@ -629,9 +636,9 @@ class FederationService:
         rewritten. A URI outside the peer's registered base is dropped, never followed.
         Raises ``NotFound`` / ``PeerUnavailable`` as a retrieve does.
         """
-        federation, peer, who = await self._caller(released)
+        federation, peer, who = self._caller(retrieve)
         pending = federation.client.retrieve(
-            peer, self._path(released, tail), query, who, headers=dict(headers)
+            peer, self._path(retrieve, tail), query, who, headers=dict(headers)
         )
         limit = federation.settings.max_answer_bytes
         try:
@@ -659,7 +666,7 @@ class FederationService:
                 f"the holding province answered metadata that is {reason}"
             ) from None
         registry = federation.registry
-        province = released.province
+        province = retrieve.released.province
         nodes = [data]
         while nodes:
             node = nodes.pop()
@@ -679,7 +686,7 @@ class FederationService:
     @asynccontextmanager
     async def relay(
         self,
-        released: ReleasedRemoteStudy,
+        retrieve: RemoteRetrieve,
         *,
         tail: str | None,
         query: Sequence[tuple[str, str]],
@@ -695,8 +702,8 @@ class FederationService:
         is kept while it is relayed. Raises, before the answer: ``NotFound``,
         ``NotAcceptable``, ``PeerUnavailable``.
         """
-        federation, peer, who = await self._caller(released)
-        path = self._path(released, tail)
+        federation, peer, who = self._caller(retrieve)
+        path = self._path(retrieve, tail)
         pairs = list(query)
         passed = dict(headers)
 
@@ -709,7 +716,7 @@ class FederationService:
             async with AsyncExitStack() as stack:
                 yield await _open(stack, ask({}))
             return
-        key = cache.key(released.province, path, pairs, passed.get("Accept"))
+        key = cache.key(retrieve.released.province, path, pairs, passed.get("Accept"))
         cached = await cache.lookup(key)
         if cached is not None:
             stack = AsyncExitStack()
