@@ -200,6 +200,11 @@ def configure_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_loggers()
+
+
+def quiet_loggers() -> None:
+    """Keep the libraries that echo DICOM values (PHI) or chatter quiet."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom's warnings quote element values, which can be names or birth dates.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)

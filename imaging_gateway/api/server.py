@@ -126,14 +126,18 @@ async def serve(
     ssl_context: ssl.SSLContext | None,
     access_log_class: type[AbstractAccessLogger] | None = None,
     on_serving: Callable[[], None] = lambda: None,
+    handle_signals: bool = True,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM (then ``web.GracefulExit`` is raised, as
-    ``web.run_app`` does); the app's cleanup runs on the way out."""
+    ``web.run_app`` does) or until cancelled; the app's cleanup runs on the way out.
+
+    ``handle_signals=False`` for a loop outside the main thread (signals reach only that).
+    """
     # keepalive_timeout as web.run_app sets it (the handler's own default is an hour).
     if access_log_class is None:
-        runner = GatewayRunner(app, handle_signals=True, keepalive_timeout=75.0)
+        runner = GatewayRunner(app, handle_signals=handle_signals, keepalive_timeout=75.0)
     else:
-        runner = GatewayRunner(app, handle_signals=True, keepalive_timeout=75.0,
+        runner = GatewayRunner(app, handle_signals=handle_signals, keepalive_timeout=75.0,
                                access_log_class=access_log_class)  # fmt: skip
     await runner.setup()
     try:

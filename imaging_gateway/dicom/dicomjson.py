@@ -2,7 +2,9 @@
 
 Results come as dicts of keyword -> Python value (see ``imaging_gateway.domain.qido``):
 str, int, a list for multi-valued attributes, a list of such dicts for sequences, None
-where the index holds no value. VRs come from pydicom's data dictionary. Each result
+where the index holds no value. Tags and VRs come from the attribute table
+(``imaging_gateway.domain.attributes``), for other keywords from pydicom's data
+dictionary; which attributes are type R/U from the table too. Each result
 also gets SpecificCharacterSet ``ISO_IR 192`` (the payload is UTF-8, PS3.18 F.2) and its
 RetrieveURL (PS3.18 Tables 10.6.3-3..5).
 """
@@ -15,6 +17,8 @@ from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from imaging_gateway.domain.attributes import BY_KEYWORD
+
 __all__ = ["PN_GROUPS", "Level", "retrieve_url", "to_dicom_json"]
 
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
@@ -22,35 +26,29 @@ PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 _INT_VRS = frozenset({"IS", "SL", "SS", "UL", "US", "SV", "UV"})
 _FLOAT_VRS = frozenset({"DS", "FL", "FD"})
 # Type R and U attributes of PS3.18 Tables 10.6.3-3..5 (and sequence items' R keys):
-# present, empty if need be, whenever a result carries them.
+# present, empty if need be, whenever a result carries them. RetrieveURL is R too, but
+# added only when a result has one.
 _REQUIRED = frozenset(
-    (
-        "StudyDate StudyTime AccessionNumber ModalitiesInStudy ReferringPhysicianName "
-        "PatientName PatientID PatientBirthDate PatientSex StudyInstanceUID StudyID "
-        "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances Modality "
-        "SeriesInstanceUID SeriesNumber NumberOfSeriesRelatedInstances SOPClassUID "
-        "SOPInstanceUID InstanceNumber ScheduledProcedureStepID RequestedProcedureID"
-    ).split()
+    k for k, a in BY_KEYWORD.items() if a.required and a.source != "computed"
 )
 
 Level = Literal["study", "series", "instance"]
 
 
 @functools.cache
-def _tag(keyword: str) -> int:
-    # Cached: every element of every result looks its keyword up (the keywords are the
-    # few the index returns; an unknown one raises and is not cached).
+def _element(keyword: str) -> tuple[int, str]:
+    """(tag, VR) of a keyword: the attribute table's, else pydicom's data dictionary
+    (metadata of other attributes). Cached: every element of every result looks its
+    keyword up (the keywords are the few the index returns; an unknown one raises and
+    is not cached)."""
+    attribute = BY_KEYWORD.get(keyword)
+    if attribute is not None:
+        return attribute.tag, attribute.vr
     tag = tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(f"not a DICOM keyword: {keyword}")
-    return int(tag)
-
-
-@functools.cache
-def _vr(tag: int) -> str:
-    vr = str(dictionary_VR(tag))
     # Ambiguous dictionary VRs ("US or SS"): the unsigned form is what the index holds.
-    return vr.split(" or ")[0]
+    return int(tag), str(dictionary_VR(tag)).split(" or ")[0]
 
 
 def retrieve_url(level: Level, row: Mapping[str, Any], retrieve_base: str) -> str | None:
@@ -95,8 +93,7 @@ def _layout(keywords: tuple[str, ...]) -> tuple[_Spec, ...]:
     # worked out once per set of keywords, not per element.
     specs = []
     for keyword in keywords:
-        tag = _tag(keyword)
-        vr = _vr(tag)
+        tag, vr = _element(keyword)
         kind = (
             vr if vr in ("SQ", "PN")
             else "int" if vr in _INT_VRS

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import re
 import struct
 import zlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
@@ -30,7 +31,9 @@ from pydicom.values import convert_string, convert_UI, convert_value
 from imaging_gateway.dicom.deflate import DEFAULT_INFLATE_MAX_BYTES
 from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.dicom.temporal import normalize_date, normalize_time
+from imaging_gateway.domain.attributes import EntityLevel, header_attributes
 from imaging_gateway.domain.records import (
+    RECORD_TYPES,
     InstanceRecord,
     ParsedHeader,
     PatientRecord,
@@ -70,14 +73,41 @@ _VR_CHARS = range(0x41, 0x5B)
 # pydicom's codec for text without (0008,0005) and for the ASCII-only VRs.
 _DEFAULT_ENCODINGS = ["iso8859"]
 _IR58_ENCODINGS = (["iso_ir_58"], ["iso8859", "iso_ir_58"])
-_KEYWORDS = (
-    "SpecificCharacterSet PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex "
-    "OtherPatientIDsSequence StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID "
-    "StudyDescription ReferringPhysicianName InstitutionName InstitutionCodeSequence CodeValue "
-    "SeriesInstanceUID Modality SeriesNumber SeriesDescription BodyPartExamined SeriesDate "
-    "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
-    "MediaStorageSOPInstanceUID MediaStorageSOPClassUID TransferSyntaxUID"
-).split()
+# Attributes of the table read by hand in _records: the identity UIDs (required, with
+# their file meta fallbacks), PatientID (blank means no identity) and the transfer
+# syntax (from the file meta or the deflate check, not an element of the dataset).
+_BY_HAND: Final = frozenset(
+    {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID",
+     "AvailableTransferSyntaxUID"}
+)  # fmt: skip
+
+
+def _read_order(level: EntityLevel) -> tuple[tuple[str, str, str, bool], ...]:
+    """(keyword, column, VR, whether its record has a field) of the table's header
+    attributes of ``level`` read generically: in the record's field order (the order
+    their warnings come in), then the attributes the record has no field for."""
+    fields = [f.name for f in dataclasses.fields(RECORD_TYPES[level])]
+    attrs = [a for a in header_attributes(level) if a.keyword not in _BY_HAND]
+    for a in attrs:
+        if a.integer and a.vr not in ("IS", "US"):  # pragma: no cover - a table mistake
+            # Read as text it would land in an integer column: refuse at import.
+            raise ValueError(f"{a.keyword}: no header reader for VR {a.vr} yet")
+    attrs.sort(key=lambda a: fields.index(a.column) if a.column in fields else len(fields))
+    return tuple((a.keyword, a.column or a.keyword, a.vr, a.column in fields) for a in attrs)
+
+
+_READ: Final = {level: _read_order(level) for level in RECORD_TYPES}
+# Elements the records need beyond the table's: the character set, the national identity
+# (OtherPatientIDsSequence), the institution code (InstitutionCodeSequence, CodeValue),
+# the file meta fallbacks and the transfer syntax.
+_KEYWORDS = [
+    "SpecificCharacterSet", "PatientID", "OtherPatientIDsSequence", "InstitutionCodeSequence",
+    "CodeValue", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+    *(keyword for read in _READ.values() for keyword, *_ in read),
+    "MediaStorageSOPInstanceUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
+]  # fmt: skip
+# Text of these VRs is ASCII (PS3.5 6.2): decoded without the dataset's character set.
+_ASCII_VRS: Final = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 
 
 def _tag(keyword: str) -> int:
@@ -1064,25 +1094,19 @@ def _records(
     patient_id = read.text(ds, "PatientID", encodings) or ""
     if not patient_id.strip():
         patient_id = ""  # blank: no identity (PatientRecord.identified)
-    issuer = read.text(ds, "IssuerOfPatientID", encodings)
+    extra: list[tuple[str, Any]] = []
+    patient_values = _read_level(read, ds, "patient", encodings, extra)
+    issuer = patient_values.get("IssuerOfPatientID")
     patient = PatientRecord(
         PatientID=patient_id,
-        IssuerOfPatientID=issuer,
-        PatientName=read.person_name(ds, "PatientName", encodings),
-        PatientBirthDate=read.date(ds, "PatientBirthDate"),
-        PatientSex=read.text(ds, "PatientSex", _DEFAULT_ENCODINGS),
+        **patient_values,
         national_id=_national_id(read, ds, encodings, patient_id, issuer, issuers),
     )
     code_items = read.items(ds, "InstitutionCodeSequence")
+    study_values = _read_level(read, ds, "study", encodings, extra)
     study = StudyRecord(
         StudyInstanceUID=study_uid,
-        StudyDate=read.date(ds, "StudyDate"),
-        StudyTime=read.time(ds, "StudyTime"),
-        AccessionNumber=read.text(ds, "AccessionNumber", encodings),
-        StudyID=read.text(ds, "StudyID", encodings),
-        StudyDescription=read.text(ds, "StudyDescription", encodings),
-        ReferringPhysicianName=read.person_name(ds, "ReferringPhysicianName", encodings),
-        InstitutionName=read.text(ds, "InstitutionName", encodings),
+        **study_values,
         institution_code=(
             read.text(code_items[0], "CodeValue", read.encodings(code_items[0], encodings))
             if code_items
@@ -1090,21 +1114,14 @@ def _records(
         ),
     )
     series = SeriesRecord(
-        SeriesInstanceUID=series_uid,
-        Modality=read.text(ds, "Modality", _DEFAULT_ENCODINGS),
-        SeriesNumber=read.integer_string(ds, "SeriesNumber"),
-        SeriesDescription=read.text(ds, "SeriesDescription", encodings),
-        BodyPartExamined=read.text(ds, "BodyPartExamined", _DEFAULT_ENCODINGS),
-        SeriesDate=read.date(ds, "SeriesDate"),
+        SeriesInstanceUID=series_uid, **_read_level(read, ds, "series", encodings, extra)
     )
+    instance_values = _read_level(read, ds, "instance", encodings, extra)
     instance = InstanceRecord(
         SOPInstanceUID=sop_uid,
         SOPClassUID=sop_class,
-        InstanceNumber=read.integer_string(ds, "InstanceNumber"),
         TransferSyntaxUID=transfer_syntax,
-        Rows=read.unsigned_short(ds, "Rows"),
-        Columns=read.unsigned_short(ds, "Columns"),
-        NumberOfFrames=read.integer_string(ds, "NumberOfFrames"),
+        **instance_values,
     )
     for warning in extra_warnings:
         read.warn(warning)
@@ -1116,7 +1133,50 @@ def _records(
         SpecificCharacterSet="\\".join(charset) if charset and any(charset) else None,
         header_bytes=header_bytes,
         warnings=tuple(read.warnings),
+        extra=tuple(extra),
     )
+
+
+# How each VR is read: the _Reader method, and which character sets its text takes
+# (None: no text decoding; True: the dataset's; False: the default, ASCII VRs).
+_READERS: Final[dict[str, tuple[Callable[..., Any], bool | None]]] = {
+    "PN": (_Reader.person_name, True),
+    "DA": (_Reader.date, None),
+    "TM": (_Reader.time, None),
+    "IS": (_Reader.integer_string, None),
+    "US": (_Reader.unsigned_short, None),
+}
+# Per level: (keyword, column, reader, character sets, whether its record has a field),
+# worked out once: a header read is on the sync's hot path.
+_READ_PLAN: Final = {
+    level: tuple(
+        (keyword, column, *_READERS.get(vr, (_Reader.text, vr not in _ASCII_VRS)), in_record)
+        for keyword, column, vr, in_record in read
+    )
+    for level, read in _READ.items()
+}
+
+
+def _read_level(
+    read: _Reader,
+    ds: _Dataset,
+    level: EntityLevel,
+    encodings: list[str],
+    extra: list[tuple[str, Any]],
+) -> dict[str, Any]:
+    """The values of the table's header attributes of ``level`` read by VR: record field
+    -> value; those without a record field are appended to ``extra`` by keyword."""
+    values: dict[str, Any] = {}
+    for keyword, column, reader, text, in_record in _READ_PLAN[level]:
+        if text is None:
+            value = reader(read, ds, keyword)
+        else:
+            value = reader(read, ds, keyword, encodings if text else _DEFAULT_ENCODINGS)
+        if in_record:
+            values[column] = value
+        else:
+            extra.append((keyword, value))
+    return values
 
 
 def _national_id(

@@ -6,10 +6,11 @@ into a :class:`QidoQuery`: the matching keys with their PS3.4 C.2.2.2 matching k
 response must carry (PS3.18 8.3: unsupported parameters are ignored, with a warning).
 :class:`QidoPage` is what the index answers with.
 
-Which attributes the index holds, at which information-entity level, is listed in
-``ATTRIBUTES``; the standard's default return attributes per level (PS3.18 Tables
-10.6.3-3, -4, -5) in ``DEFAULT_RETURN``; the required matching keys (Table 10.6.1-5) are
-all in ``ATTRIBUTES``.
+Which attributes the index holds, at which level, how each is matched and at which
+levels it is returned by default comes from the one attribute table,
+``imaging_gateway.domain.attributes``; ``ATTRIBUTES``, ``DEFAULT_RETURN`` (PS3.18 Tables
+10.6.3-3, -4, -5) and ``REQUIRED_RETURN`` here are derived from it. The required matching
+keys (Table 10.6.1-5) are all in it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Final, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from imaging_gateway.domain.attributes import ATTRIBUTES as TABLE_ATTRIBUTES
+from imaging_gateway.domain.attributes import Attribute
 from imaging_gateway.errors import InvalidQuery
 
 __all__ = [
@@ -29,7 +32,6 @@ __all__ = [
     "DEFAULT_RETURN",
     "REQUIRED_RETURN",
     "AttributeMatch",
-    "AttributeSpec",
     "Level",
     "MatchKind",
     "QidoPage",
@@ -46,51 +48,13 @@ MatchKind = Literal["universal", "single", "wildcard", "list", "range"]
 _LEVEL_RANK: Final[dict[str, int]] = {"study": 0, "series": 1, "instance": 2}
 
 
-@dataclass(frozen=True, slots=True)
-class AttributeSpec:
-    """One attribute the index can match and return."""
-
-    level: Level
-    """Its information-entity level (patient attributes count as study level)."""
-    computed: bool = False
-    """Returned but not stored (e.g. InstanceAvailability); cannot be matched."""
-
-
-# The attributes the index holds (and a few it computes), by keyword. The QIDO-RS
-# required matching keys (PS3.18 Table 10.6.1-5) are all here; InstitutionName is held
-# per study in this index, so it is matched and returned at study level.
-ATTRIBUTES: Final[dict[str, AttributeSpec]] = {
-    **{
-        k: AttributeSpec("study")
-        for k in (
-            "StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID StudyDescription "
-            "ReferringPhysicianName InstitutionName ModalitiesInStudy "
-            "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances PatientName PatientID "
-            "IssuerOfPatientID PatientBirthDate PatientSex"
-        ).split()
-    },
-    **{
-        k: AttributeSpec("series")
-        for k in (
-            "SeriesInstanceUID Modality SeriesNumber SeriesDescription BodyPartExamined "
-            "SeriesDate NumberOfSeriesRelatedInstances PerformedProcedureStepStartDate "
-            "PerformedProcedureStepStartTime RequestAttributesSequence"
-        ).split()
-    },
-    **{
-        k: AttributeSpec("instance")
-        for k in (
-            "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
-            "AvailableTransferSyntaxUID"
-        ).split()
-    },
-    "InstanceAvailability": AttributeSpec("instance", computed=True),
-    "RetrieveURL": AttributeSpec("instance", computed=True),
-    "SpecificCharacterSet": AttributeSpec("instance", computed=True),
-}
+# The attributes the index holds (and a few it computes), by keyword: the table's
+# top-level entries. The QIDO-RS required matching keys (PS3.18 Table 10.6.1-5) are all
+# there.
+ATTRIBUTES: Final[dict[str, Attribute]] = TABLE_ATTRIBUTES
 
 SEQUENCE_ITEMS: Final[dict[str, tuple[str, ...]]] = {
-    "RequestAttributesSequence": ("ScheduledProcedureStepID", "RequestedProcedureID"),
+    k: a.items for k, a in ATTRIBUTES.items() if a.items
 }
 """Sequence attributes the index holds, with the item attributes it holds."""
 
@@ -98,49 +62,19 @@ SEQUENCE_ITEMS: Final[dict[str, tuple[str, ...]]] = {
 # RequestAttributesSequence.
 _ALIASES: Final[dict[str, str]] = {"RequestAttributeSequence": "RequestAttributesSequence"}
 
-# Counts are derived per row; matching on them is not offered.
+# Counts and computed values: returned, never matched.
 _NOT_MATCHABLE: Final[frozenset[str]] = frozenset(
-    {
-        "NumberOfStudyRelatedSeries",
-        "NumberOfStudyRelatedInstances",
-        "NumberOfSeriesRelatedInstances",
-        "InstanceAvailability",
-        "RetrieveURL",
-        "SpecificCharacterSet",
-    }
+    k for k, a in ATTRIBUTES.items() if a.matching is None
 )
 
-_STUDY_DEFAULT = (
-    "StudyDate StudyTime AccessionNumber InstanceAvailability ModalitiesInStudy "
-    "ReferringPhysicianName RetrieveURL PatientName PatientID PatientBirthDate PatientSex "
-    "StudyInstanceUID StudyID NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances"
-).split()
-_SERIES_DEFAULT = (
-    "Modality SeriesDescription RetrieveURL SeriesInstanceUID SeriesNumber "
-    "NumberOfSeriesRelatedInstances PerformedProcedureStepStartDate "
-    "PerformedProcedureStepStartTime RequestAttributesSequence"
-).split()
-# BitsAllocated is in Table 10.6.3-5 "if known"; the index does not hold it.
-_INSTANCE_DEFAULT = (
-    "SOPClassUID SOPInstanceUID InstanceAvailability RetrieveURL InstanceNumber Rows "
-    "Columns NumberOfFrames"
-).split()
-
 DEFAULT_RETURN: Final[dict[str, tuple[str, ...]]] = {
-    "study": tuple(_STUDY_DEFAULT),
-    "series": tuple(_SERIES_DEFAULT),
-    "instance": tuple(_INSTANCE_DEFAULT),
+    level: tuple(k for k, a in ATTRIBUTES.items() if level in a.returned)
+    for level in ("study", "series", "instance")
 }
 """PS3.18 Tables 10.6.3-3 (study), 10.6.3-4 (series), 10.6.3-5 (instance), as held here."""
 
 REQUIRED_RETURN: Final[frozenset[str]] = frozenset(
-    (
-        "StudyDate StudyTime AccessionNumber ModalitiesInStudy ReferringPhysicianName "
-        "PatientName PatientID PatientBirthDate PatientSex StudyInstanceUID StudyID "
-        "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances Modality "
-        "SeriesInstanceUID SeriesNumber NumberOfSeriesRelatedInstances SOPClassUID "
-        "SOPInstanceUID InstanceNumber RetrieveURL"
-    ).split()
+    k for k, a in ATTRIBUTES.items() if a.required
 )
 """Type R and U return attributes: present (empty if need be) whenever returned."""
 
@@ -171,7 +105,13 @@ _RANGE_VRS: Final[frozenset[str]] = frozenset({"DA", "TM", "DT"})
 _NUMERIC_VRS: Final[frozenset[str]] = frozenset({"IS", "US", "UL", "SS", "SL", "UV", "SV"})
 # Attributes matched against any of several values (PS3.4 C.6.1.1.3.2 for
 # ModalitiesInStudy); UID list matching (C.2.2.2.2) for every UI attribute.
-_LIST_KEYWORDS: Final[frozenset[str]] = frozenset({"ModalitiesInStudy"})
+_LIST_KEYWORDS: Final[frozenset[str]] = frozenset(
+    k for k, a in ATTRIBUTES.items() if a.matching == "list"
+)
+# PN attributes matched literally even with fuzzymatching=true.
+_LITERAL_NAMES: Final[tuple[str, ...]] = tuple(
+    k for k, a in ATTRIBUTES.items() if a.vr == "PN" and a.matching != "fuzzy"
+)
 
 _KEYWORD_RE = re.compile(r"[A-Z][A-Za-z0-9]*")
 _TAG_RE = re.compile(r"[0-9A-Fa-f]{8}")
@@ -287,7 +227,7 @@ class QidoQuery:
                 dict.fromkeys(
                     k
                     for k, spec in ATTRIBUTES.items()
-                    if not spec.computed and _LEVEL_RANK[spec.level] <= rank
+                    if spec.source != "computed" and _LEVEL_RANK[spec.search_level] <= rank
                 )
             )
         return tuple(wanted)
@@ -596,7 +536,7 @@ def parse_qido(
                     if len(path) > 1 and path[-1] not in SEQUENCE_ITEMS.get(path[0], ()):
                         # The sequence is returned with the item attributes it holds.
                         not_held[_attribute_name(path, item)] = None
-                    if _LEVEL_RANK[spec.level] <= rank:
+                    if _LEVEL_RANK[spec.search_level] <= rank:
                         include[path[0]] = None
                     elif path[0] not in DEFAULT_RETURN[level] and path[0] not in _ALWAYS_RETURNED:
                         other_level[path[0]] = None
@@ -637,19 +577,21 @@ def parse_qido(
                 )
             include[path[0]] = None
             continue
-        if path[0] in _NOT_MATCHABLE or spec.computed:
+        if path[0] in _NOT_MATCHABLE or spec.source == "computed":
             if raw:
                 ignored.append(name)
             else:
                 include[path[0]] = None
             continue
-        if spec.level not in match_levels and path[0] not in _ALWAYS_MATCHABLE:
+        if spec.search_level not in match_levels and path[0] not in _ALWAYS_MATCHABLE:
             raise InvalidQuery(
-                f"{name}: a {spec.level}-level attribute cannot be matched by "
+                f"{name}: a {spec.search_level}-level attribute cannot be matched by "
                 f"{_RESOURCE_NAMES[resource]}"
             )
-        if _LEVEL_RANK[spec.level] > rank:
-            raise InvalidQuery(f"{name}: a {spec.level}-level attribute in a {level} search")
+        if _LEVEL_RANK[spec.search_level] > rank:
+            raise InvalidQuery(
+                f"{name}: a {spec.search_level}-level attribute in a {level} search"
+            )
         matches.append(_parse_match(path, vr, raw, name))
 
     if ignored:
@@ -667,11 +609,11 @@ def parse_qido(
             f"includefield: not returned, not attributes of a {level} result: "
             + _name_list(other_level)
         )
-    if fuzzy and any(m.keyword == "ReferringPhysicianName" for m in matches):
-        warnings.append(
-            "Fuzzy matching applies to PatientName only; ReferringPhysicianName was matched "
-            "literally."
-        )
+    for literal in _LITERAL_NAMES:
+        if fuzzy and any(m.keyword == literal for m in matches):
+            warnings.append(
+                f"Fuzzy matching applies to PatientName only; {literal} was matched literally."
+            )
     return QidoQuery(
         level=level,
         study_uid=study_uid,

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from imaging_gateway.domain.attributes import Attribute, EntityLevel
+
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,15 @@ class InstanceRecord:
     NumberOfFrames: int | None = None
 
 
+RECORD_TYPES: dict[EntityLevel, type] = {
+    "patient": PatientRecord,
+    "study": StudyRecord,
+    "series": SeriesRecord,
+    "instance": InstanceRecord,
+}
+"""The record of each information-entity level (ParsedHeader's field of that name)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedHeader:
     """Everything the index keeps from one DICOM object's header."""
@@ -83,6 +97,24 @@ class ParsedHeader:
     """How many bytes of the object the header occupies (up to pixel data or end)."""
     warnings: tuple[str, ...] = field(default_factory=tuple)
     """Non-fatal findings, e.g. ``national-id-checksum-invalid``; never patient data."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """(keyword, value) of the attribute table's header attributes that have no field in
+    the records above: an attribute added to the table alone is read, stored and
+    returned without a new field here."""
+
+    def value(self, attribute: Attribute) -> Any:
+        """The value of a header attribute of the table: its record's field named as its
+        column, else its entry in ``extra`` (None when the header had none)."""
+        record: Any = (
+            self.patient if attribute.level == "patient"
+            else self.study if attribute.level == "study"
+            else self.series if attribute.level == "series"
+            else self.instance
+        )  # fmt: skip
+        found = getattr(record, attribute.column or attribute.keyword, _MISSING)
+        if found is not _MISSING:
+            return found
+        return dict(self.extra).get(attribute.keyword)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.util.concurrency import await_
 
 from imaging_gateway.crypto.phi import PhiCodec
+from imaging_gateway.domain.attributes import ATTRIBUTES, ITEM_ATTRIBUTES
 from imaging_gateway.domain.names import (
     GROUP_MARK,
     fuzzy_terms,
@@ -103,41 +104,25 @@ _CHUNK = 500
 # its own subqueries on ``patients`` with ``studies`` alone.
 _patient = patients.alias("patient")
 
-COLUMNS: dict[str, sa.ColumnElement[Any]] = {
-    "StudyInstanceUID": studies.c.StudyInstanceUID,
-    "StudyDate": studies.c.StudyDate,
-    "StudyTime": studies.c.StudyTime,
-    "AccessionNumber": studies.c.AccessionNumber,
-    "StudyID": studies.c.StudyID,
-    "StudyDescription": studies.c.StudyDescription,
-    "ReferringPhysicianName": studies.c.ReferringPhysicianName,
-    "InstitutionName": studies.c.InstitutionName,
-    "ModalitiesInStudy": studies.c.ModalitiesInStudy,
-    "NumberOfStudyRelatedSeries": studies.c.NumberOfStudyRelatedSeries,
-    "NumberOfStudyRelatedInstances": studies.c.NumberOfStudyRelatedInstances,
-    "PatientName": _patient.c.PatientName,
-    "PatientID": _patient.c.PatientID,
-    "IssuerOfPatientID": _patient.c.IssuerOfPatientID,
-    "PatientBirthDate": _patient.c.PatientBirthDate,
-    "PatientSex": _patient.c.PatientSex,
-    "SeriesInstanceUID": series.c.SeriesInstanceUID,
-    "Modality": series.c.Modality,
-    "SeriesNumber": series.c.SeriesNumber,
-    "SeriesDescription": series.c.SeriesDescription,
-    "BodyPartExamined": series.c.BodyPartExamined,
-    "SeriesDate": series.c.SeriesDate,
-    "NumberOfSeriesRelatedInstances": series.c.NumberOfSeriesRelatedInstances,
-    "PerformedProcedureStepStartDate": series.c.PerformedProcedureStepStartDate,
-    "PerformedProcedureStepStartTime": series.c.PerformedProcedureStepStartTime,
-    "SOPInstanceUID": instances.c.SOPInstanceUID,
-    "SOPClassUID": instances.c.SOPClassUID,
-    "InstanceNumber": instances.c.InstanceNumber,
-    "Rows": instances.c.Rows,
-    "Columns": instances.c.Columns,
-    "NumberOfFrames": instances.c.NumberOfFrames,
-    "AvailableTransferSyntaxUID": instances.c.TransferSyntaxUID,
+# The joined table of each level (patients under the alias above).
+_TABLES: dict[str, sa.FromClause] = {
+    "patients": _patient,
+    "studies": studies,
+    "series": series,
+    "instances": instances,
+    "series_requests": series_requests,
 }
-"""Keyword -> the index column that holds it."""
+
+COLUMNS: dict[str, sa.ColumnElement[Any]] = {
+    a.keyword: _TABLES[a.table].c[a.column]
+    for a in ATTRIBUTES.values()
+    if a.column is not None and a.source != "computed"
+}
+"""Keyword -> the index column that holds it: every stored entry of the attribute table
+(``imaging_gateway.domain.attributes``), which also says how each is matched."""
+
+# Held as backslash-separated values, returned as a list (ModalitiesInStudy).
+_MULTI_VALUED = frozenset(k for k, a in ATTRIBUTES.items() if a.matching == "list")
 
 # Built once: labels and joins are immutable, and building them per search was a
 # noticeable part of a search's fixed cost.
@@ -162,17 +147,20 @@ _HIDDEN: dict[str, list[sa.ColumnElement[Any]]] = {
 
 # An encrypted index (crypto.phi): keyword -> (sealed column, hidden label of the row
 # identity its cells are bound to).
+_ROW_IDENTITY: dict[str, str] = {
+    "patients": "_patient_key",
+    "studies": "_study_uid",
+    "series": "_series_uid",
+}
 _SEALED: dict[str, tuple[str, str]] = {
-    "PatientID": ("patients.PatientID", "_patient_key"),
-    "PatientName": ("patients.PatientName", "_patient_key"),
-    "PatientBirthDate": ("patients.PatientBirthDate", "_patient_key"),
-    "AccessionNumber": ("studies.AccessionNumber", "_study_uid"),
-    "StudyDescription": ("studies.StudyDescription", "_study_uid"),
-    "ReferringPhysicianName": ("studies.ReferringPhysicianName", "_study_uid"),
-    "SeriesDescription": ("series.SeriesDescription", "_series_uid"),
+    a.keyword: (f"{a.table}.{a.column}", _ROW_IDENTITY[a.table])
+    for a in ATTRIBUTES.values()
+    if a.sealed
 }
 # Sealed keywords matched through a blind index (single values only).
-_BLIND_MATCHED = {"PatientID": "PatientID_bidx", "AccessionNumber": "AccessionNumber_bidx"}
+_BLIND_MATCHED: dict[str, str] = {
+    a.keyword: a.blind_index for a in ATTRIBUTES.values() if a.blind_index is not None
+}
 _NAME_KEY = "patient_name_keys.key"
 _NAME_PREFIX = "patient_name_keys.prefix"
 """Blind-index namespace of the prefixes of a name's group keys (``Zhang*`` matching)."""
@@ -216,8 +204,9 @@ _JOINED: dict[str, sa.FromClause] = {
 }
 
 _REQUEST_ITEM_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
-    "ScheduledProcedureStepID": series_requests.c.ScheduledProcedureStepID,
-    "RequestedProcedureID": series_requests.c.RequestedProcedureID,
+    a.keyword: _TABLES[a.table].c[a.column]
+    for a in ITEM_ATTRIBUTES.values()
+    if a.column is not None
 }
 _INTEGER_VRS = frozenset({"IS", "US", "UL", "SS", "SL", "UV", "SV"})
 
@@ -379,18 +368,22 @@ class _Plan:
         """The plan of one matching key; None for universal matching."""
         if m.kind == "universal":
             return None
-        if m.keyword == "PatientName":
+        matching = ATTRIBUTES[m.keyword].matching
+        if matching == "fuzzy":
             return self.patient_name(m)
         if self.phi is not None and m.keyword in _SEALED:
             return self.sealed(m, self.phi)
-        if m.keyword == "ModalitiesInStudy":
+        if matching == "list":
+            # ModalitiesInStudy (the one list-matched attribute): derived from the
+            # Modality of the study's series.
             if m.kind == "wildcard":
                 return ("study-has-series", self.wildcard("Modality", m.value))
             # The derived column, checked on the study row itself: no per-study probe
             # of series, and the study's date index keeps serving the order.
-            return ("or", tuple(("has-value", "ModalitiesInStudy", self.bind(f"\\{v}\\"))
+            return ("or", tuple(("has-value", m.keyword, self.bind(f"\\{v}\\"))
                                 for v in (m.values or (m.value,))))  # fmt: skip
-        if m.keyword == "RequestAttributesSequence":
+        if matching == "sequence":
+            # RequestAttributesSequence (the one sequence held): its items' table.
             return ("series-has-request", self.value(f"request:{m.leaf}", m))
         if m.vr == "PN":
             return self.other_name(m.keyword, m)
@@ -405,8 +398,11 @@ _PLAN_COLUMNS: dict[str, sa.ColumnElement[Any]] = {
     **COLUMNS,
     "Modality": series.c.Modality,
     "key": patient_name_keys.c.key,
-    "PatientID_bidx": _patient.c.PatientID_bidx,
-    "AccessionNumber_bidx": studies.c.AccessionNumber_bidx,
+    **{
+        a.blind_index: _TABLES[a.table].c[a.blind_index]
+        for a in ATTRIBUTES.values()
+        if a.blind_index is not None
+    },
     **{f"request:{k}": c for k, c in _REQUEST_ITEM_COLUMNS.items()},
 }
 
@@ -684,7 +680,7 @@ def _result(row: Any, query: QidoQuery, items: Items, phi: PhiCodec | None) -> Q
         national_id = phi.open(national_id, column="patients.national_id", row=m["_patient_key"])
     attributes: dict[str, Any] = {}
     for keyword in query.return_keywords:
-        if keyword == "ModalitiesInStudy":
+        if keyword in _MULTI_VALUED:
             value = m[keyword]
             attributes[keyword] = value.split("\\") if value else None
         elif keyword == "InstanceAvailability":

@@ -1,6 +1,14 @@
-"""Tables of the study index, as SQLAlchemy Core metadata (migrations create them)."""
+"""Tables of the study index, as SQLAlchemy Core metadata (migrations create them).
+
+The DICOM attribute columns of patients, studies, series, instances and series_requests
+(and the blind index columns of sealed attributes) derive from the attribute table,
+``imaging_gateway.domain.attributes``; the other columns and every index are written
+here. A test checks that the migrated schema holds what this derives.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -17,9 +25,27 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from imaging_gateway.domain.attributes import stored_attributes
+
 metadata = MetaData()
 
 UID = String(64)
+
+
+def attribute_columns(table: str) -> list[Column[Any]]:
+    """The columns of the attribute table's entries stored in ``table``, in its order:
+    INTEGER for integer VRs, else VARCHAR(length) or TEXT; then the blind index
+    columns (VARCHAR(64)) of its sealed attributes matched by equality."""
+    out: list[Column[Any]] = []
+    for a in stored_attributes(table):
+        if a.column is None:  # pragma: no cover - stored_attributes holds stored ones only
+            continue
+        kind: Any = Integer if a.integer else String(a.length) if a.length else Text
+        out.append(Column(a.column, kind, nullable=a.nullable, unique=a.unique or None))
+    out += [Column(a.blind_index, String(64)) for a in stored_attributes(table) if a.blind_index]
+    return out
+
+
 # Object keys compare in code-point (= UTF-8 byte) order, as S3 lists them; SQLite's
 # default BINARY collation already does, PostgreSQL needs "C".
 KEY = String(1024).with_variant(String(1024, collation="C"), "postgresql")
@@ -31,11 +57,9 @@ patients = Table(
     # Local PatientIDs are only unique within their issuer (or, lacking one, the hospital).
     # A study without a usable PatientID has a patient of its own (0007, sql.patient_key).
     Column("patient_key", String(200), nullable=False, unique=True),
-    Column("PatientID", Text, nullable=False),  # Text since 0006 (sealed cells)
-    Column("IssuerOfPatientID", String(64)),
-    Column("PatientName", Text),
-    Column("PatientBirthDate", Text),
-    Column("PatientSex", String(16)),
+    # PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex (sealed
+    # ones TEXT since 0006), PatientID_bidx.
+    *attribute_columns("patients"),
     Column("national_id", Text),
     # Search keys for PatientName fuzzy matching (characters, pinyin, initials); see
     # imaging_gateway.domain.names. Added in 0002.
@@ -45,7 +69,6 @@ patients = Table(
     # With [encryption] enabled (0006, imaging_gateway.crypto.phi): PatientID,
     # PatientName, PatientBirthDate and national_id hold sealed cells, patient_key is
     # blinded, name_search is null, and exact lookups use these blind indexes.
-    Column("PatientID_bidx", String(64)),
     Column("national_id_bidx", String(64)),
     Index("ix_patients_patient_id_bidx", "PatientID_bidx"),
     Index("ix_patients_national_id_bidx", "national_id_bidx"),
@@ -55,15 +78,12 @@ studies = Table(
     "studies",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("StudyInstanceUID", UID, nullable=False, unique=True),
     Column("patient_id", Integer, ForeignKey("patients.id"), nullable=False),
-    Column("StudyDate", String(8)),
-    Column("StudyTime", String(16)),
-    Column("AccessionNumber", Text),
-    Column("StudyID", String(16)),
-    Column("StudyDescription", Text),
-    Column("ReferringPhysicianName", Text),
-    Column("InstitutionName", Text),
+    # StudyInstanceUID, StudyDate, ..., the derived QIDO-RS return attributes
+    # ModalitiesInStudy (distinct values, sorted, backslash-separated) and the related
+    # series/instance counts (PS3.4 C.3.4; added in 0003, kept up to date by
+    # imaging_gateway.index.qido.refresh_derived), AccessionNumber_bidx (0006).
+    *attribute_columns("studies"),
     Column("institution_code", String(32)),
     Column("province", String(6), nullable=False),
     # The hospital (medical-insurance institution code) that produced the study: from the
@@ -73,15 +93,8 @@ studies = Table(
     Index("ix_studies_hospital", "hospital"),
     Index("ix_studies_date", "StudyDate"),
     Index("ix_studies_accession", "AccessionNumber"),
-    # QIDO-RS return attributes derived from the study's series and instances (PS3.4
-    # C.3.4), kept up to date by imaging_gateway.index.qido.refresh_derived. Added in
-    # 0003. ModalitiesInStudy: distinct values, sorted, backslash-separated.
-    Column("ModalitiesInStudy", String(200)),
-    Column("NumberOfStudyRelatedSeries", Integer),
-    Column("NumberOfStudyRelatedInstances", Integer),
     # Encrypted index (0006): AccessionNumber, StudyDescription and ReferringPhysicianName
     # hold sealed cells; AccessionNumber lookups use its blind index.
-    Column("AccessionNumber_bidx", String(64)),
     Index("ix_studies_accession_bidx", "AccessionNumber_bidx"),
 )
 
@@ -89,20 +102,12 @@ series = Table(
     "series",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("SeriesInstanceUID", UID, nullable=False, unique=True),
     Column("study_id", Integer, ForeignKey("studies.id"), nullable=False),
-    Column("Modality", String(16)),
-    Column("SeriesNumber", Integer),
-    Column("SeriesDescription", Text),
-    Column("BodyPartExamined", String(16)),
-    Column("SeriesDate", String(8)),
+    # SeriesInstanceUID, Modality, ...; added in 0003 (QIDO-RS): a derived count (see
+    # studies above) and the series-level required matching keys of PS3.18 Table 10.6.1-5.
+    *attribute_columns("series"),
     Index("ix_series_study", "study_id"),
     Index("ix_series_modality", "Modality"),
-    # Added in 0003 (QIDO-RS): a derived count (see studies above) and the series-level
-    # required matching keys of PS3.18 Table 10.6.1-5.
-    Column("NumberOfSeriesRelatedInstances", Integer),
-    Column("PerformedProcedureStepStartDate", String(8)),
-    Column("PerformedProcedureStepStartTime", String(16)),
     # ModalitiesInStudy matching: studies.id IN (series.study_id of a modality).
     Index("ix_series_modality_study", "Modality", "study_id"),
 )
@@ -111,15 +116,11 @@ instances = Table(
     "instances",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    # Not unique: two objects claiming one SOPInstanceUID are both kept (see conflicts).
-    Column("SOPInstanceUID", UID, nullable=False),
+    # SOPInstanceUID (not unique: two objects claiming one are both kept, see conflicts),
+    # SOPClassUID, InstanceNumber, Rows, Columns, NumberOfFrames, TransferSyntaxUID.
+    *attribute_columns("instances"),
     Column("series_id", Integer, ForeignKey("series.id"), nullable=False),
-    Column("SOPClassUID", UID, nullable=False),
-    Column("InstanceNumber", Integer),
-    Column("TransferSyntaxUID", UID),
-    Column("Rows", Integer),
-    Column("Columns", Integer),
-    Column("NumberOfFrames", Integer),
+    # The object's own character set (the header reader's), not a returned attribute.
     Column("SpecificCharacterSet", String(128)),
     Column("store", String(64), nullable=False),
     Column("key", KEY, nullable=False),
@@ -373,8 +374,7 @@ series_requests = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
-    Column("ScheduledProcedureStepID", String(64)),
-    Column("RequestedProcedureID", String(64)),
+    *attribute_columns("series_requests"),
     Index("ix_series_requests_series", "series_id"),
 )
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
+import operator
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -29,7 +31,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from imaging_gateway.crypto.phi import PhiCodec
-from imaging_gateway.domain.records import ParsedHeader
+from imaging_gateway.domain.attributes import (
+    LEVEL_TABLES,
+    Attribute,
+    EntityLevel,
+    header_attributes,
+    sealed_columns,
+    stored_attributes,
+)
+from imaging_gateway.domain.records import RECORD_TYPES, ParsedHeader
 from imaging_gateway.errors import (
     ConfigError,
     Conflict,
@@ -238,14 +248,25 @@ def stored_patient_key(header: ParsedHeader, store: str, phi: PhiCodec | None) -
     return key if phi is None else phi.patient_key(key)
 
 
+def _sealed_cells(
+    phi: PhiCodec, table: str, row: str, values: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """The sealed columns of the attribute table's entries in ``table`` (cells bound to
+    row identity ``row``), with their blind indexes."""
+    out: dict[str, Any] = {
+        c: phi.seal(values[c], column=f"{table}.{c}", row=row) for c in _SEALED_OF[table]
+    }
+    for a in _BLINDED[table]:
+        out[a.blind_index or ""] = phi.blind(values[a.column or ""], column=f"{table}.{a.column}")
+    return out
+
+
 def patient_cells(phi: PhiCodec, key: str, values: Mapping[str, str | None]) -> dict[str, Any]:
     """The stored patients columns of one patient (stored key ``key``): its PHI sealed,
-    with the blind indexes. ``values`` holds PatientID, PatientName, PatientBirthDate and
-    national_id in the clear."""
-    out: dict[str, Any] = {
-        c: phi.seal(values[c], column=f"patients.{c}", row=key) for c in PATIENT_PHI
-    }
-    out["PatientID_bidx"] = phi.blind(values["PatientID"], column="patients.PatientID")
+    with the blind indexes. ``values`` holds the sealed attributes (PatientID,
+    PatientName, PatientBirthDate) and national_id in the clear."""
+    out = _sealed_cells(phi, "patients", key, values)
+    out["national_id"] = phi.seal(values["national_id"], column="patients.national_id", row=key)
     out["national_id_bidx"] = phi.national_id_index(values["national_id"])
     out["name_search"] = None
     return out
@@ -253,18 +274,12 @@ def patient_cells(phi: PhiCodec, key: str, values: Mapping[str, str | None]) -> 
 
 def study_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
     """The stored PHI columns of one study: sealed, with the AccessionNumber blind index."""
-    out: dict[str, Any] = {
-        c: phi.seal(values[c], column=f"studies.{c}", row=uid) for c in STUDY_PHI
-    }
-    out["AccessionNumber_bidx"] = phi.blind(
-        values["AccessionNumber"], column="studies.AccessionNumber"
-    )
-    return out
+    return _sealed_cells(phi, "studies", uid, values)
 
 
 def series_cells(phi: PhiCodec, uid: str, values: Mapping[str, str | None]) -> dict[str, Any]:
     """The stored PHI columns of one series: sealed."""
-    return {c: phi.seal(values[c], column=f"series.{c}", row=uid) for c in SERIES_PHI}
+    return _sealed_cells(phi, "series", uid, values)
 
 
 def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,14 +291,54 @@ def consent_cells(phi: PhiCodec, consent_id: str, values: Mapping[str, Any]) -> 
     return out
 
 
-PATIENT_PHI = ("PatientID", "PatientName", "PatientBirthDate", "national_id")
+# From the attribute table: its sealed entries per table (national_id, not a DICOM
+# attribute, is the patients table's own).
+PATIENT_PHI = (*sealed_columns("patients"), "national_id")
 """Sealed columns of patients (row identity: the stored patient_key)."""
-STUDY_PHI = ("AccessionNumber", "StudyDescription", "ReferringPhysicianName")
+STUDY_PHI = sealed_columns("studies")
 """Sealed columns of studies (row identity: StudyInstanceUID)."""
-SERIES_PHI = ("SeriesDescription",)
+SERIES_PHI = sealed_columns("series")
 """Sealed columns of series (row identity: SeriesInstanceUID)."""
+_SEALED_OF: dict[str, tuple[str, ...]] = {
+    t: sealed_columns(t) for t in ("patients", "studies", "series")
+}
+_BLINDED: dict[str, tuple[Attribute, ...]] = {
+    t: tuple(a for a in stored_attributes(t) if a.sealed and a.blind_index)
+    for t in ("patients", "studies", "series")
+}
 CONSENT_PHI = ("national_id", "evidence")
 """Sealed columns of consents (row identity: the grant's id)."""
+
+_RowPlan = tuple[EntityLevel, tuple[str, ...], Any, tuple[Attribute, ...]]
+
+
+def _row_plan(level: EntityLevel) -> _RowPlan:
+    """How an upsert row takes the header attributes of ``level`` from a ParsedHeader:
+    (level, the columns its record has fields for, one getter of them all, the
+    attributes it has no field for, read from ``ParsedHeader.extra``)."""
+    fields = {f.name for f in dataclasses.fields(RECORD_TYPES[level])}
+    attrs = header_attributes(level)
+    columns = tuple(a.column for a in attrs if a.column in fields and a.column is not None)
+    getter = operator.attrgetter(*columns) if len(columns) > 1 else (
+        lambda record: tuple(getattr(record, c) for c in columns)
+    )
+    return level, columns, getter, tuple(a for a in attrs if a.column not in fields)
+
+
+# The attributes each upsert row takes from the parsed header, per table: worked out once,
+# one getter call per record (the sync writes every object's rows).
+_UPSERTED = {
+    LEVEL_TABLES[level]: _row_plan(level) for level in ("patient", "study", "series", "instance")
+}
+
+
+def _attribute_row(header: ParsedHeader, table: str) -> dict[str, Any]:
+    """Column -> value of the header attributes ``table`` stores."""
+    level, columns, getter, extra = _UPSERTED[table]
+    row = dict(zip(columns, getter(getattr(header, level)), strict=True))
+    for a in extra:
+        row[a.column or ""] = header.value(a)
+    return row
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -1011,11 +1066,7 @@ class SqlIndex:
             pkey = pkey_of[o.key]
             row: dict[str, Any] = {
                 "patient_key": pkey,
-                "PatientID": p.PatientID,
-                "IssuerOfPatientID": p.IssuerOfPatientID,
-                "PatientName": p.PatientName,
-                "PatientBirthDate": p.PatientBirthDate,
-                "PatientSex": p.PatientSex,
+                **_attribute_row(o.header, "patients"),
                 "national_id": p.national_id,
             }
             if phi is not None:
@@ -1033,15 +1084,8 @@ class SqlIndex:
             else:
                 patient_id = patient_ids[pkey_of[o.key]]
             study_rows[s.StudyInstanceUID] = {
-                "StudyInstanceUID": s.StudyInstanceUID,
+                **_attribute_row(o.header, "studies"),
                 "patient_id": patient_id,
-                "StudyDate": s.StudyDate,
-                "StudyTime": s.StudyTime,
-                "AccessionNumber": s.AccessionNumber,
-                "StudyID": s.StudyID,
-                "StudyDescription": s.StudyDescription,
-                "ReferringPhysicianName": s.ReferringPhysicianName,
-                "InstitutionName": s.InstitutionName,
                 "institution_code": s.institution_code,
                 "province": province,
                 "hospital": (
@@ -1063,13 +1107,8 @@ class SqlIndex:
         for o in in_key_order:
             se = o.header.series
             series_rows[se.SeriesInstanceUID] = {
-                "SeriesInstanceUID": se.SeriesInstanceUID,
+                **_attribute_row(o.header, "series"),
                 "study_id": study_ids[o.header.study.StudyInstanceUID],
-                "Modality": se.Modality,
-                "SeriesNumber": se.SeriesNumber,
-                "SeriesDescription": se.SeriesDescription,
-                "BodyPartExamined": se.BodyPartExamined,
-                "SeriesDate": se.SeriesDate,
             }
             if phi is not None:
                 row = series_rows[se.SeriesInstanceUID]
@@ -1085,17 +1124,10 @@ class SqlIndex:
         stmt = self._insert(instances)
         inst_rows = []
         for o in in_key_order:
-            i = o.header.instance
             inst_rows.append(
                 {
-                    "SOPInstanceUID": i.SOPInstanceUID,
+                    **_attribute_row(o.header, "instances"),
                     "series_id": series_ids[o.header.series.SeriesInstanceUID],
-                    "SOPClassUID": i.SOPClassUID,
-                    "InstanceNumber": i.InstanceNumber,
-                    "TransferSyntaxUID": i.TransferSyntaxUID,
-                    "Rows": i.Rows,
-                    "Columns": i.Columns,
-                    "NumberOfFrames": i.NumberOfFrames,
                     "SpecificCharacterSet": o.header.SpecificCharacterSet,
                     "store": store,
                     "key": o.key,

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import jwt
 
+from imaging_gateway.domain.attributes import by_level
 from imaging_gateway.domain.qido import Level, QidoQuery, is_uid
 from imaging_gateway.errors import (
     ClientCertificateRequired,
@@ -93,19 +94,13 @@ _STUDY_UID: Final = "0020000D"
 _SERIES_UID: Final = "0020000E"
 _SOP_UID: Final = "00080018"
 # Patient attributes never sent to a gateway peer: it matches on the asserted token.
+# Every patient-level attribute of the index's table (by keyword and by tag), so one
+# added there is withheld too, and the other identities.
 _PATIENT_KEYS: Final = frozenset(
     {
-        "PatientID",
-        "IssuerOfPatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
+        *(a.keyword for a in by_level("patient")),
+        *(f"{a.tag:08X}" for a in by_level("patient")),
         "OtherPatientIDsSequence",
-        "00100020",
-        "00100021",
-        "00100010",
-        "00100030",
-        "00100040",
         "00101002",
     }
 )

@@ -1,7 +1,9 @@
-"""A province gateway process over a synced local store of synthetic studies."""
+"""A province gateway over a synced local store of synthetic studies: in the test process
+(``InProcessGateway``) unless a test needs a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,14 @@ import pytest
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from tests.conftest import fresh_index_url
 from tests.factories import make_corpus
-from tests.support.gateway import GatewayProcess, free_port, issue_token, sync_through_api
+from tests.support.gateway import (
+    Gateway,
+    GatewayProcess,
+    InProcessGateway,
+    free_port,
+    issue_token,
+    sync_through_api,
+)
 from tests.support.postgres import Dropper
 
 PROVINCE_CONFIG = """
@@ -33,7 +42,7 @@ path = "store"
 
 @dataclass
 class Province:
-    gw: GatewayProcess
+    gw: Gateway
     corpus: list[SyntheticInstance]
 
     def token(self, *args: str) -> str:
@@ -64,12 +73,14 @@ class Province:
         raise AssertionError("corpus has no patient to share")
 
 
-def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province:
+def start_province(tmp_path: Path, index_url: str, config_text: str, *,
+                   process: bool = False) -> Province:
     """Write the synthetic corpus into ``store/``, start the gateway and sync the store
     through its admin API.
 
     ``config_text`` is formatted with ``port`` and ``index_url``; its ``bj-fs`` store must
-    be the ``store/`` directory.
+    be the ``store/`` directory. ``process``: an ``imaging-gateway serve`` process (for
+    tests of its memory), else the same server in the test process.
     """
     corpus = make_corpus(seed=11, patients=5, studies_per_patient=3, instances_per_series=2,
                          series_per_study=2)
@@ -80,7 +91,7 @@ def start_province(tmp_path: Path, index_url: str, config_text: str) -> Province
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(config_text.format(port=port, index_url=index_url), encoding="utf-8")
-    gw = GatewayProcess(config, port)
+    gw: Gateway = GatewayProcess(config, port) if process else InProcessGateway(config, port)
     gw.start()
     try:
         sync_through_api(gw, "bj-fs")
@@ -97,19 +108,39 @@ def province(tmp_path: Path, index_url: str) -> Iterator[Province]:
     started.gw.stop()
 
 
+@contextlib.asynccontextmanager
+async def _module_province(request: pytest.FixtureRequest,
+                           tmp_path_factory: pytest.TempPathFactory, sqlite_templates: Path,
+                           pg_dropper: Dropper, *, process: bool) -> AsyncIterator[Province]:
+    tmp = tmp_path_factory.mktemp(f"province-{request.param}")
+    async with fresh_index_url(request.param, tmp, sqlite_templates, pg_dropper) as url:
+        started = start_province(tmp, url, PROVINCE_CONFIG, process=process)
+        try:
+            yield started
+        finally:
+            started.gw.stop()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 async def module_province(request: pytest.FixtureRequest,
                           tmp_path_factory: pytest.TempPathFactory, sqlite_templates: Path,
                           pg_dropper: Dropper) -> AsyncIterator[Province]:
     """One province gateway per backend for a whole module, for tests that only read and
     whose assertions hold whatever the module's other tests asked before them."""
-    tmp = tmp_path_factory.mktemp(f"province-{request.param}")
-    async with fresh_index_url(request.param, tmp, sqlite_templates, pg_dropper) as url:
-        started = start_province(tmp, url, PROVINCE_CONFIG)
-        try:
-            yield started
-        finally:
-            started.gw.stop()
+    async with _module_province(request, tmp_path_factory, sqlite_templates, pg_dropper,
+                                process=False) as started:
+        yield started
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+async def module_province_process(request: pytest.FixtureRequest,
+                                  tmp_path_factory: pytest.TempPathFactory,
+                                  sqlite_templates: Path,
+                                  pg_dropper: Dropper) -> AsyncIterator[Province]:
+    """``module_province`` as an ``imaging-gateway serve`` process (its memory is measured)."""
+    async with _module_province(request, tmp_path_factory, sqlite_templates, pg_dropper,
+                                process=True) as started:
+        yield started
 
 
 @pytest.fixture

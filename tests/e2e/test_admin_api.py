@@ -1,4 +1,4 @@
-"""A real gateway process over HTTP: authentication, roles, sync jobs, stats."""
+"""A real gateway over HTTP (in the test process): authentication, roles, sync jobs, stats."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 
 from imaging_gateway.dicom.synthetic import corrupt_samples, generate_instances
 from tests.e2e.conftest import PROVINCE_CONFIG
-from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
+from tests.support.gateway import InProcessGateway, cli, free_port, issue_token
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
+def gateway(tmp_path: Path, index_url: str) -> Iterator[InProcessGateway]:
     store = tmp_path / "store"
     n = 0
     for inst in generate_instances(seed=7, patients=3, studies_per_patient=1,
@@ -32,18 +32,18 @@ def gateway(tmp_path: Path, index_url: str) -> Iterator[GatewayProcess]:
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(PROVINCE_CONFIG.format(port=port, index_url=index_url), encoding="utf-8")
-    gw = GatewayProcess(config, port)
+    gw = InProcessGateway(config, port)
     gw.expected_instances = n  # type: ignore[attr-defined]
     gw.start()
     yield gw
     gw.stop()
 
 
-def token(gw: GatewayProcess, *args: str) -> str:
+def token(gw: InProcessGateway, *args: str) -> str:
     return issue_token(gw.config, *args)
 
 
-async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.ClientSession) -> None:
+async def test_tokens_roles_and_sync_job(gateway: InProcessGateway, http: aiohttp.ClientSession) -> None:
     base = gateway.base
     admin = {"Authorization": "Bearer " + token(gateway, "--role", "admin")}
     hospital = {"Authorization": "Bearer " + token(
@@ -100,7 +100,7 @@ async def test_tokens_roles_and_sync_job(gateway: GatewayProcess, http: aiohttp.
 
 
 async def test_quarantine_listed_with_reasons_paged(
-    gateway: GatewayProcess, http: aiohttp.ClientSession
+    gateway: InProcessGateway, http: aiohttp.ClientSession
 ) -> None:
     """The admin sees each quarantined object and why, over HTTP (keyset pages) and the CLI."""
     base = gateway.base

@@ -30,23 +30,6 @@ def _three_free_ports() -> int:
     raise AssertionError("no three consecutive free ports")
 
 
-def test_demo_federation_finds_and_opens_a_study_of_another_province(tmp_path: Path) -> None:
-    port = _three_free_ports()
-    proc = subprocess.run(
-        [sys.executable, "-m", "imaging_gateway", "demo", "--federation", "--no-serve",
-         "--dir", str(tmp_path / "demo"), "--patients", "8", "--listen", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=240, env=dict(os.environ),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    assert "(HTTP 201)" in out
-    held = {line.rsplit(" ", 1)[-1] for line in out.splitlines() if " held by " in line}
-    assert "110000" in held and held - {"110000"}
-    assert "through Beijing: HTTP 200" in out
-    for p in ("110000", "310000", "440000"):
-        assert (tmp_path / "demo" / p / "index.sqlite3").exists()
-
-
 def _children(pid: int) -> set[int]:
     """The process ids whose parent is ``pid`` (from /proc)."""
     found: set[int] = set()
@@ -87,9 +70,12 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def test_sigterm_to_the_demo_stops_its_three_gateways(tmp_path: Path) -> None:
-    """`demo --federation` from the repo root (relative --dir), serving; SIGTERM to it
-    stops the three gateway processes and frees their ports."""
+def test_demo_federation_finds_a_remote_study_then_sigterm_stops_its_gateways(
+        tmp_path: Path) -> None:
+    """`demo --federation` from the repo root (relative --dir): three provinces indexed, a
+    consent at home, a federated search finds the patient's studies in other provinces and
+    one is opened through Beijing; then, serving, SIGTERM to it stops the three gateway
+    processes and frees their ports."""
     port = _three_free_ports()
     out = tmp_path / "demo.out"
     with out.open("wb") as log:
@@ -99,14 +85,22 @@ def test_sigterm_to_the_demo_stops_its_three_gateways(tmp_path: Path) -> None:
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ),
         )
     try:
-        # Generous wait for readiness: set-up indexes three provinces first.
+        # Generous wait: set-up indexes three provinces, then the walk-through runs.
         for _ in range(2400):
-            if all(_healthy(p) for p in (port, port + 1, port + 2)):
+            if "demo: serving" in out.read_text():
                 break
             assert proc.poll() is None, out.read_text()[-3000:]
             time.sleep(0.1)
         else:
             raise AssertionError(f"the demo never served: {out.read_text()[-3000:]}")
+        text = out.read_text()
+        assert "(HTTP 201)" in text
+        held = {line.rsplit(" ", 1)[-1] for line in text.splitlines() if " held by " in line}
+        assert "110000" in held and held - {"110000"}, text[-3000:]
+        assert "through Beijing: HTTP 200" in text
+        for p in ("110000", "310000", "440000"):
+            assert (tmp_path / "demo-data" / p / "index.sqlite3").exists()
+        assert all(_healthy(p) for p in (port, port + 1, port + 2))
         gateways = _children(proc.pid)
         assert len(gateways) == 3, gateways
         assert not any(_port_free(p) for p in (port, port + 1, port + 2))

@@ -18,7 +18,11 @@ from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.services.stow import OUT_OF_RESOURCES
 from imaging_gateway.settings import load_settings
 from tests.e2e.conftest import Province
-from tests.e2e.test_stow import new_study, stow, stow_province  # noqa: F401 (fixture)
+from tests.e2e.test_stow import (  # noqa: F401 (fixture)
+    new_study,
+    stow,
+    stow_province_process,
+)
 from tests.factories import deflated_bomb
 from tests.support.indexdump import dump_index
 
@@ -27,9 +31,10 @@ BOMB = 1 << 30
 
 
 @pytest.fixture(scope="module")
-def province(module_province: Province) -> Province:
-    """These tests only read: one gateway per backend serves the whole module."""
-    return module_province
+def province(module_province_process: Province) -> Province:
+    """These tests only read: one gateway process per backend (its memory is measured)
+    serves the whole module."""
+    return module_province_process
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -125,12 +130,12 @@ def sync_peak_rss_kib(config: Path, store: str) -> int:
 
 
 async def test_deflate_bombs_are_bounded_at_stow_sync_and_wado(
-        stow_province: Province, http: aiohttp.ClientSession) -> None:  # noqa: F811
+        stow_province_process: Province, http: aiohttp.ClientSession) -> None:  # noqa: F811
     """A 1 MB deflated object holding 1 GiB of zeros: in its header (a private OB element
     before the pixel data) STOW refuses it and sync quarantines it; after the pixel data
     (trailing padding) the header is small, so it is indexed, and every WADO-RS read that
     inflates it whole is refused: the gateway's memory stays far below the bomb's size."""
-    p = stow_province
+    p = stow_province_process
     assert p.gw.proc is not None
     pid = p.gw.proc.pid
     study = new_study(seed=61, instances=3, series=1)

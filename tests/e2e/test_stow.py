@@ -61,6 +61,15 @@ def stow_province(tmp_path: Path, index_url: str) -> Iterator[Province]:
     started.gw.stop()
 
 
+@pytest.fixture
+def stow_province_process(tmp_path: Path, index_url: str) -> Iterator[Province]:
+    """``stow_province`` as an ``imaging-gateway serve`` process (its memory is measured)."""
+    (tmp_path / "stow-store").mkdir()
+    started = start_province(tmp_path, index_url, STOW_CONFIG, process=True)
+    yield started
+    started.gw.stop()
+
+
 def new_study(seed: int = 23, *, instances: int = 3, series: int = 2,
               pixel_mode: Literal["realistic", "small"] = "small") -> list[SyntheticInstance]:
     """One study not in the province's store (its own seed, so its own UIDs)."""
@@ -355,9 +364,9 @@ def _peak_rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
-async def test_a_large_request_streams(stow_province: Province,
+async def test_a_large_request_streams(stow_province_process: Province,
                                        http: aiohttp.ClientSession) -> None:
-    p = stow_province
+    p = stow_province_process
     study = new_study(seed=43, instances=25, series=2, pixel_mode="realistic")
     assert len(study) == 50
     body, ctype = multipart([i.data for i in study])

@@ -206,9 +206,28 @@ def wado_bucket(seaweedfs: SeaweedServer) -> str:
     return seaweedfs.make_bucket(f"wado-{uuid.uuid4().hex[:8]}")
 
 
+@pytest.fixture(scope="module", params=STORES)
+async def stored_corpus(request: pytest.FixtureRequest,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Corpus]:
+    """Every test object put once per module into a store of each kind (a directory, or a
+    prefix of a bucket); tests take it through ``corpus``."""
+    folder = tmp_path_factory.mktemp(f"wado-{request.param}")
+    async for made in _corpus(request, folder, request.param):
+        yield made
+
+
+@pytest.fixture
+def corpus(stored_corpus: Corpus) -> Corpus:
+    """The module's stored corpus with this test's own locations, stores and outcomes: a
+    test may add objects under new names or put a wrapper in ``stores``; one that changes or
+    deletes a stored object takes ``own_corpus``."""
+    return replace(stored_corpus, stores=dict(stored_corpus.stores),
+                   locations=dict(stored_corpus.locations), outcomes=[])
+
+
 @pytest.fixture(params=STORES)
-async def corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
-    """Every test object put into a fresh store (a directory, or a prefix of a bucket)."""
+async def own_corpus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Corpus]:
+    """Every test object put into a fresh store of each kind, for this test alone."""
     async for made in _corpus(request, tmp_path, request.param):
         yield made
 
@@ -660,8 +679,9 @@ async def _get_cut(
 
 @pytest.mark.parametrize("change", ["delete", "same-size", "longer", "shorter"])
 async def test_object_changed_mid_stream_aborts(
-    corpus: Corpus, change: str, caplog: pytest.LogCaptureFixture
+    own_corpus: Corpus, change: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    corpus = own_corpus
     target = corpus.locations["syn1"]
     gated = GatedStore(corpus.store, target.key)
     corpus.stores[corpus.store.name] = gated  # type: ignore[assignment]

@@ -1,18 +1,24 @@
-"""Real gateway processes for end-to-end tests: config on disk, `imaging-gateway serve`, HTTP."""
+"""Gateways for end-to-end tests: config on disk, `imaging-gateway serve` (a process, or
+the same server in a thread of the test process), HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Protocol
 
 
 def free_port() -> int:
@@ -98,7 +104,118 @@ class GatewayProcess:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-def sync_through_api(gw: GatewayProcess, store: str, *, timeout: float = 300.0) -> dict[str, object]:
+class InProcessGateway:
+    """What ``imaging-gateway serve`` runs (the same app, runner, request handler and access
+    logger), in a thread of the test process with its own event loop, on a real port.
+
+    For single-gateway tests where a process adds nothing: no Python start-up and imports
+    (about 1.5 s of CPU) per gateway. Tests of signals, exit codes, peak memory or several
+    processes of one province use :class:`GatewayProcess`. ``logs()`` holds every record
+    logged in the test process while the gateway ran, at the levels ``serve`` sets: a
+    superset of the gateway's own, so "nothing leaks into the log" checks only get stricter.
+    """
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.ssl_context = ssl_context
+        self.base = f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
+        self.log = config.parent / f"gateway-{port}.log"
+        self._environ = {**os.environ, **(env or {})}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handler: logging.Handler | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        from imaging_gateway.api.logging import SafeAccessLogger
+        from imaging_gateway.api.server import serve
+        from imaging_gateway.app import create_app
+        from imaging_gateway.crypto.tls import server_context
+        from imaging_gateway.settings import load_settings
+
+        settings = load_settings(self.config, environ=self._environ)
+        server_ssl = server_context(settings.tls) if settings.tls.enabled else None
+        self._handler = _capture_logs(self.log)
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            await serve(create_app(settings), host=settings.gateway.listen_host,
+                        port=settings.gateway.listen_port, ssl_context=server_ssl,
+                        access_log_class=SafeAccessLogger, handle_signals=False,
+                        on_serving=lambda: started.set_result(None))
+
+        def thread() -> None:
+            try:
+                asyncio.run(run())
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:  # start-up failed: hand it to start()
+                if not started.done():
+                    started.set_exception(exc)
+                else:
+                    raise
+
+        self._thread = threading.Thread(target=thread, name=f"gateway-{self.port}", daemon=True)
+        self._thread.start()
+        try:
+            started.result(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            if self._loop is not None and self._task is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(30)
+            assert not self._thread.is_alive(), "the in-process gateway did not stop"
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+    def logs(self) -> str:
+        if self._handler is not None:
+            self._handler.flush()
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def _capture_logs(path: Path) -> logging.Handler:
+    """A handler on the root logger writing to ``path`` at the levels ``serve`` logs at."""
+    from imaging_gateway.cli import quiet_loggers
+
+    quiet_loggers()
+    for name in ("imaging_gateway", "aiohttp.access"):
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+class Gateway(Protocol):
+    """A started gateway of either kind."""
+
+    config: Path
+    port: int
+    base: str
+    ssl_context: ssl.SSLContext | None
+    proc: subprocess.Popen[bytes] | None
+
+    def start(self, timeout: float = 30.0) -> None: ...
+    def stop(self) -> None: ...
+    def logs(self) -> str: ...
+
+
+def sync_through_api(gw: Gateway, store: str, *, timeout: float = 300.0) -> dict[str, object]:
     """Index ``store`` by a sync job of the running gateway (``POST /admin/sync-jobs``).
 
     The same job ``imaging-gateway sync`` runs, without another Python process (its
