@@ -1,4 +1,8 @@
-"""create_app(settings): the only place the aiohttp application is built."""
+"""create_app(settings): the only place the aiohttp application is built.
+
+The resources (index, gate, stores, sync, federation) are this module's own keys; the
+handlers get the services built from them (``api.keys``), never the resources.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ from aiohttp import web
 from imaging_gateway.api import admin, consent, dicomweb, federation
 from imaging_gateway.api.cors import setup_cors
 from imaging_gateway.api.keys import (
-    CONSENTS,
+    ACCESS,
+    ADMIN,
+    CONSENT,
     FEDERATION,
-    GATE,
-    INDEX,
+    RETRIEVE,
+    SEARCH,
     SETTINGS,
-    STORES,
-    SYNC,
+    STOW,
     TOKENS,
 )
 from imaging_gateway.api.middlewares import (
@@ -34,20 +39,33 @@ from imaging_gateway.federation.fanout import CircuitBreakers
 from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import SqlIndex
 from imaging_gateway.security.audit import AuditLog, load_or_create_chain_key
-from imaging_gateway.security.consent import ConsentStore
 from imaging_gateway.security.gate import Gate
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
-from imaging_gateway.services.federation import Federation, LocatedStudies
+from imaging_gateway.services.access import AccessService
+from imaging_gateway.services.admin import AdminService
+from imaging_gateway.services.consent import ConsentService
+from imaging_gateway.services.federation import Federation, FederationService, LocatedStudies
+from imaging_gateway.services.retrieve import RetrieveService
+from imaging_gateway.services.search import SearchService
+from imaging_gateway.services.stow import StowService
 from imaging_gateway.settings import Settings
 from imaging_gateway.storage.base import ObjectStore
 from imaging_gateway.storage.factory import load_phi_codec, load_store_keys, open_gateway_store
 from imaging_gateway.sync.manager import SyncManager
 
+# The app's resources: for the services built below, never for a handler.
+INDEX = web.AppKey("index", SqlIndex)
+STORES = web.AppKey("stores", dict[str, ObjectStore])
+SYNC = web.AppKey("sync", SyncManager)
+GATE = web.AppKey("gate", Gate)
+# Set only when [federation] enabled = true.
+PEERS = web.AppKey("peers", Federation)
+
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness and index reachability; the only route without a token."""
-    await request.app[INDEX].ping()
+    await request.app[ADMIN].ping()
     return web.json_response({"status": "ok", "province": request.app[SETTINGS].gateway.province})
 
 
@@ -68,6 +86,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_stores_ctx)
     app.cleanup_ctx.append(_sync_ctx)
     app.cleanup_ctx.append(_federation_ctx)
+    app.cleanup_ctx.append(_services_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_routes(admin.routes)
@@ -110,7 +129,6 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
         search_engine=app[INDEX].search_engine,
         phi=app[INDEX].phi,
     )
-    app[CONSENTS] = ConsentStore(engine, phi=app[INDEX].phi)
     yield
 
 
@@ -151,7 +169,7 @@ async def _federation_ctx(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         auto_decompress=False,
     )
-    app[FEDERATION] = Federation(
+    app[PEERS] = Federation(
         settings=f,
         registry=registry,
         client=FederationClient(settings, registry, key, session),
@@ -175,3 +193,29 @@ async def _retrieve_cache(app: web.Application) -> RetrieveCache | None:
                           ttl_s=f.cache_ttl_s)  # fmt: skip
     await cache.load()
     return cache
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The use cases the handlers call, over the resources above (nothing to close)."""
+    settings = app[SETTINGS]
+    gate = app[GATE]
+    federation = app.get(PEERS)
+    app[ACCESS] = AccessService(gate)
+    app[ADMIN] = AdminService(app[INDEX], app[SYNC])
+    app[CONSENT] = ConsentService(gate, max_days=settings.security.consent_max_days)
+    app[FEDERATION] = FederationService(gate, settings.gateway.province, federation)
+    stores = app[STORES]
+    app[RETRIEVE] = RetrieveService(
+        gate,
+        stores,
+        transcode_max_bytes=settings.gateway.transcode_max_bytes,
+        inflate_max_bytes=settings.gateway.inflate_max_bytes,
+    )
+    app[SEARCH] = SearchService(
+        gate,
+        gate.consents,
+        max_results=settings.security.search_max_results,
+        federation=federation,
+    )
+    app[STOW] = StowService(gate, app[INDEX], stores, settings)
+    yield

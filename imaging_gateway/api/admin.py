@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
 
 from aiohttp import web
 
-from imaging_gateway.api.keys import INDEX, PRINCIPAL, SYNC
+from imaging_gateway.api.keys import ADMIN, PRINCIPAL
 from imaging_gateway.api.params import int_param, json_body
 from imaging_gateway.api.urls import public_base
 from imaging_gateway.errors import InvalidRequest
@@ -22,14 +21,6 @@ def _admin(request: web.Request) -> Principal:
     principal: Principal = request[PRINCIPAL]
     principal.require("admin")
     return principal
-
-
-def _job_json(request: web.Request, job: Any) -> dict[str, Any]:
-    body: dict[str, Any] = job.as_json()
-    live = request.app[SYNC].progress(job.id)
-    if live is not None and job.status == "running":
-        body.update(live.as_json())
-    return body
 
 
 @routes.post("/admin/sync-jobs")
@@ -46,11 +37,9 @@ async def create_sync_job(request: web.Request) -> web.Response:
     restart = body.get("restart", False)
     if not isinstance(restart, bool):
         raise InvalidRequest("restart must be true or false")
-    job = await request.app[SYNC].start(body["store"], mode=mode, restart=restart)
+    job = await request.app[ADMIN].start_sync(body["store"], mode=mode, restart=restart)
     return web.json_response(
-        _job_json(request, job),
-        status=202,
-        headers={"Location": f"{base}/admin/sync-jobs/{job.id}"},
+        job, status=202, headers={"Location": f"{base}/admin/sync-jobs/{job['id']}"}
     )
 
 
@@ -59,21 +48,19 @@ async def list_sync_jobs(request: web.Request) -> web.Response:
     _admin(request)
     store = request.query.get("store")
     limit = int_param(request.query, "limit", default=50, minimum=1, maximum=1000)
-    jobs = await request.app[INDEX].list_jobs(store=store, limit=limit)
-    return web.json_response([_job_json(request, j) for j in jobs])
+    return web.json_response(await request.app[ADMIN].list_jobs(store=store, limit=limit))
 
 
 @routes.get("/admin/sync-jobs/{job_id}")
 async def get_sync_job(request: web.Request) -> web.Response:
     _admin(request)
-    job = await request.app[INDEX].get_job(request.match_info["job_id"])
-    return web.json_response(_job_json(request, job))
+    return web.json_response(await request.app[ADMIN].get_job(request.match_info["job_id"]))
 
 
 @routes.get("/admin/index/stats")
 async def index_stats(request: web.Request) -> web.Response:
     _admin(request)
-    return web.json_response(await request.app[INDEX].stats())
+    return web.json_response(await request.app[ADMIN].stats())
 
 
 def _encode_cursor(store: str, key: str) -> str:
@@ -105,14 +92,9 @@ async def list_quarantine(request: web.Request) -> web.Response:
     limit = int_param(request.query, "limit", default=100, minimum=1, maximum=1000)
     cursor = request.query.get("cursor")
     after = None if cursor is None else _decode_cursor(cursor)
-    entries = await request.app[INDEX].list_quarantine(
-        store=request.query.get("store"), after=after, limit=limit + 1
+    items, last = await request.app[ADMIN].quarantine(
+        store=request.query.get("store"), after=after, limit=limit
     )
-    page = entries[:limit]
-    more = len(entries) > limit
     return web.json_response(
-        {
-            "items": [e.as_json() for e in page],
-            "next": _encode_cursor(page[-1].store, page[-1].key) if more else None,
-        }
+        {"items": items, "next": _encode_cursor(*last) if last is not None else None}
     )

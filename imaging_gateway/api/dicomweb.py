@@ -1,34 +1,30 @@
 """DICOMweb routes under /dicomweb: QIDO-RS search, WADO-RS retrieve, STOW-RS store (PS3.18), thin.
 
-Every route resolves the caller, asks the gate (which checks ownership, consent or
-break-glass and writes the audit record), then hands the allowed instances to the
-WADO-RS retrieve service (``services/retrieve.py``), whose parts ``api/streaming.py``
-writes, or renders the QIDO-RS page. A study that may not be seen answers
-exactly like one that does not exist. STOW-RS hands the request to the store service,
-which asks the gate about every instance.
+Every route parses the request, builds the caller's access context and calls one service:
+the search service (QIDO-RS, local or federated), the retrieve service (WADO-RS: its
+``locate`` asks the gate, which checks ownership, consent or break-glass, writes the
+audit record and releases the instances the other calls read; ``api/streaming.py``
+writes the parts) or the store service (STOW-RS, which asks the gate about every
+instance). A study that may not be seen answers exactly like one that does not exist.
+A retrieve that ends short of its body gets a follow-up audit record (the retrieve
+service's ``ended``, told by ``api/streaming.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from imaging_gateway.api.consent import access_context
-from imaging_gateway.api.keys import (
-    CONSENTS,
-    FEDERATION,
-    GATE,
-    INDEX,
-    PEER_GRANT,
-    SETTINGS,
-    STORES,
-)
+from imaging_gateway.api.keys import PEER_GRANT, RETRIEVE, SEARCH, STOW
 from imaging_gateway.api.params import (
     parse_frame_list,
     parse_quality,
@@ -36,7 +32,7 @@ from imaging_gateway.api.params import (
     parse_window,
     path_uid_problem,
 )
-from imaging_gateway.api.streaming import send_instances, send_parts
+from imaging_gateway.api.streaming import OnEnd, send_instances, send_parts
 from imaging_gateway.api.urls import public_authority, public_base
 from imaging_gateway.dicom.dicomjson import to_dicom_json
 from imaging_gateway.dicom.dicomxml import dataset_to_xml, to_dicom_xml
@@ -44,15 +40,15 @@ from imaging_gateway.dicom.mediatypes import Representation, select, select_meta
 from imaging_gateway.domain.qido import Level, parse_qido
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidQuery
-from imaging_gateway.federation.fanout import warning_header
-from imaging_gateway.security.gate import (
+from imaging_gateway.security.access import (
     AccessContext,
     parse_break_glass_reason,
     parse_purpose_of_use,
 )
-from imaging_gateway.services import retrieve, stow
-from imaging_gateway.services.federation import as_token_patient, federated_search
-from imaging_gateway.storage.base import ObjectStore
+from imaging_gateway.services.federation import as_token_patient
+from imaging_gateway.services.retrieve import ReleasedInstances
+from imaging_gateway.services.search import warning_header
+from imaging_gateway.services.stow import StowPart
 
 routes = web.RouteTableDef()
 PREFIX = "/dicomweb"
@@ -105,10 +101,7 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
-    gate = request.app[GATE]
-    page = await gate.search(
-        ctx, query, max_results=request.app[SETTINGS].security.search_max_results
-    )
+    page = await request.app[SEARCH].search(ctx, query)
     headers = {"Warning": _warnings(request, page.warnings)} if page.warnings else {}
     if not page.results:
         # PS3.18 8.3.4.4.1 / 10.6.3.2: no match is 204 with no payload.
@@ -138,42 +131,20 @@ async def _federated_search(
     """The local search plus every peer's answer for the patient named by PatientID."""
     select(request.headers.get("Accept"), (_SEARCH_JSON, _SEARCH_PLAIN_JSON),
            what="federated search results")
-    app = request.app
-    study_uid = request.match_info.get("study")
-    series_uid = request.match_info.get("series")
-    query = parse_qido(level, pairs, study_uid=study_uid, series_uid=series_uid)
-    max_results = app[SETTINGS].security.search_max_results
-    limit = min(query.limit or max_results, max_results)
-    offset = query.offset
-    # Every source is asked for its first offset + limit matches; the merge pages.
-    local_pairs = [(k, v) for k, v in pairs if k not in ("limit", "offset")]
-    local_pairs.append(("limit", str(min(offset + limit, max_results))))
-    local_query = parse_qido(level, local_pairs, study_uid=study_uid, series_uid=series_uid)
     ctx = replace(_ctx(request), correlation_id=str(uuid.uuid4()))
-    page = await app[GATE].search(ctx, local_query, max_results=max_results)
-    local = to_dicom_json(
-        level, page.rows, includefield=query.requested, retrieve_base=_base(request)
-    )
-    answer = await federated_search(
-        federation=app.get(FEDERATION),
-        gate=app[GATE],
-        consents=app[CONSENTS],
-        ctx=ctx,
-        level=level,
-        query=query,
-        pairs=pairs,
-        local=local,
-        limit=limit,
-        offset=offset,
-        study_uid=study_uid,
-        series_uid=series_uid,
+    answer = await request.app[SEARCH].federated_search(
+        ctx,
+        level,
+        pairs,
+        study_uid=request.match_info.get("study"),
+        series_uid=request.match_info.get("series"),
         retrieve_base=_base(request),
     )
     headers = {
         "X-Federation-Peers": answer.peers_header(),
         "X-Correlation-ID": ctx.correlation_id or "",
     }
-    texts = (*page.warnings, *answer.warnings)
+    texts = answer.warnings
     if texts:
         headers["Warning"] = warning_header(texts, agent=public_authority(request)) or ""
     if not answer.datasets:
@@ -201,19 +172,6 @@ def _multipart_related(parts: list[bytes], media_type: str) -> tuple[bytes, str]
         chunks.append(b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
-
-
-def _transcode_max_bytes(request: web.Request) -> int:
-    return request.app[SETTINGS].gateway.transcode_max_bytes
-
-
-def _inflate_max_bytes(request: web.Request) -> int:
-    return request.app[SETTINGS].gateway.inflate_max_bytes
-
-
-def _stores(request: web.Request) -> dict[str, ObjectStore]:
-    stores: dict[str, ObjectStore] = request.app[STORES]
-    return stores
 
 
 @routes.get(f"{PREFIX}/studies")
@@ -249,24 +207,20 @@ async def search_for_series_instances(request: web.Request) -> web.StreamRespons
 # -- WADO-RS -------------------------------------------------------------------------
 
 
-async def _locate(request: web.Request, action: str) -> list[InstanceLocation]:
-    """The instances the path names that the caller may read (``Gate.locate``).
+async def _locate(request: web.Request, action: str) -> ReleasedInstances:
+    """The instances the path names that the caller may read, released by the gate.
 
     Raises ``InvalidQuery`` naming a malformed path UID, audited like any other request
     for patient data (without the UID, which no study can have).
     """
     m = request.match_info
-    ctx = _ctx(request)
-    problem = path_uid_problem(request.match_info)
-    if problem is not None:
-        await request.app[GATE].refused_input(ctx, action=action, reason=problem)
-        raise InvalidQuery(problem)
-    return await request.app[GATE].locate(
-        ctx,
+    return await request.app[RETRIEVE].locate(
+        _ctx(request),
         action=action,
         study_uid=m["study"],
         series_uid=m.get("series"),
         sop_uid=m.get("instance"),
+        problem=path_uid_problem(m),
     )
 
 
@@ -282,27 +236,26 @@ def _instance_url(request: web.Request) -> Callable[[InstanceLocation], str]:
     return url
 
 
+def _ended(request: web.Request, released: ReleasedInstances) -> OnEnd:
+    """How a started body ended, for the retrieve service (a short one is audited)."""
+    retrieve = request.app[RETRIEVE]
+
+    async def ended(outcome: str, bytes_sent: int) -> None:
+        await retrieve.ended(released, outcome=outcome, bytes_sent=bytes_sent)
+
+    return ended
+
+
 async def _retrieve(request: web.Request) -> web.StreamResponse:
-    instances = await _locate(request, "retrieve")
-    retrieval = retrieve.retrieve_instances(
-        instances,
-        _stores(request),
-        accept=request.headers.get("Accept"),
-        transcode_max_bytes=_transcode_max_bytes(request),
-        inflate_max_bytes=_inflate_max_bytes(request),
-    )
-    return await send_instances(request, retrieval)
+    released = await _locate(request, "retrieve")
+    retrieval = request.app[RETRIEVE].instances(released, accept=request.headers.get("Accept"))
+    return await send_instances(request, retrieval, on_end=_ended(request, released))
 
 
 async def _metadata(request: web.Request) -> web.StreamResponse:
     representation = select_metadata(request.headers.get("Accept"))
-    instances = await _locate(request, "metadata")
-    body = await retrieve.retrieve_metadata(
-        instances,
-        _stores(request),
-        bulkdata_base=_instance_url(request),
-        inflate_max_bytes=_inflate_max_bytes(request),
-    )
+    released = await _locate(request, "metadata")
+    body = await request.app[RETRIEVE].metadata(released, bulkdata_base=_instance_url(request))
     if representation.multipart:
         # PS3.18 8.7.3.2: XML metadata is one application/dicom+xml part per instance.
         documents = await asyncio.to_thread(lambda: [dataset_to_xml(d) for d in body])
@@ -317,40 +270,22 @@ async def _metadata(request: web.Request) -> web.StreamResponse:
 
 async def _rendered(request: web.Request, *, thumbnail: bool) -> web.StreamResponse:
     q = request.query
-    accept = request.headers.get("Accept")
     # Parameters first: a malformed one is refused before the study is looked up.
     frames = request.match_info.get("frames")
     frame = parse_frame_list(frames)[0] if frames else 1
     viewport = parse_viewport(q["viewport"]) if "viewport" in q else None
     quality = parse_quality(q["quality"]) if "quality" in q else None
     window = parse_window(q["window"]) if "window" in q and not thumbnail else None
-    instances = await _locate(request, "thumbnail" if thumbnail else "rendered")
-    if thumbnail or len(instances) > 1:
-        instance = retrieve.representative_instance(instances)
-    else:
-        instance = instances[0]
-    stores = _stores(request)
-    if thumbnail:
-        body, media_type = await retrieve.retrieve_thumbnail(
-            instance,
-            stores,
-            accept=accept,
-            viewport=viewport,
-            quality=quality,
-            frame=frame,
-            inflate_max_bytes=_inflate_max_bytes(request),
-        )
-    else:
-        body, media_type = await retrieve.retrieve_rendered(
-            instance,
-            stores,
-            accept=accept,
-            window=window,
-            quality=quality,
-            viewport=viewport,
-            frame=frame,
-            inflate_max_bytes=_inflate_max_bytes(request),
-        )
+    released = await _locate(request, "thumbnail" if thumbnail else "rendered")
+    body, media_type = await request.app[RETRIEVE].rendered(
+        released,
+        thumbnail=thumbnail,
+        accept=request.headers.get("Accept"),
+        window=window,
+        quality=quality,
+        viewport=viewport,
+        frame=frame,
+    )
     return web.Response(body=body, content_type=media_type)
 
 
@@ -387,30 +322,19 @@ async def retrieve_instance_metadata(request: web.Request) -> web.StreamResponse
 @routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/frames/{{frames}}")
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     numbers = parse_frame_list(request.match_info["frames"])
-    instances = await _locate(request, "frames")
-    body = await retrieve.retrieve_frames(
-        instances[0],
-        _stores(request),
-        numbers,
-        accept=request.headers.get("Accept"),
-        transcode_max_bytes=_transcode_max_bytes(request),
-        inflate_max_bytes=_inflate_max_bytes(request),
-    )
-    return await send_parts(request, body)
+    released = await _locate(request, "frames")
+    retrieve = request.app[RETRIEVE]
+    body = await retrieve.frames(released, numbers, accept=request.headers.get("Accept"))
+    return await send_parts(request, body, on_end=_ended(request, released))
 
 
 @routes.get(f"{PREFIX}/studies/{_S}/series/{_SE}/instances/{_I}/bulkdata/{{path:.+}}")
 async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
-    instances = await _locate(request, "bulkdata")
-    body = await retrieve.retrieve_bulkdata(
-        instances[0],
-        _stores(request),
-        request.match_info["path"],
-        accept=request.headers.get("Accept"),
-        transcode_max_bytes=_transcode_max_bytes(request),
-        inflate_max_bytes=_inflate_max_bytes(request),
+    released = await _locate(request, "bulkdata")
+    body = await request.app[RETRIEVE].bulkdata(
+        released, request.match_info["path"], accept=request.headers.get("Accept")
     )
-    return await send_parts(request, body)
+    return await send_parts(request, body, on_end=_ended(request, released))
 
 
 for _path in (
@@ -433,17 +357,54 @@ for _path in (
 # -- STOW-RS -------------------------------------------------------------------------
 
 
+class _Part:
+    """A body part of aiohttp's multipart reader, as the store service reads one."""
+
+    __slots__ = ("_part",)
+
+    def __init__(self, part: aiohttp.BodyPartReader | None) -> None:
+        self._part = part
+
+    @property
+    def content_type(self) -> str | None:
+        return None if self._part is None else self._part.headers.get("Content-Type")
+
+    @property
+    def nested(self) -> bool:
+        return self._part is None
+
+    async def read_chunk(self, size: int) -> bytes:
+        assert self._part is not None  # a nested part is never read
+        return await self._part.read_chunk(size)
+
+
+async def _parts(request: web.Request) -> AsyncIterator[StowPart]:
+    """The request body's parts, read as the store service asks for them.
+
+    The reader is built on the first ask, after the service has checked the request's
+    Content-Type. A nested multipart is released unread and handed over as such.
+    """
+    reader = aiohttp.MultipartReader(request.headers, request.content)
+    while (part := await reader.next()) is not None:
+        if isinstance(part, aiohttp.BodyPartReader):
+            yield _Part(part)
+        else:
+            with contextlib.suppress(Exception):
+                await part.release()
+            yield _Part(None)
+
+
 async def _store(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    return await stow.store_instances(
-        request,
-        ctx=_ctx(request),
-        gate=app[GATE],
-        index=app[INDEX],
-        stores=_stores(request),
-        settings=app[SETTINGS],
+    answer = await request.app[STOW].store(
+        _ctx(request),
+        _parts(request),
+        content_type=request.headers.get("Content-Type"),
+        accept=request.headers.get("Accept"),
         study_uid=request.match_info.get("study"),
         retrieve_base=_base(request),
+    )
+    return web.Response(
+        status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type}
     )
 
 

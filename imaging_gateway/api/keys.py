@@ -1,29 +1,36 @@
-"""Typed application keys for every resource the app holds."""
+"""Typed application keys: the services the handlers call, and request-scoped values.
+
+The handlers reach the gate, the index, the stores and the peers only through these
+services (``handlers-call-services`` in pyproject.toml); ``app.py`` builds them.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from imaging_gateway.crypto.tls import ClientCertificate
-from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.consent import ConsentStore
-from imaging_gateway.security.gate import Gate, PeerGrant
+from imaging_gateway.security.access import PeerGrant
 from imaging_gateway.security.principals import Principal
 from imaging_gateway.security.tokens import TokenAuthority
-from imaging_gateway.services.federation import Federation
+from imaging_gateway.services.access import AccessService
+from imaging_gateway.services.admin import AdminService
+from imaging_gateway.services.consent import ConsentService
+from imaging_gateway.services.federation import FederationService
+from imaging_gateway.services.retrieve import RetrieveService
+from imaging_gateway.services.search import SearchService
+from imaging_gateway.services.stow import StowService
 from imaging_gateway.settings import Settings
-from imaging_gateway.storage.base import ObjectStore
-from imaging_gateway.sync.manager import SyncManager
 
 SETTINGS = web.AppKey("settings", Settings)
-INDEX = web.AppKey("index", SqlIndex)
-STORES = web.AppKey("stores", dict[str, ObjectStore])
 TOKENS = web.AppKey("tokens", TokenAuthority)
-SYNC = web.AppKey("sync", SyncManager)
-GATE = web.AppKey("gate", Gate)
-CONSENTS = web.AppKey("consents", ConsentStore)
-# Set only when [federation] enabled = true.
-FEDERATION = web.AppKey("federation", Federation)
+ACCESS = web.AppKey("access", AccessService)
+ADMIN = web.AppKey("admin", AdminService)
+CONSENT = web.AppKey("consent", ConsentService)
+FEDERATION = web.AppKey("federation", FederationService)
+"""Always set; its federated calls refuse while ``[federation] enabled = false``."""
+RETRIEVE = web.AppKey("retrieve", RetrieveService)
+SEARCH = web.AppKey("search", SearchService)
+STOW = web.AppKey("stow", StowService)
 PRINCIPAL = web.RequestKey("principal", Principal)  # request-scoped, set by auth_middleware
 # Request-scoped, set by client_certificate_middleware when the connection carries a
 # verified client certificate (absent otherwise).
@@ -32,16 +39,17 @@ CLIENT_CERTIFICATE = web.RequestKey("client_certificate", ClientCertificate)
 PEER_GRANT = web.RequestKey("peer_grant", PeerGrant)
 
 __all__ = [
+    "ACCESS",
+    "ADMIN",
     "CLIENT_CERTIFICATE",
-    "CONSENTS",
+    "CONSENT",
     "FEDERATION",
-    "GATE",
-    "INDEX",
     "PEER_GRANT",
     "PRINCIPAL",
+    "RETRIEVE",
+    "SEARCH",
     "SETTINGS",
-    "STORES",
-    "SYNC",
+    "STOW",
     "TOKENS",
     "ClientCertificate",
     "Principal",

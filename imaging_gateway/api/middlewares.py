@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from imaging_gateway.api.federation import authenticate_peer, peer_assertion
-from imaging_gateway.api.keys import CLIENT_CERTIFICATE, GATE, PRINCIPAL, SETTINGS, TOKENS
+from imaging_gateway.api.keys import ACCESS, CLIENT_CERTIFICATE, PRINCIPAL, SETTINGS, TOKENS
 from imaging_gateway.api.logging import route_of, stack_without_message
 from imaging_gateway.api.params import check_no_nul
 from imaging_gateway.crypto.tls import client_certificate, route_needing_certificate
@@ -98,14 +98,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise Unauthenticated("a bearer token is required")
         principal = request.app[TOKENS].verify(token.strip())
     except Unauthenticated as exc:
-        await request.app[GATE].refused_token(source=request.remote, reason=exc.message)
+        await request.app[ACCESS].refused_token(source=request.remote, reason=exc.message)
         raise
     request[PRINCIPAL] = principal
     if principal.role == "admin" and (
         request.path == PATIENT_DATA_PREFIX or request.path.startswith(PATIENT_DATA_PREFIX + "/")
     ):
         reason = "admins read no patient data: /dicomweb needs a hospital or patient token"
-        await request.app[GATE].refused_token(
+        await request.app[ACCESS].refused_token(
             source=request.remote, reason=reason, role="admin", subject=principal.subject,
             action="dicomweb",
         )

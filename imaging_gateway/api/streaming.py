@@ -12,9 +12,10 @@ the abort is logged without keys, UIDs or patient data. Every streamed response 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -35,12 +36,35 @@ from imaging_gateway.storage.zerocopy import (
     relay_fd,
 )
 
-__all__ = ["STREAM_OUTCOME", "send_instances", "send_multipart", "send_parts", "send_range"]
+__all__ = [
+    "STREAM_BYTES",
+    "STREAM_OUTCOME",
+    "OnEnd",
+    "send_instances",
+    "send_multipart",
+    "send_parts",
+    "send_range",
+]
 
 log = logging.getLogger(__name__)
 
 STREAM_OUTCOME: Final = web.ResponseKey("stream_outcome", str)
 """Set on every streamed response: ``complete``, ``aborted`` or ``client-gone`` (for audit)."""
+STREAM_BYTES: Final = web.ResponseKey("stream_bytes", int)
+"""Set with :data:`STREAM_OUTCOME`: the body bytes handed to the connection (for audit)."""
+
+OnEnd = Callable[[str, int], Awaitable[None]]
+"""Told how a started body ended (:data:`STREAM_OUTCOME`, :data:`STREAM_BYTES`): the
+follow-up audit of a retrieve. Called also when the server cancels the handler (outcome
+``client-gone`` when the connection is closed, else ``cancelled``), before the
+cancellation goes on."""
+
+
+def _cancelled_outcome(request: web.Request) -> str:
+    # aiohttp cancels the handler of a connection the client closed when the server runs
+    # with handler_cancellation (its test server does): that is the client going away.
+    transport = request.transport
+    return "client-gone" if transport is None or transport.is_closing() else "cancelled"
 
 
 class _ClientGone(Exception):
@@ -87,6 +111,7 @@ async def send_multipart(
     layout: Sequence[tuple[str, int]] | None = None,
     boundary: str | None = None,
     headers: Mapping[str, str] | None = None,
+    on_end: OnEnd | None = None,
 ) -> web.StreamResponse:
     """Stream ``parts`` as one ``multipart/related`` response.
 
@@ -97,7 +122,7 @@ async def send_multipart(
     chunk is read before anything is sent, so an error there propagates (the
     middleware answers it). After that, an error aborts the connection; a client that
     goes away ends the stream quietly. Either way the response is returned with
-    :data:`STREAM_OUTCOME` set.
+    :data:`STREAM_OUTCOME` set, and ``on_end`` is told once the body has started.
     """
     boundary = boundary or secrets.token_hex(16)
     if request.method == "HEAD" and layout is not None:
@@ -107,6 +132,7 @@ async def send_multipart(
         await response.prepare(request)
         await response.write_eof()
         response[STREAM_OUTCOME] = "complete"
+        response[STREAM_BYTES] = 0
         return response
     try:
         part = await anext(parts, None)
@@ -115,6 +141,7 @@ async def send_multipart(
         pending: bytes | OpenBody | None = await anext(part.body, None)
         response = _multipart_response(content_type, boundary, layout, headers)
         response[STREAM_OUTCOME] = "aborted"
+        response[STREAM_BYTES] = 0
         await response.prepare(request)
         if request.method == "HEAD":  # transcoded: the first part was needed for the headers
             await response.write_eof()
@@ -122,7 +149,9 @@ async def send_multipart(
             return response
         index = 0
         total = 0
+        written = 0
         relay: Relay | None = None
+        cancelled: asyncio.CancelledError | None = None
 
         async def emit(item: bytes | OpenBody) -> int:
             nonlocal relay
@@ -143,8 +172,9 @@ async def send_multipart(
             while part is not None:
                 try:
                     head = part_head(boundary, part.content_type, part.length, first=index == 0)
-                    await _write(response, head)
                     written = 0
+                    await _write(response, head)
+                    total += len(head)
                     if pending is not None:
                         written += await emit(pending)
                     async for chunk in part.body:
@@ -153,7 +183,8 @@ async def send_multipart(
                     await part.body.aclose()
                 if part.length is not None and written != part.length:
                     raise IntegrityError(f"part {index + 1} is not the length it announced")
-                total += len(head) + written
+                total += written
+                written = 0
                 index += 1
                 part = await anext(parts, None)
                 pending = None
@@ -161,6 +192,7 @@ async def send_multipart(
             if response.content_length not in (None, total + len(end)):
                 raise IntegrityError("the body is not the length it announced")
             await _write(response, end)
+            total += len(end)
             try:
                 await response.write_eof()
             except ConnectionError as exc:
@@ -168,6 +200,9 @@ async def send_multipart(
         except _ClientGone:
             response[STREAM_OUTCOME] = "client-gone"
             log.info("wado: client closed the connection during part %d", index + 1)
+        except asyncio.CancelledError as exc:
+            response[STREAM_OUTCOME] = _cancelled_outcome(request)
+            cancelled = exc
         except Exception as exc:
             detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             log.warning("wado: response aborted during part %d: %s", index + 1, detail)
@@ -178,20 +213,27 @@ async def send_multipart(
         else:
             response[STREAM_OUTCOME] = "complete"
         finally:
+            response[STREAM_BYTES] = total + written
             if relay is not None:
                 relay.close()
+        if on_end is not None:
+            await on_end(response[STREAM_OUTCOME], response[STREAM_BYTES])
+        if cancelled is not None:
+            raise cancelled
         return response
     finally:
         await parts.aclose()
 
 
-async def send_parts(request: web.Request, body: Multipart) -> web.StreamResponse:
+async def send_parts(
+    request: web.Request, body: Multipart, *, on_end: OnEnd | None = None
+) -> web.StreamResponse:
     """Stream a service's :class:`Multipart` (frames, bulk data) as one chunked response."""
-    return await send_multipart(request, body.content_type, body.parts)
+    return await send_multipart(request, body.content_type, body.parts, on_end=on_end)
 
 
 async def send_instances(
-    request: web.Request, retrieval: InstanceRetrieval
+    request: web.Request, retrieval: InstanceRetrieval, *, on_end: OnEnd | None = None
 ) -> web.StreamResponse:
     """Send a Retrieve Study / Series / Instance: whole, 304, 206 or 416.
 
@@ -200,12 +242,15 @@ async def send_instances(
     ``bytes`` range (``If-Range`` naming it, when given) gets 206 with only the objects
     the range covers read, a range past the end 416. Its parts are relayed
     (``storage.zerocopy``) when the client's connection can splice. A transcoded body is
-    sent whole, chunked. The response has :data:`STREAM_OUTCOME` set.
+    sent whole, chunked. The response has :data:`STREAM_OUTCOME` set; ``on_end`` is told
+    how a body that started ended.
     """
     content_type = retrieval.content_type
     layout = retrieval.layout
     if layout is None:  # transcoded: part lengths are known only once each is transcoded
-        return await send_multipart(request, content_type, retrieval.parts(relay=False))
+        return await send_multipart(
+            request, content_type, retrieval.parts(relay=False), on_end=on_end
+        )
     relay = relay_fd(request.transport) is not None
     etag = representation_etag(content_type, retrieval.instances)
     boundary = boundary_of(etag)
@@ -217,7 +262,7 @@ async def send_instances(
     if wanted is None:
         return await send_multipart(
             request, content_type, retrieval.parts(relay=relay),
-            layout=layout, boundary=boundary, headers=headers,
+            layout=layout, boundary=boundary, headers=headers, on_end=on_end,
         )  # fmt: skip
     if wanted == "unsatisfiable":
         return _sent_whole(
@@ -227,11 +272,13 @@ async def send_instances(
     return await send_range(
         request, f"{content_type}; boundary={boundary}",
         retrieval.byte_range(boundary, start, stop), start, stop, total, headers,
+        on_end=on_end,
     )  # fmt: skip
 
 
 def _sent_whole(response: web.Response) -> web.Response:
     response[STREAM_OUTCOME] = "complete"  # nothing more to send than its headers
+    response[STREAM_BYTES] = 0
     return response
 
 
@@ -243,6 +290,8 @@ async def send_range(
     stop: int,
     total: int,
     headers: Mapping[str, str],
+    *,
+    on_end: OnEnd | None = None,
 ) -> web.StreamResponse:
     """206 with ``chunks``, the bytes ``[start, stop)`` of a body of ``total`` bytes.
 
@@ -257,14 +306,21 @@ async def send_range(
         })  # fmt: skip
         response.content_length = stop - start
         response[STREAM_OUTCOME] = "aborted"
+        sent = 0
+        cancelled: asyncio.CancelledError | None = None
         await response.prepare(request)
         try:
             await _write(response, first)
+            sent += len(first)
             async for chunk in chunks:
                 await _write(response, chunk)
+                sent += len(chunk)
             await response.write_eof()
         except (_ClientGone, ConnectionError):
             response[STREAM_OUTCOME] = "client-gone"
+        except asyncio.CancelledError as exc:
+            response[STREAM_OUTCOME] = _cancelled_outcome(request)
+            cancelled = exc
         except Exception as exc:
             detail = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             log.warning("wado: ranged response aborted: %s", detail)
@@ -272,6 +328,11 @@ async def send_range(
             _abort(request)
         else:
             response[STREAM_OUTCOME] = "complete"
+        response[STREAM_BYTES] = sent
+        if on_end is not None:
+            await on_end(response[STREAM_OUTCOME], sent)
+        if cancelled is not None:
+            raise cancelled
         return response
     finally:
         await chunks.aclose()

@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 ASSERTION_HEADER: Final = "X-Federation-Assertion"
+PEER_ERRORS: Final = (aiohttp.ClientError, TimeoutError)
+"""What reaching a peer or reading its answer raises (for callers that know no aiohttp)."""
 _JSON_TYPES: Final = ("application/dicom+json", "application/json")
 _TAG_CHARS: Final = frozenset("0123456789ABCDEF")
 _CHUNK: Final = 64 * 1024

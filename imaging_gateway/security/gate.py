@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Final, Literal, final
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -31,12 +31,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from imaging_gateway.crypto.phi import PhiCodec
 from imaging_gateway.domain.qido import QidoPage, QidoQuery, QidoResult
 from imaging_gateway.domain.records import InstanceLocation, ParsedHeader
-from imaging_gateway.domain.text import check_shown_text
 from imaging_gateway.errors import (
     Forbidden,
     IndexUnavailable,
     InvalidQuery,
-    InvalidRequest,
     NotFound,
 )
 from imaging_gateway.index import qido
@@ -51,71 +49,113 @@ from imaging_gateway.index.schema import (
 )
 from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_key
+from imaging_gateway.security.access import (
+    MAX_PURPOSE,
+    MAX_REASON,
+    AccessContext,
+    PeerGrant,
+    parse_break_glass_reason,
+    parse_purpose_of_use,
+)
 from imaging_gateway.security.audit import AuditEvent, AuditLog
-from imaging_gateway.security.consent import Consent, ConsentStore
+from imaging_gateway.security.consent import Consent, ConsentRequest, ConsentStore, may_manage
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.principals import Principal
+
+__all__ = [
+    "MAX_PURPOSE",
+    "MAX_REASON",
+    "AccessContext",
+    "FederationSubject",
+    "Gate",
+    "PeerGrant",
+    "ReleasedInstances",
+    "ReleasedRemoteStudy",
+    "parse_break_glass_reason",
+    "parse_purpose_of_use",
+    "visibility",
+]
 
 log = logging.getLogger(__name__)
 
 _NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
 
-MAX_REASON = 500
 REFUSAL_WINDOW_S = 60.0
 """Refused tokens: at most one audit record per client address and reason in this window."""
 
 
+@final
+class _GateOnly:
+    """The type of the one token that lets a released value be built: this module's."""
+
+    __slots__ = ()
+
+
+_GATE: Final = _GateOnly()
+
+
+class _Released:
+    """Refuses construction without the gate's token (``_GATE``)."""
+
+    __slots__ = ()
+
+    def _check(self, token: object) -> None:
+        if token is not _GATE:
+            raise TypeError(
+                f"{type(self).__name__} is released by the gate only (security/gate.py)"
+            )
+
+
+@final
 @dataclass(frozen=True, slots=True)
-class PeerGrant:
-    """What a verified peer assertion allows: one patient (by token), a scope, a reason."""
+class ReleasedInstances(_Released):
+    """Instances the gate released to one request, after checking and auditing it.
 
-    patient_token: str
-    scope: str | tuple[str, ...]
-    """``"all"`` or the StudyInstanceUIDs of the asserted consent grant."""
-    hospital: str
-    """The requesting hospital behind the peer gateway (for the audit record)."""
-    clinician: str | None = None
-    break_glass_reason: str | None = None
-    """Set when the peer asserts emergency access instead of a consent grant."""
-    purpose: str | None = None
-    correlation_id: str | None = None
+    The only value the retrieve service reads or streams patient data from (retrieve,
+    metadata, frames, bulk data, rendered): built by ``Gate.locate`` alone, so code that
+    reaches a store without asking the gate does not type-check, and raises
+    ``TypeError`` if it tries anyway. Carries what the follow-up audit record of a
+    retrieve that ends short needs (``Gate.retrieve_ended``).
+    """
+
+    instances: tuple[InstanceLocation, ...]
+    ctx: AccessContext = field(repr=False)
+    action: str
+    patient_token: str | None = field(repr=False)
+    gate_token: _GateOnly = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check(self.gate_token)
+
+    def __iter__(self) -> Iterator[InstanceLocation]:
+        return iter(self.instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    @property
+    def study_uid(self) -> str:
+        return self.instances[0].StudyInstanceUID
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class AccessContext:
-    """One request's caller and circumstances, as the gate and the audit log see them."""
+class ReleasedRemoteStudy(_Released):
+    """A study another province holds, released to one request by ``Gate.release_remote``.
 
-    principal: Principal
-    source: str | None = None
-    """Client address."""
-    purpose: str | None = None
-    break_glass_reason: str | None = None
-    now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    peer: PeerGrant | None = None
-    """For a ``peer`` principal: what its verified assertion allows."""
-    correlation_id: str | None = None
-    """Shared by both provinces' audit records of one federated access."""
+    What the federated relay and the federation cache take before they fetch or serve a
+    byte of it (the same rule as ``ReleasedInstances``: only the gate builds one).
+    """
 
-    def event(self, action: str, outcome: str, **kw: Any) -> AuditEvent:
-        """An audit event of this request; ``kw`` sets or overrides AuditEvent fields.
+    province: str
+    StudyInstanceUID: str
+    patient_token: str | None = field(repr=False)
+    correlation_id: str
+    ctx: AccessContext = field(repr=False)
+    gate_token: _GateOnly = field(repr=False, compare=False)
 
-        A federated access carries ``correlation=<uuid>`` at the end of ``detail``.
-        """
-        p = self.principal
-        fields: dict[str, Any] = {
-            "hospital": self.peer.hospital if self.peer is not None else p.hospital,
-            "purpose": self.purpose,
-            "break_glass_reason": (
-                self.peer.break_glass_reason if self.peer is not None else self.break_glass_reason
-            ),
-            "source": self.source,
-        }
-        fields.update(kw)
-        if self.correlation_id is not None:
-            note = f"correlation={self.correlation_id}"
-            detail = fields.get("detail")
-            fields["detail"] = f"{detail} {note}" if detail else note
-        return AuditEvent(subject=p.subject, role=p.role, action=action, outcome=outcome, **fields)
+    def __post_init__(self) -> None:
+        self._check(self.gate_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,41 +166,6 @@ class FederationSubject:
     consent: Consent | None
     """The caller's active grant for the patient; None under break-glass."""
     break_glass_reason: str | None
-
-
-def parse_break_glass_reason(value: str | None) -> str | None:
-    """The emergency reason from the request header (percent-encoded UTF-8 allowed).
-
-    Raises ``InvalidRequest`` when present but empty or too long.
-    """
-    if value is None:
-        return None
-    from urllib.parse import unquote
-
-    reason = unquote(value).strip()
-    if not reason:
-        raise InvalidRequest("the break-glass reason must not be empty")
-    if len(reason) > MAX_REASON:
-        raise InvalidRequest(f"the break-glass reason is limited to {MAX_REASON} characters")
-    # The patient reads it in their access log: lines, but no other control characters.
-    return check_shown_text(reason, "X-Break-Glass-Reason", multiline=True)
-
-
-MAX_PURPOSE = 64
-"""The audit log's purpose column."""
-
-
-def parse_purpose_of_use(value: str | None) -> str | None:
-    """The purpose of use from the ``X-Purpose-Of-Use`` header, as the audit log records it.
-
-    Raises ``InvalidRequest`` naming the header when it is longer than ``MAX_PURPOSE`` or
-    holds control or formatting characters (the patient reads it in their access log).
-    """
-    if value is None:
-        return None
-    if len(value) > MAX_PURPOSE:
-        raise InvalidRequest(f"X-Purpose-Of-Use: at most {MAX_PURPOSE} characters")
-    return check_shown_text(value, "X-Purpose-Of-Use")
 
 
 class Gate:
@@ -185,6 +190,10 @@ class Gate:
         self.break_glass_window = timedelta(minutes=break_glass_minutes)
         self.state = SharedState(engine)
         """Refused-token counters, shared with the province's other gateway processes."""
+        self.consents = ConsentStore(engine, phi=phi)
+        """The grants, read and written here only (``record_consent`` and the rest)."""
+        self._writes: set[asyncio.Future[None]] = set()
+        """Follow-up records being written (held: the loop keeps weak references only)."""
         self._tokens_lock = asyncio.Lock()
         self._tokens_through = 0
         """Patient rows up to this id were given their token by this process or another."""
@@ -248,6 +257,162 @@ class Gate:
         record cannot be written.
         """
         await self.audit.record([ctx.event(action, "denied", detail=reason[:240])], at=ctx.now)
+
+    async def refused_role(self, ctx: AccessContext, *, action: str, roles: Sequence[str]) -> None:
+        """Refuse (``Forbidden``) and audit a caller whose role is not one of ``roles``.
+
+        Returns when it is. Raises ``IndexUnavailable`` when the refusal's record cannot
+        be written.
+        """
+        if ctx.principal.role in roles:
+            return
+        await self.audit.record([ctx.event(action, "denied", detail="role")], at=ctx.now)
+        raise Forbidden(f"this needs the role {' or '.join(roles)}")
+
+    # -- consent grants -------------------------------------------------------------
+
+    async def record_consent(self, ctx: AccessContext, request: ConsentRequest) -> Consent:
+        """Record a patient's grant and its audit record in one transaction.
+
+        ``request`` was checked against the caller (``parse_consent_request``). Raises
+        ``IndexUnavailable`` when either cannot be written (then neither is).
+        """
+        try:
+            async with self.engine.begin() as conn:
+                consent = await self.consents.create(conn, request, ctx.principal, ctx.now)
+                await self.audit.append(
+                    conn,
+                    [
+                        ctx.event(
+                            "consent-create",
+                            "ok",
+                            patient_token=self.tokens.for_national_id(consent.national_id),
+                            detail=f"consent={consent.id} grantee={consent.grantee_hospital}",
+                        )
+                    ],
+                    at=ctx.now,
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        return consent
+
+    async def _managed_consent(self, ctx: AccessContext, consent_id: str, action: str) -> Consent:
+        """The grant ``consent_id`` if the caller may see it (its patient, its grantee
+        hospital, an admin); else ``NotFound``, audited (the same for one that does not
+        exist)."""
+        try:
+            consent: Consent | None = await self.consents.get(consent_id)
+        except NotFound:
+            consent = None
+        if consent is not None and may_manage(consent, ctx.principal):
+            return consent
+        token = None if consent is None else self.tokens.for_national_id(consent.national_id)
+        await self.audit.record(
+            [
+                ctx.event(
+                    action,
+                    "denied" if consent is not None else "not-found",
+                    patient_token=token,
+                    detail="consent not the caller's" if consent is not None else None,
+                )
+            ],
+            at=ctx.now,
+        )
+        raise NotFound("no such consent")
+
+    async def read_consent(self, ctx: AccessContext, consent_id: str) -> Consent:
+        """One grant, to its patient, its grantee hospital or an admin; audited.
+
+        Raises ``NotFound`` (audited) for any other caller and for an unknown id.
+        """
+        consent = await self._managed_consent(ctx, consent_id, "consent-read")
+        if ctx.principal.role != "patient":  # the patient reading their own grant: no record
+            await self.audit.record(
+                [
+                    ctx.event(
+                        "consent-read",
+                        "ok",
+                        patient_token=self.tokens.for_national_id(consent.national_id),
+                        detail=f"consent={consent.id}",
+                    )
+                ],
+                at=ctx.now,
+            )
+        return consent
+
+    async def list_consents(
+        self, ctx: AccessContext, *, national_id: str | None, grantee_hospital: str | None
+    ) -> list[Consent]:
+        """Grants (of one patient, to one hospital), newest first, audited.
+
+        One ``ok`` record per patient the answer names; a list naming a patient that
+        comes back empty is recorded ``denied`` (the caller holds no grant of theirs).
+        The patient listing their own grants leaves no record. Raises
+        ``IndexUnavailable``.
+        """
+        found = await self.consents.list(
+            national_id=national_id, grantee_hospital=grantee_hospital
+        )
+        if ctx.principal.role == "patient":
+            return found
+        detail = f"results={len(found)}"
+        if found:
+            tokens = sorted({self.tokens.for_national_id(c.national_id) for c in found})
+            events = [
+                ctx.event("consent-list", "ok", patient_token=t, detail=detail) for t in tokens
+            ]
+        elif national_id is not None:
+            events = [
+                ctx.event(
+                    "consent-list",
+                    "denied",
+                    patient_token=self.tokens.for_national_id(national_id),
+                    detail=detail,
+                )
+            ]
+        else:
+            events = [ctx.event("consent-list", "ok", detail=detail)]
+        await self.audit.record(events, at=ctx.now)
+        return found
+
+    async def revoke_consent(self, ctx: AccessContext, consent_id: str) -> Consent:
+        """Revoke a grant (its patient, its grantee hospital or an admin), audited in the
+        same transaction; effective on the next request. Raises ``NotFound`` (audited)
+        for any other caller and for an unknown id, ``IndexUnavailable``.
+        """
+        consent = await self._managed_consent(ctx, consent_id, "consent-revoke")
+        try:
+            async with self.engine.begin() as conn:
+                revoked = await self.consents.revoke(conn, consent, ctx.principal, ctx.now)
+                await self.audit.append(
+                    conn,
+                    [
+                        ctx.event(
+                            "consent-revoke",
+                            "ok",
+                            patient_token=self.tokens.for_national_id(consent.national_id),
+                            detail=f"consent={consent.id}",
+                        )
+                    ],
+                    at=ctx.now,
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
+        return revoked
+
+    async def access_log(
+        self, ctx: AccessContext, *, before_seq: int | None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """The patient's own access log (``AuditLog.for_patient``); patients only.
+
+        Raises ``Forbidden`` (audited) for any other caller.
+        """
+        await self.refused_role(ctx, action="access-log", roles=("patient",))
+        national_id = ctx.principal.national_id
+        assert national_id is not None  # validate_claims guarantees it
+        return await self.audit.for_patient(
+            self.tokens.for_national_id(national_id), limit=limit, before_seq=before_seq
+        )
 
     # -- the rule ------------------------------------------------------------------
 
@@ -415,6 +580,52 @@ class Gate:
         )
         return FederationSubject(token, grant, None if grant else ctx.break_glass_reason)
 
+    async def release_remote(
+        self,
+        ctx: AccessContext,
+        *,
+        province: str,
+        study_uid: str,
+        found: bool,
+        patient_token: str | None,
+        consent_id: str | None,
+    ) -> ReleasedRemoteStudy:
+        """Release a study another province holds to the caller, audited.
+
+        ``found``: whether the caller's hospital found the study by a federated search
+        (unexpired), whose patient token and consent grant (None under break-glass) are
+        given; that grant is checked again now. ``ctx`` carries the retrieve's
+        correlation id. Raises ``NotFound`` (never found by a search) and ``Forbidden``
+        (the grant was revoked or has expired), both audited, and ``IndexUnavailable``.
+        """
+        if not found:
+            await self.audit.record(
+                [ctx.event("federated-retrieve", "not-found", StudyInstanceUID=study_uid,
+                           detail=f"province={province}")],
+                at=ctx.now,
+            )  # fmt: skip
+            raise NotFound("no such study, series or instance (search with federated=true first)")
+        if consent_id is not None:
+            try:
+                grant: Consent | None = await self.consents.get(consent_id)
+            except NotFound:
+                grant = None
+            if grant is None or not grant.active(ctx.now):
+                await self.audit.record(
+                    [ctx.event("federated-retrieve", "denied", patient_token=patient_token,
+                               StudyInstanceUID=study_uid, detail="consent no longer active")],
+                    at=ctx.now,
+                )  # fmt: skip
+                raise Forbidden("the consent grant for this patient is no longer active")
+        await self.audit.record(
+            [ctx.event("federated-retrieve", "ok", patient_token=patient_token,
+                       StudyInstanceUID=study_uid, detail=f"province={province}")],
+            at=ctx.now,
+        )  # fmt: skip
+        return ReleasedRemoteStudy(
+            province, study_uid, patient_token, ctx.correlation_id or "", ctx, _GATE
+        )
+
     # -- retrieve --------------------------------------------------------------------
 
     async def locate(
@@ -425,7 +636,7 @@ class Gate:
         study_uid: str,
         series_uid: str | None = None,
         sop_uid: str | None = None,
-    ) -> list[InstanceLocation]:
+    ) -> ReleasedInstances:
         """The instances of a study / series / instance the caller may read, audited.
 
         With a break-glass reason, a hospital clinician opens the study's patient for the
@@ -454,7 +665,9 @@ class Gate:
                     ],
                     at=ctx.now,
                 )
-                return [r.location for r in rows]
+                return ReleasedInstances(
+                    tuple(r.location for r in rows), ctx, action, token, _GATE
+                )
             exists = await self._study_patient(conn, study_uid)
             outcome = "denied" if exists is not None else "not-found"
             hidden = self.tokens.for_patient(*exists) if exists is not None else None
@@ -464,6 +677,47 @@ class Gate:
                 at=ctx.now,
             )
         raise NotFound("no such study, series or instance")
+
+    async def retrieve_ended(
+        self,
+        released: ReleasedInstances | ReleasedRemoteStudy,
+        *,
+        outcome: str,
+        bytes_sent: int,
+    ) -> None:
+        """The follow-up record of a released retrieve that ended short of its body.
+
+        ``Gate.locate`` recorded the access ``ok`` before the first byte went out; this
+        says how it ended (``outcome``: ``aborted`` when the gateway cut it, e.g. a store
+        failing mid-body; ``client-gone`` when the client closed the connection) and how
+        many bytes were sent. The response is over, so a record that cannot be written is
+        logged, not raised. The write runs as its own task: a server that cancels the
+        handler of a connection the client closed (``handler_cancellation``) cancels the
+        wait, never the record.
+        """
+        if isinstance(released, ReleasedRemoteStudy):
+            # Its ctx carries the retrieve's correlation id (both provinces' records).
+            action, study_uid = "federated-retrieve", released.StudyInstanceUID
+            ctx = released.ctx
+        else:
+            action, study_uid, ctx = released.action, released.study_uid, released.ctx
+        event = ctx.event(
+            action,
+            "error",
+            patient_token=released.patient_token,
+            StudyInstanceUID=study_uid,
+            detail=f"ended={outcome} bytes={bytes_sent}",
+        )
+        write = asyncio.ensure_future(self._record_quietly(event))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def _record_quietly(self, event: AuditEvent) -> None:
+        try:
+            await self.audit.record([event], at=datetime.now(UTC))
+        except IndexUnavailable:
+            log.warning("the end of a cut-short retrieve could not be recorded")
 
     async def _locations(
         self,

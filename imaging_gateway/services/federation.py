@@ -11,21 +11,43 @@ and never fails the search. Retrieving a remote study streams it from its provin
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import jwt
+
 from imaging_gateway.domain.attributes import by_level
 from imaging_gateway.domain.qido import Level, QidoQuery, is_uid
+from imaging_gateway.errors import (
+    ClientCertificateRequired,
+    Forbidden,
+    GatewayError,
+    InvalidQuery,
+    NotAcceptable,
+    NotFound,
+    PeerUnavailable,
+    Unauthenticated,
+)
 from imaging_gateway.federation.assertions import (
     EMERGENCY,
     PURPOSES_ACROSS,
     ConsentClaim,
     ReplayCache,
+    verify_assertion,
 )
-from imaging_gateway.federation.cache import RetrieveCache
-from imaging_gateway.federation.client import FederatedCaller, FederationClient
+from imaging_gateway.federation.cache import CachedAnswer, Fill, RetrieveCache
+from imaging_gateway.federation.client import (
+    ASSERTION_HEADER,
+    PEER_ERRORS,
+    FederatedCaller,
+    FederationClient,
+    load_peer_json,
+)
 from imaging_gateway.federation.fanout import (
     CircuitBreakers,
     FanOutResult,
@@ -37,15 +59,26 @@ from imaging_gateway.federation.fanout import (
 )
 from imaging_gateway.federation.peers import Peer, PeerRegistry
 from imaging_gateway.index.shared_state import SharedState
+from imaging_gateway.security.access import AccessContext, PeerGrant
 from imaging_gateway.security.consent import ConsentStore
-from imaging_gateway.security.gate import AccessContext, FederationSubject, Gate
+from imaging_gateway.security.gate import FederationSubject, Gate, ReleasedRemoteStudy
+from imaging_gateway.security.principals import Principal
 from imaging_gateway.settings import FederationSettings
+from imaging_gateway.storage.base import close_stream
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "ASSERTION_HEADER",
+    "PASS_REQUEST",
     "PATIENT_TOKEN_ISSUER",
     "FederatedPage",
     "Federation",
+    "FederationService",
     "LocatedStudies",
+    "RelayBroken",
+    "RemoteAnswer",
+    "RemoteRetrieve",
     "as_token_patient",
     "federated_search",
     "peer_query",
@@ -379,3 +412,409 @@ def _merge_other(
             except PeerAnswerError:
                 continue
     return out[offset : offset + limit]
+
+
+# ---------------------------------------------------------------------------
+# The responding side's peer authentication and the retrieving side's relay
+
+_CONDITIONS: Final = ("Range", "If-Range", "If-None-Match")
+"""A client's own conditions on a retrieve, passed to the peer as they are."""
+PASS_REQUEST: Final = ("Accept", *_CONDITIONS)
+"""The client's request headers a federated retrieve passes to the holding province."""
+_PASS_RESPONSE: Final = (
+    "Content-Type",
+    "Content-Length",
+    "Content-Range",
+    "Accept-Ranges",
+    "ETag",
+    "Last-Modified",
+)
+_PASS_STATUS: Final = frozenset({200, 206, 304, 416})
+_CHUNK: Final = 64 * 1024
+
+
+class RelayBroken(Exception):
+    """The holding province's body broke off after its headers were passed on."""
+
+
+class _CachedCopyUnreadable(Exception):
+    """The peer answered 304 but the cached copy failed before its first byte."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRetrieve:
+    """A federated retrieve the gate released, and the caller the peer is asked as."""
+
+    released: ReleasedRemoteStudy
+    """Only the gate makes one: the relay, the cache and the metadata take nothing else."""
+    caller: FederatedCaller
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAnswer:
+    """What a federated retrieve sends back: status, headers and the body's chunks.
+
+    Iterating ``chunks`` raises ``RelayBroken`` when the holding province's body breaks
+    off (the client sees a short body: its Content-Length tells), and a ``GatewayError``
+    when a cached copy fails mid-body (the caller cuts the connection).
+    """
+
+    status: int
+    headers: dict[str, str]
+    chunks: AsyncIterator[bytes]
+    content_length: int | None = None
+
+
+def _unverified(token: str) -> tuple[str, str | None]:
+    """(issuer, correlation id) as the token claims them, for the refusal's audit record."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return "unknown", None
+    iss = claims.get("iss")
+    cid = claims.get("correlation_id")
+    issuer = iss if isinstance(iss, str) and iss.isdigit() and len(iss) == 6 else "unknown"
+    try:
+        correlation = str(uuid.UUID(cid)) if isinstance(cid, str) else None
+    except ValueError:
+        correlation = None
+    return issuer, correlation
+
+
+@dataclass(frozen=True, slots=True)
+class FederationService:
+    """Federation for the API (one per app, built whether federation is on or not)."""
+
+    gate: Gate
+    province: str
+    """This gateway's province (the audience of the assertions it accepts)."""
+    federation: Federation | None = None
+    """Set only when ``[federation] enabled = true``."""
+
+    async def authenticate_peer(
+        self,
+        token: str,
+        *,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        certificate_subject: str | None,
+        has_certificate: bool,
+        secure: bool,
+        source: str | None,
+    ) -> tuple[Principal, PeerGrant]:
+        """The ``peer`` principal and what it may see, from its verified assertion.
+
+        ``path`` is the request's raw path; ``has_certificate`` whether the connection
+        carries a verified client certificate (of ``certificate_subject``). Refusals are
+        audited with the assertion's correlation id. Raises ``Forbidden`` when federation
+        is off, ``ClientCertificateRequired`` without a client certificate (except on
+        plain HTTP with ``allow_plain_http``), ``Unauthenticated`` for a forged, expired,
+        replayed or misbound assertion or a certificate that is not the asserting peer's,
+        ``Forbidden`` for an expired grant.
+        """
+        federation = self.federation
+        issuer, correlation = _unverified(token)
+        try:
+            if federation is None:
+                raise Forbidden("federation is not enabled on this gateway")
+            if not has_certificate and (secure or not federation.settings.allow_plain_http):
+                raise ClientCertificateRequired("a peer must present its client certificate")
+            assertion = await verify_assertion(
+                token,
+                registry=federation.registry,
+                expected_audience=self.province,
+                method=method,
+                path=path,
+                query=list(query),
+                replay_cache=federation.replay_cache,
+            )
+            expected = next(
+                (p.certificate_subject for p in federation.settings.peers
+                 if p.province == assertion.issuer),
+                None,
+            )  # fmt: skip
+            if expected is not None and (not has_certificate or certificate_subject != expected):
+                raise Unauthenticated("the client certificate is not the asserting peer's")
+        except (Unauthenticated, Forbidden) as exc:
+            await self.gate.refused_token(
+                source=source,
+                reason=exc.message,
+                role="peer",
+                subject=f"imaging-gateway:{issuer}",
+                action="federation",
+                note=None if correlation is None else f"correlation={correlation}",
+            )
+            raise
+        principal = Principal(
+            subject=assertion.subject,
+            role="peer",
+            province=assertion.issuer,
+            token_id=assertion.jti,
+        )
+        grant = PeerGrant(
+            patient_token=assertion.patient_token,
+            scope=assertion.consent.scope if assertion.consent is not None else (),
+            hospital=assertion.hospital,
+            clinician=assertion.clinician,
+            break_glass_reason=assertion.break_glass_reason,
+            purpose=assertion.purpose,
+            correlation_id=assertion.correlation_id,
+        )
+        return principal, grant
+
+    async def release(
+        self, ctx: AccessContext, *, province: str, study_uid: str, problem: str | None
+    ) -> RemoteRetrieve:
+        """A study another province holds, released by the gate to a hospital caller.
+
+        Needs a federated search for the study by the same hospital first (its
+        RetrieveURL points here); the consent grant it rested on is checked again now.
+        ``problem``: what is wrong with the path's UIDs (refused, audited). Raises
+        ``Forbidden`` (not a hospital; grant revoked or expired, audited),
+        ``InvalidQuery``, ``NotFound`` (unknown province, never-searched study).
+        """
+        ctx.principal.require("hospital")
+        if problem is not None:
+            await self.gate.refused_input(ctx, action="federated-retrieve", reason=problem)
+            raise InvalidQuery(problem)
+        federation = self.federation
+        if federation is None or province not in federation.registry:
+            raise NotFound("no such study, series or instance")
+        assert ctx.principal.hospital is not None
+        found = await federation.located.get(ctx.principal.hospital, province, study_uid,
+                                             now=ctx.now)  # fmt: skip
+        ctx = replace(ctx, correlation_id=str(uuid.uuid4()))
+        released = await self.gate.release_remote(
+            ctx,
+            province=province,
+            study_uid=study_uid,
+            found=found is not None,
+            patient_token=found.patient_token if found is not None else None,
+            consent_id=found.consent.id if found is not None and found.consent else None,
+        )
+        assert found is not None  # else release_remote raised NotFound
+        # The peer is asked as the search was made, under this retrieve's correlation id.
+        return RemoteRetrieve(released, replace(found, correlation_id=ctx.correlation_id or ""))
+
+    async def ended(self, retrieve: RemoteRetrieve, *, outcome: str, bytes_sent: int) -> None:
+        """How a relayed retrieve ended: one short of its body (the holding province's
+        body broke off, the cache's copy failed, the client went away) gets its follow-up
+        audit record (``Gate.retrieve_ended``); a complete one needs none."""
+        if outcome != "complete":
+            await self.gate.retrieve_ended(
+                retrieve.released, outcome=outcome, bytes_sent=bytes_sent
+            )
+
+    def _caller(self, retrieve: RemoteRetrieve) -> tuple[Federation, Peer, FederatedCaller | None]:
+        federation = self.federation
+        assert federation is not None  # released only when federation is on
+        peer = federation.registry.get(retrieve.released.province)
+        return federation, peer, retrieve.caller if peer.kind == "gateway" else None
+
+    def _path(self, retrieve: RemoteRetrieve, tail: str | None) -> str:
+        return f"studies/{retrieve.released.StudyInstanceUID}" + (f"/{tail}" if tail else "")
+
+    async def metadata(
+        self,
+        retrieve: RemoteRetrieve,
+        *,
+        tail: str,
+        query: Sequence[tuple[str, str]],
+        headers: Mapping[str, str],
+        home: str,
+    ) -> tuple[str, str]:
+        """A peer's metadata answer with its BulkDataURIs pointed at this gateway's proxy
+        (under ``home``); returns (JSON text, content type).
+
+        Read whole (bounded by ``federation.max_answer_bytes``): the URIs must be
+        rewritten. A URI outside the peer's registered base is dropped, never followed.
+        Raises ``NotFound`` / ``PeerUnavailable`` as a retrieve does.
+        """
+        federation, peer, who = self._caller(retrieve)
+        pending = federation.client.retrieve(
+            peer, self._path(retrieve, tail), query, who, headers=dict(headers)
+        )
+        limit = federation.settings.max_answer_bytes
+        try:
+            async with pending as upstream:
+                if upstream.status == 404:
+                    raise NotFound("no such study, series or instance")
+                if upstream.status != 200:
+                    raise PeerUnavailable(f"the holding province answered HTTP {upstream.status}")
+                body = bytearray()
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    body += chunk
+                    if len(body) > limit:
+                        raise PeerUnavailable("the holding province's metadata is over the cap")
+                content_type = upstream.content_type
+        except PEER_ERRORS as exc:
+            raise PeerUnavailable(
+                f"the holding province cannot be reached ({type(exc).__name__})"
+            ) from None
+        try:
+            # Bounded nesting: what is parsed is walked below and encoded again.
+            data = load_peer_json(bytes(body))
+        except PeerAnswerError as exc:
+            reason = exc.message.removeprefix("answer is ")
+            raise PeerUnavailable(
+                f"the holding province answered metadata that is {reason}"
+            ) from None
+        registry = federation.registry
+        province = retrieve.released.province
+        nodes = [data]
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, list):
+                nodes.extend(node)
+            elif isinstance(node, dict):
+                uri = node.get("BulkDataURI")
+                if isinstance(uri, str):
+                    mapped = registry.map_retrieve_url(province, uri)
+                    if mapped is None:
+                        del node["BulkDataURI"]
+                    else:
+                        node["BulkDataURI"] = f"{home}/{mapped[0]}/{mapped[1]}"
+                nodes.extend(node.values())
+        return json.dumps(data, ensure_ascii=False), content_type
+
+    @asynccontextmanager
+    async def relay(
+        self,
+        retrieve: RemoteRetrieve,
+        *,
+        tail: str | None,
+        query: Sequence[tuple[str, str]],
+        headers: Mapping[str, str],
+    ) -> AsyncIterator[RemoteAnswer]:
+        """The holding province's answer to a retrieve, chunk by chunk (memory flat).
+
+        ``headers``: the client's ``PASS_REQUEST`` headers. ``Range``, ``If-Range`` and
+        ``If-None-Match`` are passed through (and then the cache is not used), so a client
+        resumes a broken-off retrieve (206) or learns that it has not changed (304).
+        Otherwise, with a retrieve cache: a cached answer is served when the holding
+        province confirms it (304 to its ETag), and a whole 200 with an ETag and a length
+        is kept while it is relayed. Raises, before the answer: ``NotFound``,
+        ``NotAcceptable``, ``PeerUnavailable``.
+        """
+        federation, peer, who = self._caller(retrieve)
+        path = self._path(retrieve, tail)
+        pairs = list(query)
+        passed = dict(headers)
+
+        def ask(extra: dict[str, str]) -> Any:
+            return federation.client.retrieve(peer, path, pairs, who,
+                                              headers={**passed, **extra})  # fmt: skip
+
+        cache = federation.cache
+        if cache is None or any(h in passed for h in _CONDITIONS):
+            async with AsyncExitStack() as stack:
+                yield await _open(stack, ask({}))
+            return
+        key = cache.key(retrieve.released.province, path, pairs, passed.get("Accept"))
+        cached = await cache.lookup(key)
+        if cached is not None:
+            stack = AsyncExitStack()
+            try:
+                # The holding province decides again; 304 only if it would send these bytes.
+                answer = await _open(stack, ask({"If-None-Match": cached.etag}),
+                                     cache=(cache, key, cached))  # fmt: skip
+            except _CachedCopyUnreadable:
+                await stack.aclose()
+                await cache.drop(key)
+            except BaseException:
+                await stack.aclose()
+                raise
+            else:
+                async with stack:
+                    yield answer
+                return
+        async with AsyncExitStack() as stack:
+            yield await _open(stack, ask({}), cache=(cache, key, None))
+
+
+async def _open(
+    stack: AsyncExitStack,
+    pending: Any,
+    *,
+    cache: tuple[RetrieveCache, str, CachedAnswer | None] | None = None,
+) -> RemoteAnswer:
+    """Open the peer's answer within ``stack``; raises ``PeerUnavailable`` and the rest.
+
+    With ``cache`` (the cache, the entry's key, the entry asked about with
+    If-None-Match): a 304 serves the entry (``_CachedCopyUnreadable`` when it fails
+    before its first byte), and a whole 200 with an ETag and a length is kept as the new
+    entry while it is copied.
+    """
+    try:
+        upstream = await stack.enter_async_context(pending)
+    except PEER_ERRORS as exc:
+        raise PeerUnavailable(
+            f"the holding province cannot be reached ({type(exc).__name__})"
+        ) from None
+    if upstream.status == 304 and cache is not None and cache[2] is not None:
+        return await _from_cache(stack, cache[0], cache[2])
+    if upstream.status not in _PASS_STATUS:
+        if upstream.status == 404:
+            raise NotFound("no such study, series or instance")
+        if upstream.status == 406:
+            raise NotAcceptable("the holding province cannot send that representation")
+        raise PeerUnavailable(f"the holding province answered HTTP {upstream.status}")
+    out = {h: upstream.headers[h] for h in _PASS_RESPONSE if h in upstream.headers}
+    etag, length = upstream.headers.get("ETag"), upstream.content_length
+    fill: Fill | None = None
+    if cache is not None and upstream.status == 200 and etag and length is not None:
+        fill = cache[0].fill(cache[1], etag=etag, length=length,
+                             content_type=upstream.headers.get("Content-Type", ""))  # fmt: skip
+    finished = [False]
+    if fill is not None:
+        filling = fill
+
+        async def abort_unfinished() -> None:
+            if not finished[0]:  # the copy broke off: no entry
+                await filling.abort()
+
+        stack.push_async_callback(abort_unfinished)
+    return RemoteAnswer(upstream.status, out, _relayed(upstream, fill, finished))
+
+
+async def _relayed(upstream: Any, fill: Fill | None, finished: list[bool]) -> AsyncIterator[bytes]:
+    # Whatever has arrived, as it arrives (bounded by the socket reader's buffer): fewer,
+    # larger writes than fixed-size chunks, memory still flat.
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+            if fill is not None:
+                await fill.put(chunk)
+    except PEER_ERRORS as exc:
+        raise RelayBroken(type(exc).__name__) from None
+    if fill is not None:
+        finished[0] = True
+        await fill.finish()
+
+
+async def _from_cache(
+    stack: AsyncExitStack, cache: RetrieveCache, cached: CachedAnswer
+) -> RemoteAnswer:
+    """A cached answer the holding province has just confirmed (304).
+
+    Raises ``_CachedCopyUnreadable`` when the entry fails before its first byte (then
+    the caller asks the peer for the answer itself).
+    """
+    body = cache.body(cached)
+    stack.push_async_callback(close_stream, body)
+    try:
+        first = await anext(body, b"")
+    except GatewayError as exc:
+        log.warning("federation cache: entry unreadable: %s", type(exc).__name__)
+        raise _CachedCopyUnreadable from None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in body:
+            yield chunk
+
+    return RemoteAnswer(
+        200, {"Content-Type": cached.content_type, "ETag": cached.etag}, chunks(),
+        content_length=cached.length,
+    )  # fmt: skip

@@ -1,7 +1,8 @@
 """WADO-RS retrieve use cases (PS3.18 10.4): instances, metadata, frames, bulkdata, rendered.
 
-The caller (an API handler, after the security gate has checked consent) passes the
-``InstanceLocation``s the request may see; nothing here looks up authorization, and
+Every retrieve takes the ``ReleasedInstances`` the gate gave the request
+(``RetrieveService.locate``: ``Gate.locate`` checks consent and writes the audit record),
+never a bare location, so nothing reads a store for a request the gate did not see; and
 nothing here knows aiohttp: a retrieve yields :class:`Part`s (content type, length,
 body chunks or store bodies to relay) that ``api/streaming.py`` writes to the client,
 with multipart/related framing from ``dicom/multipart.py``. Pixel data and frame
@@ -96,11 +97,14 @@ from imaging_gateway.dicom.transcode import (
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import (
     IntegrityError,
+    InvalidQuery,
     InvalidRequest,
     NotAcceptable,
     NotFound,
     StorageError,
 )
+from imaging_gateway.security.access import AccessContext
+from imaging_gateway.security.gate import Gate, ReleasedInstances
 from imaging_gateway.storage.base import ObjectStore, close_stream
 from imaging_gateway.storage.zerocopy import (
     BodyOpener,
@@ -118,6 +122,8 @@ __all__ = [
     "InstanceRetrieval",
     "Multipart",
     "Part",
+    "ReleasedInstances",
+    "RetrieveService",
     "metadata",
     "rendered",
     "representative_instance",
@@ -509,7 +515,7 @@ class InstanceRetrieval:
 
 
 def retrieve_instances(
-    instances: Sequence[InstanceLocation],
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     *,
     accept: str | None,
@@ -547,6 +553,7 @@ def retrieve_instances(
     Reading the parts raises ``StorageError`` (an object changed since it was indexed),
     ``ObjectNotFound`` and ``StoreUnavailable``.
     """
+    instances = released.instances
     if not instances:
         raise NotFound("no instances to retrieve")
     choice = select_instances(
@@ -697,7 +704,7 @@ def _metadata_json(
 
 
 async def retrieve_metadata(
-    instances: Sequence[InstanceLocation],
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     *,
     bulkdata_base: Callable[[InstanceLocation], str],
@@ -719,6 +726,7 @@ async def retrieve_metadata(
     ``NotAcceptable`` (a deflated object inflates past ``inflate_max_bytes``); the first
     failure cancels the other reads.
     """
+    instances = released.instances
     for instance in instances:
         _store(stores, instance)
     limit = asyncio.Semaphore(METADATA_CONCURRENCY)
@@ -939,7 +947,7 @@ class Multipart:
 
 
 async def retrieve_frames(
-    instance: InstanceLocation,
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     frame_numbers: Sequence[int],
     *,
@@ -963,12 +971,15 @@ async def retrieve_frames(
     ``image/dicom-rle`` or ``image/jp2`` (JPEG 2000 Lossless), off the event loop, each
     frame bounded by ``transcode_max_bytes``.
 
+    ``released`` names one instance (the first is served).
+
     Raises before anything is sent: ``NotAcceptable`` (see ``select_frames``),
     ``InvalidRequest`` (empty list, number < 1), ``NotFound`` (a frame past the last, no
     pixel data), ``IntegrityError``, ``StorageError``, ``ObjectNotFound``,
     ``StoreUnavailable``. Reading the parts raises the same errors (after the first
     part is sent, the handler aborts the connection).
     """
+    instance = released.instances[0]
     store = _store(stores, instance)
     select_frames(accept, instance.TransferSyntaxUID, producible=frame_why_not)  # before I/O
     source = await FrameSource.open(store, instance, inflate_max_bytes=inflate_max_bytes)
@@ -984,7 +995,7 @@ async def retrieve_frames(
 
 
 async def retrieve_bulkdata(
-    instance: InstanceLocation,
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     tag_path: str,
     *,
@@ -1000,10 +1011,11 @@ async def retrieve_bulkdata(
     endian unless the object is Explicit VR Big Endian); only elements before the pixel
     data (the header) are found.
 
-    Raises ``InvalidRequest`` (malformed path), ``NotAcceptable``, ``NotFound`` (no such
-    binary element), ``IntegrityError``, ``StorageError``, ``ObjectNotFound``,
-    ``StoreUnavailable``.
+    ``released`` names one instance (the first is served). Raises ``InvalidRequest``
+    (malformed path), ``NotAcceptable``, ``NotFound`` (no such binary element),
+    ``IntegrityError``, ``StorageError``, ``ObjectNotFound``, ``StoreUnavailable``.
     """
+    instance = released.instances[0]
     path = parse_tag_path(tag_path)
     store = _store(stores, instance)
     if len(path) == 1 and path[0] in PIXEL_TAGS:
@@ -1067,7 +1079,7 @@ async def _render_instance(
 
 
 async def retrieve_rendered(
-    instance: InstanceLocation,
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     *,
     accept: str | None,
@@ -1078,6 +1090,9 @@ async def retrieve_rendered(
     inflate_max_bytes: int = INFLATE_MAX_BYTES,
 ) -> tuple[bytes, str]:
     """Retrieve Rendered Instance / Frame: one frame as JPEG (default) or PNG.
+
+    Of a study or series (several instances released) the representative image is
+    rendered (:func:`representative_instance`).
 
     Reads the header and that frame's bytes only, decodes with pydicom (native, RLE, and
     JPEG baseline/extended and JPEG 2000 through Pillow), applies the Modality LUT, the
@@ -1094,6 +1109,8 @@ async def retrieve_rendered(
     ``StorageError``, ``ObjectNotFound``, ``StoreUnavailable``.
     """
     representation = select_rendered(accept)
+    instances = released.instances
+    instance = instances[0] if len(instances) == 1 else representative_instance(instances)
     return await _render_instance(
         instance, stores, representation,
         window=window, quality=quality, viewport=viewport, frame=frame,
@@ -1102,7 +1119,7 @@ async def retrieve_rendered(
 
 
 async def retrieve_thumbnail(
-    instance: InstanceLocation,
+    released: ReleasedInstances,
     stores: Mapping[str, ObjectStore],
     *,
     accept: str | None,
@@ -1114,11 +1131,11 @@ async def retrieve_thumbnail(
     """Retrieve Thumbnail: like :func:`retrieve_rendered`, shrunk to fit ``viewport``.
 
     The viewport defaults to :data:`THUMBNAIL_VIEWPORT` (128 x 128) and a thumbnail is
-    never enlarged. For a study or series thumbnail pass
-    :func:`representative_instance` of its instances. Raises what
-    :func:`retrieve_rendered` raises.
+    never enlarged. It shows :func:`representative_instance` of the released instances.
+    Raises what :func:`retrieve_rendered` raises.
     """
     representation = select_thumbnail(accept)
+    instance = representative_instance(released.instances)
     return await _render_instance(
         instance, stores, representation,
         window=None, quality=quality, viewport=viewport or THUMBNAIL_VIEWPORT, frame=frame,
@@ -1151,3 +1168,105 @@ def representative_instance(instances: Sequence[InstanceLocation]) -> InstanceLo
     )
     return members[(len(members) - 1) // 2]
 
+
+
+# ---------------------------------------------------------------------------
+# The use case as the API calls it
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveService:
+    """WADO-RS for the API: the gate releases, the functions above read (one per app)."""
+
+    gate: Gate
+    stores: Mapping[str, ObjectStore]
+    transcode_max_bytes: int = TRANSCODE_MAX_BYTES
+    inflate_max_bytes: int = INFLATE_MAX_BYTES
+
+    async def locate(
+        self,
+        ctx: AccessContext,
+        *,
+        action: str,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        problem: str | None = None,
+    ) -> ReleasedInstances:
+        """The instances the caller may read, released and audited by the gate.
+
+        ``problem``: what is wrong with the request's path UIDs (the handler's parse),
+        refused as ``InvalidQuery`` and audited without the UIDs, which no study can
+        have. Raises ``NotFound`` (audited) as ``Gate.locate`` does.
+        """
+        if problem is not None:
+            await self.gate.refused_input(ctx, action=action, reason=problem)
+            raise InvalidQuery(problem)
+        return await self.gate.locate(
+            ctx, action=action, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid
+        )
+
+    def instances(self, released: ReleasedInstances, *, accept: str | None) -> InstanceRetrieval:
+        """Retrieve Study / Series / Instance (:func:`retrieve_instances`)."""
+        return retrieve_instances(
+            released, self.stores, accept=accept,
+            transcode_max_bytes=self.transcode_max_bytes,
+            inflate_max_bytes=self.inflate_max_bytes,
+        )  # fmt: skip
+
+    async def metadata(
+        self, released: ReleasedInstances, *, bulkdata_base: Callable[[InstanceLocation], str]
+    ) -> list[dict[str, Any]]:
+        """Retrieve Metadata (:func:`retrieve_metadata`)."""
+        return await retrieve_metadata(
+            released, self.stores, bulkdata_base=bulkdata_base,
+            inflate_max_bytes=self.inflate_max_bytes,
+        )  # fmt: skip
+
+    async def frames(
+        self, released: ReleasedInstances, numbers: Sequence[int], *, accept: str | None
+    ) -> Multipart:
+        """Retrieve Frames (:func:`retrieve_frames`)."""
+        return await retrieve_frames(
+            released, self.stores, numbers, accept=accept,
+            transcode_max_bytes=self.transcode_max_bytes,
+            inflate_max_bytes=self.inflate_max_bytes,
+        )  # fmt: skip
+
+    async def bulkdata(
+        self, released: ReleasedInstances, tag_path: str, *, accept: str | None
+    ) -> Multipart:
+        """A BulkDataURI's value (:func:`retrieve_bulkdata`)."""
+        return await retrieve_bulkdata(
+            released, self.stores, tag_path, accept=accept,
+            transcode_max_bytes=self.transcode_max_bytes,
+            inflate_max_bytes=self.inflate_max_bytes,
+        )  # fmt: skip
+
+    async def rendered(
+        self,
+        released: ReleasedInstances,
+        *,
+        thumbnail: bool,
+        accept: str | None,
+        window: tuple[float, float] | None,
+        quality: int | None,
+        viewport: tuple[int, int] | None,
+        frame: int,
+    ) -> tuple[bytes, str]:
+        """Retrieve Rendered (:func:`retrieve_rendered`) or Thumbnail (``thumbnail``)."""
+        if thumbnail:
+            return await retrieve_thumbnail(
+                released, self.stores, accept=accept, viewport=viewport, quality=quality,
+                frame=frame, inflate_max_bytes=self.inflate_max_bytes,
+            )  # fmt: skip
+        return await retrieve_rendered(
+            released, self.stores, accept=accept, window=window, quality=quality,
+            viewport=viewport, frame=frame, inflate_max_bytes=self.inflate_max_bytes,
+        )  # fmt: skip
+
+    async def ended(self, released: ReleasedInstances, *, outcome: str, bytes_sent: int) -> None:
+        """How a streamed retrieve ended: one short of its body gets its follow-up
+        audit record (``Gate.retrieve_ended``); a complete one needs none."""
+        if outcome != "complete":
+            await self.gate.retrieve_ended(released, outcome=outcome, bytes_sent=bytes_sent)

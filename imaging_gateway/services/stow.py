@@ -54,11 +54,14 @@ stored; 415 not ``multipart/related; type="application/dicom"``; 403 not a hospi
 503 when no write store is configured (as PS3.18 answers transactions an origin server
 cannot handle, "a temporal or permanent state"); the body is ``application/dicom+json``
 (or ``application/dicom+xml`` on request) with the study's RetrieveURL.
+
+The service knows no HTTP framework: the handler hands it the request's parts as an
+async iterator of :class:`StowPart` (the multipart reader is the handler's) and sends
+the :class:`StowAnswer` it returns.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -66,10 +69,8 @@ import re
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final
-
-from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.helpers import parse_mimetype
+from email.message import Message
+from typing import Any, Final, Protocol
 
 from imaging_gateway.dicom.dicomxml import dataset_to_xml
 from imaging_gateway.dicom.headers import (
@@ -159,6 +160,38 @@ def failure_for(reason: str) -> int:
     return CANNOT_UNDERSTAND
 
 
+class StowPart(Protocol):
+    """One part of a store request's ``multipart/related`` body, as the handler reads it."""
+
+    @property
+    def content_type(self) -> str | None:
+        """The part's Content-Type header (None when it has none)."""
+
+    @property
+    def nested(self) -> bool:
+        """Whether the part is itself a multipart body (refused; never read)."""
+
+    async def read_chunk(self, size: int) -> bytes:
+        """At most ``size`` more bytes of the part's body, ``b""`` at its end; raises
+        anything when the framing breaks (taken as malformed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StowAnswer:
+    """The store response: status, body and its media type."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+def _media_type(value: str) -> Message:
+    """``value`` parsed as a MIME Content-Type (type, subtype and parameters)."""
+    message = Message()
+    message["Content-Type"] = value
+    return message
+
+
 def object_key(header: ParsedHeader) -> str:
     """The write store key of an instance: ``stow/{study}/{series}/{sop}.dcm``."""
     return (
@@ -178,14 +211,14 @@ def request_boundary(content_type: str | None) -> str:
         raise UnsupportedMediaType(
             'send the instances as multipart/related; type="application/dicom"'
         )
-    mime = parse_mimetype(content_type)
-    part_type = mime.parameters.get("type", "").split(";", 1)[0].strip().lower()
-    if (mime.type, mime.subtype) != ("multipart", "related") or part_type != DICOM:
+    mime = _media_type(content_type)
+    part_type = str(mime.get_param("type", "") or "").split(";", 1)[0].strip().lower()
+    if mime.get_content_type() != "multipart/related" or part_type != DICOM:
         raise UnsupportedMediaType(
             'only multipart/related; type="application/dicom" is accepted (PS3.10 files, '
             "one per part)"
         )
-    boundary = mime.parameters.get("boundary", "")
+    boundary = str(mime.get_param("boundary", "") or "")
     if not boundary:
         raise InvalidRequest("the multipart/related Content-Type has no boundary")
     if not _BOUNDARY.fullmatch(boundary):
@@ -200,8 +233,7 @@ def is_dicom_part(content_type: str | None) -> bool:
     """Whether a part's Content-Type is ``application/dicom`` (absent: the request's type)."""
     if content_type is None or not content_type.strip():
         return True
-    mime = parse_mimetype(content_type)
-    return (mime.type, mime.subtype, mime.suffix) == ("application", "dicom", "")
+    return _media_type(content_type).get_content_type() == DICOM
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +361,7 @@ class _Refused(Exception):
 class _Part:
     """One body part, read in bounded chunks; reader errors become ``_Malformed``."""
 
-    def __init__(self, part: BodyPartReader) -> None:
+    def __init__(self, part: StowPart) -> None:
         self._part = part
 
     async def read(self, size: int = CHUNK) -> bytes:
@@ -486,12 +518,12 @@ class _Stow:
         self.results.append(self.result(header, failure, label))
         self.attempts.append(StoreAttempt(header, outcome, label))
 
-    async def part(self, reader: BodyPartReader) -> None:
+    async def part(self, reader: StowPart) -> None:
         """Store one part; raises ``_Malformed`` when the framing breaks inside it."""
         part = _Part(reader)
         header: ParsedHeader | None = None
         try:
-            if not is_dicom_part(reader.headers.get("Content-Type")):
+            if not is_dicom_part(reader.content_type):
                 raise _Refused(CANNOT_UNDERSTAND, "not-application-dicom")
             sync = self.settings.sync
             head, ended, header = await _read_head(
@@ -650,8 +682,10 @@ class _Stow:
 
 
 async def store_instances(
-    request: web.Request,
+    parts: AsyncIterator[StowPart],
     *,
+    content_type: str | None,
+    accept: str | None,
     ctx: AccessContext,
     gate: Gate,
     index: SqlIndex,
@@ -659,8 +693,11 @@ async def store_instances(
     settings: Settings,
     study_uid: str | None,
     retrieve_base: str,
-) -> web.Response:
-    """Store Instances (PS3.18 10.5) of ``request`` for a hospital; see the module docstring.
+) -> StowAnswer:
+    """Store Instances (PS3.18 10.5) of a request for a hospital; see the module docstring.
+
+    ``parts``: the request body's parts, read only after ``content_type`` (the request's)
+    was checked; ``accept``: the request's Accept header.
 
     Raises ``Forbidden`` (not a hospital, or not the write store's hospital),
     ``InvalidQuery`` (a ``study_uid`` that is not a UID), ``StoreNotEnabled`` (no write
@@ -690,10 +727,8 @@ async def store_instances(
             raise StoreNotEnabled(
                 "this gateway stores no instances (STOW-RS): no gateway.write_store is configured"
             )
-        representation = select(
-            request.headers.get("Accept"), _RESPONSE_OFFERS, what="the store response"
-        )
-        request_boundary(request.headers.get("Content-Type"))
+        representation = select(accept, _RESPONSE_OFFERS, what="the store response")
+        request_boundary(content_type)
     except GatewayError as exc:
         await gate.audit_store(
             ctx,
@@ -702,18 +737,15 @@ async def store_instances(
         )
         raise
     stow = _Stow(ctx, gate, index, stores, settings, target, study_uid, [], [])
-    reader = MultipartReader(request.headers, request.content)
     while True:
         try:
-            part = await reader.next()
+            part = await anext(parts, None)
         except Exception:
             stow.fail(None, CANNOT_UNDERSTAND, "malformed")
             break
         if part is None:
             break
-        if not isinstance(part, BodyPartReader):
-            with contextlib.suppress(Exception):
-                await part.release()
+        if part.nested:
             stow.fail(None, CANNOT_UNDERSTAND, "nested-multipart")
             continue
         try:
@@ -723,7 +755,7 @@ async def store_instances(
     return await _answer(stow, representation, retrieve_base)
 
 
-async def _answer(stow: _Stow, representation: Representation, retrieve_base: str) -> web.Response:
+async def _answer(stow: _Stow, representation: Representation, retrieve_base: str) -> StowAnswer:
     results = stow.results
     stored = any(r.stored for r in results)
     malformed = any(r.label in ("malformed", "nested-multipart") for r in results)
@@ -747,15 +779,34 @@ async def _answer(stow: _Stow, representation: Representation, retrieve_base: st
     dataset = store_response(results, retrieve_base=retrieve_base, study_uid=stow.study_uid)
     status = response_status(results)
     if representation is _RESPONSE_XML:
-        return web.Response(
-            status=status,
-            body=dataset_to_xml(dataset),
-            headers={"Content-Type": representation.media_type},
-        )
+        return StowAnswer(status, dataset_to_xml(dataset), representation.media_type)
     # Exactly the media type, no charset parameter (JSON is UTF-8; RFC 8259): clients
     # such as dicomweb-client compare the Content-Type as a whole.
-    return web.Response(
-        status=status,
-        body=json.dumps(dataset).encode("utf-8"),
-        headers={"Content-Type": representation.media_type},
-    )
+    return StowAnswer(status, json.dumps(dataset).encode("utf-8"), representation.media_type)
+
+
+@dataclass(frozen=True, slots=True)
+class StowService:
+    """STOW-RS for the API (one per app): the write store, the index and the gate."""
+
+    gate: Gate
+    index: SqlIndex
+    stores: Mapping[str, ObjectStore]
+    settings: Settings
+
+    async def store(
+        self,
+        ctx: AccessContext,
+        parts: AsyncIterator[StowPart],
+        *,
+        content_type: str | None,
+        accept: str | None,
+        study_uid: str | None,
+        retrieve_base: str,
+    ) -> StowAnswer:
+        """Store Instances (:func:`store_instances`); raises what it raises."""
+        return await store_instances(
+            parts, content_type=content_type, accept=accept, ctx=ctx, gate=self.gate,
+            index=self.index, stores=self.stores, settings=self.settings,
+            study_uid=study_uid, retrieve_base=retrieve_base,
+        )  # fmt: skip

@@ -62,8 +62,14 @@ async def test_consent_lifecycle_over_http(province: Province,
 
     async with http.get(f"{base}/me/access-log", headers=patient) as r:
         log = await r.json()
-    assert [e["action"] for e in log][:2] == ["consent-revoke", "consent-create"]
-    assert {e["hospital"] for e in log[:2]} == {other, None}
+    # Consent records name the patient: every read of them is in the patient's log too,
+    # the stranger's refused ones included (the admin's 400 and the grantee's 403 on
+    # /me/consents named no patient; the patient reading their own leaves no record).
+    assert [(e["action"], e["outcome"]) for e in log][:7] == [
+        ("consent-read", "ok"), ("consent-revoke", "ok"), ("consent-revoke", "denied"),
+        ("consent-read", "denied"), ("consent-list", "denied"), ("consent-list", "ok"),
+        ("consent-create", "ok")]
+    assert [e["hospital"] for e in log[:2]] == [other, None]
 
     async with http.get(f"{base}/admin/break-glass", headers=admin) as r:
         assert r.status == 200 and await r.json() == []

@@ -86,17 +86,6 @@ CLASSIFICATION: dict[tuple[str, str], str] = {
 }
 PATIENT_DATA = (SEARCH, RETRIEVE, FEDERATED, CONSENT_READ, PATIENT_ONLY)
 
-# Routes that return patient data to a hospital without a grant's refusal being audited
-# today (issue 16: "consent reads go through the gate and are audited"): the answer
-# reveals nothing (tested), but no audit record names the request.
-NOT_AUDITED = {
-    CONSENT_READ: "consent records are read, listed and refused (404) without the gate or an "
-                  "audit record (api/consent.py reads ConsentStore directly; issue 16)",
-    PATIENT_ONLY: "a token of another role is refused (403) by Principal.require before any "
-                  "audit record",
-}
-
-
 def app_routes(province: Province) -> set[tuple[str, str]]:
     """(method, canonical path) of every route the served gateway's app registers."""
     app = create_app(load_settings(province.gw.config))
@@ -259,17 +248,7 @@ async def test_a_hospital_without_a_grant_gets_nothing(
             assert r.status == 200 and (await r.json())["active"] is True
 
 
-def _audit_cases() -> list[Any]:
-    cases = []
-    for param in _walk_cases():
-        method, canonical, kind = param.values
-        marks = () if kind not in NOT_AUDITED else pytest.mark.xfail(
-            strict=True, reason=NOT_AUDITED[kind])
-        cases.append(pytest.param(method, canonical, kind, id=param.id, marks=marks))
-    return cases
-
-
-@pytest.mark.parametrize(("method", "canonical", "kind"), _audit_cases())
+@pytest.mark.parametrize(("method", "canonical", "kind"), _walk_cases())
 async def test_a_hospital_without_a_grant_is_audited(
         walk_province: Province, http: aiohttp.ClientSession, method: str, canonical: str,
         kind: str) -> None:

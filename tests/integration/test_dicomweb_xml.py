@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from imaging_gateway.api.keys import INDEX, STORES, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, STORES, create_app
 from imaging_gateway.dicom.dicomxml import NATIVE_DICOM_NS
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from imaging_gateway.settings import load_settings

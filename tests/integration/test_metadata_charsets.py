@@ -20,8 +20,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from imaging_gateway.api.keys import INDEX, STORES, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, STORES, create_app
 from imaging_gateway.settings import load_settings
 from imaging_gateway.sync.runner import SyncRunner
 from tests.factories import PYDICOM_DATA, dataset_bytes, minimal_dataset

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
 
-from imaging_gateway.api.keys import INDEX, STORES, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, STORES, create_app
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from imaging_gateway.index.schema import quarantine, studies
 from imaging_gateway.settings import Settings, load_settings

@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
 
-from imaging_gateway.api.keys import INDEX, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, create_app
 from imaging_gateway.crypto.aead import Suite
 from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.crypto.phi import PhiCodec

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from imaging_gateway.api.keys import INDEX, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, create_app
 from imaging_gateway.federation.assertions import (
     ConsentClaim,
     IndexReplayCache,

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
 from pydicom.dataset import Dataset
 
-from imaging_gateway.api.keys import INDEX, STORES, TOKENS
-from imaging_gateway.app import create_app
+from imaging_gateway.api.keys import TOKENS
+from imaging_gateway.app import INDEX, STORES, create_app
 from imaging_gateway.crypto.keyring import FileKeyring
 from imaging_gateway.dicom.headers import parse_header
 from imaging_gateway.dicom.synthetic import SyntheticInstance

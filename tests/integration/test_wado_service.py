@@ -35,6 +35,9 @@ from imaging_gateway.dicom.pixels import parse_tag_path
 from imaging_gateway.dicom.synthetic import SyntheticInstance, generate_instances
 from imaging_gateway.domain.records import InstanceLocation
 from imaging_gateway.errors import InvalidRequest, NotFound
+from imaging_gateway.security import gate
+from imaging_gateway.security.access import AccessContext
+from imaging_gateway.security.principals import Principal
 from imaging_gateway.services import retrieve
 from imaging_gateway.settings import StoreSettings
 from imaging_gateway.storage.base import ObjectStore
@@ -144,6 +147,19 @@ def _all_objects() -> dict[str, bytes]:
 
 
 OBJECTS = _all_objects()
+
+_CALLER = AccessContext(
+    principal=Principal(subject="wado-test", role="hospital", province="110000",
+                        token_id="t", hospital="H11010800028"),
+)
+
+
+def released(*locations: InstanceLocation) -> gate.ReleasedInstances:
+    """The retrieve service's input, made with the gate module's own token: this suite
+    tests the service alone (what the gate releases is tested in test_gate*.py)."""
+    return gate.ReleasedInstances(
+        tuple(locations), _CALLER, "retrieve", None, gate._GATE
+    )
 
 
 @dataclass
@@ -282,7 +298,7 @@ def make_app(corpus: Corpus) -> web.Application:
         locations = [corpus.locations[n] for n in _names(request)]
         chunk = int(request.query.get("chunk", str(retrieve.CHUNK_SIZE)))
         retrieval = retrieve.retrieve_instances(
-            locations,
+            released(*locations),
             corpus.stores,
             accept=accept(request),
             chunk_size=chunk,
@@ -296,7 +312,7 @@ def make_app(corpus: Corpus) -> web.Application:
         representation = select_metadata(accept(request))
         origin = str(request.url.origin())
         documents = await retrieve.retrieve_metadata(
-            [corpus.locations[n] for n in _names(request)],
+            released(*(corpus.locations[n] for n in _names(request))),
             corpus.stores,
             bulkdata_base=lambda loc: f"{origin}/inst/{name_of(loc)}",
         )
@@ -304,7 +320,7 @@ def make_app(corpus: Corpus) -> web.Application:
 
     async def frames(request: web.Request) -> web.StreamResponse:
         body = await retrieve.retrieve_frames(
-            corpus.locations[request.match_info["name"]],
+            released(corpus.locations[request.match_info["name"]]),
             corpus.stores,
             params.parse_frame_list(request.match_info["frames"]),
             accept=accept(request),
@@ -314,7 +330,7 @@ def make_app(corpus: Corpus) -> web.Application:
 
     async def bulkdata(request: web.Request) -> web.StreamResponse:
         body = await retrieve.retrieve_bulkdata(
-            corpus.locations[request.match_info["name"]],
+            released(corpus.locations[request.match_info["name"]]),
             corpus.stores,
             request.match_info["path"],
             accept=accept(request),
@@ -324,7 +340,7 @@ def make_app(corpus: Corpus) -> web.Application:
     async def rendered(request: web.Request) -> web.StreamResponse:
         query = request.query
         body, media_type = await retrieve.retrieve_rendered(
-            corpus.locations[request.match_info["name"]],
+            released(corpus.locations[request.match_info["name"]]),
             corpus.stores,
             accept=accept(request),
             window=params.parse_window(query["window"]) if "window" in query else None,
@@ -336,7 +352,8 @@ def make_app(corpus: Corpus) -> web.Application:
 
     async def thumbnail(request: web.Request) -> web.StreamResponse:
         body, media_type = await retrieve.retrieve_thumbnail(
-            corpus.locations[request.match_info["name"]], corpus.stores, accept=accept(request)
+            released(corpus.locations[request.match_info["name"]]), corpus.stores,
+            accept=accept(request),
         )
         return web.Response(body=body, content_type=media_type)
 
@@ -1133,7 +1150,7 @@ async def test_bulkdata_uris_serve_the_values(client: TestClient[Any, Any]) -> N
 async def test_metadata_order_and_chinese_names(corpus: Corpus) -> None:
     order = ["syn5", "syn2", "syn0", "syn4", "syn1", "syn3"]
     documents = await retrieve.metadata(
-        [corpus.locations[n] for n in order],
+        released(*(corpus.locations[n] for n in order)),
         corpus.stores,
         bulkdata_base=lambda loc: f"https://gw/{loc.SOPInstanceUID}",
     )
@@ -1153,7 +1170,7 @@ async def test_metadata_reads_only_headers(corpus: Corpus) -> None:
     recorder = RecordingStore(corpus.store)
     stores = {corpus.store.name: recorder}
     locations = [corpus.locations[n] for n in ("syn0", "ct", "j2k")]
-    await retrieve.retrieve_metadata(locations, stores, bulkdata_base=lambda loc: "x")  # type: ignore[arg-type]
+    await retrieve.retrieve_metadata(released(*locations), stores, bulkdata_base=lambda loc: "x")  # type: ignore[arg-type]
     assert not recorder.streams
     for location in locations:
         reads = [r for r in recorder.reads if r[0] == location.key]
@@ -1318,7 +1335,7 @@ async def test_frame_numbers_out_of_range(client: TestClient[Any, Any], corpus: 
             assert response.status == status, url
     with pytest.raises(InvalidRequest):
         await retrieve.retrieve_frames(
-            corpus.locations["dose"],
+            released(corpus.locations["dose"]),
             corpus.stores,
             [],
             accept=None,
