@@ -372,8 +372,17 @@ class SqlIndex:
         self.search_engine = search_engine or engine
         """Engine of QIDO-RS searches: on PostgreSQL its own small pool of autocommit
         connections whose sessions enforce the search time budget (``session_time_budget``),
-        so a search and its audit record take one round trip each; else ``engine``."""
+        so a search and its audit record take one round trip each; on an SQLite file a
+        pool of its own, apart from the writers' (in WAL mode a reader never waits for the
+        writer, nor here for a connection a writer holds); else ``engine``."""
         self.dialect = engine.dialect.name
+        self.autocommit_engine = (
+            self.search_engine
+            if self.dialect == "postgresql" and self.search_engine is not engine
+            else None
+        )
+        """PostgreSQL: ``search_engine``, whose connections are in autocommit mode (the
+        audit log's group commits use it); None on SQLite."""
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._key_locks: dict[str, _KeyLock] = {}
 
@@ -408,6 +417,13 @@ class SqlIndex:
         search_engine = None
         if url.drivername.startswith("sqlite"):
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            if url.database and url.database != ":memory:":
+                # Concurrent searches read on as many connections (each its own thread,
+                # sqlite3 releasing the GIL while a statement runs).
+                search_engine = create_async_engine(
+                    url, echo=settings.echo, pool_size=4, max_overflow=4, pool_use_lifo=True
+                )
+                event.listen(search_engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             search_engine = create_async_engine(
                 url,
