@@ -31,7 +31,10 @@ searches/s (all searches over the phase's wall time) and p50/p99 per number of c
 whether 8 clients get at least the one-client rate with p99 < 25 ms (``concurrent_goal``).
 ``--baseline-tree DIR`` (a checkout of another commit, e.g. ``git archive main | tar -x -C
 DIR``) adds that commit's gateway on the same index and token as ``old_gateway_<backend>``,
-so old and new are measured side by side in the same rounds.
+so old and new are measured side by side in the same rounds. Before the gateways start,
+the audit log gets ``--audit-records`` records (default 20,000) and, on PostgreSQL, its
+statistics: as in service, and so that neither gateway gets the plans PostgreSQL caches
+for a still tiny table (``seed_audit_log``).
 
     .venv/bin/python bench/qido.py --sizes 100000 --backends sqlite   # ~1 min
     .venv/bin/python bench/qido.py --sizes 100000 --phases concurrent  # ~2 min
@@ -93,7 +96,8 @@ from imaging_gateway.index.schema import (
     studies,
 )
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.settings import IndexSettings
+from imaging_gateway.security.audit import AuditEvent, AuditLog, load_or_create_chain_key
+from imaging_gateway.settings import IndexSettings, load_settings
 
 GOAL = {"at_instances": 1_000_000, "p50_ms": 5.0, "p99_ms": 25.0}
 CONCURRENT_GOAL = {"clients": 8, "vs_clients": 1, "p99_ms": 25.0}
@@ -509,6 +513,52 @@ async def build_index(url: str, n_instances: int, seed: int) -> tuple[Corpus, di
     return corpus, {k: round(v, 1) for k, v in timings.items()}
 
 
+async def seed_audit_log(config: Path, url: str, records: int) -> float:
+    """Append ``records`` search records to the index's audit log under the chain key of
+    the gateway configured in ``config`` (created here, as the gateway would); on
+    PostgreSQL then ``VACUUM ANALYZE audit_log``. Returns the seconds it took.
+
+    A gateway in service has a long, analyzed audit log. On an empty one the first
+    gateway to search gets PostgreSQL plans for a tiny table cached in its connections
+    (a sequential scan to check the chain's head) and keeps them while the log grows: in
+    a side-by-side run the gateway warmed up first then lost ~30% of its one-client rate
+    to the other, whatever the code (same commit in both slots: 225 vs 304/s).
+    """
+    t0 = time.perf_counter()
+    settings = load_settings(config)
+    key = load_or_create_chain_key(settings.security.audit_key_file)
+    index = await SqlIndex.open(IndexSettings(url=url), migrate=False)
+    rng = random.Random(records)
+    try:
+        log = AuditLog(index.engine, key)
+        for start in range(0, records, 1000):
+            await log.record(
+                [
+                    AuditEvent(
+                        subject="pacs-seed",
+                        role="hospital",
+                        action="search",
+                        outcome="ok",
+                        hospital=HOSPITALS[i % len(HOSPITALS)][0],
+                        patient_token=f"{rng.getrandbits(128):032x}",
+                        purpose="treatment",
+                        source="10.0.0.1",
+                        detail="level=study",
+                    )
+                    for i in range(start, min(records, start + 1000))
+                ]
+            )
+        if index.dialect == "postgresql":
+            raw = await asyncpg.connect(url)
+            try:
+                await raw.execute("VACUUM ANALYZE audit_log")
+            finally:
+                await raw.close()
+    finally:
+        await index.close()
+    return round(time.perf_counter() - t0, 1)
+
+
 # ---------------------------------------------------------------------- queries
 
 
@@ -822,6 +872,7 @@ async def bench_size(
     clients: list[int],
     client_searches: int,
     baseline_tree: Path | None,
+    audit_records: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     urls: dict[str, str] = {}
@@ -839,7 +890,7 @@ async def bench_size(
         instances=corpus.instances, consents=corpus.consents,
         token_hospital_study_share=round(corpus.token_studies / corpus.studies, 3),
         sqlite_file_mib=round(sqlite_file.stat().st_size / 2**20, 1),
-        build_s=out_build,
+        build_s=out_build, audit_records_before=audit_records,
     )  # fmt: skip
 
     targets: list[Target] = []
@@ -854,6 +905,10 @@ async def bench_size(
         )
         token = issue_token(cfg, "--role", "hospital", "--hospital", TOKEN_HOSPITAL,
                             "--subject", "pacs-bench", "--ttl", "1d")  # fmt: skip
+        if audit_records:
+            out_build[backend]["audit_seed_s"] = await seed_audit_log(
+                cfg, urls[backend], audit_records
+            )
         gw = start_gateway(cfg, port)
         cleanup.append(("gw", gw))
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/dicom+json"}
@@ -985,6 +1040,12 @@ def main() -> None:
         help="searches per client per round, concurrent phase",
     )
     ap.add_argument(
+        "--audit-records",
+        type=int,
+        default=20_000,
+        help="records in the audit log before the gateways start (as in service)",
+    )
+    ap.add_argument(
         "--baseline-tree",
         type=Path,
         metavar="DIR",
@@ -1031,6 +1092,7 @@ async def run(args: argparse.Namespace, sizes: list[int], backends: list[str]) -
                     clients=[int(c) for c in args.clients.split(",")],
                     client_searches=args.client_searches,
                     baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None,
+                    audit_records=args.audit_records,
                 )  # fmt: skip
                 await cleanup_all(cleanup)
         finally:
