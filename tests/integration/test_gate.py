@@ -23,7 +23,7 @@ from imaging_gateway.errors import (
 )
 from imaging_gateway.index.schema import audit_log, studies
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.audit import AuditLog
+from imaging_gateway.security.audit import _PG_CHAIN_LOCK, AuditLog
 from imaging_gateway.security.consent import ConsentStore, parse_consent_request
 from imaging_gateway.security.gate import (
     AccessContext,
@@ -317,6 +317,62 @@ async def test_concurrent_searches_are_each_audited_once(index: SqlIndex) -> Non
             {s: k * round_ for s, k in expected.items()})
     report = await gate.audit.verify()
     assert report.ok and report.checked == 2 * sum(expected.values())
+
+
+async def test_concurrent_searches_answer_only_once_their_records_are_durable(
+    index: SqlIndex,
+) -> None:
+    """The audit chain's lock held elsewhere (another process appending: PostgreSQL's
+    advisory lock, SQLite's write lock): searches running at once read their studies, then
+    wait, the first on its own connection, the others for the group commit; none answers
+    while its records cannot be committed. Once the lock is free every one answers, each
+    record is there once and the chain is whole."""
+    corpus = make_corpus(seed=7, patients=6, studies_per_patient=3)
+    await index_instances(index, corpus)
+    audit = AuditLog(index.engine, b"k" * 32, autocommit_engine=index.autocommit_engine)
+    gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30,
+                search_engine=index.search_engine)
+    code = sorted({i.hospital.code for i in corpus})[0]
+    await gate.search(AccessContext(hospital(code, "pacs-0")), parse_qido("study", {}),
+                      max_results=100)  # the head is known: the one-statement path
+    before = (await audit.head())[0]
+    n = 8
+    holder = await index.engine.connect()
+    try:
+        tx = await holder.begin()
+        if index.dialect == "postgresql":
+            await holder.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK)))
+        else:
+            await holder.execute(sa.text("UPDATE audit_log SET seq = seq WHERE 0"))
+        searches = [
+            asyncio.create_task(gate.search(AccessContext(hospital(code, f"pacs-{k}")),
+                                            parse_qido("study", {}), max_results=100))
+            for k in range(1, n + 1)
+        ]
+        # Every search has read its studies and waits for its records: one writing them
+        # on its own connection, the others queued for the group commit.
+        for _ in range(400):
+            if audit._writing and len(audit._waiting) == n - 1:
+                break
+            await asyncio.sleep(0.005)
+        assert audit._writing and len(audit._waiting) == n - 1
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in searches)
+        assert (await audit.head())[0] == before
+        await tx.rollback()
+    finally:
+        await holder.close()
+    pages = await asyncio.gather(*searches)
+    assert all({r.study_instance_uid for r in p.results} == studies_of(corpus, hospital=code)
+               for p in pages)
+    per_search = len({gate.tokens.for_patient(r.national_id, r.patient_key)
+                      for r in pages[0].results})
+    async with index.engine.connect() as conn:
+        subjects = Counter(r[0] for r in await conn.execute(
+            sa.select(audit_log.c.subject).where(audit_log.c.seq > before)))
+    assert subjects == {f"pacs-{k}": per_search for k in range(1, n + 1)}
+    report = await audit.verify()
+    assert report.ok and report.checked == before + n * per_search
 
 
 async def test_refused_tokens_are_audited_without_flooding_the_log(index: SqlIndex) -> None:
