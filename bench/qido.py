@@ -27,7 +27,8 @@ the rounds (nearest rank).
 The concurrent phase (``--clients 1,2,4,8``) then runs, per number of clients, that many
 clients at once against each target, each client on its own keep-alive connection sending
 ``--client-searches`` searches of the same mix one after another, over real HTTP: it prints
-searches/s (all searches over the phase's wall time) and p50/p99 per number of clients, and
+searches/s (all searches over the phase's wall time), p50/p99 and the serving process's CPU
+time per search per number of clients, and
 whether 8 clients get at least the one-client rate with p99 < 25 ms (``concurrent_goal``).
 ``--baseline-tree DIR`` (a checkout of another commit, e.g. ``git archive main | tar -x -C
 DIR``) adds that commit's gateway on the same index and token as ``old_gateway_<backend>``,
@@ -666,22 +667,37 @@ class Concurrent:
 
     seconds: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float = 0.0
     round_rates: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         figures: dict[str, Any] = {
             "searches_per_s": round(len(self.seconds) / self.wall_s, 1) if self.wall_s else 0.0,
             "round_rates": [round(r, 1) for r in self.round_rates],
+            # The serving process's CPU per search: steadier than rates on a shared
+            # machine (it does not count waiting for a core, nor the database's time).
+            "cpu_ms_per_search": round(1000 * self.cpu_s / len(self.seconds), 2)
+            if self.seconds
+            else 0.0,
         }
         figures.update(summarize_ms(self.seconds))
         return figures
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_clients(
-    base: str, headers: dict[str, str], per_client: list[list[tuple[str, str]]], out: Concurrent
+    target: Target, per_client: list[list[tuple[str, str]]], out: Concurrent
 ) -> None:
     """``len(per_client)`` clients at once, each on its own keep-alive connection sending
-    its searches one after another; adds latencies and the phase's wall time to ``out``."""
+    its searches one after another; adds latencies, the phase's wall time and the target
+    process's CPU time to ``out``."""
+    base, headers = target.base, target.headers
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in per_client]
     try:
         # One untimed search each: the connections are open before the clock starts.
@@ -698,9 +714,10 @@ async def run_clients(
                 if r.status not in (200, 204):
                     raise RuntimeError(f"{base}: {kind} answered {r.status}: {body[:300]!r}")
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(target.pid)
         await asyncio.gather(*(client(s, q) for s, q in pairs))
         wall = time.perf_counter() - t0
+        out.cpu_s += cpu_seconds(target.pid) - cpu0
     finally:
         for s in sessions:
             await s.close()
@@ -855,6 +872,8 @@ class Target:
     name: str
     base: str
     headers: dict[str, str]
+    pid: int
+    """The serving process (its CPU time per search is reported)."""
     samples: Samples = field(default_factory=Samples)
 
 
@@ -912,7 +931,7 @@ async def bench_size(
         gw = start_gateway(cfg, port)
         cleanup.append(("gw", gw))
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/dicom+json"}
-        targets.append(Target(f"gateway_{backend}", f"{gw.base}/dicomweb", headers))
+        targets.append(Target(f"gateway_{backend}", f"{gw.base}/dicomweb", headers, gw.proc.pid))
         if baseline_tree is not None:
             # The other commit's gateway on the same index, keys and token: its own config
             # file only for its port. It runs while the other targets wait, never with them.
@@ -930,7 +949,9 @@ async def bench_size(
             )
             old = start_gateway(old_cfg, old_port, env={"PYTHONPATH": str(shim)})
             cleanup.append(("gw", old))
-            targets.append(Target(f"old_gateway_{backend}", f"{old.base}/dicomweb", headers))
+            targets.append(
+                Target(f"old_gateway_{backend}", f"{old.base}/dicomweb", headers, old.proc.pid)
+            )
     port = free_port()
     bare = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--bare-server", str(sqlite_file), "--port", str(port),
@@ -938,7 +959,7 @@ async def bench_size(
     )  # fmt: skip
     cleanup.append(("proc", bare))
     await wait_healthy(f"http://127.0.0.1:{port}")
-    targets.append(Target("bare_aiohttp_sqlite", f"http://127.0.0.1:{port}", {}))
+    targets.append(Target("bare_aiohttp_sqlite", f"http://127.0.0.1:{port}", {}, bare.pid))
 
     rng = random.Random(seed + n)
     async with aiohttp.ClientSession() as http:
@@ -982,7 +1003,7 @@ async def concurrent_phase(
             per_client = [make_queries(corpus, per_type, rng)[:searches] for _ in range(c)]
             order = targets[r % len(targets) :] + targets[: r % len(targets)]
             for t in order:
-                await run_clients(t.base, t.headers, per_client, figures[t.name][c])
+                await run_clients(t, per_client, figures[t.name][c])
     out: dict[str, Any] = {
         "clients": clients,
         "searches_per_client_per_round": searches,
