@@ -123,7 +123,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[GATE] = Gate(
         engine,
-        AuditLog(engine, audit_key),
+        AuditLog(engine, audit_key, autocommit_engine=app[INDEX].autocommit_engine),
         PatientTokens(patient_key),
         break_glass_minutes=s.break_glass_minutes,
         search_engine=app[INDEX].search_engine,

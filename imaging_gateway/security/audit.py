@@ -1,14 +1,14 @@
 """The tamper-evident access log: HMAC hash-chained records, verification, DICOM export.
 
 Every access to patient data appends one record per event, inside the access's own
-transaction (a PostgreSQL search: in one statement right after it, before anything is
-returned): the access and its record commit together, and if the record cannot be
-written the access fails. Each record carries ``prev_hash`` (the previous record's
-``hash``; 64 zeros for the first) and ``hash`` = HMAC-SHA256(chain key, prev_hash ||
-canonical form of every field of the record, its ``seq`` and time included). The key
-lives in a file (``load_or_create_chain_key``), not in the database, so someone who can
-write the database but does not hold the key cannot recompute a valid chain after an
-edit.
+transaction, or (a search, a refusal: nothing else to commit) committed before anything
+is returned, in a group commit with the records of concurrent accesses: the access and
+its record commit together, and if the record cannot be written the access fails.
+Each record carries ``prev_hash`` (the previous record's ``hash``; 64 zeros for the
+first) and ``hash`` = HMAC-SHA256(chain key, prev_hash || canonical form of every field
+of the record, its ``seq`` and time included). The key lives in a file
+(``load_or_create_chain_key``), not in the database, so someone who can write the
+database but does not hold the key cannot recompute a valid chain after an edit.
 
 What the chain proves, and what it does not: ``AuditLog.verify`` finds any edited,
 deleted, inserted or reordered record *followed by at least one intact record*.
@@ -25,6 +25,7 @@ RFC 3881-derived ``AuditMessage`` schema of A.5.1), one XML document per line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -33,6 +34,7 @@ import ipaddress
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +43,7 @@ from typing import Any, Final, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.crypto.keyfiles import load_or_create_secret, load_secret
@@ -87,6 +89,9 @@ _NOT_XML_ONE_LINE = re.compile("[^\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]
 _PG_CHAIN_LOCK: Final = 0x6175_6469_745F_6C67  # b"audit_lg"
 
 _CANONICAL_VERSION: Final = "audit-v1"
+
+GROUP_RECORDS: Final = 1000
+"""Records per group commit at most (a single caller's events are never split)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,11 @@ def check_event(event: AuditEvent) -> None:
             raise ValueError(f"audit event: {f} must be a string")
         if f in _REQUIRED and not value:
             raise ValueError(f"audit event: {f} must not be empty")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no database could store it
+                raise ValueError(f"audit event: {f} is not valid text") from None
         if len(value) > _LIMITS[f]:
             raise ValueError(f"audit event: {f} is longer than {_LIMITS[f]} characters")
         pattern = _CONTROL_BUT_LINES if f in _MULTILINE else _CONTROL
@@ -220,6 +230,34 @@ def check_event(event: AuditEvent) -> None:
             raise ValueError(f"audit event: {f} contains control characters")
     if event.outcome not in OUTCOMES:
         raise ValueError(f"audit event: outcome must be one of {', '.join(OUTCOMES)}")
+
+
+_Item = tuple[AuditEvent, datetime]
+"""One event to write and its time."""
+
+
+def _items(events: Sequence[AuditEvent], at: datetime | None) -> list[_Item]:
+    """``events`` checked (``check_event``), each with ``at`` (default now); raises
+    ``ValueError`` for an event that cannot be recorded or a naive ``at``."""
+    for event in events:
+        check_event(event)
+    when = _utc(at, "at") if at is not None else datetime.now(UTC)
+    return [(event, when) for event in events]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """One ``record`` call's events, waiting for the writer task, and its outcome."""
+
+    items: list[_Item]
+    done: asyncio.Future[None]
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    # The caller was cancelled: nobody else reads the outcome, so asyncio would log an
+    # unretrieved exception.
+    if not done.cancelled():
+        done.exception()
 
 
 def _event(m: Any) -> AuditEvent:
@@ -231,6 +269,7 @@ _INSERT: Final = audit_log.insert()
 _HEAD: Final = (
     sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
 )
+_HASH_AT: Final = sa.select(audit_log.c.hash).where(audit_log.c.seq == sa.bindparam("seq"))
 _SQLITE_WRITE_LOCK: Final = audit_log.update().where(sa.false()).values(seq=audit_log.c.seq)
 _PG_LOCK: Final = sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK))
 _ROW_COLUMNS: Final = ("seq", "at", *FIELDS, "prev_hash", "hash")
@@ -298,17 +337,38 @@ class AuditLog:
     caller's transaction read a stale head anyway (a REPEATABLE READ snapshot taken
     before the lock), the primary key on ``seq`` refuses the second record with that seq
     and the access fails; a fork cannot be written.
+
+    Records that need no transaction of the caller's (``record``: a search's, a refusal's)
+    are group-committed: the events of every task of this process that records meanwhile
+    are written by one writer task in one transaction (on PostgreSQL with an
+    ``autocommit_engine``, one statement), and each caller returns once its batch is
+    committed. Concurrent accesses then do not queue one by one for the database's write
+    lock (SQLite) or the chain's advisory lock (PostgreSQL), and no access is answered
+    before its record is written.
     """
 
-    def __init__(self, engine: AsyncEngine, key: bytes) -> None:
-        """Raises ``ValueError`` for a key shorter than 32 bytes."""
+    def __init__(
+        self, engine: AsyncEngine, key: bytes, *, autocommit_engine: AsyncEngine | None = None
+    ) -> None:
+        """Raises ``ValueError`` for a key shorter than 32 bytes.
+
+        ``autocommit_engine``: PostgreSQL connections in autocommit mode (the index's
+        ``search_engine``), on which a group commit is one statement when this process
+        knows the head; without it a group commit is a transaction on ``engine``.
+        """
         if len(key) < KEY_BYTES:
             raise ValueError(f"the audit chain key must be at least {KEY_BYTES} bytes")
         self.engine = engine
         self._key = key
         self._postgres = engine.dialect.name == "postgresql"
+        self._autocommit = autocommit_engine if self._postgres else None
         self._known_head: tuple[int, str] | None = None
         """(seq, hash) of the newest record this process wrote or read; a hint only."""
+        self._waiting: deque[_Waiting] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        """The task writing the waiting records; set while there are any."""
+        self._writing = False
+        """A ``record_if_idle`` caller is writing its own records (the writer waits)."""
 
     def __repr__(self) -> str:
         return f"AuditLog({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -325,16 +385,28 @@ class AuditLog:
         caller's transaction must not commit (leaving its ``begin()`` block with the
         exception rolls it back).
         """
-        if not events:
-            return
-        for event in events:
-            check_event(event)
-        when = _utc(at, "at") if at is not None else datetime.now(UTC)
+        items = _items(events, at)
+        if items:
+            await self._append_items(conn, items)
+
+    async def _append_items(
+        self,
+        conn: AsyncConnection,
+        items: Sequence[_Item],
+        *,
+        written_as: tuple[int, str] | None = None,
+    ) -> None:
+        """Append checked ``items`` in ``conn``'s transaction (see ``append``).
+
+        ``written_as``: the (seq, hash) the last of these records has if an earlier
+        attempt whose outcome is unknown (its connection was lost) did write them; if
+        that record is there, nothing is written again.
+        """
         try:
             rows = None
-            if not self._postgres and self._known_head is not None:
+            if not self._postgres and self._known_head is not None and written_as is None:
                 # Fast path: one statement instead of lock, head read and insert.
-                rows = self._chain(*self._known_head, events, when)
+                rows = self._chain(*self._known_head, items)
                 head_seq = self._known_head[0]
                 written = await conn.execute(_INSERT_ON_HEAD, {**rows[0], "head_seq": head_seq})
                 if written.rowcount == 1:
@@ -344,7 +416,10 @@ class AuditLog:
                     rows = None  # another writer appended, or our last record rolled back
             if rows is None:
                 await self._lock(conn)
-                rows = self._chain(*await self._head(conn), events, when)
+                if written_as is not None and await self._holds(conn, *written_as):
+                    self._known_head = written_as
+                    return
+                rows = self._chain(*await self._head(conn), items)
                 await conn.execute(_INSERT, rows)
             # Set before commit: should the caller roll back, the next fast path finds
             # the head moved and takes the slow path.
@@ -359,25 +434,26 @@ class AuditLog:
     ) -> None:
         """Append ``events`` from ``conn`` and commit them before returning.
 
-        On a PostgreSQL connection in autocommit mode (a search's, see
-        ``SqlIndex.search_engine``) in one statement when this process knows the head,
-        else in a transaction of their own (``record``); on any other connection in its
-        transaction, which is then committed. Raises as ``append`` does; then nothing
-        was written.
+        On a PostgreSQL connection in autocommit mode (see ``SqlIndex.search_engine``) in
+        one statement when this process knows the head, else in a transaction of their
+        own on ``engine``; on any other connection in its transaction, which is then
+        committed. Raises as ``append`` does; then nothing was written.
         """
         autocommit = conn.engine.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
         if not (self._postgres and autocommit):
             await self.append(conn, events, at=at)
             await conn.commit()
             return
-        if not events:
-            return
-        for event in events:
-            check_event(event)
-        when = _utc(at, "at") if at is not None else datetime.now(UTC)
+        items = _items(events, at)
+        if items:
+            await self._commit_on(conn, items)
+
+    async def _commit_on(self, conn: AsyncConnection, items: Sequence[_Item]) -> None:
+        """Write checked ``items`` from a PostgreSQL autocommit connection, committed."""
+        written_as: tuple[int, str] | None = None
         if self._known_head is not None:
             head_seq, head_hash = self._known_head
-            rows = self._chain(head_seq, head_hash, events, when)
+            rows = self._chain(head_seq, head_hash, items)
             columns: dict[str, Any] = {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
             try:
                 written = await conn.execute(
@@ -387,6 +463,15 @@ class AuditLog:
                 )
             except IntegrityError:
                 written = None  # another writer took the seq: its record is the head now
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise IndexUnavailable(
+                        f"audit record could not be written: {exc.__class__.__name__}"
+                    ) from exc
+                # The connection died (a server restart, an idle timeout) with the
+                # statement's outcome unknown: write on a new one unless it did land.
+                written = None
+                written_as = (rows[-1]["seq"], rows[-1]["hash"])
             except (SQLAlchemyError, OSError) as exc:
                 raise IndexUnavailable(
                     f"audit record could not be written: {exc.__class__.__name__}"
@@ -394,30 +479,124 @@ class AuditLog:
             if written is not None and written.rowcount == len(rows):
                 self._known_head = (rows[-1]["seq"], rows[-1]["hash"])
                 return
-        await self.record(events, at=when)
+        await self._transaction(items, written_as=written_as)
 
-    async def record(self, events: Sequence[AuditEvent], *, at: datetime | None = None) -> None:
-        """Append ``events`` in a transaction of their own; raises as ``append`` does."""
+    async def _transaction(
+        self, items: Sequence[_Item], *, written_as: tuple[int, str] | None = None
+    ) -> None:
+        """Write checked ``items`` in a transaction of their own on ``engine``."""
         try:
             async with self.engine.begin() as conn:
-                await self.append(conn, events, at=at)
+                await self._append_items(conn, items, written_as=written_as)
         except (SQLAlchemyError, OSError) as exc:  # begin or commit failed
             raise IndexUnavailable(
                 f"audit record could not be written: {exc.__class__.__name__}"
             ) from exc
 
-    def _chain(
-        self, seq: int, prev: str, events: Sequence[AuditEvent], when: datetime
-    ) -> list[dict[str, Any]]:
-        """The rows of ``events`` chained after the record ``(seq, prev)``."""
+    async def record_if_idle(
+        self, conn: AsyncConnection, events: Sequence[AuditEvent], *, at: datetime | None = None
+    ) -> bool:
+        """Write and commit ``events`` on ``conn`` (``append_and_commit``) when no other
+        record of this process is being written, and return True; else write nothing and
+        return False: the caller then releases ``conn`` and calls ``record`` (whose
+        writer may need a connection of the same pool).
+
+        For a caller that has just read on ``conn`` (a search) and holds no transaction
+        on it: a lone request keeps one connection and no hand-off. Raises as ``append``
+        does.
+        """
+        if self._writing or self._waiting or self._writer is not None:
+            _items(events, at)  # the same refusals as when idle
+            return False
+        self._writing = True
+        try:
+            await self.append_and_commit(conn, events, at=at)
+        finally:
+            self._writing = False
+            if self._waiting and self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._write_waiting())
+        return True
+
+    async def record(self, events: Sequence[AuditEvent], *, at: datetime | None = None) -> None:
+        """Append ``events`` (all at time ``at``, default now) and return once committed.
+
+        Group commit: the events wait, with those of the other tasks of this process
+        recording meanwhile, for the one writer task, which writes each group in one
+        transaction (on PostgreSQL with an ``autocommit_engine``: one statement when
+        this process knows the head) in the order the tasks called. Raises as ``append``
+        does, before anything waits; ``IndexUnavailable`` when the group's write fails
+        (then none of its records was written). A caller cancelled while it waits may
+        still have its records written.
+        """
+        items = _items(events, at)
+        if not items:
+            return
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(items, loop.create_future())
+        self._waiting.append(waiting)
+        if self._writer is None and not self._writing:
+            self._writer = loop.create_task(self._write_waiting())
+        try:
+            await asyncio.shield(waiting.done)
+        except asyncio.CancelledError:
+            waiting.done.add_done_callback(_retrieve)
+            raise
+
+    async def _write_waiting(self) -> None:
+        """The writer task: group after group until nobody waits."""
+        batch: list[_Waiting] = []
+        try:
+            while self._waiting:
+                batch = [self._waiting.popleft()]
+                size = len(batch[0].items)
+                while self._waiting and size + len(self._waiting[0].items) <= GROUP_RECORDS:
+                    size += len(self._waiting[0].items)
+                    batch.append(self._waiting.popleft())
+                items = [item for w in batch for item in w.items]
+                try:
+                    if self._autocommit is not None:
+                        try:
+                            async with self._autocommit.connect() as conn:
+                                await self._commit_on(conn, items)
+                        except (SQLAlchemyError, OSError) as exc:  # no connection
+                            raise IndexUnavailable(
+                                f"audit record could not be written: {exc.__class__.__name__}"
+                            ) from exc
+                    else:
+                        await self._transaction(items)
+                except Exception as exc:
+                    for w in batch:
+                        if not w.done.done():
+                            w.done.set_exception(exc)
+                else:
+                    for w in batch:
+                        if not w.done.done():
+                            w.done.set_result(None)
+                batch = []
+        finally:
+            self._writer = None
+            # Only when cancelled (the loop is closing): nobody is left waiting forever.
+            for w in (*batch, *self._waiting):
+                if not w.done.done():
+                    w.done.set_exception(IndexUnavailable("audit record could not be written"))
+            self._waiting.clear()
+
+    def _chain(self, seq: int, prev: str, items: Sequence[_Item]) -> list[dict[str, Any]]:
+        """The rows of ``items`` chained after the record ``(seq, prev)``."""
         rows: list[dict[str, Any]] = []
-        for event in events:
+        for event, when in items:
             seq += 1
             values = {f: getattr(event, f) for f in FIELDS}
             digest = record_hash(self._key, prev, seq, when, values)
             rows.append({"seq": seq, "at": when, **values, "prev_hash": prev, "hash": digest})
             prev = digest
         return rows
+
+    @staticmethod
+    async def _holds(conn: AsyncConnection, seq: int, digest: str) -> bool:
+        """Whether the record ``seq`` exists and has hash ``digest``."""
+        row = (await conn.execute(_HASH_AT, {"seq": seq})).first()
+        return row is not None and row[0] == digest
 
     async def _lock(self, conn: AsyncConnection) -> None:
         # On SQLite a write that matches nothing still takes the write lock (the driver

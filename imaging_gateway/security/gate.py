@@ -7,8 +7,9 @@ province's gateway, its signed assertion verified by ``api.federation``) sees th
 of the one patient its assertion names by keyed token, within the asserted consent scope
 (or all of them under an asserted break-glass reason). Admins see no patient data here.
 
-Every decision is written to the audit log in the same transaction as the access, so an
-access whose record cannot be written does not happen. A study that exists but may not be
+Every decision is written to the audit log in the same transaction as the access (a
+search's committed before it is answered), so an access whose record cannot be written
+does not happen. A study that exists but may not be
 seen is answered exactly like one that does not exist.
 """
 
@@ -855,49 +856,45 @@ class Gate:
     async def search(self, ctx: AccessContext, query: QidoQuery, *, max_results: int) -> QidoPage:
         """A QIDO-RS search over the studies the caller may see, audited.
 
-        The search and its audit record run in one transaction on one connection: the
-        access and its record commit together. Raises ``InvalidQuery`` / ``QueryTooBroad``
-        from the index search and ``IndexUnavailable`` when the audit record cannot be
-        written (then nothing is returned).
+        The search reads on a connection of the index's search engine, then its audit
+        records are committed on that connection, or, while other records of this
+        process are being written, group-committed with them (``AuditLog.record_if_idle``,
+        ``AuditLog.record``): nothing is returned before they are committed. Raises
+        ``InvalidQuery`` / ``QueryTooBroad`` from the index search and
+        ``IndexUnavailable`` when the audit record cannot be written (then nothing is
+        returned).
         """
         if ctx.break_glass_reason is not None:
             await self._open_break_glass_for_search(ctx, query)
         if ctx.peer is not None:
             await self.refresh_patient_tokens()
         visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer, phi=self.phi)
-        if self.search_engine is not self.engine:
-            # PostgreSQL: the search, then its records in one atomic statement, on an
-            # autocommit connection whose session enforces the time budget (the append
-            # too: one that runs out of it fails the search, as it should). Nothing is
-            # returned unless the records were committed. Pooled connections are not
-            # pinged before use (a round trip per search): one the server closed fails
-            # the read-only search statement, which then runs once more on a new one.
-            for attempt in (1, 2):
-                async with self.search_engine.connect() as conn:
-                    try:
-                        page = await qido.search_in(
-                            conn,
-                            query,
-                            visible=visible,
-                            params=values,
-                            max_results=max_results,
-                            phi=self.phi,
-                        )
-                    except DBAPIError as exc:
-                        if attempt == 2 or not exc.connection_invalidated:
-                            raise
-                        continue
-                    events = self._search_events(ctx, level=query.level, results=page.results)
-                    await self.audit.append_and_commit(conn, events, at=ctx.now)
+        # Pooled PostgreSQL search connections are not pinged before use (a round trip
+        # per search): one the server closed fails the read-only search statement, which
+        # then runs once more on a new one.
+        for attempt in (1, 2):
+            async with self.search_engine.connect() as conn:
+                try:
+                    page = await qido.search_in(
+                        conn,
+                        query,
+                        visible=visible,
+                        params=values,
+                        max_results=max_results,
+                        phi=self.phi,
+                    )
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+                    continue
+                events = self._search_events(ctx, level=query.level, results=page.results)
+                if await self.audit.record_if_idle(conn, events, at=ctx.now):
                     return page
-        # One connection and one commit for both.
-        async with self.engine.begin() as conn:
-            page = await qido.search_in(
-                conn, query, visible=visible, params=values, max_results=max_results, phi=self.phi
-            )
-            events = self._search_events(ctx, level=query.level, results=page.results)
-            await self.audit.append(conn, events, at=ctx.now)
-        return page
+            # Other records are being written: join their group commit, the search's
+            # connection given back first (the writer may need one of the same pool).
+            await self.audit.record(events, at=ctx.now)
+            return page
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open_break_glass_for_search(self, ctx: AccessContext, query: QidoQuery) -> None:
         """Open the emergency window for the one patient a search names by PatientID.

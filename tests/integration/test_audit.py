@@ -288,6 +288,150 @@ async def test_an_autocommit_append_after_a_known_head_is_one_statement(index: S
 
 
 # ---------------------------------------------------------------------------
+# Group commit: concurrent ``record`` calls share the writer's transactions
+
+
+def _group_log(index: SqlIndex) -> AuditLog:
+    """A log as the gateway builds it (PostgreSQL: group commits on the autocommit pool)."""
+    return AuditLog(index.engine, KEY, autocommit_engine=index.autocommit_engine)
+
+
+def _insert_counter(index: SqlIndex) -> tuple[list[str], Any]:
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.split()[0].upper() == "INSERT":
+            statements.append(statement)
+
+    engines = {index.engine.sync_engine, index.search_engine.sync_engine}
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", note)
+
+    def remove() -> None:
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", note)
+
+    return statements, remove
+
+
+async def test_concurrent_records_are_written_together_each_once(index: SqlIndex) -> None:
+    """200 tasks recording at once: one group (one INSERT on PostgreSQL, the conditional
+    first row and the rest on SQLite), every record exactly once, the chain whole."""
+    audit = _group_log(index)
+    await audit.record([ev(0)])  # learns the head
+    inserts, remove = _insert_counter(index)
+    try:
+        await asyncio.gather(*(
+            audit.record([ev(i)] if i % 4 else [ev(i), ev(i + 10_000)]) for i in range(1, 201)
+        ))
+    finally:
+        remove()
+    assert len(inserts) == (1 if index.engine.dialect.name == "postgresql" else 2)
+    report = await audit.verify()
+    assert report.ok and report.checked == 1 + 200 + 50 == report.last_seq
+    async with index.engine.connect() as conn:
+        details = [r[0] for r in await conn.execute(sa.select(audit_log.c.detail))]
+    assert sorted(details) == sorted(
+        [f"instances={i}" for i in range(201)] + [f"instances={i + 10_000}" for i in range(4, 201, 4)]
+    )
+
+
+async def test_group_commits_of_two_processes_keep_one_chain(index_url: str) -> None:
+    """Two gateway processes' logs (each its own engines and idea of the head) recording
+    concurrently on one database: every record lands once and the chain is whole."""
+    first_index = await SqlIndex.open(IndexSettings(url=index_url))
+    second_index = await SqlIndex.open(IndexSettings(url=index_url), migrate=False)
+    try:
+        first, second = _group_log(first_index), _group_log(second_index)
+
+        async def burst(round_: int) -> None:
+            await asyncio.gather(*(
+                (first if i % 2 else second).record(
+                    [ev(round_ * 1000 + i)] if i % 3 else
+                    [ev(round_ * 1000 + i), ev(round_ * 1000 + i + 500)])
+                for i in range(30)
+            ))
+
+        for round_ in range(4):
+            await burst(round_)
+        report = await first.verify()
+        assert report.ok and report.checked == 4 * (20 + 10 * 2) == report.last_seq
+        async with first_index.engine.connect() as conn:
+            details = [r[0] for r in await conn.execute(sa.select(audit_log.c.detail))]
+        assert len(details) == len(set(details)) == report.checked
+    finally:
+        await second_index.close()
+        await first_index.close()
+
+
+async def test_a_failed_group_fails_every_caller_in_it_and_the_next_group_writes(
+    index: SqlIndex,
+) -> None:
+    audit = _group_log(index)
+    await audit.record([ev(0)])
+    await execute(index, sa.text("ALTER TABLE audit_log RENAME TO audit_log_away"))
+    try:
+        outcomes = await asyncio.gather(
+            *(audit.record([ev(i)]) for i in range(1, 11)), return_exceptions=True
+        )
+    finally:
+        await execute(index, sa.text("ALTER TABLE audit_log_away RENAME TO audit_log"))
+    assert all(isinstance(o, IndexUnavailable) for o in outcomes), outcomes
+    assert (await audit.head())[0] == 1
+    await asyncio.gather(*(audit.record([ev(i)]) for i in range(11, 21)))
+    report = await audit.verify()
+    assert report.ok and report.checked == 11
+
+
+async def test_a_caller_cancelled_while_waiting_leaves_the_others_written(
+    index: SqlIndex,
+) -> None:
+    audit = _group_log(index)
+    waiting = [asyncio.create_task(audit.record([ev(i)])) for i in range(1, 9)]
+    await asyncio.sleep(0)  # every task has queued its records
+    waiting[3].cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert waiting[3].cancelled() and all(t.exception() is None for t in waiting if t is not waiting[3])
+    # The cancelled caller's records were already taken by the writer: written too.
+    report = await audit.verify()
+    assert report.ok and report.checked == 8
+
+
+@pytest.mark.parametrize("index_url", ["postgres"], indirect=True)
+async def test_a_group_commit_on_a_connection_the_server_closed_is_written_once(
+    index: SqlIndex,
+) -> None:
+    """The autocommit pool is not pinged: a group whose statement's connection died is
+    written on a new one; a group that did land before the connection died (its last
+    record found at its seq with its hash) is not written twice."""
+    audit = _group_log(index)
+    await audit.record([ev(1)])  # leaves a connection in the pool, learns the head
+    async with index.search_engine.connect() as conn:
+        pids = {r[0] for r in await conn.execute(sa.text("SELECT pg_backend_pid()"))}
+    async with index.engine.connect() as conn:
+        for pid in pids:
+            await conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    await audit.record([ev(2), ev(3)])
+    report = await audit.verify()
+    assert report.ok and report.checked == 3
+    # The outcome-unknown retry of a group that landed: nothing written again.
+    items = [(ev(4), T0)]
+    head = await audit.head()
+    landed = audit._chain(*head, items)
+    await audit._transaction(items)
+    await audit._transaction(items, written_as=(landed[-1]["seq"], landed[-1]["hash"]))
+    report = await audit.verify()
+    assert report.ok and report.checked == 4
+
+
+def test_an_event_that_is_not_valid_text_is_refused_before_it_waits() -> None:
+    from imaging_gateway.security.audit import check_event
+
+    with pytest.raises(ValueError, match="not valid text"):
+        check_event(ev(1, purpose="treat\ud800ment"))
+
+
+# ---------------------------------------------------------------------------
 # Atomic with the access
 
 

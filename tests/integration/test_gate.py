@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ from imaging_gateway.errors import (
 )
 from imaging_gateway.index.schema import audit_log, studies
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.audit import AuditLog
+from imaging_gateway.security.audit import _PG_CHAIN_LOCK, AuditLog
 from imaging_gateway.security.consent import ConsentStore, parse_consent_request
 from imaging_gateway.security.gate import (
     AccessContext,
@@ -245,7 +247,9 @@ async def test_consent_request_validation(world) -> None:
         parse_consent_request(good, patient, now=NOW, max_days=365)
 
 
-async def test_a_search_and_its_audit_record_share_one_transaction(world, monkeypatch) -> None:
+async def test_a_search_is_answered_only_once_its_audit_record_is_committed(world) -> None:
+    """A lone search reads on a connection of the search engine and commits its records
+    on that same connection; if they cannot be written the search answers nothing."""
     gate, _, corpus = world
     code = sorted({i.hospital.code for i in corpus})[0]
     checkouts: list[int] = []
@@ -253,12 +257,12 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
     def checkout(*_: object) -> None:
         checkouts.append(1)
 
-    event.listen(gate.engine.sync_engine.pool, "checkout", checkout)
+    event.listen(gate.search_engine.sync_engine.pool, "checkout", checkout)
     try:
         page = await gate.search(AccessContext(hospital(code)), parse_qido("study", {}),
                                  max_results=100)
     finally:
-        event.remove(gate.engine.sync_engine.pool, "checkout", checkout)
+        event.remove(gate.search_engine.sync_engine.pool, "checkout", checkout)
     assert {r.study_instance_uid for r in page.results} == studies_of(corpus, hospital=code)
     assert checkouts == [1]
     async with gate.engine.connect() as conn:
@@ -267,14 +271,108 @@ async def test_a_search_and_its_audit_record_share_one_transaction(world, monkey
     assert len(rows) == len({gate.tokens.for_patient(r.national_id, r.patient_key)
                              for r in page.results})
 
-    # A record that cannot be written: the search answers nothing.
-    async def refuse(*_: object, **__: object) -> None:
-        raise IndexUnavailable("audit record could not be written")
+    # A record the database refuses to write: the search answers nothing.
+    async with gate.engine.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE audit_log RENAME TO audit_log_away"))
+    try:
+        with pytest.raises(IndexUnavailable, match="audit record could not be written"):
+            await gate.search(AccessContext(hospital(code)), parse_qido("study", {}),
+                              max_results=100)
+    finally:
+        async with gate.engine.begin() as conn:
+            await conn.execute(sa.text("ALTER TABLE audit_log_away RENAME TO audit_log"))
+    report = await gate.audit.verify()
+    assert report.ok and report.checked == len(rows)
 
-    monkeypatch.setattr(gate.audit, "append", refuse)
-    monkeypatch.setattr(gate.audit, "append_and_commit", refuse)
-    with pytest.raises(IndexUnavailable):
-        await gate.search(AccessContext(hospital(code)), parse_qido("study", {}), max_results=100)
+
+async def test_concurrent_searches_are_each_audited_once(index: SqlIndex) -> None:
+    """Searches running at once, as the gateway builds its gate (PostgreSQL: group commits
+    on the autocommit pool): each search's records (one per patient it returned) land
+    exactly once, and the chain is whole."""
+    corpus = make_corpus(seed=7, patients=6, studies_per_patient=3)
+    await index_instances(index, corpus)
+    gate = Gate(index.engine,
+                AuditLog(index.engine, b"k" * 32, autocommit_engine=index.autocommit_engine),
+                PatientTokens(b"p" * 32), break_glass_minutes=30,
+                search_engine=index.search_engine)
+    codes = sorted({i.hospital.code for i in corpus})
+
+    async def search(n: int) -> tuple[str, int]:
+        subject = f"pacs-{n}"
+        page = await gate.search(AccessContext(hospital(codes[n % len(codes)], subject)),
+                                 parse_qido("study", {}), max_results=100)
+        assert {r.study_instance_uid for r in page.results} == studies_of(
+            corpus, hospital=codes[n % len(codes)])
+        patients_seen = {gate.tokens.for_patient(r.national_id, r.patient_key)
+                         for r in page.results}
+        return subject, len(patients_seen) or 1
+
+    for round_ in (1, 2):  # the second time the head is known: the one-statement path
+        expected = dict(await asyncio.gather(*(search(n) for n in range(40))))
+        async with gate.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(audit_log.c.subject, audit_log.c.action)
+                                       )).all()
+        assert {a for _, a in rows} == {"search"}
+        assert Counter(s for s, _ in rows) == Counter(
+            {s: k * round_ for s, k in expected.items()})
+    report = await gate.audit.verify()
+    assert report.ok and report.checked == 2 * sum(expected.values())
+
+
+async def test_concurrent_searches_answer_only_once_their_records_are_durable(
+    index: SqlIndex,
+) -> None:
+    """The audit chain's lock held elsewhere (another process appending: PostgreSQL's
+    advisory lock, SQLite's write lock): searches running at once read their studies, then
+    wait, the first on its own connection, the others for the group commit; none answers
+    while its records cannot be committed. Once the lock is free every one answers, each
+    record is there once and the chain is whole."""
+    corpus = make_corpus(seed=7, patients=6, studies_per_patient=3)
+    await index_instances(index, corpus)
+    audit = AuditLog(index.engine, b"k" * 32, autocommit_engine=index.autocommit_engine)
+    gate = Gate(index.engine, audit, PatientTokens(b"p" * 32), break_glass_minutes=30,
+                search_engine=index.search_engine)
+    code = sorted({i.hospital.code for i in corpus})[0]
+    await gate.search(AccessContext(hospital(code, "pacs-0")), parse_qido("study", {}),
+                      max_results=100)  # the head is known: the one-statement path
+    before = (await audit.head())[0]
+    n = 8
+    holder = await index.engine.connect()
+    try:
+        tx = await holder.begin()
+        if index.dialect == "postgresql":
+            await holder.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK)))
+        else:
+            await holder.execute(sa.text("UPDATE audit_log SET seq = seq WHERE 0"))
+        searches = [
+            asyncio.create_task(gate.search(AccessContext(hospital(code, f"pacs-{k}")),
+                                            parse_qido("study", {}), max_results=100))
+            for k in range(1, n + 1)
+        ]
+        # Every search has read its studies and waits for its records: one writing them
+        # on its own connection, the others queued for the group commit.
+        for _ in range(400):
+            if audit._writing and len(audit._waiting) == n - 1:
+                break
+            await asyncio.sleep(0.005)
+        assert audit._writing and len(audit._waiting) == n - 1
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in searches)
+        assert (await audit.head())[0] == before
+        await tx.rollback()
+    finally:
+        await holder.close()
+    pages = await asyncio.gather(*searches)
+    assert all({r.study_instance_uid for r in p.results} == studies_of(corpus, hospital=code)
+               for p in pages)
+    per_search = len({gate.tokens.for_patient(r.national_id, r.patient_key)
+                      for r in pages[0].results})
+    async with index.engine.connect() as conn:
+        subjects = Counter(r[0] for r in await conn.execute(
+            sa.select(audit_log.c.subject).where(audit_log.c.seq > before)))
+    assert subjects == {f"pacs-{k}": per_search for k in range(1, n + 1)}
+    report = await audit.verify()
+    assert report.ok and report.checked == before + n * per_search
 
 
 async def test_refused_tokens_are_audited_without_flooding_the_log(index: SqlIndex) -> None:
