@@ -60,6 +60,8 @@ patients = Table(
     # PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex (sealed
     # ones TEXT since 0006), PatientID_bidx.
     *attribute_columns("patients"),
+    # The key of the object the attributes came from: the greatest key wins (0010).
+    Column("source_key", KEY),
     Column("national_id", Text),
     # Search keys for PatientName fuzzy matching (characters, pinyin, initials); see
     # imaging_gateway.domain.names. Added in 0002.
@@ -84,6 +86,8 @@ studies = Table(
     # series/instance counts (PS3.4 C.3.4; added in 0003, kept up to date by
     # imaging_gateway.index.qido.refresh_derived), AccessionNumber_bidx (0006).
     *attribute_columns("studies"),
+    # The key of the object the attributes came from: the greatest key wins (0010).
+    Column("source_key", KEY),
     Column("institution_code", String(32)),
     Column("province", String(6), nullable=False),
     # The hospital (medical-insurance institution code) that produced the study: from the
@@ -106,6 +110,8 @@ series = Table(
     # SeriesInstanceUID, Modality, ...; added in 0003 (QIDO-RS): a derived count (see
     # studies above) and the series-level required matching keys of PS3.18 Table 10.6.1-5.
     *attribute_columns("series"),
+    # The key of the object the attributes came from: the greatest key wins (0010).
+    Column("source_key", KEY),
     Index("ix_series_study", "study_id"),
     Index("ix_series_modality", "Modality"),
     # ModalitiesInStudy matching: studies.id IN (series.study_id of a modality).

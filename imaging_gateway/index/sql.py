@@ -999,25 +999,33 @@ class SqlIndex:
         keep: Iterable[str] = (),
         existing_wins: Iterable[str] = (),
     ) -> dict[str, int]:
-        """Upsert rows by their natural key; newer non-null values win. Returns key -> id.
+        """Upsert rows by their natural key. Returns key -> id.
 
-        Columns in ``keep`` always take the new value (even null); columns in
-        ``existing_wins`` keep a non-null stored value.
+        Non-null values of the row with the greater ``source_key`` (the object key it was
+        built from) win, whichever lands first: several sync workers end with the index one
+        builds in key order. Without a ``source_key`` the newer non-null values win. Columns
+        in ``keep`` always take the new value (even null); columns in ``existing_wins``
+        keep a non-null stored value.
         """
         if not rows:
             return {}
         stmt = self._insert(table)
         cols = [c for c in next(iter(rows.values())) if c != natural_key]
-        set_ = {
-            c: (
-                stmt.excluded[c]
-                if c in keep
-                else sa.func.coalesce(table.c[c], stmt.excluded[c])
-                if c in existing_wins
-                else sa.func.coalesce(stmt.excluded[c], table.c[c])
-            )
-            for c in cols
-        }
+        newer: sa.ColumnElement[bool] = sa.true()
+        if "source_key" in cols:
+            newer = stmt.excluded.source_key >= sa.func.coalesce(table.c.source_key, "")
+
+        def merged(c: str) -> sa.ColumnElement[Any]:
+            new, old = stmt.excluded[c], table.c[c]
+            if c in keep:
+                return new
+            if c in existing_wins:
+                return sa.func.coalesce(old, new)
+            if c == "source_key":
+                return sa.case((newer, new), else_=old)
+            return sa.case((newer, sa.func.coalesce(new, old)), else_=sa.func.coalesce(old, new))
+
+        set_ = {c: merged(c) for c in cols}
         stmt = stmt.on_conflict_do_update(index_elements=[table.c[natural_key]], set_=set_)
         keys = sorted(rows)
         await conn.execute(stmt, [rows[k] for k in keys])
@@ -1090,6 +1098,7 @@ class SqlIndex:
                 "patient_key": pkey,
                 **_attribute_row(o.header, "patients"),
                 "national_id": p.national_id,
+                "source_key": o.key,
             }
             if phi is not None:
                 row.update(patient_cells(phi, pkey, row))
@@ -1107,6 +1116,7 @@ class SqlIndex:
                 patient_id = patient_ids[pkey_of[o.key]]
             study_rows[s.StudyInstanceUID] = {
                 **_attribute_row(o.header, "studies"),
+                "source_key": o.key,
                 "patient_id": patient_id,
                 "institution_code": s.institution_code,
                 "province": province,
@@ -1130,6 +1140,7 @@ class SqlIndex:
             se = o.header.series
             series_rows[se.SeriesInstanceUID] = {
                 **_attribute_row(o.header, "series"),
+                "source_key": o.key,
                 "study_id": study_ids[o.header.study.StudyInstanceUID],
             }
             if phi is not None:

@@ -72,6 +72,26 @@ async def test_upsert_builds_hierarchy_and_is_idempotent(index: SqlIndex) -> Non
     assert (await index.get_job(job.id)).cursor == "b/1.dcm"
 
 
+async def test_the_object_with_the_greatest_key_wins_whatever_order_pages_land_in(
+        index: SqlIndex) -> None:
+    """Objects of one patient that disagree (a name in one character set and in two): the
+    row holds the greatest key's values whether its page lands first or last (several
+    sync workers land slices in any order); a null never erases a value."""
+    job = await index.create_job("s1", "full")
+    pages = [[obj("a/1.dcm", name="He^Ting")], [obj("b/1.dcm", study="1.2.4", series="1.2.4.1",
+                                                   name="He^Ting=何^婷")],
+             [obj("c/1.dcm", study="1.2.5", series="1.2.5.1", name=None)]]
+    names = []
+    for order in (pages, pages[::-1], [pages[1], pages[0], pages[2]]):
+        for page in order:
+            await apply(index, job.id, indexed=page)
+        async with index.engine.connect() as conn:
+            names.append((await conn.execute(sa.select(patients.c.PatientName))).scalar_one())
+        async with index.engine.begin() as conn:  # as if never indexed: the next order
+            await conn.execute(patients.update().values(source_key=None, PatientName=None))
+    assert names == ["He^Ting=何^婷"] * 3
+
+
 async def test_known_objects_by_key_with_unicode(index: SqlIndex) -> None:
     job = await index.create_job("s1", "full")
     keys = ["A.dcm", "a.dcm", "é.dcm", "医院/1.dcm", "医院 2/1.dcm"]
