@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import cli_process as cli
 from tests.support.postgres import PG_ADMIN_DSN, create_database
 from tests.support.postgres import drop_database as drop_pg_database
 

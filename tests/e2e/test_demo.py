@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import ForkedGateway, free_port
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -85,7 +85,7 @@ def test_readme_commands_with_relative_paths_share_one_key(tmp_path: Path) -> No
     assert [p.relative_to(tmp_path) for p in tmp_path.rglob("token-signing.pem")] == [
         Path("demo-data/keys/token-signing.pem")
     ]
-    gw = GatewayProcess((tmp_path / "demo-data" / "gateway.toml").absolute(), port)
+    gw = ForkedGateway((tmp_path / "demo-data" / "gateway.toml").absolute(), port)
     gw.start(timeout=60)
     try:
         for token in (tokens["TOKEN"], relative.stdout.strip()):

@@ -43,7 +43,7 @@ from imaging_gateway.federation.fanout import holding_province
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from tests.e2e.test_dicomweb import parts
-from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import ForkedGateway, free_port
 from tests.support.pki import issue, make_ca, write_cert, write_issued
 
 PROVINCE_OF = {h.code: h.province for h in HOSPITALS}
@@ -118,7 +118,7 @@ ca_file = "{pki}/ca.crt"
 @dataclass
 class World:
     root: Path
-    gws: dict[str, GatewayProcess]
+    gws: dict[str, ForkedGateway]
     keys: dict[str, Ed25519PrivateKey]
     corpus: dict[str, list[SyntheticInstance]]
     national_id: str
@@ -218,7 +218,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     keys = {p: Ed25519PrivateKey.generate() for p in GATEWAYS}
     token_key = secrets.token_bytes(32)
     plain_credential = "PLAIN_PEER_TOKEN"
-    gws: dict[str, GatewayProcess] = {}
+    gws: dict[str, ForkedGateway] = {}
     client_ssl = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     for p in (*GATEWAYS, PLAIN):
         d = root / p
@@ -273,12 +273,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             FileKeyring.create(d / "data" / "keys" / "keyring.json",
                                setting="encryption.keyring_file", key_id="sh",
                                suite=Suite.SM4_GCM)
-        gws[p] = GatewayProcess(config, ports[p], ssl_context=client_ssl)
+        gws[p] = ForkedGateway(config, ports[p], ssl_context=client_ssl)
 
     # The plain peer's credential: a bearer token it issued, in an environment variable.
     plain = TokenAuthority(load_or_create_signing_key(
         root / PLAIN / "data" / "keys" / "token-signing.pem"), province=PLAIN, max_ttl_s=86400)
-    gws["110000"] = GatewayProcess(gws["110000"].config, ports["110000"], ssl_context=client_ssl,
+    gws["110000"] = ForkedGateway(gws["110000"].config, ports["110000"], ssl_context=client_ssl,
                                    env={plain_credential: plain.issue(
                                        subject="federation", role="hospital",
                                        hospital=PLAIN_HOSPITAL)})
@@ -308,7 +308,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         fake.wait(10)
 
 
-def _sync(gw: GatewayProcess, province: str, ctx: ssl.SSLContext) -> None:
+def _sync(gw: ForkedGateway, province: str, ctx: ssl.SSLContext) -> None:
     """Index the gateway's store through its admin API (no extra process)."""
     import urllib.request
 

@@ -38,7 +38,7 @@ from imaging_gateway.federation.fanout import holding_province
 from imaging_gateway.security.patient_tokens import PatientTokens
 from imaging_gateway.security.tokens import TokenAuthority, load_or_create_signing_key
 from tests.e2e.test_dicomweb import parts
-from tests.support.gateway import GatewayProcess, cli, free_port
+from tests.support.gateway import ForkedGateway, cli, free_port
 from tests.support.postgres import create_database, drop_database
 
 HOME, REMOTE = "110000", "440000"
@@ -101,8 +101,8 @@ class Province2:
     root: Path
     lb: str
     """The load balancer's base URL."""
-    processes: dict[str, GatewayProcess]
-    remote: GatewayProcess
+    processes: dict[str, ForkedGateway]
+    remote: ForkedGateway
     keys: dict[str, Ed25519PrivateKey]
     corpus: dict[str, list[SyntheticInstance]]
     national_id: str
@@ -192,11 +192,11 @@ def province2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Province2]:
         cli(configs[p], "sync", "--store", "fs", "--no-progress")
     # One config for both Beijing processes; only the listening address differs.
     processes = {
-        name: GatewayProcess(configs[HOME], ports[name],
+        name: ForkedGateway(configs[HOME], ports[name],
                              env={"IMAGING_GATEWAY_GATEWAY__LISTEN": f"127.0.0.1:{ports[name]}"})
         for name in ("a", "b")
     }
-    remote = GatewayProcess(configs[REMOTE], ports[REMOTE])
+    remote = ForkedGateway(configs[REMOTE], ports[REMOTE])
     lb_config = root / "haproxy.cfg"
     lb_config.write_text(HAPROXY.format(port=ports["lb"], a=ports["a"], b=ports["b"],
                                         route=ROUTE), encoding="utf-8")

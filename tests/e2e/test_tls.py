@@ -17,7 +17,7 @@ import pytest
 
 from imaging_gateway.crypto.tls import client_context
 from imaging_gateway.settings import TlsSettings
-from tests.support.gateway import GatewayProcess, cli, free_port, issue_token
+from tests.support.gateway import ForkedGateway, cli, free_port, issue_token
 from tests.support.pki import Pki, make_pki
 
 CONFIG = """
@@ -39,7 +39,7 @@ client_cert_routes = ["/admin"]
 
 @dataclass
 class TlsGateway:
-    gw: GatewayProcess
+    gw: ForkedGateway
     pki: Pki
     admin: str
 
@@ -62,7 +62,7 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsGateway
     port = free_port()
     config = root / "gateway.toml"
     config.write_text(CONFIG.format(port=port, pki=pki.ca.parent), encoding="utf-8")
-    gw = GatewayProcess(config, port, ssl_context=ssl.create_default_context(cafile=str(pki.ca)))
+    gw = ForkedGateway(config, port, ssl_context=ssl.create_default_context(cafile=str(pki.ca)))
     gw.start()
     admin = issue_token(config, "--role", "admin")
     try:

@@ -33,6 +33,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cli_process(config: Path, *args: str, env: dict[str, str] | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``imaging-gateway ARGS --config CONFIG`` in a new Python (what benchmarks time)."""
+    cmd = [sys.executable, "-m", "imaging_gateway", args[0], "--config", str(config), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
 def cli(config: Path, *args: str, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``imaging-gateway ARGS --config CONFIG`` in a process of its own.
@@ -165,16 +176,17 @@ class GatewayProcess:
         self.base = f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
         self.log = config.parent / f"gateway-{port}.log"
         self._env = {**os.environ, **(env or {})}
-        self.proc: ForkedProcess | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
+
+    def _launch(self) -> subprocess.Popen[bytes] | ForkedProcess:
+        with self.log.open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "imaging_gateway", "serve", "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=self._env,
+            )
 
     def start(self, timeout: float = 30.0) -> None:
-        # Forked from the server cli() uses: a process of its own without a Python start-up.
-        child = _cli_processes().Process(
-            target=_cli_child,
-            args=(["serve", "--config", str(self.config)], os.getcwd(), self._env,
-                  self.log, self.log))
-        child.start()
-        self.proc = ForkedProcess(child)
+        self.proc = self._launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -199,6 +211,20 @@ class GatewayProcess:
 
     def logs(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+class ForkedGateway(GatewayProcess):
+    """``GatewayProcess`` forked from the server ``cli()`` uses: a process of its own
+    (signals, peak memory, its log) without a Python start-up and imports per gateway.
+    Benchmarks time the real start-up: they use ``GatewayProcess``."""
+
+    def _launch(self) -> ForkedProcess:
+        child = _cli_processes().Process(
+            target=_cli_child,
+            args=(["serve", "--config", str(self.config)], os.getcwd(), self._env,
+                  self.log, self.log))
+        child.start()
+        return ForkedProcess(child)
 
 
 class InProcessGateway:
@@ -305,7 +331,7 @@ class Gateway(Protocol):
     port: int
     base: str
     ssl_context: ssl.SSLContext | None
-    proc: ForkedProcess | None
+    proc: subprocess.Popen[bytes] | ForkedProcess | None
 
     def start(self, timeout: float = 30.0) -> None: ...
     def stop(self) -> None: ...
