@@ -30,6 +30,13 @@ the rounds (nearest rank).
 
 PostgreSQL at 127.0.0.1:5432 (trust auth; ``IG_TEST_POSTGRES`` names another admin DSN):
 each index is a new database ``bench_qido_<pid>_<random>``, dropped at the end.
+
+A 10M index takes ~10-20 min to build per backend; ``--keep DIR`` builds each index once
+and reuses it (SQLite files and the corpus in DIR, PostgreSQL databases
+``bench_qido_keep_<size>_<seed>``; drop them yourself), ``--rederive`` clears and times
+the derived-data fill again on a kept index:
+
+    .venv/bin/python bench/qido.py --sizes 10000000 --backends postgres,sqlite --keep /tmp/qido
 """
 
 from __future__ import annotations
