@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.gateway import cli_process as cli
-from tests.support.postgres import PG_ADMIN_DSN, create_database
+from tests.support.postgres import PG_ADMIN_DSN, create_database, database_url
 from tests.support.postgres import drop_database as drop_pg_database
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "RssSampler",
     "cli",
     "create_pg_database",
+    "database_url",
     "drop_pg_database",
     "free_port",
     "issue_token",

@@ -44,15 +44,24 @@ for a still tiny table (``seed_audit_log``).
 
 PostgreSQL at 127.0.0.1:5432 (trust auth; ``IG_TEST_POSTGRES`` names another admin DSN):
 each index is a new database ``bench_qido_<pid>_<random>``, dropped at the end.
+
+A 10M index takes ~10-20 min to build per backend; ``--keep DIR`` builds each index once
+and reuses it (SQLite files and the corpus in DIR, PostgreSQL databases
+``bench_qido_keep_<size>_<seed>``; drop them yourself), ``--rederive`` clears and times
+the derived-data fill again on a kept index:
+
+    .venv/bin/python bench/qido.py --sizes 10000000 --backends postgres,sqlite --keep /tmp/qido
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
 import signal
 import sqlite3
@@ -78,7 +87,9 @@ from pypinyin import Style, lazy_pinyin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
+    PG_ADMIN_DSN,
     create_pg_database,
+    database_url,
     drop_pg_database,
     free_port,
     issue_token,
@@ -92,6 +103,7 @@ from imaging_gateway.index.schema import (
     break_glass,
     consents,
     instances,
+    patient_name_keys,
     patients,
     series,
     studies,
@@ -485,14 +497,7 @@ async def build_index(url: str, n_instances: int, seed: int) -> tuple[Corpus, di
         await flush()
         assert corpus is not None
         timings["insert_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        ids = list(range(1, corpus.studies + 1))
-        for start in range(0, len(ids), 2000):
-            async with engine.begin() as conn:
-                await refresh_derived(conn, ids[start : start + 2000])
-        timings["derive_s"] = time.perf_counter() - t1
         if index.dialect == "postgresql":
-            t2 = time.perf_counter()
             async with engine.begin() as conn:
                 for table in ("patients", "studies", "series", "instances"):
                     await conn.execute(
@@ -501,17 +506,88 @@ async def build_index(url: str, n_instances: int, seed: int) -> tuple[Corpus, di
                             f"(SELECT max(id) FROM {table}))"
                         )
                     )
+    finally:
+        await index.close()
+    timings.update(await derive(url, corpus.studies))
+    timings["total_s"] = time.perf_counter() - t0
+    return corpus, {k: round(v, 1) for k, v in timings.items()}
+
+
+async def derive(url: str, n_studies: int, *, reset: bool = False) -> dict[str, float]:
+    """Fill the derived QIDO data of every study with the index's own ``refresh_derived``,
+    2,000 studies a transaction (as sync pages do), then (PostgreSQL) ``VACUUM ANALYZE``.
+
+    ``reset``: clear the derived data first (to time the refresh again on a kept index).
+    """
+    timings: dict[str, float] = {}
+    index = await SqlIndex.open(IndexSettings(url=url))
+    try:
+        engine = index.engine
+        if reset:
+            async with engine.begin() as conn:
+                await conn.execute(studies.update().values(
+                    ModalitiesInStudy=None, NumberOfStudyRelatedSeries=None,
+                    NumberOfStudyRelatedInstances=None))  # fmt: skip
+                await conn.execute(series.update().values(NumberOfSeriesRelatedInstances=None))
+                await conn.execute(patients.update().values(name_search=None))
+                await conn.execute(patient_name_keys.delete())
+            if index.dialect == "postgresql":
+                await _vacuum_analyze(url)
+        t1 = time.perf_counter()
+        ids = list(range(1, n_studies + 1))
+        for start in range(0, len(ids), 2000):
+            async with engine.begin() as conn:
+                await refresh_derived(conn, ids[start : start + 2000])
+        timings["derive_s"] = time.perf_counter() - t1
+        timings["derive_ms_per_study"] = timings["derive_s"] * 1000 / max(1, n_studies)
+        if index.dialect == "postgresql":
+            t2 = time.perf_counter()
             # What autovacuum does shortly after a bulk load: planner statistics.
-            raw = await asyncpg.connect(url)
-            try:
-                await raw.execute("VACUUM ANALYZE")
-            finally:
-                await raw.close()
+            await _vacuum_analyze(url)
             timings["analyze_s"] = time.perf_counter() - t2
     finally:
         await index.close()
-    timings["total_s"] = time.perf_counter() - t0
-    return corpus, {k: round(v, 1) for k, v in timings.items()}
+    return {k: round(v, 3 if k.endswith("per_study") else 1) for k, v in timings.items()}
+
+
+async def _vacuum_analyze(url: str) -> None:
+    raw = await asyncpg.connect(url)
+    try:
+        await raw.execute("VACUUM ANALYZE")
+    finally:
+        await raw.close()
+
+
+async def kept_index(
+    backend: str, url: str, keep: Path, n: int, seed: int, *, rederive: bool
+) -> tuple[Corpus, dict[str, float], bool]:
+    """The index of ``backend`` kept in ``keep`` (``--keep``): built once, then reused.
+
+    A marker file written after a complete build says the index at ``url`` is usable;
+    returns (corpus, timings, reused). ``rederive``: time the derived-data fill again.
+    """
+    marker = keep / f"built-{backend}-{n}-{seed}.pickle"
+    if marker.exists():
+        fields, timings = pickle.loads(marker.read_bytes())
+        corpus = Corpus(**fields) if isinstance(fields, dict) else fields
+        if rederive:
+            again = await derive(url, corpus.studies, reset=True)
+            timings = {**timings, **{f"re_{k}": v for k, v in again.items()}}
+        return corpus, timings, True
+    if backend == "postgres":
+        await drop_pg_database(url)
+        name = url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+    else:
+        await asyncio.to_thread(Path(url.removeprefix("sqlite:///")).unlink, missing_ok=True)
+    corpus, timings = await build_index(url, n, seed)
+    # The fields, not the class: this script runs as __main__.
+    marker.write_bytes(pickle.dumps((dataclasses.asdict(corpus), timings)))
+    return corpus, timings, False
 
 
 async def seed_audit_log(config: Path, url: str, records: int) -> float:
@@ -892,18 +968,33 @@ async def bench_size(
     client_searches: int,
     baseline_tree: Path | None,
     audit_records: int,
+    keep: Path | None = None,
+    rederive: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     urls: dict[str, str] = {}
     sqlite_file = work / f"index-{n}.sqlite3"
     urls["sqlite"] = f"sqlite:///{sqlite_file}"
-    corpus, out_build = None, {}
-    # The SQLite index is always built: the bare endpoint reads it.
-    corpus, out_build["sqlite"] = await build_index(urls["sqlite"], n, seed)
-    if "postgres" in backends:
-        urls["postgres"] = await create_pg_database("bench_qido")
-        cleanup.append(("pg", urls["postgres"]))
-        _, out_build["postgres"] = await build_index(urls["postgres"], n, seed)
+    out_build: dict[str, Any] = {}
+    if keep is not None:
+        # Kept between runs: built once, reused (see --keep).
+        sqlite_file = keep / f"index-{n}-{seed}.sqlite3"
+        urls["sqlite"] = f"sqlite:///{sqlite_file}"
+        corpus, out_build["sqlite"], _ = await kept_index(
+            "sqlite", urls["sqlite"], keep, n, seed, rederive=rederive and "sqlite" in backends
+        )
+        if "postgres" in backends:
+            urls["postgres"] = database_url(f"bench_qido_keep_{n}_{seed}")
+            _, out_build["postgres"], _ = await kept_index(
+                "postgres", urls["postgres"], keep, n, seed, rederive=rederive
+            )
+    else:
+        # The SQLite index is always built: the bare endpoint reads it.
+        corpus, out_build["sqlite"] = await build_index(urls["sqlite"], n, seed)
+        if "postgres" in backends:
+            urls["postgres"] = await create_pg_database("bench_qido")
+            cleanup.append(("pg", urls["postgres"]))
+            _, out_build["postgres"] = await build_index(urls["postgres"], n, seed)
     out.update(
         patients=corpus.patients, studies=corpus.studies, series=corpus.series,
         instances=corpus.instances, consents=corpus.consents,
@@ -1072,6 +1163,15 @@ def main() -> None:
         metavar="DIR",
         help="source tree of another commit: its gateway measured side by side",
     )
+    ap.add_argument(
+        "--keep", type=Path, metavar="DIR",
+        help="keep the indexes (SQLite files and the corpus in DIR, PostgreSQL databases "
+        "bench_qido_keep_<size>_<seed>) and reuse them on the next run; drop them yourself",
+    )  # fmt: skip
+    ap.add_argument(
+        "--rederive", action="store_true",
+        help="with --keep, on a reused index: clear and time the derived-data fill again",
+    )
     ap.add_argument("--bare-server", metavar="SQLITE_FILE", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1114,6 +1214,7 @@ async def run(args: argparse.Namespace, sizes: list[int], backends: list[str]) -
                     client_searches=args.client_searches,
                     baseline_tree=args.baseline_tree.resolve() if args.baseline_tree else None,
                     audit_records=args.audit_records,
+                    keep=args.keep, rederive=args.rederive,
                 )  # fmt: skip
                 await cleanup_all(cleanup)
         finally:

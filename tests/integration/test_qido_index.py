@@ -537,6 +537,54 @@ async def test_refresh_follows_deletions(index: SqlIndex) -> None:
     assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (1, 2)
 
 
+async def test_refresh_writes_only_what_changed(index: SqlIndex) -> None:
+    """A refresh of up-to-date studies writes nothing (on PostgreSQL an update of an
+    unchanged row still writes a new row version and, in a full page, index entries),
+    also after a series went away (the page that removed it refreshed its study), and
+    the counts follow."""
+    async with index.engine.connect() as conn:
+        ids = list((await conn.execute(sa.select(studies.c.id))).scalars())
+    writes: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.split()[0].upper() in ("UPDATE", "INSERT", "DELETE"):
+            writes.append(statement)
+
+    sa.event.listen(index.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        async with index.engine.begin() as conn:
+            await refresh_derived(conn, ids)
+        assert writes == []
+        objs = corpus()
+        first = objs[0].header
+        gone = [o.key for o in objs
+                if o.header.series.SeriesInstanceUID == first.series.SeriesInstanceUID]
+        job = await index.create_job("s1", "incremental")
+        await index.apply_page(store="s1", province="110000", job_id=job.id, indexed=[],
+                               quarantined=[], deleted=gone, cursor=None, counters={})
+        writes.clear()
+        async with index.engine.begin() as conn:
+            await refresh_derived(conn, ids)
+        assert writes == []  # apply_page refreshed its study already
+    finally:
+        sa.event.remove(index.engine.sync_engine, "before_cursor_execute", note)
+    (row,) = (await run(index, "study", {"StudyInstanceUID": first.study.StudyInstanceUID})).rows
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (1, 2)
+
+
+@pytest.mark.parametrize("index_url", ["postgres"], indirect=True)
+async def test_postgres_sessions_plan_for_an_index_in_memory(index: SqlIndex) -> None:
+    """Both engines' sessions run without JIT (compiling a costly-looking plan took longer
+    than the statements) and with random_page_cost 1.1 (index lookups over scans)."""
+    for engine in (index.engine, index.search_engine):
+        async with engine.connect() as conn:
+            assert (await conn.execute(sa.text("SHOW jit"))).scalar_one() == "off"
+            assert (await conn.execute(sa.text("SHOW random_page_cost"))).scalar_one() == "1.1"
+    async with index.search_engine.connect() as conn:
+        # The search time budget is still the session's.
+        assert (await conn.execute(sa.text("SHOW statement_timeout"))).scalar_one() == "2s"
+
+
 async def test_migration_0003_backfills_and_downgrades(index: SqlIndex) -> None:
     """Down to 0002 and up again: the derived data of already indexed studies comes back."""
     from alembic import command
