@@ -572,7 +572,7 @@ async def test_refresh_writes_only_what_changed(index: SqlIndex) -> None:
     assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (1, 2)
 
 
-@pytest.mark.parametrize("index_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("index", ["postgres"], indirect=True)
 async def test_postgres_sessions_plan_for_an_index_in_memory(index: SqlIndex) -> None:
     """Both engines' sessions run without JIT (compiling a costly-looking plan took longer
     than the statements) and with random_page_cost 1.1 (index lookups over scans)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -145,6 +146,16 @@ async def test_dead_worker_session_frees_its_slices_at_once() -> None:
                         {"hi": key >> 32, "lo": key & 0xFFFFFFFF},
                     )
                     assert killed.scalars().all() == [True]
+                # pg_terminate_backend only signals: the lock goes when the backend exits.
+                for _ in range(500):
+                    async with b_index.engine.connect() as conn:
+                        held = (await conn.execute(sa.text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND granted AND classid = :hi AND objid = :lo"),
+                            {"hi": key >> 32, "lo": key & 0xFFFFFFFF})).scalar_one()
+                    if not held:
+                        break
+                    await asyncio.sleep(0.02)
                 took = await b_index.claim_slice(
                     job.id, "B", now=at(2), lease_s=600, exclusive=False
                 )
