@@ -16,7 +16,7 @@ from tests.conftest import fresh_index_url
 from tests.factories import make_corpus
 from tests.support.gateway import (
     ForkedGateway,
-    Gateway,
+    GatewayProcess,
     InProcessGateway,
     free_port,
     issue_token,
@@ -42,7 +42,7 @@ path = "store"
 
 @dataclass
 class Province:
-    gw: Gateway
+    gw: GatewayProcess
     corpus: list[SyntheticInstance]
 
     def token(self, *args: str) -> str:
@@ -91,7 +91,8 @@ def start_province(tmp_path: Path, index_url: str, config_text: str, *,
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(config_text.format(port=port, index_url=index_url), encoding="utf-8")
-    gw: Gateway = ForkedGateway(config, port) if process else InProcessGateway(config, port)
+    gw: GatewayProcess = (ForkedGateway(config, port) if process
+                          else InProcessGateway(config, port))
     gw.start()
     try:
         sync_through_api(gw, "bj-fs")

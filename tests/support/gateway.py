@@ -24,7 +24,6 @@ import time
 import traceback
 import urllib.request
 from pathlib import Path
-from typing import Protocol
 
 
 def free_port() -> int:
@@ -227,7 +226,7 @@ class ForkedGateway(GatewayProcess):
         return ForkedProcess(child)
 
 
-class InProcessGateway:
+class InProcessGateway(GatewayProcess):
     """What ``imaging-gateway serve`` runs (the same app, runner, request handler and access
     logger), in a thread of the test process with its own event loop, on a real port.
 
@@ -238,16 +237,9 @@ class InProcessGateway:
     superset of the gateway's own, so "nothing leaks into the log" checks only get stricter.
     """
 
-    proc: ForkedProcess | None = None
-
     def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, *,
                  ssl_context: ssl.SSLContext | None = None) -> None:
-        self.config = config
-        self.port = port
-        self.ssl_context = ssl_context
-        self.base = f"{'http' if ssl_context is None else 'https'}://127.0.0.1:{port}"
-        self.log = config.parent / f"gateway-{port}.log"
-        self._environ = {**os.environ, **(env or {})}
+        super().__init__(config, port, env, ssl_context=ssl_context)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -260,7 +252,7 @@ class InProcessGateway:
         from imaging_gateway.crypto.tls import server_context
         from imaging_gateway.settings import load_settings
 
-        settings = load_settings(self.config, environ=self._environ)
+        settings = load_settings(self.config, environ=self._env)
         server_ssl = server_context(settings.tls) if settings.tls.enabled else None
         self._handler = _capture_logs(self.log)
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -324,21 +316,7 @@ def _capture_logs(path: Path) -> logging.Handler:
     return handler
 
 
-class Gateway(Protocol):
-    """A started gateway of either kind."""
-
-    config: Path
-    port: int
-    base: str
-    ssl_context: ssl.SSLContext | None
-    proc: subprocess.Popen[bytes] | ForkedProcess | None
-
-    def start(self, timeout: float = 30.0) -> None: ...
-    def stop(self) -> None: ...
-    def logs(self) -> str: ...
-
-
-def sync_through_api(gw: Gateway, store: str, *, timeout: float = 300.0) -> dict[str, object]:
+def sync_through_api(gw: GatewayProcess, store: str, *, timeout: float = 300.0) -> dict[str, object]:
     """Index ``store`` by a sync job of the running gateway (``POST /admin/sync-jobs``).
 
     The same job ``imaging-gateway sync`` runs, without another Python process (its
