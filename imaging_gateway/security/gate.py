@@ -39,6 +39,7 @@ from imaging_gateway.errors import (
     NotFound,
 )
 from imaging_gateway.index import qido
+from imaging_gateway.index.break_glass import BreakGlassRepository
 from imaging_gateway.index.schema import (
     break_glass,
     consents,
@@ -823,17 +824,16 @@ class Gate:
     ) -> None:
         """Record an emergency window for ``patient`` (row id, national id, patient key)."""
         p = ctx.principal
-        await conn.execute(
-            break_glass.insert().values(
-                id=str(uuid.uuid4()),
-                subject=p.subject,
-                hospital=p.hospital,
-                patient_id=patient[0],
-                StudyInstanceUID=study_uid,
-                reason=ctx.break_glass_reason,
-                opened_at=ctx.now,
-                expires_at=ctx.now + self.break_glass_window,
-            )
+        await BreakGlassRepository.open_window(
+            conn,
+            window_id=str(uuid.uuid4()),
+            subject=p.subject,
+            hospital=p.hospital,
+            patient_id=patient[0],
+            study_uid=study_uid,
+            reason=ctx.break_glass_reason,
+            opened_at=ctx.now,
+            expires_at=ctx.now + self.break_glass_window,
         )
         await self.audit.append(
             conn,
@@ -961,25 +961,8 @@ class Gate:
         self, *, since: datetime, limit: int = 500
     ) -> list[dict[str, Any]]:
         """Emergency accesses opened since ``since`` (newest first), for the province's review."""
-        q = (
-            sa.select(
-                break_glass.c.id,
-                break_glass.c.subject,
-                break_glass.c.hospital,
-                break_glass.c.StudyInstanceUID,
-                break_glass.c.reason,
-                break_glass.c.opened_at,
-                break_glass.c.expires_at,
-                patients.c.national_id,
-                patients.c.patient_key,
-            )
-            .select_from(break_glass.join(patients, patients.c.id == break_glass.c.patient_id))
-            .where(break_glass.c.opened_at >= since)
-            .order_by(break_glass.c.opened_at.desc())
-            .limit(limit)
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(q)).mappings().all()
+            rows = await BreakGlassRepository.opened_since(conn, since, limit=limit)
         return [
             {
                 "id": r["id"],
