@@ -41,14 +41,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.crypto.keyfiles import load_or_create_secret, load_secret
 from imaging_gateway.errors import IndexUnavailable, InvalidRequest
-from imaging_gateway.index.schema import audit_log
+from imaging_gateway.index.audit_repo import AuditRepository, column_lengths
 
 GENESIS_HASH: Final = "0" * 64
 KEY_BYTES: Final = 32
@@ -83,10 +82,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Characters XML 1.0 cannot carry, plus line breaks (one message per line on export).
 _NOT_XML_ONE_LINE = re.compile("[^\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-# Key of the PostgreSQL transaction-level advisory lock that serializes appends (any
-# constant works; it only has to be the same in every gateway process on the database).
-_PG_CHAIN_LOCK: Final = 0x6175_6469_745F_6C67  # b"audit_lg"
 
 _CANONICAL_VERSION: Final = "audit-v1"
 
@@ -191,11 +186,7 @@ def record_hash(key: bytes, prev_hash: str, seq: int, at: datetime, values: dict
 
 
 def _limits() -> dict[str, int]:
-    out: dict[str, int] = {}
-    for f in FIELDS:
-        length = getattr(audit_log.c[f].type, "length", None)
-        out[f] = length if isinstance(length, int) else _TEXT_MAX
-    return out
+    return {f: n if n is not None else _TEXT_MAX for f, n in column_lengths(FIELDS).items()}
 
 
 _LIMITS: Final = _limits()
@@ -264,69 +255,6 @@ def _event(m: Any) -> AuditEvent:
     return AuditEvent(**{f: m[f] for f in FIELDS})
 
 
-# Built once (SQLAlchemy then reuses their compiled form without rebuilding cache keys).
-_INSERT: Final = audit_log.insert()
-_HEAD: Final = (
-    sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
-)
-_HASH_AT: Final = sa.select(audit_log.c.hash).where(audit_log.c.seq == sa.bindparam("seq"))
-_SQLITE_WRITE_LOCK: Final = audit_log.update().where(sa.false()).values(seq=audit_log.c.seq)
-_PG_LOCK: Final = sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK))
-_ROW_COLUMNS: Final = ("seq", "at", *FIELDS, "prev_hash", "hash")
-# SQLite: the first record of an append in one statement, written only if the newest
-# record is still (seq - 1, prev_hash) as this process last saw it. The insert takes the
-# database's write lock before its condition is read, so the check cannot go stale.
-_INSERT_ON_HEAD: Final = audit_log.insert().from_select(
-    list(_ROW_COLUMNS),
-    sa.select(*(sa.bindparam(c, type_=audit_log.c[c].type) for c in _ROW_COLUMNS)).where(
-        sa.select(sa.func.max(audit_log.c.seq)).scalar_subquery()
-        == sa.bindparam("head_seq", type_=audit_log.c.seq.type),
-        sa.select(audit_log.c.hash)
-        .where(audit_log.c.seq == sa.bindparam("head_seq"))
-        .scalar_subquery()
-        == sa.bindparam("prev_hash"),
-    ),
-)
-
-# PostgreSQL, on a connection in autocommit mode: all records of an append in one
-# statement (so one implicit transaction, atomic), written only if the newest record is
-# still (head_seq, prev_hash) as this process last saw it. The advisory lock is taken
-# while the statement runs, after its snapshot: if another writer appended meanwhile,
-# the snapshot still shows the old head and the insert collides with that writer's
-# record on the primary key, which aborts the whole statement; either way nothing is
-# written and the caller takes the slow path. A fork cannot be written.
-_PG_ROWS: Final = (
-    sa.func.unnest(
-        *(
-            # Text, not VARCHAR(n): a cast to VARCHAR(n) would truncate silently, the
-            # insert into the column refuses what is too long.
-            sa.cast(sa.bindparam(c), postgresql.ARRAY(
-                audit_log.c[c].type if c in ("seq", "at") else sa.Text()))
-            for c in _ROW_COLUMNS
-        )
-    )
-    .table_valued(*_ROW_COLUMNS)
-    .render_derived(name="r")
-)
-_PG_INSERT_ON_HEAD: Final = audit_log.insert().from_select(
-    list(_ROW_COLUMNS),
-    sa.select(*(_PG_ROWS.c[c] for c in _ROW_COLUMNS))
-    .select_from(
-        sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("lock")))
-        .subquery("l")
-        .join(_PG_ROWS, sa.true())
-    )
-    .where(
-        sa.select(sa.func.max(audit_log.c.seq)).scalar_subquery()
-        == sa.bindparam("head_seq", type_=audit_log.c.seq.type),
-        sa.select(audit_log.c.hash)
-        .where(audit_log.c.seq == sa.bindparam("head_seq"))
-        .scalar_subquery()
-        == sa.bindparam("head_hash"),
-    ),
-)
-
-
 class AuditLog:
     """The hash-chained ``audit_log`` table of the index database.
 
@@ -361,6 +289,7 @@ class AuditLog:
         self.engine = engine
         self._key = key
         self._postgres = engine.dialect.name == "postgresql"
+        self._repo = AuditRepository(postgres=self._postgres)
         self._autocommit = autocommit_engine if self._postgres else None
         self._known_head: tuple[int, str] | None = None
         """(seq, hash) of the newest record this process wrote or read; a hint only."""
@@ -408,10 +337,9 @@ class AuditLog:
                 # Fast path: one statement instead of lock, head read and insert.
                 rows = self._chain(*self._known_head, items)
                 head_seq = self._known_head[0]
-                written = await conn.execute(_INSERT_ON_HEAD, {**rows[0], "head_seq": head_seq})
-                if written.rowcount == 1:
+                if await self._repo.insert_first_on_head(conn, rows[0], head_seq):
                     if len(rows) > 1:
-                        await conn.execute(_INSERT, rows[1:])
+                        await self._repo.insert(conn, rows[1:])
                 else:
                     rows = None  # another writer appended, or our last record rolled back
             if rows is None:
@@ -420,7 +348,7 @@ class AuditLog:
                     self._known_head = written_as
                     return
                 rows = self._chain(*await self._head(conn), items)
-                await conn.execute(_INSERT, rows)
+                await self._repo.insert(conn, rows)
             # Set before commit: should the caller roll back, the next fast path finds
             # the head moved and takes the slow path.
             self._known_head = (rows[-1]["seq"], rows[-1]["hash"])
@@ -454,13 +382,9 @@ class AuditLog:
         if self._known_head is not None:
             head_seq, head_hash = self._known_head
             rows = self._chain(head_seq, head_hash, items)
-            columns: dict[str, Any] = {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
+            written: int | None
             try:
-                written = await conn.execute(
-                    _PG_INSERT_ON_HEAD,
-                    {**columns, "lock": _PG_CHAIN_LOCK, "head_seq": head_seq,
-                     "head_hash": head_hash},
-                )
+                written = await self._repo.insert_all_on_head(conn, rows, head_seq, head_hash)
             except IntegrityError:
                 written = None  # another writer took the seq: its record is the head now
             except DBAPIError as exc:
@@ -476,7 +400,7 @@ class AuditLog:
                 raise IndexUnavailable(
                     f"audit record could not be written: {exc.__class__.__name__}"
                 ) from exc
-            if written is not None and written.rowcount == len(rows):
+            if written == len(rows):
                 self._known_head = (rows[-1]["seq"], rows[-1]["hash"])
                 return
         await self._transaction(items, written_as=written_as)
@@ -595,18 +519,16 @@ class AuditLog:
     @staticmethod
     async def _holds(conn: AsyncConnection, seq: int, digest: str) -> bool:
         """Whether the record ``seq`` exists and has hash ``digest``."""
-        row = (await conn.execute(_HASH_AT, {"seq": seq})).first()
-        return row is not None and row[0] == digest
+        stored = await AuditRepository.hash_at(conn, seq)
+        return stored is not None and stored == digest
 
     async def _lock(self, conn: AsyncConnection) -> None:
-        # On SQLite a write that matches nothing still takes the write lock (the driver
-        # opens the transaction before it), so the head read next cannot go stale.
-        await conn.execute(_PG_LOCK if self._postgres else _SQLITE_WRITE_LOCK)
+        await self._repo.lock_chain(conn)
 
     @staticmethod
     async def _head(conn: AsyncConnection) -> tuple[int, str]:
-        row = (await conn.execute(_HEAD)).first()
-        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+        head = await AuditRepository.chain_head(conn)
+        return (0, GENESIS_HASH) if head is None else head
 
     async def head(self) -> tuple[int, str]:
         """The newest record's ``(seq, hash)``; ``(0, 64 zeros)`` for an empty log.
@@ -688,13 +610,10 @@ class AuditLog:
         verify the chain (run ``verify`` for that). Raises ``ValueError`` for a naive
         ``since``/``until`` and ``IndexUnavailable`` if the database fails.
         """
-        conditions: list[sa.ColumnElement[bool]] = []
-        if since is not None:
-            conditions.append(audit_log.c.at >= _utc(since, "since"))
-        if until is not None:
-            conditions.append(audit_log.c.at < _utc(until, "until"))
+        since = _utc(since, "since") if since is not None else None
+        until = _utc(until, "until") if until is not None else None
         written = 0
-        async for rows in self._batches(*conditions, batch=batch):
+        async for rows in self._batches(batch=batch, since=since, until=until):
             for row in rows:
                 m = row._mapping
                 message = audit_message(
@@ -706,9 +625,9 @@ class AuditLog:
         return written
 
     async def _batches(
-        self, *conditions: sa.ColumnElement[bool], batch: int
-    ) -> AsyncIterator[Sequence[sa.Row[Any]]]:
-        """The records matching ``conditions`` in ``seq`` order, ``batch`` rows at a time.
+        self, *, batch: int, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[Sequence[Row[Any]]]:
+        """The records with ``since <= at < until`` in ``seq`` order, ``batch`` rows at a time.
 
         Each batch is its own short read, so memory stays flat for any log size. Raises
         ``IndexUnavailable`` if the database fails.
@@ -717,14 +636,9 @@ class AuditLog:
         while True:
             try:
                 async with self.engine.connect() as conn:
-                    rows = (
-                        await conn.execute(
-                            sa.select(audit_log)
-                            .where(audit_log.c.seq > after, *conditions)
-                            .order_by(audit_log.c.seq)
-                            .limit(batch)
-                        )
-                    ).all()
+                    rows = await AuditRepository.records_after(
+                        conn, after, limit=batch, since=since, until=until
+                    )
             except (SQLAlchemyError, OSError) as exc:
                 raise IndexUnavailable(
                     f"audit log could not be read: {exc.__class__.__name__}"
@@ -748,28 +662,11 @@ class AuditLog:
         """
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000")
-        q = (
-            sa.select(
-                audit_log.c.seq,
-                audit_log.c.at,
-                audit_log.c.subject,
-                audit_log.c.role,
-                audit_log.c.hospital,
-                audit_log.c.action,
-                audit_log.c.StudyInstanceUID,
-                audit_log.c.purpose,
-                audit_log.c.break_glass_reason,
-                audit_log.c.outcome,
-            )
-            .where(audit_log.c.patient_token == patient_token)
-            .order_by(audit_log.c.seq.desc())
-            .limit(limit)
-        )
-        if before_seq is not None:
-            q = q.where(audit_log.c.seq < before_seq)
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(q)).all()
+                rows = await AuditRepository.for_patient(
+                    conn, patient_token, limit=limit, before_seq=before_seq
+                )
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(
                 f"audit log could not be read: {exc.__class__.__name__}"

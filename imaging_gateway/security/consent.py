@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imaging_gateway.crypto.phi import PhiCodec
@@ -17,7 +16,7 @@ from imaging_gateway.dicom.national_id import is_valid_resident_id
 from imaging_gateway.domain.qido import is_uid
 from imaging_gateway.domain.text import check_shown_text
 from imaging_gateway.errors import Forbidden, InvalidRequest, NotFound
-from imaging_gateway.index.schema import consents
+from imaging_gateway.index.consents import ConsentRepository
 from imaging_gateway.index.sql import CONSENT_PHI, consent_cells
 from imaging_gateway.security.principals import HOSPITAL_CODE, Principal
 
@@ -194,6 +193,7 @@ class ConsentStore:
     def __init__(self, engine: AsyncEngine, *, phi: PhiCodec | None = None) -> None:
         self._engine = engine
         self._phi = phi
+        self._repo = ConsentRepository()
 
     async def create(
         self, conn: AsyncConnection, request: ConsentRequest, principal: Principal, now: datetime
@@ -217,17 +217,13 @@ class ConsentStore:
         stored = dict(row)
         if self._phi is not None:
             stored.update(consent_cells(self._phi, str(row["id"]), stored))
-        await conn.execute(consents.insert().values(**stored))
+        await self._repo.insert(conn, stored)
         return _consent(row)
 
     async def get(self, consent_id: str) -> Consent:
         """Raises ``NotFound``."""
         async with self._engine.connect() as conn:
-            row = (
-                (await conn.execute(sa.select(consents).where(consents.c.id == consent_id)))
-                .mappings()
-                .first()
-            )
+            row = await self._repo.by_id(conn, consent_id)
         if row is None:
             raise NotFound("no such consent")
         return _consent(self._opened(row))
@@ -239,15 +235,23 @@ class ConsentStore:
         grantee_hospital: str | None = None,
         limit: int = 200,
     ) -> list[Consent]:
-        q = sa.select(consents).order_by(consents.c.created_at.desc()).limit(limit)
-        if national_id is not None and self._phi is not None:
-            q = q.where(consents.c.national_id_bidx == self._phi.national_id_index(national_id))
-        elif national_id is not None:
-            q = q.where(consents.c.national_id == national_id)
-        if grantee_hospital is not None:
-            q = q.where(consents.c.grantee_hospital == grantee_hospital)
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(q)).mappings().all()
+            if national_id is not None and self._phi is not None:
+                rows = await self._repo.newest(
+                    conn,
+                    patient_column="national_id_bidx",
+                    patient=self._phi.national_id_index(national_id),
+                    grantee_hospital=grantee_hospital,
+                    limit=limit,
+                )
+            else:
+                rows = await self._repo.newest(
+                    conn,
+                    patient_column=None if national_id is None else "national_id",
+                    patient=national_id,
+                    grantee_hospital=grantee_hospital,
+                    limit=limit,
+                )
         return [_consent(self._opened(r)) for r in rows]
 
     def _opened(self, row: Any) -> dict[str, Any]:
@@ -266,11 +270,7 @@ class ConsentStore:
         """Revoke within the caller's transaction; takes effect on the next request."""
         if consent.revoked_at is not None:
             return consent
-        await conn.execute(
-            consents.update()
-            .where(consents.c.id == consent.id, consents.c.revoked_at.is_(None))
-            .values(revoked_at=now, revoked_by=principal.subject)
-        )
+        await self._repo.revoke(conn, consent.id, by=principal.subject, now=now)
         return Consent(**{**_fields(consent), "revoked_at": now, "revoked_by": principal.subject})
 
 

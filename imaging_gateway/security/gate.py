@@ -39,17 +39,18 @@ from imaging_gateway.errors import (
     NotFound,
 )
 from imaging_gateway.index import qido
+from imaging_gateway.index.break_glass import BreakGlassRepository
+from imaging_gateway.index.federation_tokens import FederationTokenRepository
 from imaging_gateway.index.schema import (
     break_glass,
     consents,
     federation_patient_tokens,
-    instances,
     patients,
-    series,
     studies,
 )
 from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_key
+from imaging_gateway.index.studies import StudyRepository
 from imaging_gateway.security.access import (
     MAX_PURPOSE,
     MAX_REASON,
@@ -78,8 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_NEWEST_PATIENT = sa.select(sa.func.max(patients.c.id))
 
 REFUSAL_WINDOW_S = 60.0
 """Refused tokens: at most one audit record per client address and reason in this window."""
@@ -462,11 +461,10 @@ class Gate:
         never matches another province). Returns the number of rows added; raises
         ``IndexUnavailable`` when the index cannot be written.
         """
-        t = federation_patient_tokens
         added = 0
         try:
             async with self.engine.connect() as conn:
-                newest = (await conn.execute(_NEWEST_PATIENT)).scalar() or 0
+                newest = await FederationTokenRepository.newest_patient(conn)
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         if newest <= self._tokens_through:
@@ -475,25 +473,15 @@ class Gate:
             try:
                 while True:
                     async with self.engine.begin() as conn:
-                        last = (await conn.execute(sa.select(sa.func.max(t.c.patient_id)))).scalar()
-                        rows = (
-                            await conn.execute(
-                                sa.select(
-                                    patients.c.id,
-                                    patients.c.patient_key,
-                                    patients.c.national_id,
-                                    patients.c.national_id_bidx,
-                                )
-                                .where(patients.c.id > (last or 0))
-                                .order_by(patients.c.id)
-                                .limit(batch)
-                            )
-                        ).all()
+                        last = await FederationTokenRepository.newest_tokened(conn)
+                        rows = await FederationTokenRepository.patients_after(
+                            conn, last or 0, limit=batch
+                        )
                         if not rows:
                             self._tokens_through = max(self._tokens_through, last or 0)
                             return added
-                        await conn.execute(
-                            t.insert(),
+                        await FederationTokenRepository.insert(
+                            conn,
                             [
                                 {
                                     "patient_id": r[0],
@@ -542,14 +530,14 @@ class Gate:
         }
         if "PatientID" not in single:
             return "federated search needs PatientID as a single value"
-        q = sa.select(patients.c.national_id, patients.c.patient_key).where(
-            self._patient_id_is(single["PatientID"])
-        )
-        if "IssuerOfPatientID" in single:
-            q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
         try:
             async with self.engine.connect() as conn:
-                ids = {self._national_id(r[0], r[1]) for r in (await conn.execute(q)).all()}
+                found = await StudyRepository.patients_where(
+                    conn,
+                    self._patient_id_is(single["PatientID"]),
+                    issuer=single.get("IssuerOfPatientID"),
+                )
+                ids = {self._national_id(r[1], r[2]) for r in found}
         except (SQLAlchemyError, OSError) as exc:
             raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         refused = "no consent grant for this patient here; peers not asked"
@@ -729,36 +717,12 @@ class Gate:
         sop_uid: str | None,
     ) -> list[_Located]:
         visible, values = visibility(ctx.principal, ctx.now, peer=ctx.peer, phi=self.phi)
-        q = (
-            sa.select(
-                instances,
-                series.c.SeriesInstanceUID,
-                series.c.SeriesNumber,
-                studies.c.StudyInstanceUID,
-                patients.c.national_id,
-                patients.c.patient_key,
-            )
-            .select_from(
-                instances.join(series, series.c.id == instances.c.series_id)
-                .join(studies, studies.c.id == series.c.study_id)
-                .join(patients, patients.c.id == studies.c.patient_id)
-            )
-            .where(studies.c.StudyInstanceUID == study_uid, visible)
-            .order_by(
-                series.c.SeriesNumber,
-                series.c.SeriesInstanceUID,
-                instances.c.InstanceNumber,
-                instances.c.SOPInstanceUID,
-                instances.c.id,
-            )
+        found = await StudyRepository.locations(
+            conn, visible, values, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid
         )
-        if series_uid is not None:
-            q = q.where(series.c.SeriesInstanceUID == series_uid)
-        if sop_uid is not None:
-            q = q.where(instances.c.SOPInstanceUID == sop_uid)
         out: list[_Located] = []
         seen: set[str] = set()
-        for r in (await conn.execute(q, values)).mappings():
+        for r in found:
             # Two objects claiming one SOPInstanceUID (see conflicts): serve the first indexed.
             if r["SOPInstanceUID"] in seen:
                 continue
@@ -790,14 +754,8 @@ class Gate:
     async def _study_patient(
         self, conn: AsyncConnection, study_uid: str
     ) -> tuple[str | None, str] | None:
-        row = (
-            await conn.execute(
-                sa.select(patients.c.national_id, patients.c.patient_key)
-                .select_from(studies.join(patients, patients.c.id == studies.c.patient_id))
-                .where(studies.c.StudyInstanceUID == study_uid)
-            )
-        ).first()
-        return None if row is None else (self._national_id(row[0], row[1]), row[1])
+        row = await StudyRepository.study_patient(conn, study_uid)
+        return None if row is None else (self._national_id(row[1], row[2]), row[2])
 
     async def _open_break_glass(
         self, conn: AsyncConnection, ctx: AccessContext, study_uid: str
@@ -805,13 +763,7 @@ class Gate:
         p = ctx.principal
         if p.role != "hospital" or not p.hospital or ctx.break_glass_reason is None:
             raise Forbidden("only a hospital clinician can open emergency access")
-        target = (
-            await conn.execute(
-                sa.select(studies.c.patient_id, patients.c.national_id, patients.c.patient_key)
-                .select_from(studies.join(patients, patients.c.id == studies.c.patient_id))
-                .where(studies.c.StudyInstanceUID == study_uid)
-            )
-        ).first()
+        target = await StudyRepository.study_patient(conn, study_uid)
         if target is None:
             return False
         patient = (target[0], self._national_id(target[1], target[2]), target[2])
@@ -823,17 +775,16 @@ class Gate:
     ) -> None:
         """Record an emergency window for ``patient`` (row id, national id, patient key)."""
         p = ctx.principal
-        await conn.execute(
-            break_glass.insert().values(
-                id=str(uuid.uuid4()),
-                subject=p.subject,
-                hospital=p.hospital,
-                patient_id=patient[0],
-                StudyInstanceUID=study_uid,
-                reason=ctx.break_glass_reason,
-                opened_at=ctx.now,
-                expires_at=ctx.now + self.break_glass_window,
-            )
+        await BreakGlassRepository.open_window(
+            conn,
+            window_id=str(uuid.uuid4()),
+            subject=p.subject,
+            hospital=p.hospital,
+            patient_id=patient[0],
+            study_uid=study_uid,
+            reason=ctx.break_glass_reason,
+            opened_at=ctx.now,
+            expires_at=ctx.now + self.break_glass_window,
         )
         await self.audit.append(
             conn,
@@ -919,16 +870,16 @@ class Gate:
             for m in query.matches
             if m.keyword in ("PatientID", "IssuerOfPatientID") and m.kind == "single"
         }
-        q = sa.select(
-            patients.c.id,
-            patients.c.national_id,
-            patients.c.patient_key,
-            patients.c.national_id_bidx,
-        ).where(self._patient_id_is(single.get("PatientID", "")))
-        if "IssuerOfPatientID" in single:
-            q = q.where(patients.c.IssuerOfPatientID == single["IssuerOfPatientID"])
         async with self.engine.begin() as conn:
-            rows = (await conn.execute(q)).all() if "PatientID" in single else []
+            rows = (
+                await StudyRepository.patients_where(
+                    conn,
+                    self._patient_id_is(single["PatientID"]),
+                    issuer=single.get("IssuerOfPatientID"),
+                )
+                if "PatientID" in single
+                else []
+            )
             # One person: one identity (its blind index in an encrypted index), or one row.
             people = {(r[1] if self.phi is None else r[3]) or f"row:{r[0]}" for r in rows}
             if len(people) == 1:
@@ -961,25 +912,8 @@ class Gate:
         self, *, since: datetime, limit: int = 500
     ) -> list[dict[str, Any]]:
         """Emergency accesses opened since ``since`` (newest first), for the province's review."""
-        q = (
-            sa.select(
-                break_glass.c.id,
-                break_glass.c.subject,
-                break_glass.c.hospital,
-                break_glass.c.StudyInstanceUID,
-                break_glass.c.reason,
-                break_glass.c.opened_at,
-                break_glass.c.expires_at,
-                patients.c.national_id,
-                patients.c.patient_key,
-            )
-            .select_from(break_glass.join(patients, patients.c.id == break_glass.c.patient_id))
-            .where(break_glass.c.opened_at >= since)
-            .order_by(break_glass.c.opened_at.desc())
-            .limit(limit)
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(q)).mappings().all()
+            rows = await BreakGlassRepository.opened_since(conn, since, limit=limit)
         return [
             {
                 "id": r["id"],
@@ -1413,54 +1347,15 @@ async def _store_verdict(
     """
     me = principal.hospital
     study_uid = header.study.StudyInstanceUID
-    owner = (
-        await conn.execute(
-            sa.select(studies.c.hospital).where(studies.c.StudyInstanceUID == study_uid)
-        )
-    ).first()
+    owner = await StudyRepository.study_producer(conn, study_uid)
     if owner is not None and owner[0] != me:
         return StoreCheck("refused")
-    holder = (
-        await conn.execute(
-            sa.select(studies.c.StudyInstanceUID, studies.c.hospital)
-            .select_from(series.join(studies, studies.c.id == series.c.study_id))
-            .where(series.c.SeriesInstanceUID == header.series.SeriesInstanceUID)
-        )
-    ).first()
+    holder = await StudyRepository.series_study(conn, header.series.SeriesInstanceUID)
     if holder is not None and holder[0] != study_uid:
         return StoreCheck("inconsistent" if holder[1] == me else "refused")
-    foreign_patient = (
-        await conn.execute(
-            sa.select(sa.literal(1))
-            .select_from(patients.join(studies, studies.c.patient_id == patients.c.id))
-            .where(
-                patients.c.patient_key == stored_patient_key(header, store, phi),
-                studies.c.hospital.is_distinct_from(me),
-            )
-            .limit(1)
-        )
-    ).first()
-    if foreign_patient is not None:
+    if await StudyRepository.patient_elsewhere(conn, stored_patient_key(header, store, phi), me):
         return StoreCheck("refused")
-    rows = (
-        await conn.execute(
-            sa.select(
-                instances.c.store,
-                instances.c.key,
-                instances.c.etag,
-                instances.c.size,
-                instances.c.header_sha256,
-                studies.c.hospital,
-            )
-            .select_from(
-                instances.join(series, series.c.id == instances.c.series_id).join(
-                    studies, studies.c.id == series.c.study_id
-                )
-            )
-            .where(instances.c.SOPInstanceUID == header.instance.SOPInstanceUID)
-            .order_by(instances.c.store, instances.c.key)
-        )
-    ).all()
+    rows = await StudyRepository.copies_of(conn, header.instance.SOPInstanceUID)
     copies: list[StoredCopy] = []
     for r in rows:
         if r[5] != me:

@@ -21,9 +21,10 @@ from imaging_gateway.errors import (
     InvalidRequest,
     NotFound,
 )
+from imaging_gateway.index.audit_repo import CHAIN_LOCK
 from imaging_gateway.index.schema import audit_log, studies
 from imaging_gateway.index.sql import SqlIndex
-from imaging_gateway.security.audit import _PG_CHAIN_LOCK, AuditLog
+from imaging_gateway.security.audit import AuditLog
 from imaging_gateway.security.consent import ConsentStore, parse_consent_request
 from imaging_gateway.security.gate import (
     AccessContext,
@@ -341,7 +342,7 @@ async def test_concurrent_searches_answer_only_once_their_records_are_durable(
     try:
         tx = await holder.begin()
         if index.dialect == "postgresql":
-            await holder.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_CHAIN_LOCK)))
+            await holder.execute(sa.select(sa.func.pg_advisory_xact_lock(CHAIN_LOCK)))
         else:
             await holder.execute(sa.text("UPDATE audit_log SET seq = seq WHERE 0"))
         searches = [
