@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from imaging_gateway.api.keys import TOKENS
-from imaging_gateway.app import INDEX, STORES, create_app
 from imaging_gateway.dicom.dicomxml import NATIVE_DICOM_NS
 from imaging_gateway.dicom.synthetic import SyntheticInstance
-from imaging_gateway.settings import load_settings
-from imaging_gateway.sync.runner import SyncRunner
 from tests.factories import make_corpus
 from tests.support.native_dicom import read_back
+from tests.support.synced_app import synced_app
 
 XML = 'multipart/related; type="application/dicom+xml"'
 NS = {"n": NATIVE_DICOM_NS}
@@ -56,27 +54,7 @@ class World:
 async def world(tmp_path: Path, index_url: str) -> AsyncIterator[World]:
     corpus = make_corpus(seed=5, patients=3, studies_per_patient=2, series_per_study=1,
                          instances_per_series=2)
-    for inst in corpus:
-        path = tmp_path / "store" / inst.key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(inst.data)
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-data_dir = "data"
-[index]
-url = "{index_url}"
-[[stores]]
-name = "bj"
-kind = "fs"
-path = "store"
-""", encoding="utf-8")
-    settings = load_settings(cfg, environ={})
-    app = create_app(settings)
-    async with TestClient(TestServer(app)) as client:
-        runner = SyncRunner(settings, app[INDEX], app[STORES]["bj"])
-        await runner.start()
-        assert (await runner.run()).status == "succeeded"
+    async with synced_app(tmp_path, index_url, corpus) as client:
         yield World(client, corpus)
 
 

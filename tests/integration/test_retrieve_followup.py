@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from imaging_gateway.api.keys import TOKENS
-from imaging_gateway.app import INDEX, STORES, create_app
+from imaging_gateway.app import INDEX
 from imaging_gateway.dicom.synthetic import SyntheticInstance
 from imaging_gateway.index.schema import audit_log
-from imaging_gateway.settings import load_settings
-from imaging_gateway.sync.runner import SyncRunner
 from tests.factories import make_corpus
+from tests.support.synced_app import synced_app
 
 
 @dataclass
@@ -70,29 +69,8 @@ def _corpus() -> tuple[SyntheticInstance, ...]:
 @pytest.fixture
 async def world(tmp_path: Path, index_url: str) -> AsyncIterator[World]:
     corpus = list(_corpus())
-    store = tmp_path / "store"
-    for inst in corpus:
-        path = store / inst.key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(inst.data)
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-data_dir = "data"
-[index]
-url = "{index_url}"
-[[stores]]
-name = "bj"
-kind = "fs"
-path = "store"
-""", encoding="utf-8")
-    settings = load_settings(cfg, environ={})
-    app = create_app(settings)
-    async with TestClient(TestServer(app)) as client:
-        runner = SyncRunner(settings, app[INDEX], app[STORES]["bj"])
-        await runner.start()
-        assert (await runner.run()).status == "succeeded"
-        yield World(client, corpus, store)
+    async with synced_app(tmp_path, index_url, corpus) as client:
+        yield World(client, corpus, tmp_path / "store")
 
 
 async def test_a_client_gone_mid_body_leaves_a_follow_up_record(world: World) -> None:
