@@ -22,15 +22,14 @@ from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from imaging_gateway.errors import IndexUnavailable
 from imaging_gateway.index.schema import (
     federation_assertion_ids,
     federation_located_studies,
     refusal_counters,
 )
+from imaging_gateway.index.unreachable import unreachable
 
 __all__ = ["SharedState"]
 
@@ -67,12 +66,10 @@ class SharedState:
             .values(key=key, expires_at=expires_at)
             .on_conflict_do_nothing(index_elements=[_ids.c.key])
         )
-        try:
+        with unreachable():
             async with self.engine.begin() as conn:
                 await conn.execute(sa.delete(_ids).where(_ids.c.expires_at < now))
                 result = await conn.execute(stmt)
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         return result.rowcount == 1
 
     # -- located studies ---------------------------------------------------------------
@@ -102,12 +99,10 @@ class SharedState:
              "caller": caller, "expires_at": expires_at}
             for uid in dict.fromkeys(study_uids)
         ]  # fmt: skip
-        try:
+        with unreachable():
             async with self.engine.begin() as conn:
                 await conn.execute(sa.delete(_located).where(_located.c.expires_at < now))
                 await conn.execute(stmt, rows)
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
 
     async def located(
         self, hospital: str, province: str, study_uid: str, *, now: datetime
@@ -119,11 +114,9 @@ class SharedState:
             _located.c.StudyInstanceUID == study_uid,
             _located.c.expires_at >= now,
         )
-        try:
+        with unreachable():
             async with self.engine.connect() as conn:
                 return (await conn.execute(query)).scalar()
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
 
     # -- refused-token counters ----------------------------------------------------------
 
@@ -143,7 +136,7 @@ class SharedState:
             _refusals.c.reason == reason[:_REASON_LEN],
         )
         opened = now - window
-        try:
+        with unreachable():
             async with self.engine.begin() as conn:
                 for _ in range(3):
                     counted = await conn.execute(
@@ -165,8 +158,6 @@ class SharedState:
                         return int(claimed)
                     if await self._first_refusal(conn, source, reason, now=now, window=window):
                         return 0
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         return None  # pragma: no cover - three lost races in a row: counted by another
 
     async def _first_refusal(

@@ -51,6 +51,7 @@ from imaging_gateway.index.schema import (
 from imaging_gateway.index.shared_state import SharedState
 from imaging_gateway.index.sql import IndexedObject, SqlIndex, stored_patient_key
 from imaging_gateway.index.studies import StudyRepository
+from imaging_gateway.index.unreachable import unreachable
 from imaging_gateway.security.access import (
     MAX_PURPOSE,
     MAX_REASON,
@@ -277,7 +278,7 @@ class Gate:
         ``request`` was checked against the caller (``parse_consent_request``). Raises
         ``IndexUnavailable`` when either cannot be written (then neither is).
         """
-        try:
+        with unreachable():
             async with self.engine.begin() as conn:
                 consent = await self.consents.create(conn, request, ctx.principal, ctx.now)
                 await self.audit.append(
@@ -292,8 +293,6 @@ class Gate:
                     ],
                     at=ctx.now,
                 )
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         return consent
 
     async def _managed_consent(self, ctx: AccessContext, consent_id: str, action: str) -> Consent:
@@ -381,7 +380,7 @@ class Gate:
         for any other caller and for an unknown id, ``IndexUnavailable``.
         """
         consent = await self._managed_consent(ctx, consent_id, "consent-revoke")
-        try:
+        with unreachable():
             async with self.engine.begin() as conn:
                 revoked = await self.consents.revoke(conn, consent, ctx.principal, ctx.now)
                 await self.audit.append(
@@ -396,8 +395,6 @@ class Gate:
                     ],
                     at=ctx.now,
                 )
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         return revoked
 
     async def access_log(
@@ -462,11 +459,9 @@ class Gate:
         ``IndexUnavailable`` when the index cannot be written.
         """
         added = 0
-        try:
+        with unreachable():
             async with self.engine.connect() as conn:
                 newest = await FederationTokenRepository.newest_patient(conn)
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         if newest <= self._tokens_through:
             return 0
         async with self._tokens_lock:
@@ -530,7 +525,7 @@ class Gate:
         }
         if "PatientID" not in single:
             return "federated search needs PatientID as a single value"
-        try:
+        with unreachable():
             async with self.engine.connect() as conn:
                 found = await StudyRepository.patients_where(
                     conn,
@@ -538,8 +533,6 @@ class Gate:
                     issuer=single.get("IssuerOfPatientID"),
                 )
                 ids = {self._national_id(r[1], r[2]) for r in found}
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
         refused = "no consent grant for this patient here; peers not asked"
         if len(ids) != 1 or None in ids:
             # The same answer as for a patient without a grant: a search reveals nothing
@@ -967,13 +960,11 @@ class Gate:
         instance: a hospital neither adds to nor overwrites what it did not produce. Raises
         ``IndexUnavailable`` when the index cannot be read.
         """
-        try:
+        with unreachable():
             async with self.engine.connect() as conn:
                 return await _store_verdict(
                     conn, ctx.principal, header, store=store, phi=self.phi
                 )
-        except (SQLAlchemyError, OSError) as exc:
-            raise IndexUnavailable(f"index unreachable: {exc.__class__.__name__}") from exc
 
     async def record_store(
         self,
